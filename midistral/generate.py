@@ -1,0 +1,291 @@
+"""Sampling: prefill the prompt, then decode token by token with a rolling KV cache.
+
+    ids = generate(model, prompt_ids, max_new_tokens=512, temperature=0.5, top_k=6,
+                   no_repeat_ngram_size=6, eos_id=tok.eos_id, seed=0)
+
+Three pieces, each small:
+- `RollingKVCache`: per layer a ring of W = sliding_window slots; absolute position p lives in slot
+  p mod W. A sliding-window model never looks further back than W tokens, so memory stays flat however
+  long the piece grows. The model calls `cache.update(layer, k, v, start_pos)` (protocol in the README).
+- `NoRepeatNGram`: transformers' no-repeat-n-gram ban (any (n-1)-gram seen anywhere so far, prompt
+  included, bans the tokens that followed it), kept as an incremental table updated once per new token
+  instead of rescanning the history at every step.
+- `process_logits` / `sample_next`: the logits pipeline in transformers' order: n-gram ban, then
+  temperature, then top-k, then top-p. Temperature 0 means greedy.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------
+# Rolling KV cache
+
+
+class RollingKVCache:
+    """Per-layer ring buffers of `window` slots for keys and values; position p is stored at slot p % window.
+
+    `update(layer_idx, k, v, start_pos)` receives the new keys/values (B, Hkv, n, D) of positions
+    start_pos..start_pos+n-1 (already rotated) and returns what the queries of that chunk may attend to,
+    `(k_all, v_all, k_pos)`, with k_pos the absolute position of each returned key (-1 = empty slot).
+    The model masks by position (query p sees key s iff s >= 0 and p - W < s <= p), so the ring's order
+    does not matter. Everything is preallocated: no tensor grows with the length of the piece.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, window: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.window = int(window)
+        shape = (n_layers, batch_size, n_kv_heads, self.window, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Positions are per layer: in a prefill chunk layer i must still see the positions that were
+        # cached before layer 0 of this chunk wrote into its own ring.
+        self.pos = torch.full((n_layers, self.window), -1, dtype=torch.long, device=device)
+        self.n_seen = [0] * n_layers  # tokens stored so far per layer (= next position to write)
+        self._arange = torch.arange(self.window, device=device)
+
+    @classmethod
+    def for_model(cls, model, batch_size: int) -> "RollingKVCache":
+        """A cache shaped for `model` (its config: layers, KV heads, head dim, sliding window)."""
+        cfg = model_config(model)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        window = cfg.sliding_window or cfg.max_position_embeddings
+        p = next(model.parameters())
+        return cls(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, head_dim, window,
+                   dtype=p.dtype, device=p.device)
+
+    def reset(self) -> None:
+        self.pos.fill_(-1)
+        self.n_seen = [0] * len(self.n_seen)
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, start_pos: int):
+        W = self.window
+        n = k.shape[2]
+        k_buf, v_buf, pos = self.k[layer_idx], self.v[layer_idx], self.pos[layer_idx]
+        if n == 1:  # decode step: write one slot, attend to the ring in place (no copy)
+            slot = start_pos % W
+            k_buf[:, :, slot] = k[:, :, 0]
+            v_buf[:, :, slot] = v[:, :, 0]
+            pos[slot] = start_pos
+            self.n_seen[layer_idx] = start_pos + 1
+            if start_pos < W:  # ring not yet full: slots 0..start_pos hold positions 0..start_pos, in order
+                m = start_pos + 1
+                return k_buf[:, :, :m], v_buf[:, :, :m], pos[:m]
+            return k_buf, v_buf, pos
+
+        new_pos = torch.arange(start_pos, start_pos + n, device=k.device)
+        if self.n_seen[layer_idx] == 0:  # nothing cached yet: the chunk attends to itself only
+            k_all, v_all, k_pos = k, v, new_pos
+        else:  # copies (torch.cat), so overwriting the ring below does not change what we return
+            k_all = torch.cat([k_buf, k], dim=2)
+            v_all = torch.cat([v_buf, v], dim=2)
+            k_pos = torch.cat([pos, new_pos])
+        # Store the last min(n, W) entries of the chunk into their slots.
+        keep = min(n, W)
+        slots = new_pos[n - keep:] % W
+        k_buf[:, :, slots] = k[:, :, n - keep:]
+        v_buf[:, :, slots] = v[:, :, n - keep:]
+        pos[slots] = new_pos[n - keep:]
+        self.n_seen[layer_idx] = start_pos + n
+        return k_all, v_all, k_pos
+
+
+def model_config(model):
+    """The model's config object (ModelConfig, MistralConfig field names)."""
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    if cfg is None:
+        raise TypeError(f"{type(model).__name__} has no .cfg/.config")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# No-repeat-n-gram ban, incremental
+
+
+class NoRepeatNGram:
+    """transformers' `no_repeat_ngram_size`, as a table updated once per token.
+
+    For each row: a dict from an (n-1)-gram (tuple) to the set of tokens that followed it somewhere in
+    the sequence, plus the last n-1 tokens. The tokens banned at the next step are
+    table[last n-1 tokens]. Building it from the prompt is one pass; each new token is one dict update.
+    """
+
+    def __init__(self, n: int, prompt_ids: torch.Tensor):
+        if n < 1:
+            raise ValueError(f"no_repeat_ngram_size must be >= 1, got {n}")
+        self.n = n
+        self.tables: list[dict[tuple, set]] = []
+        self.tails: list[deque] = []
+        for row in prompt_ids.tolist():
+            table: dict[tuple, set] = {}
+            for i in range(len(row) - n + 1):
+                table.setdefault(tuple(row[i:i + n - 1]), set()).add(row[i + n - 1])
+            self.tables.append(table)
+            self.tails.append(deque(row[len(row) - (n - 1):] if n > 1 else [], maxlen=n - 1))
+        self.length = prompt_ids.shape[1]
+
+    def push(self, tokens: list[int]) -> None:
+        """Append one token per row."""
+        full = self.length >= self.n - 1  # the tail holds a whole (n-1)-gram
+        for table, tail, t in zip(self.tables, self.tails, tokens):
+            if full:
+                table.setdefault(tuple(tail), set()).add(t)
+            tail.append(t)
+        self.length += 1
+
+    def banned(self) -> tuple[list[int], list[int]]:
+        """(rows, tokens) banned at the next step, ready for one index_put."""
+        rows: list[int] = []
+        toks: list[int] = []
+        if self.length < self.n - 1:  # transformers: no ban while cur_len + 1 < n
+            return rows, toks
+        for r, (table, tail) in enumerate(zip(self.tables, self.tails)):
+            ban = table.get(tuple(tail))
+            if ban:
+                rows.extend([r] * len(ban))
+                toks.extend(ban)
+        return rows, toks
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Set banned logits (B, V) to -inf, in place."""
+        rows, toks = self.banned()
+        if rows:
+            logits[rows, toks] = float("-inf")
+        return logits
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logits processors (transformers' order: temperature, then top-k, then top-p)
+
+
+def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None) -> torch.Tensor:
+    """Full-vocabulary processed logits (B, V), filtered entries -inf; what sampling draws from.
+
+    Same semantics as transformers' TemperatureLogitsWarper, TopKLogitsWarper (ties with the k-th value
+    are kept) and TopPLogitsWarper (keeps the smallest set whose mass reaches top_p, at least one token).
+    `sample_next` does the same work on the k best only; this version exists to state and test it.
+    """
+    logits = logits.float()
+    if temperature and temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cum <= 1 - top_p
+        remove_sorted[..., -1] = False
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row (B,) from logits (B, V). temperature 0 (or None) = greedy argmax.
+
+    With top-k the softmax and the draw run over the k best only (the rest would get probability 0
+    anyway), which keeps the per-step cost independent of the vocabulary size after one topk.
+    """
+    if not temperature:
+        return logits.argmax(dim=-1)
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        vals, idx = logits.float().topk(top_k, dim=-1)  # sorted, best first
+    else:
+        vals, idx = logits.float(), None
+    vals = vals / temperature
+    if top_p is not None and top_p < 1.0:
+        if idx is None:
+            vals, idx = vals.sort(dim=-1, descending=True)
+        probs = vals.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly better tokens
+        vals = vals.masked_fill(mass_before >= top_p, float("-inf"))  # the best token always stays
+    probs = vals.softmax(dim=-1)
+    choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return choice if idx is None else idx.gather(-1, choice[:, None]).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+@torch.inference_mode()
+def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.5,
+             top_k: int | None = 6, top_p: float | None = None, no_repeat_ngram_size: int | None = 6,
+             min_new_tokens: int = 0, eos_id: int | None = None, pad_id: int | None = None,
+             seed: int | None = None, prefill_chunk: int | None = None, progress: bool = False
+             ) -> torch.Tensor:
+    """Continue `prompt_ids` (B, N) by up to `max_new_tokens` tokens; returns (B, N + new) LongTensor.
+
+    Defaults are the report's best setting (temperature 0.5, top-k 6, no-repeat-6-gram).
+    - Rows run as one batch. A row that emits `eos_id` is finished: its later positions hold `pad_id`
+      (or `eos_id` when pad_id is None), as transformers pads them. Generation stops when every row has
+      finished or after max_new_tokens; `new` is the number of steps taken.
+    - EOS is masked for the first `min_new_tokens` steps.
+    - `seed` seeds a private torch.Generator: same seed, same weights, same output. seed=None draws fresh
+      randomness.
+    - The prompt is prefilled in chunks of `prefill_chunk` tokens (default: the sliding window), so a long
+      prompt never builds an N x N attention mask.
+    """
+    if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
+        raise ValueError(f"prompt_ids must be (B, N) with N >= 1, got shape {tuple(prompt_ids.shape)}")
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(model, prompt_ids.long(), max_new_tokens, temperature, top_k, top_p,
+                         no_repeat_ngram_size, min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_repeat_ngram_size,
+              min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress):
+    B, N = prompt_ids.shape
+    device = prompt_ids.device
+    out = torch.empty(B, N + max_new_tokens, dtype=torch.long, device=device)
+    out[:, :N] = prompt_ids
+    if max_new_tokens <= 0:
+        return out[:, :N]
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, (1,)).item()))
+
+    cache = RollingKVCache.for_model(model, B)
+    chunk = prefill_chunk or cache.window
+    for s in range(0, N, chunk):  # prefill: only the last chunk's last position matters
+        logits = model(prompt_ids[:, s:s + chunk], cache=cache, start_pos=s)
+    logits = logits[:, -1]
+
+    ngram = NoRepeatNGram(no_repeat_ngram_size, prompt_ids) if no_repeat_ngram_size else None
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    fill = eos_id if pad_id is None else pad_id
+    steps = range(max_new_tokens)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="generating", unit="tok", leave=False)
+    n_new = 0
+    for step in steps:
+        logits = logits.float()
+        if ngram is not None:
+            ngram.apply(logits)
+        if eos_id is not None and step < min_new_tokens:
+            logits[:, eos_id] = float("-inf")
+        next_tok = sample_next(logits, temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            next_tok = torch.where(finished, fill, next_tok)
+            finished |= next_tok == eos_id
+        out[:, N + step] = next_tok
+        n_new = step + 1
+        if ngram is not None:
+            ngram.push(next_tok.tolist())
+        if eos_id is not None and bool(finished.all()):
+            break
+        if step + 1 < max_new_tokens:
+            logits = model(next_tok[:, None], cache=cache, start_pos=N + step)[:, -1]
+    if progress:
+        steps.close()
+    return out[:, :N + n_new]
