@@ -1,0 +1,215 @@
+"""Tests for midistral/generate.py against independent oracles.
+
+- the rolling KV cache: next-token logits equal a full re-run without cache (a naive test-only model that
+  speaks the cache protocol, and our Transformer), past the window and after the ring wraps;
+- no-repeat-n-gram table and the logits warpers: transformers' processors;
+- greedy decoding with no-repeat-n-gram: transformers' MistralForCausalLM.generate, token for token;
+- top-k support, reproducibility with a seed, EOS / min_new_tokens handling.
+"""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from midistral.generate import NoRepeatNGram, RollingKVCache, generate, process_logits, sample_next
+
+torch.set_num_threads(2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A naive model speaking the cache protocol, written here (independent of midistral.model)
+
+
+class ProtocolModel(nn.Module):
+    """Embedding -> L single-head-group attention layers (sliding window, masked by positions) -> head.
+
+    Without a cache it masks with the plain (i - W < j <= i) band; with a cache it masks by the positions
+    the cache returns. Positions enter the values through a position embedding so a wrong slot shows.
+    """
+
+    def __init__(self, vocab=50, dim=32, n_layers=2, n_heads=4, n_kv=2, window=8, max_pos=256):
+        super().__init__()
+        hd = dim // n_heads
+        self.cfg = SimpleNamespace(num_hidden_layers=n_layers, num_key_value_heads=n_kv, head_dim=hd,
+                                   hidden_size=dim, num_attention_heads=n_heads, sliding_window=window,
+                                   max_position_embeddings=max_pos, vocab_size=vocab)
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos_emb = nn.Embedding(max_pos, dim)
+        self.q = nn.ModuleList(nn.Linear(dim, n_heads * hd) for _ in range(n_layers))
+        self.kv = nn.ModuleList(nn.Linear(dim, 2 * n_kv * hd) for _ in range(n_layers))
+        self.o = nn.ModuleList(nn.Linear(n_heads * hd, dim) for _ in range(n_layers))
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids, cache=None, start_pos=0):
+        c = self.cfg
+        B, N = ids.shape
+        hd, W = c.head_dim, c.sliding_window
+        q_pos = torch.arange(start_pos, start_pos + N)
+        x = self.emb(ids) + self.pos_emb(q_pos)
+        for i in range(c.num_hidden_layers):
+            q = self.q[i](x).view(B, N, -1, hd).transpose(1, 2)
+            k, v = self.kv[i](x).view(B, N, 2, -1, hd).permute(2, 0, 3, 1, 4)
+            if cache is not None:
+                k, v, k_pos = cache.update(i, k, v, start_pos)
+            else:
+                k_pos = q_pos
+            rep = c.num_attention_heads // c.num_key_value_heads
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            s = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+            d = q_pos[:, None] - k_pos[None, :]
+            ok = (k_pos[None, :] >= 0) & (d >= 0) & (d < W)
+            s = s.masked_fill(~ok, float("-inf"))
+            x = x + self.o[i]((s.softmax(-1) @ v).transpose(1, 2).reshape(B, N, -1))
+        return self.head(x)
+
+
+def cached_logits_match_full(model, ids, chunks, tol=1e-5):
+    """Feed `ids` through the cache in the given chunk sizes; after every chunk the last position's
+    logits must equal those of a full re-run (no cache) of the prefix."""
+    cache = RollingKVCache.for_model(model, ids.shape[0])
+    pos = 0
+    for n in chunks:
+        got = model(ids[:, pos:pos + n], cache=cache, start_pos=pos)[:, -1]
+        pos += n
+        want = model(ids[:, :pos])[:, -1]
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=f"prefix length {pos}")
+
+
+@pytest.mark.parametrize("prompt_len", [3, 8, 13, 30])  # shorter, equal, longer, much longer than W=8
+def test_rolling_cache_protocol_model(prompt_len):
+    torch.manual_seed(0)
+    model = ProtocolModel(window=8).eval()
+    ids = torch.randint(0, 50, (2, prompt_len + 25))  # 25 decode steps: the ring wraps several times
+    with torch.no_grad():
+        cached_logits_match_full(model, ids, [prompt_len] + [1] * 25)
+        # chunked prefill, chunks shorter and longer than the window, after decode steps
+        chunks, left = [], ids.shape[1]
+        for n in [5, 1, 1, 11, 1, 9, 3] + [1] * ids.shape[1]:
+            if left > 0:
+                chunks.append(min(n, left))
+                left -= chunks[-1]
+        cached_logits_match_full(model, ids, chunks)
+
+
+def test_cache_memory_is_flat():
+    model = ProtocolModel(window=8)
+    cache = RollingKVCache.for_model(model, 3)
+    ptrs = (cache.k.data_ptr(), cache.v.data_ptr())
+    with torch.no_grad():
+        generate(model, torch.zeros(3, 4, dtype=torch.long), 100, temperature=1.0, top_k=None,
+                 no_repeat_ngram_size=None, seed=0)
+    assert cache.k.shape == (2, 3, 2, 8, 8)
+    assert ptrs == (cache.k.data_ptr(), cache.v.data_ptr())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logits processors vs transformers
+
+
+def test_no_repeat_ngram_matches_transformers():
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    g = torch.Generator().manual_seed(0)
+    V = 7  # small vocabulary: many repeats
+    for n in (1, 2, 3, 4):
+        for prompt_len in (1, 2, 5):
+            ids = torch.randint(0, V, (3, prompt_len), generator=g)
+            table = NoRepeatNGram(n, ids)
+            oracle = NoRepeatNGramLogitsProcessor(n)
+            for _ in range(25):
+                want = oracle(ids, torch.zeros(3, V))
+                got = table.apply(torch.zeros(3, V))
+                assert torch.equal(torch.isinf(got), torch.isinf(want)), (n, ids.tolist())
+                nxt = torch.randint(0, V, (3,), generator=g)
+                ids = torch.cat([ids, nxt[:, None]], 1)
+                table.push(nxt.tolist())
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.5, 6, None), (0.7, None, 0.8),
+                                                     (1.3, 10, 0.9), (0.5, 1, None), (2.0, 40, 0.3)])
+def test_process_logits_matches_transformers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    procs = LogitsProcessorList()
+    if temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        procs.append(TopKLogitsWarper(top_k))
+    if top_p:
+        procs.append(TopPLogitsWarper(top_p))
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1)) * 3
+    want = procs(torch.zeros(4, 1, dtype=torch.long), logits.clone())
+    got = process_logits(logits, temperature, top_k, top_p)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got[~torch.isinf(got)], want[~torch.isinf(want)])
+
+
+@pytest.mark.parametrize("top_k,top_p", [(6, None), (1, None), (20, 0.5), (None, 0.7)])
+def test_sample_next_stays_in_support(top_k, top_p):
+    """Every draw lies among the tokens process_logits keeps (top-k: the k best); frequencies follow it."""
+    logits = torch.randn(3, 200, generator=torch.Generator().manual_seed(2)) * 2
+    g = torch.Generator().manual_seed(3)
+    allowed = ~torch.isinf(process_logits(logits, 0.5, top_k, top_p))
+    if top_k:  # the k best, or fewer when top-p cuts further
+        best = logits.topk(top_k, dim=-1).indices
+        outside = torch.ones_like(allowed).scatter(1, best, False)
+        assert not (allowed & outside).any()
+        if not top_p:
+            assert allowed.gather(1, best).all()
+    counts = torch.zeros(3, 200)
+    for _ in range(2000):
+        tok = sample_next(logits, 0.5, top_k, top_p, g)
+        assert allowed.gather(1, tok[:, None]).all()
+        counts[torch.arange(3), tok] += 1
+    probs = process_logits(logits, 0.5, top_k, top_p).softmax(-1)
+    assert (counts / 2000 - probs).abs().max() < 0.05
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(5, 30)
+    assert torch.equal(sample_next(logits, 0.0), logits.argmax(-1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+def test_seeded_generation_is_reproducible():
+    torch.manual_seed(0)
+    model = ProtocolModel(window=8).eval()
+    prompt = torch.randint(0, 50, (4, 6))
+    a = generate(model, prompt, 40, temperature=0.9, top_k=10, no_repeat_ngram_size=3, seed=123)
+    b = generate(model, prompt, 40, temperature=0.9, top_k=10, no_repeat_ngram_size=3, seed=123)
+    c = generate(model, prompt, 40, temperature=0.9, top_k=10, no_repeat_ngram_size=3, seed=124)
+    assert a.shape == (4, 46) and torch.equal(a[:, :6], prompt)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # the ban holds: no 3-gram occurs twice in any row
+    for row in a.tolist():
+        grams = list(zip(row, row[1:], row[2:]))
+        assert len(grams) == len(set(grams))
+
+
+def test_eos_and_min_new_tokens():
+    torch.manual_seed(0)
+    model = ProtocolModel(vocab=50, window=8).eval()
+    with torch.no_grad():  # make token 7 (EOS) overwhelmingly likely everywhere
+        model.head.bias.zero_()
+        model.head.bias[7] = 100.0
+    prompt = torch.randint(0, 50, (3, 5))
+    out = generate(model, prompt, 30, temperature=1.0, top_k=None, no_repeat_ngram_size=None, eos_id=7,
+                   min_new_tokens=4, seed=0)
+    assert out.shape == (3, 5 + 5)  # 4 masked steps, then EOS everywhere, then stop
+    assert (out[:, 5:9] != 7).all() and (out[:, 9] == 7).all()
+    # rows finishing at different times: finished rows are padded with pad_id
+    with torch.no_grad():
+        model.head.bias[7] = 2.0
+    out = generate(model, prompt, 30, temperature=1.0, top_k=None, no_repeat_ngram_size=None, eos_id=7,
+                   pad_id=0, seed=1)
+    for row in out[:, 5:].tolist():
+        if 7 in row:
+            assert all(t == 0 for t in row[row.index(7) + 1:])
