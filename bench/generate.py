@@ -1,0 +1,164 @@
+"""Generation speed and memory: midistral.generate vs transformers' generate, same weights, same settings.
+
+    python bench/generate.py                  # speed at batch 1 and 8, floor, memory (a few minutes)
+    python bench/generate.py --quick          # fewer tokens
+
+The reference model of the report (24M parameters: vocab 5000, hidden 512, intermediate 1024, 8 layers,
+4 heads, 2 KV heads, sliding window 512, 8192 positions) with random weights, built once as a transformers
+MistralForCausalLM, saved with save_pretrained and loaded into ours with `from_hf`, so both run the same
+weights. Sampling: top-k 6, temperature 0.5, no-repeat-6-gram, EOS never stops a row (min new tokens =
+max new tokens), so both produce exactly the same number of tokens.
+
+Floor: the time to stream the weights one decode step reads (every linear layer and the LM head, fp32)
+through a matrix-vector product, measured here; no decoder can beat it at batch 1 on this CPU.
+
+Memory: peak resident set (resource.getrusage ru_maxrss) of a fresh subprocess per measurement that
+loads the model and generates N new tokens with ours, for N = 2,048 and 16,384. Both subprocesses use a
+config with 32,768 positions so the lengths fit and the RoPE tables are the same size in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+REF = dict(vocab_size=5000, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+           num_attention_heads=4, num_key_value_heads=2, sliding_window=512, max_position_embeddings=8192)
+SETTINGS = dict(temperature=0.5, top_k=6, no_repeat_ngram_size=6)
+
+
+def hf_model(max_pos: int = 8192):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(**{**REF, "max_position_embeddings": max_pos}, head_dim=REF["hidden_size"] // 4,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    model = MistralForCausalLM(cfg).eval()
+    return model
+
+
+def save_ours_from_hf(hf, folder: Path):
+    from midistral.model import from_hf
+
+    hf.save_pretrained(folder)
+    return from_hf(folder).eval()
+
+
+def timed(fn, repeat=1):
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def floor_ms(model) -> tuple[float, float]:
+    """Per-token time of x @ W.T over every 2-D weight a decode step reads (not the embedding lookup)."""
+    ws = [p.detach() for n, p in model.named_parameters() if p.dim() == 2 and "emb" not in n]
+    mb = sum(w.numel() for w in ws) * 4 / 2**20
+    xs = [torch.randn(1, w.shape[1]) for w in ws]
+
+    def stream():
+        for _ in range(20):
+            for w, x in zip(ws, xs):
+                torch.nn.functional.linear(x, w)
+
+    with torch.inference_mode():
+        stream()
+        return timed(stream, repeat=5) / 20 * 1e3, mb
+
+
+def speed(ours, hf, batch: int, prompt_len: int, new: int) -> dict:
+    from midistral.generate import generate
+
+    g = torch.Generator().manual_seed(batch)
+    prompt = torch.randint(3, REF["vocab_size"], (batch, prompt_len), generator=g)
+    res = {}
+    with torch.inference_mode():
+        generate(ours, prompt[:, :16], 8, seed=0, **SETTINGS)  # warm up
+        t = timed(lambda: generate(ours, prompt, new, seed=0, **SETTINGS))
+        res["ours_tok_s"] = batch * new / t
+        res["ours_ms_step"] = t / new * 1e3
+        hf_kw = dict(do_sample=True, top_k=6, temperature=0.5, no_repeat_ngram_size=6, max_new_tokens=new,
+                     min_new_tokens=new, pad_token_id=0, top_p=1.0)
+        hf.generate(prompt[:, :16], **{**hf_kw, "max_new_tokens": 8, "min_new_tokens": 8})
+        t = timed(lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), **hf_kw))
+        res["hf_tok_s"] = batch * new / t
+        res["hf_ms_step"] = t / new * 1e3
+    return res
+
+
+def memory_child(folder: str, new: int) -> None:
+    """Run in a fresh process: load ours, generate `new` tokens at batch 1, print peak RSS as JSON."""
+    from midistral.generate import generate
+    from midistral.model import from_hf
+
+    torch.set_num_threads(2)
+    model = from_hf(folder).eval()
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    prompt = torch.randint(3, REF["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    out = generate(model, prompt, new, seed=0, **SETTINGS)
+    dt = time.perf_counter() - t0
+    assert out.shape[1] == 64 + new
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"new": new, "peak_mb": rss / 1024, "loaded_mb": rss_loaded / 1024, "seconds": dt}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-child", nargs=2, metavar=("FOLDER", "NEW"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child[0], int(args.memory_child[1]))
+
+    torch.set_num_threads(2)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}")
+    hf = hf_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = save_ours_from_hf(hf, Path(tmp) / "ref")
+        n_params = sum(p.numel() for p in ours.parameters())
+        print(f"model: {n_params / 1e6:.1f}M parameters, {n_params * 4 / 2**20:.0f} MB fp32")
+        fl, mb = floor_ms(ours)
+        print(f"floor: streaming {mb:.0f} MB of decode-step weights through matvec = {fl:.2f} ms/token")
+
+        new = 64 if args.quick else 256
+        for batch in (1, 8):
+            r = speed(ours, hf, batch, prompt_len=128, new=new)
+            line = (f"batch {batch}: ours {r['ours_tok_s']:.0f} tok/s ({r['ours_ms_step']:.2f} ms/step), "
+                    f"transformers {r['hf_tok_s']:.0f} tok/s ({r['hf_ms_step']:.2f} ms/step), "
+                    f"speed-up {r['ours_tok_s'] / r['hf_tok_s']:.2f}x")
+            if batch == 1:
+                line += f", ours / floor {r['ours_ms_step'] / fl:.2f}x"
+            print(line, flush=True)
+
+        if not args.no_memory:
+            long_hf = hf_model(max_pos=32768)
+            long_hf.load_state_dict(hf.state_dict())
+            long_hf.save_pretrained(Path(tmp) / "long")
+            for n in ((256, 2048) if args.quick else (2048, 16384)):
+                out = subprocess.run([sys.executable, __file__, "--memory-child", str(Path(tmp) / "long"), str(n)],
+                                     capture_output=True, text=True, check=True)
+                m = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"memory, {m['new']:>6} new tokens (batch 1, fresh process): peak RSS {m['peak_mb']:.0f} MB "
+                      f"(after load {m['loaded_mb']:.0f} MB, +{m['peak_mb'] - m['loaded_mb']:.0f} MB while "
+                      f"generating; {m['new'] / m['seconds']:.0f} tok/s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""sample.py end to end: a tiny random checkpoint built here, a synthetic two-track prompt, the files it
+writes read back by symusic, mido and pretty_midi (independent MIDI readers), and bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import symusic
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_sample(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    import torch
+
+    from midistral.checkpoint import save_checkpoint
+    from midistral.model import ModelConfig, Transformer
+    from midistral.tokenize import REMI
+
+    torch.manual_seed(0)
+    tok = REMI()
+    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                      max_position_embeddings=256)
+    d = tmp_path_factory.mktemp("run")
+    save_checkpoint(d / "best", Transformer(cfg), tok)
+    return d
+
+
+@pytest.fixture(scope="module")
+def prompt(tmp_path_factory):
+    """4 bars of 3/4 at 100 bpm: a piano melody over chords and a drum beat."""
+    s = symusic.Score(480)
+    s.tempos.append(symusic.Tempo(0, 100.0))
+    s.time_signatures.append(symusic.TimeSignature(0, 3, 4))
+    piano = symusic.Track("x", 0, False)
+    drums = symusic.Track("y", 0, True)
+    for beat in range(12):
+        piano.notes.append(symusic.Note(beat * 480, 480, 60 + [0, 2, 4, 5, 7, 9][beat % 6], 80))
+        piano.notes.append(symusic.Note(beat * 480, 240, 48 + [0, 5, 7][beat // 4 % 3], 70))
+        drums.notes.append(symusic.Note(beat * 480, 120, 36 if beat % 3 == 0 else 42, 90))
+    s.tracks.extend([piano, drums])
+    path = tmp_path_factory.mktemp("prompt") / "tune.mid"
+    s.dump_midi(path)
+    return path
+
+
+def symusic_notes(path):
+    s = symusic.Score(str(path))
+    return sorted((n.time, n.pitch, n.duration) for t in s.tracks for n in t.notes), s
+
+
+def mido_notes(path):
+    """Notes from raw MIDI messages (note_on/note_off pairing by channel and pitch), in ticks."""
+    import mido
+
+    mid = mido.MidiFile(str(path))
+    notes = []
+    for track in mid.tracks:
+        t, open_ = 0, {}
+        for msg in track:
+            t += msg.time
+            if msg.type == "note_on" and msg.velocity > 0:
+                open_.setdefault((msg.channel, msg.note), []).append(t)
+            elif msg.type in ("note_off", "note_on") and open_.get((msg.channel, msg.note)):
+                start = open_[(msg.channel, msg.note)].pop(0)
+                notes.append((start, msg.note, t - start))
+    return sorted(notes), mid
+
+
+def test_sample_writes_midi_and_png(ckpt, prompt, tmp_path):
+    out = tmp_path / "out"
+    r = run_sample(prompt, "--ckpt", ckpt, "--out", out, "--num-samples", 2, "--max-new-tokens", 60,
+                   "--seed", 0)
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stdout.splitlines() if l.endswith(".png)")]
+    assert len(lines) == 2 and all("skipped" in l and "bars" in l and "notes" in l for l in lines)
+    for i in range(2):
+        midi, png = out / f"tune_{i}.mid", out / f"tune_{i}.png"
+        assert midi.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        ours, score = symusic_notes(midi)
+        theirs, mid = mido_notes(midi)
+        assert ours == theirs and len(ours) > 0
+        import pretty_midi
+
+        pm = pretty_midi.PrettyMIDI(str(midi))
+        pm_notes = sorted((round(n.start, 3), n.pitch) for inst in pm.instruments for n in inst.notes)
+        sec = score.to("second")
+        sy_notes = sorted((round(n.time, 3), n.pitch) for t in sec.tracks for n in t.notes)
+        assert pm_notes == sy_notes
+        # the prompt's tempo, time signature and instruments survive, tracks named by GM instrument
+        assert abs(score.tempos[0].qpm - 100) < 1
+        assert (score.time_signatures[0].numerator, score.time_signatures[0].denominator) == (3, 4)
+        names = {t.name for t in score.tracks}
+        assert {"Acoustic Grand Piano", "Drums"} <= names
+        # the prompt (4 bars, 36 notes) is at the start of every sample
+        first = sorted((n.time * 480 // score.tpq, n.pitch) for t in score.tracks for n in t.notes
+                       if n.time * 480 // score.tpq < 12 * 480)
+        want, _ = symusic_notes(prompt)
+        assert sorted((t, p) for t, p, _ in want) == first
+
+
+def test_sample_same_seed_same_file(ckpt, prompt, tmp_path):
+    a = run_sample(prompt, "--ckpt", ckpt, "--out", tmp_path / "a", "--max-new-tokens", 40, "--seed", 3)
+    b = run_sample(prompt, "--ckpt", ckpt / "best", "--out", tmp_path / "b", "--max-new-tokens", 40,
+                   "--seed", 3)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert (tmp_path / "a" / "tune.mid").read_bytes() == (tmp_path / "b" / "tune.mid").read_bytes()
+
+
+def test_no_prompt_long_prompt_and_prompt_bars(ckpt, prompt, tmp_path):
+    r = run_sample("--ckpt", ckpt, "--out", tmp_path, "--max-new-tokens", 30, "--seed", 1)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "sample.mid").is_file()
+    # longer than the context (256): the start is dropped, with a note
+    r = run_sample(prompt, "--ckpt", ckpt, "--out", tmp_path, "--max-new-tokens", 200, "--seed", 1)
+    assert r.returncode == 0, r.stderr
+    assert "keeping its last" in r.stderr
+
+
+def test_first_bars():
+    import sample
+
+    s = symusic.Score(480)
+    s.time_signatures.append(symusic.TimeSignature(0, 3, 4))
+    t = symusic.Track("p", 0, False)
+    for beat in range(12):
+        t.notes.append(symusic.Note(beat * 480, 480, 60, 80))
+    s.tracks.append(t)
+    cut = sample.first_bars(s, 2)
+    assert [n.time for n in cut.tracks[0].notes] == [i * 480 for i in range(6)]
+    assert sample.first_bars(s, 10).note_num() == 12
+
+
+def test_continuation_report_flags_loops_and_silence():
+    import sample
+
+    s = symusic.Score(480)
+    s.time_signatures.append(symusic.TimeSignature(0, 4, 4))
+    a, b = symusic.Track("Piano", 0, False), symusic.Track("Bass", 33, False)
+    for bar in range(8):
+        a.notes.append(symusic.Note(bar * 1920, 960, 61, 80))  # same bar 8 times, C#
+        if bar < 2:
+            b.notes.append(symusic.Note(bar * 1920, 960, 40, 80))
+    s.tracks.extend([a, b])
+    line = sample.continuation_report(s, 2 * 1920)
+    assert "Piano 6" in line and "Bass 0" in line
+    assert "Bass silent" in line and "loops" in line
+
+
+@pytest.mark.parametrize("case", ["missing_prompt", "not_midi", "ckpt_missing_weights", "no_ckpt"])
+def test_bad_input_one_line_exit_1(case, ckpt, prompt, tmp_path):
+    args = [prompt, "--ckpt", ckpt, "--out", tmp_path / "o"]
+    if case == "missing_prompt":
+        args[0] = tmp_path / "nope.mid"
+    elif case == "not_midi":
+        args[0] = tmp_path / "text.mid"
+        args[0].write_text("this is not a MIDI file\n")
+    elif case == "ckpt_missing_weights":
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "config.json").write_text((ckpt / "best" / "config.json").read_text())
+        args[2] = bad
+    elif case == "no_ckpt":
+        args[2] = tmp_path / "no_such_run"
+    r = run_sample(*args)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_empty_prompt_falls_back_to_bos(ckpt, tmp_path):
+    s = symusic.Score(480)
+    s.tempos.append(symusic.Tempo(0, 90.0))
+    s.tracks.append(symusic.Track("empty", 0, False))
+    path = tmp_path / "empty.mid"
+    s.dump_midi(path)
+    r = run_sample(path, "--ckpt", ckpt, "--out", tmp_path / "o", "--max-new-tokens", 20)
+    assert r.returncode == 0, r.stderr
+    assert "has no notes" in r.stderr and "generating from BOS" in r.stderr
+    assert (tmp_path / "o" / "empty.mid").is_file()
