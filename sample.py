@@ -274,9 +274,11 @@ def run(args) -> int:
         n_bars = int((score.get_downbeats() < score.end()).sum()) if score.note_num() else 0
         seconds = score.to("second").end()
         instruments = ", ".join(t.name for t in score.tracks) or "none"
-        eos = " eos" if tok.eos_id in row[len(ids):] else ""
+        new = row[len(ids):]
+        n_tokens = new.index(tok.eos_id) + 1 if tok.eos_id in new else len(new)
+        eos = " (ended with EOS)" if tok.eos_id in new else ""
         print(f"{midi_path}  bars {n_bars}  notes {score.note_num()}  instruments [{instruments}]  "
-              f"{seconds:.1f}s  tokens {len(row) - len(ids)}{eos}  skipped {n_skipped}  (+ {png_path.name})")
+              f"{seconds:.1f}s  tokens {n_tokens}{eos}  skipped {n_skipped}  (+ {png_path.name})")
         print(f"    {continuation_report(score, start_tick)}")
     return 0
 
