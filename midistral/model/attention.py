@@ -1,0 +1,80 @@
+"""Sliding-window attention in plain PyTorch: the CPU path, and the reference the Triton kernel is tested against.
+
+Semantics (transformers 5.x Mistral): query i attends keys j with i - W < j <= i, i.e. W keys
+including itself.
+
+Cost grows as N*W, never N*N: queries are cut into blocks of `block` rows; block b only needs the keys
+of blocks b - c .. b, where c = ceil((W - 1) / block). All blocks are gathered into one batched
+`scaled_dot_product_attention` call (blocks folded into the batch dimension), with one small boolean
+mask of shape (n_blocks, block, (c + 1) * block) that is the same for every batch row and head.
+Grouped-query attention uses SDPA's `enable_gqa`, so K/V are never repeated per query head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _block_size(n: int, window: int) -> int:
+    # One block per window keeps the key span at ~2W; cap it so score tiles stay cache-friendly.
+    return max(16, min(window, 256, n))
+
+
+def _key_blocks(x: torch.Tensor, block: int, n_prev: int, n_blocks: int) -> torch.Tensor:
+    """(B, H, N, D) -> (B, n_blocks, H, (n_prev + 1) * block, D): for each query block, its key span."""
+    B, H, N, D = x.shape
+    pad_front, pad_back = n_prev * block, n_blocks * block - N
+    x = F.pad(x, (0, 0, pad_front, pad_back))  # zeros before position 0 and after N - 1; both are masked
+    span = (n_prev + 1) * block
+    x = x.unfold(2, span, block)  # (B, H, n_blocks, D, span), a view
+    return x.permute(0, 2, 1, 4, 3)
+
+
+def sliding_window_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """q (B, Hq, N, D); k, v (B, Hkv, N, D), Hq a multiple of Hkv -> (B, Hq, N, D). Differentiable."""
+    B, Hq, N, D = q.shape
+    Hkv = k.shape[1]
+    W = min(int(window), N)
+    gqa = Hq != Hkv
+    if N <= 2 * W or N <= 256:
+        # The whole sequence is within ~2 windows: one causal call costs at most ~2x the N*W work.
+        if W >= N:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        i = torch.arange(N, device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - W)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    block = _block_size(N, W)
+    n_blocks = math.ceil(N / block)
+    n_prev = math.ceil((W - 1) / block)
+    span = (n_prev + 1) * block
+
+    qb = F.pad(q, (0, 0, 0, n_blocks * block - N)).view(B, Hq, n_blocks, block, D).transpose(1, 2)
+    kb = _key_blocks(k, block, n_prev, n_blocks)
+    vb = _key_blocks(v, block, n_prev, n_blocks)
+    fold = lambda x: x.reshape(B * n_blocks, x.shape[2], x.shape[3], D)  # noqa: E731
+
+    qi = torch.arange(block, device=q.device)[:, None]  # query offset in its block
+    kj = torch.arange(span, device=q.device)[None, :] - n_prev * block  # key offset relative to the block start
+    blk = torch.arange(n_blocks, device=q.device)[:, None, None] * block
+    mask = (kj <= qi) & (kj > qi - W) & (blk + kj >= 0)  # (n_blocks, block, span)
+    mask = mask[None, :, None].expand(B, n_blocks, 1, block, span).reshape(B * n_blocks, 1, block, span)
+
+    out = F.scaled_dot_product_attention(fold(qb), fold(kb), fold(vb), attn_mask=mask, enable_gqa=gqa)
+    out = out.view(B, n_blocks, Hq, block, D).transpose(1, 2).reshape(B, Hq, n_blocks * block, D)
+    return out[:, :, :N]
+
+
+def attention_at_positions(q, k, v, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Attention for cached generation: q (B, Hq, n, D) at absolute positions q_pos (n,); k, v (B, Hkv, M, D)
+    at k_pos (M,) in any order (-1 = empty slot). Query p sees key s iff s >= 0 and p - W < s <= p."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    n, M = q.shape[2], k.shape[2]
+    if n == M and bool((k_pos == q_pos).all()):  # a fresh prefill: keys are the queries' own positions
+        return sliding_window_attention_torch(q, k, v, window)
+    p, s = q_pos[:, None], k_pos[None, :]
+    mask = (s >= 0) & (s <= p) & (s > p - window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != Hkv)

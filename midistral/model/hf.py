@@ -1,0 +1,49 @@
+"""Load a transformers `MistralForCausalLM.save_pretrained` folder without importing transformers.
+
+The folder holds config.json and model.safetensors (or shards listed in model.safetensors.index.json).
+Our parameter names are transformers' without the leading "model.", so the mapping is one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from midistral.errors import CheckpointError
+from midistral.model.config import ModelConfig
+from midistral.model.model import Transformer
+
+
+def from_hf(path: str | Path, device: str | None = None) -> Transformer:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: missing config.json (not a save_pretrained folder)")
+    try:
+        d = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    if d.get("model_type", "mistral") != "mistral":
+        raise CheckpointError(f"{path / 'config.json'}: model_type is {d['model_type']!r}, expected 'mistral'")
+    cfg = ModelConfig.from_dict(d)
+
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").is_file():
+        shards = [path / "model.safetensors"]
+    elif index.is_file():
+        shards = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        raise CheckpointError(f"{path}: missing model.safetensors (only safetensors weights are read)")
+    state = {}
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"{path}: missing weight shard {shard.name}")
+        try:
+            state.update(load_file(str(shard), device=device or "cpu"))
+        except Exception as e:
+            raise CheckpointError(f"{shard}: cannot be read ({e})") from None
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    model = Transformer(cfg)
+    model.load_weights(state, source=path)
+    return model.to(device) if device else model

@@ -1,0 +1,129 @@
+"""The decoder against transformers' MistralForCausalLM (test-only oracle) with the same weights."""
+
+import json
+
+import pytest
+import torch
+
+from midistral.errors import CheckpointError, ConfigError
+from midistral.model import ModelConfig, Transformer, from_hf
+from midistral.model.attention import attention_at_positions, sliding_window_attention_torch
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, sliding_window=16, max_position_embeddings=512, pad_token_id=0,
+             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, attn_implementation="eager")).eval()
+    with torch.no_grad():  # norms at 1.0 hide mistakes in their handling: perturb them
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    d = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(d)
+    return hf, from_hf(d).eval(), d
+
+
+def naive_attention(q, k, v, W):
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    i = torch.arange(q.shape[2])
+    s = s.masked_fill(~((i[None] <= i[:, None]) & (i[None] > i[:, None] - W)), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def test_reference_config_parameter_count():
+    cfg = ModelConfig(vocab_size=5000, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=2, sliding_window=512,
+                      max_position_embeddings=8192, tie_word_embeddings=False)
+    assert sum(p.numel() for p in Transformer(cfg).parameters()) == 24_003_072
+
+
+@pytest.mark.parametrize("n", [5, 16, 53, 300])  # below, equal to, several times the window (16)
+def test_logits_and_loss_equal_transformers(hf_pair, n):
+    hf, ours, _ = hf_pair
+    ids = torch.randint(0, SMALL["vocab_size"], (3, n), generator=torch.Generator().manual_seed(n))
+    ids[0, -2:] = 0  # padding inside the batch
+    targets = torch.full_like(ids, -100)
+    targets[:, :-1] = ids[:, 1:]
+    targets[0, -3:] = -100
+    labels = ids.clone()
+    labels[0, -2:] = -100
+    with torch.no_grad():
+        want = hf(ids, labels=labels)
+        logits, loss = ours(ids, targets)
+    torch.testing.assert_close(logits, want.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(loss, want.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_equal_transformers(hf_pair):
+    hf, ours, _ = hf_pair
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 70), generator=torch.Generator().manual_seed(1))
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)
+    hf.zero_grad(), ours.zero_grad()
+    hf(ids, labels=ids).loss.backward()
+    ours(ids, targets)[1].backward()
+    theirs = {k.removeprefix("model."): p.grad for k, p in hf.named_parameters()}
+    for name, p in ours.named_parameters():
+        g = theirs[name]
+        assert (p.grad - g).abs().max() <= 1e-4 * g.abs().max() + 1e-9, name
+
+
+@pytest.mark.parametrize("N,W", [(1, 4), (17, 4), (300, 16), (700, 100), (1200, 513), (600, 1)])
+def test_plain_attention_equals_naive(N, W):
+    g = torch.Generator().manual_seed(N)
+    q = torch.randn(2, 4, N, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, N, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, N, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    a, b = sliding_window_attention_torch(q, k, v, W), naive_attention(q, k, v, W)
+    torch.testing.assert_close(a, b)
+    go = torch.randn_like(a)
+    for x, y in zip(torch.autograd.grad(a, (q, k, v), go), torch.autograd.grad(b, (q, k, v), go)):
+        torch.testing.assert_close(x, y)
+
+
+def test_attention_at_positions_ring_order():
+    """Keys in ring order with empty slots give the same output as the contiguous computation."""
+    g = torch.Generator().manual_seed(0)
+    N, W = 40, 8
+    q, k, v = (torch.randn(1, 4 if i == 0 else 2, N, 16, generator=g, dtype=torch.float64) for i in range(3))
+    full = naive_attention(q, k, v, W)
+    p = N - 1
+    slots = torch.arange(p - W + 1, p + 1) % W
+    kr, vr, pos = torch.zeros(1, 2, W + 2, 16, dtype=torch.float64), torch.zeros(1, 2, W + 2, 16, dtype=torch.float64), torch.full((W + 2,), -1)
+    kr[:, :, slots], vr[:, :, slots], pos[slots] = k[:, :, p - W + 1:], v[:, :, p - W + 1:], torch.arange(p - W + 1, p + 1)
+    out = attention_at_positions(q[:, :, p:], kr, vr, torch.tensor([p]), pos, W)
+    torch.testing.assert_close(out, full[:, :, p:])
+
+
+def test_save_load_roundtrip(tmp_path, hf_pair):
+    _, ours, _ = hf_pair
+    ours.save(tmp_path / "ck")
+    back = Transformer.load(tmp_path / "ck")
+    ids = torch.randint(0, 97, (1, 30))
+    with torch.no_grad():
+        assert torch.equal(ours(ids), back(ids))
+
+
+def test_bad_inputs(tmp_path, hf_pair):
+    _, ours, folder = hf_pair
+    with pytest.raises(ValueError, match="out of range"):
+        ours(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ours(torch.zeros(1, 513, dtype=torch.long))
+    with pytest.raises(ConfigError, match="not divisible"):
+        ModelConfig(hidden_size=65, num_attention_heads=4)
+    with pytest.raises(ConfigError, match="unknown model config key 'hiden_size'"):
+        ModelConfig.from_dict({"hiden_size": 3})
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(SMALL))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Transformer.load(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        from_hf(tmp_path / "ck")
