@@ -213,3 +213,48 @@ def test_eos_and_min_new_tokens():
     for row in out[:, 5:].tolist():
         if 7 in row:
             assert all(t == 0 for t in row[row.index(7) + 1:])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Our Transformer: cache vs full re-run, and greedy + no-repeat-n-gram vs transformers
+
+
+def small_hf_model(tmp_path, window=8, vocab=61):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=window,
+                        max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                        tie_word_embeddings=False)
+    hf = MistralForCausalLM(cfg).eval()
+    with torch.no_grad():  # random init is near-uniform; sharpen so greedy choices are well separated
+        for p in hf.parameters():
+            p.mul_(4.0) if p.dim() == 2 else None
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, tmp_path / "hf"
+
+
+@pytest.mark.parametrize("prompt_len", [3, 8, 21])
+def test_rolling_cache_our_transformer(prompt_len, tmp_path):
+    from midistral.model import from_hf
+
+    _, folder = small_hf_model(tmp_path)
+    model = from_hf(folder).eval()
+    ids = torch.randint(0, 61, (2, prompt_len + 20), generator=torch.Generator().manual_seed(prompt_len))
+    with torch.no_grad():
+        cached_logits_match_full(model, ids, [prompt_len] + [1] * 20)
+        cached_logits_match_full(model, ids, [5, 11, 1, 9] + [1] * (ids.shape[1] - 26))
+
+
+@pytest.mark.parametrize("n", [2, 3, 6])
+def test_greedy_ngram_matches_transformers(n, tmp_path):
+    from midistral.model import from_hf
+
+    hf, folder = small_hf_model(tmp_path)
+    ours = from_hf(folder).eval()
+    prompt = torch.randint(3, 61, (3, 10), generator=torch.Generator().manual_seed(n))
+    want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                       no_repeat_ngram_size=n, max_new_tokens=40, min_new_tokens=40, pad_token_id=0)
+    got = generate(ours, prompt, 40, temperature=0.0, no_repeat_ngram_size=n, min_new_tokens=40, eos_id=2)
+    assert torch.equal(got, want)
