@@ -127,3 +127,44 @@ def test_bad_inputs(tmp_path, hf_pair):
         Transformer.load(tmp_path / "ck")
     with pytest.raises(CheckpointError, match="model.safetensors"):
         from_hf(tmp_path / "ck")
+
+
+class RingCache:
+    """A tiny rolling KV cache written for the test (the protocol of midistral/generate.py): per layer a
+    buffer of `size` slots, position p stored in slot p % size, -1 marks an empty slot."""
+
+    def __init__(self, n_layers, B, Hkv, D, size):
+        self.k = [torch.zeros(B, Hkv, size, D) for _ in range(n_layers)]
+        self.v = [torch.zeros(B, Hkv, size, D) for _ in range(n_layers)]
+        self.pos = {i: torch.full((size,), -1) for i in range(n_layers)}
+        self.size = size
+
+    def update(self, i, k, v, start_pos):
+        n = k.shape[2]
+        assert n <= self.size
+        slots = torch.arange(start_pos, start_pos + n) % self.size
+        self.k[i][:, :, slots], self.v[i][:, :, slots] = k, v
+        self.pos[i][slots] = torch.arange(start_pos, start_pos + n)
+        return self.k[i], self.v[i], self.pos[i]
+
+
+def test_kv_cache_decode_equals_full_forward(hf_pair):
+    """Prefill, then 1-token and 3-token steps through a ring buffer that wraps several times: the logits
+    at every step equal those of one no-cache forward over the whole sequence (and transformers')."""
+    hf, ours, _ = hf_pair
+    W = SMALL["sliding_window"]
+    ids = torch.randint(3, SMALL["vocab_size"], (2, 75), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = ours(ids)
+        torch.testing.assert_close(full, hf(ids).logits, atol=1e-4, rtol=0)
+        cache = RingCache(SMALL["num_hidden_layers"], 2, SMALL["num_key_value_heads"], 16, size=W + 2)
+        steps, p = [10], 10  # prefill shorter than the window, then mixed step sizes
+        while p < ids.shape[1]:
+            steps.append(min(1 if len(steps) % 4 else 3, ids.shape[1] - p))
+            p += steps[-1]
+        p = 0
+        for n in steps:
+            out = ours(ids[:, p:p + n], cache=cache, start_pos=p)
+            torch.testing.assert_close(out, full[:, p:p + n], atol=1e-4, rtol=0)
+            p += n
+        assert int(cache.pos[0].min()) >= 0 and p > 3 * (W + 2)  # the ring is full and wrapped
