@@ -1,0 +1,764 @@
+"""REMIPlus: the vocabulary and the token grammar (encode and decode), MidiTok 3.1-compatible.
+
+One token stream for all instruments. A piece reads, bar by bar:
+
+    Bar  TimeSig_n/d                       a bar line (the TimeSig token recalls the current meter)
+    Position_p  [Tempo_t]                  a tick inside the bar, in 1/12 of the denominator's beat
+    Program_p Chord_q                      a chord detected in that program's notes (informative)
+    Program_p Pitch_x Velocity_v Duration_d   one note (PitchDrum_x for drums, Program_-1)
+    Rest_b.p.r                             silence; the bars it crosses get no Bar token
+
+Encoding follows MidiTok 3.1 rule by rule (../shared/docs/remi-spec.md), so our token strings equal
+MidiTok's. Decoding follows *our* encoder, so decode then encode gives back the same tokens; where
+MidiTok's decoder disagrees with its own encoder we differ (README: "Differences from MidiTok").
+
+The work is done in ids with numpy; strings are made only by `tokens()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import symusic
+
+from midistral.errors import CheckpointError, MidiError
+from midistral.tokenize.config import REMIConfig
+
+GM_NAMES = [
+    "Acoustic Grand Piano", "Bright Acoustic Piano", "Electric Grand Piano", "Honky-tonk Piano",
+    "Electric Piano 1", "Electric Piano 2", "Harpsichord", "Clavi", "Celesta", "Glockenspiel", "Music Box",
+    "Vibraphone", "Marimba", "Xylophone", "Tubular Bells", "Dulcimer", "Drawbar Organ", "Percussive Organ",
+    "Rock Organ", "Church Organ", "Reed Organ", "Accordion", "Harmonica", "Tango Accordion",
+    "Acoustic Guitar (nylon)", "Acoustic Guitar (steel)", "Electric Guitar (jazz)", "Electric Guitar (clean)",
+    "Electric Guitar (muted)", "Overdriven Guitar", "Distortion Guitar", "Guitar Harmonics", "Acoustic Bass",
+    "Electric Bass (finger)", "Electric Bass (pick)", "Fretless Bass", "Slap Bass 1", "Slap Bass 2",
+    "Synth Bass 1", "Synth Bass 2", "Violin", "Viola", "Cello", "Contrabass", "Tremolo Strings",
+    "Pizzicato Strings", "Orchestral Harp", "Timpani", "String Ensembles 1", "String Ensemble 2",
+    "SynthStrings 1", "SynthStrings 2", "Choir Aahs", "Voice Oohs", "Synth Voice", "Orchestra Hit", "Trumpet",
+    "Trombone", "Tuba", "Muted Trumpet", "French Horn", "Brass Section", "Synth Brass 1", "Synth Brass 2",
+    "Soprano Sax", "Alto Sax", "Tenor Sax", "Baritone Sax", "Oboe", "English Horn", "Bassoon", "Clarinet",
+    "Piccolo", "Flute", "Recorder", "Pan Flute", "Blown bottle", "Shakuhachi", "Whistle", "Ocarina",
+    "Lead 1 (square)", "Lead 2 (sawtooth)", "Lead 3 (calliope)", "Lead 4 (chiff)", "Lead 5 (charang)",
+    "Lead 6 (voice)", "Lead 7 (fifths)", "Lead 8 (bass + lead)", "Pad 1 (new age)", "Pad 2 (warm)",
+    "Pad 3 (polysynth)", "Pad 4 (choir)", "Pad 5 (bowed)", "Pad 6 (metallic)", "Pad 7 (halo)", "Pad 8 (sweep)",
+    "FX 1 (rain)", "FX 2 (soundtrack)", "FX 3 (crystal)", "FX 4 (atmosphere)", "FX 5 (brightness)",
+    "FX 6 (goblins)", "FX 7 (echoes)", "FX 8 (sci-fi)", "Sitar", "Banjo", "Shamisen", "Koto", "Kalimba",
+    "Bag pipe", "Fiddle", "Shanai", "Tinkle Bell", "Agogo", "Steel Drums", "Woodblock", "Taiko Drum",
+    "Melodic Tom", "Synth Drum", "Reverse Cymbal", "Guitar Fret Noise", "Breath Noise", "Seashore",
+    "Bird Tweet", "Telephone Ring", "Helicopter", "Applause", "Gunshot",
+]
+
+
+def load_score(midi, name: str | None = None) -> symusic.Score:
+    """A symusic Score (ticks) from a path, MIDI bytes or a Score; MidiError naming the file otherwise."""
+    if isinstance(midi, symusic.Score):
+        return midi
+    if isinstance(midi, (bytes, bytearray, memoryview)):
+        data, label = bytes(midi), name or "<bytes>"
+    elif isinstance(midi, (str, os.PathLike)):
+        label = str(midi)
+        try:
+            data = Path(midi).read_bytes()
+        except FileNotFoundError:
+            raise MidiError(f"{label}: no such file") from None
+        except IsADirectoryError:
+            raise MidiError(f"{label}: is a folder, not a MIDI file") from None
+        except OSError as e:
+            raise MidiError(f"{label}: cannot be read ({e.strerror})") from None
+    else:
+        raise MidiError(f"{name or midi!r}: expected a path, MIDI bytes or a symusic.Score, got {type(midi).__name__}")
+    if len(data) == 0:
+        raise MidiError(f"{label}: empty file")
+    if data[:4] != b"MThd":
+        what = "a RIFF MIDI" if data[:4] == b"RIFF" else "not a MIDI file"
+        raise MidiError(f"{label}: {what} (no MThd header)")
+    try:
+        return symusic.Score.from_midi(data)
+    except Exception as e:  # symusic raises RuntimeError/ValueError with a short reason
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise MidiError(f"{label}: unreadable MIDI ({reason})") from None
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    """C++ std::round for non-negative values, exactly (x - floor(x) is exact)."""
+    f = np.floor(x)
+    return (f + (x - f >= 0.5)).astype(np.int64)
+
+
+def _closest(bins: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Index of the nearest bin (bins sorted ascending); an exact tie goes to the higher bin."""
+    i = np.searchsorted(bins, x, side="left")
+    hi = np.minimum(i, len(bins) - 1)
+    lo = np.maximum(i - 1, 0)
+    take_lo = (i == len(bins)) | (np.abs(x - bins[lo]) < np.abs(x - bins[hi]))
+    return np.where(take_lo, lo, hi)
+
+
+def _time_tuples(res: dict[tuple[int, int], int]) -> list[tuple[int, int, int]]:
+    """(beat, pos, res) values of Duration or Rest tokens, in MidiTok's order (the 0 value removed)."""
+    out = [(b, p, r) for (b0, b1), r in res.items() for b in range(b0, b1) for p in range(r)]
+    last = max(res)
+    out.append((max(last), 0, res[last]))
+    return out[1:]
+
+
+class REMI:
+    """The REMIPlus tokenizer. `REMI(REMIConfig(**params))`; see the module docstring for the grammar."""
+
+    def __init__(self, config: REMIConfig | dict | None = None):
+        if config is None:
+            config = REMIConfig()
+        elif isinstance(config, dict):
+            config = REMIConfig(**config)
+        self.config = c = config
+        self.bpe = None
+        self.max_res = c.max_num_pos_per_beat
+        self.durations = _time_tuples(c.beat_res)
+        self.rests = _time_tuples(c.beat_res_rest)
+        self.velocities = np.linspace(0, 127, c.num_velocities + 1, dtype=np.intc)[1:].astype(np.int64)
+        self.tempos = np.linspace(*c.tempo_range, c.num_tempos).round(2)
+        self.default_tempo_idx = int(np.argmin(np.abs(self.tempos - 120)))
+        self.time_sigs = [(num, den) for den, nums in c.time_signature_range.items() for num in nums]
+        self.programs = list(set(c.programs))  # CPython's set order, as MidiTok iterates it
+        max_num = max(num for num, _ in self.time_sigs)
+
+        tokens = [f"{t}_None" for t in c.special_tokens]
+        if c.max_bar_embedding is None:
+            tokens.append("Bar_None")
+        else:
+            tokens += [f"Bar_{i}" for i in range(c.max_bar_embedding)]
+        tokens += [f"Pitch_{p}" for p in range(c.pitch_range[0], c.pitch_range[1] + 1)]
+        tokens += [f"Velocity_{v}" for v in self.velocities]
+        tokens += ["Duration_{}.{}.{}".format(*d) for d in self.durations]
+        tokens += [f"Position_{i}" for i in range(self.max_res * max_num)]
+        tokens += [f"PitchDrum_{p}" for p in range(c.drums_pitch_range[0], c.drums_pitch_range[1] + 1)]
+        if c.use_chords:
+            tokens += [f"Chord_{q}" for q in c.chord_maps]
+        tokens += ["Rest_{}.{}.{}".format(*r) for r in self.rests]
+        if c.use_tempos:
+            tokens += [f"Tempo_{float(t)}" for t in self.tempos]
+        tokens += [f"Program_{p}" for p in self.programs]
+        tokens += [f"TimeSig_{n}/{d}" for n, d in self.time_sigs]
+        self.id_to_token = tokens
+        self.vocab = {t: i for i, t in enumerate(tokens)}
+
+        v = self.vocab
+        special = {t: v.get(f"{t}_None") for t in ("PAD", "BOS", "EOS", "MASK")}
+        self.pad_id, self.bos_id, self.eos_id, self.mask_id = (special[k] for k in ("PAD", "BOS", "EOS", "MASK"))
+        self.special_ids = {v[f"{t}_None"] for t in c.special_tokens}
+        self.bar_ids = (v["Bar_None"],) if c.max_bar_embedding is None else (v["Bar_0"],)  # first id of the family
+        self.pitch0 = v[f"Pitch_{c.pitch_range[0]}"]
+        self.drum0 = v[f"PitchDrum_{c.drums_pitch_range[0]}"]
+        self.vel0 = v[f"Velocity_{self.velocities[0]}"]
+        self.dur0 = v["Duration_{}.{}.{}".format(*self.durations[0])]
+        self.pos0 = v["Position_0"]
+        self.rest0 = v["Rest_{}.{}.{}".format(*self.rests[0])]
+        self.tempo0 = v[f"Tempo_{float(self.tempos[0])}"] if c.use_tempos else None
+        self.chord0 = v[f"Chord_{next(iter(c.chord_maps))}"] if c.use_chords else None
+        self.program_id = {p: v[f"Program_{p}"] for p in self.programs}
+        self.ts_id = {ts: v[f"TimeSig_{ts[0]}/{ts[1]}"] for ts in self.time_sigs}
+        self.chord_qualities = {tuple(m): i for i, m in reversed(list(enumerate(c.chord_maps.values())))}
+        # token families for decoding: id -> (family, value index)
+        self._family = np.zeros(len(tokens), dtype=np.int8)
+        self._value = np.zeros(len(tokens), dtype=np.int64)
+        for i, t in enumerate(tokens):
+            fam, val = t.split("_", 1)
+            self._family[i] = _FAMILIES.get(fam, 0)
+        self._value[:] = np.arange(len(tokens))
+
+    # ------------------------------------------------------------------------------------------------
+    # time units
+
+    def _tpb(self, tpq: int, den: int) -> int:
+        return tpq * 4 // den
+
+    def _duration_ticks(self, tpb: int) -> np.ndarray:
+        return np.array([(b * r + p) * tpb // r for b, p, r in self.durations], dtype=np.int64)
+
+    def _rest_ticks(self, tpb: int) -> np.ndarray:
+        return np.array([(b * r + p) * tpb // r for b, p, r in self.rests], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.bpe) if self.bpe is not None else len(self.vocab)
+
+    # ------------------------------------------------------------------------------------------------
+    # preprocessing (remi-spec §3)
+
+    def _preprocess(self, score: symusic.Score):
+        c = self.config
+        supported = set(self.time_sigs)
+        ts = score.time_signatures.numpy()
+        ts_list = [(int(t), int(n), int(d)) for t, n, d in zip(ts["time"], ts["numerator"], ts["denominator"])
+                   if (int(n), int(d)) in supported]
+        if not ts_list or ts_list[0][0] != 0:
+            ts_list.insert(0, (0, 4, 4))
+        tpq = int(self.max_res * max(d for _, _, d in ts_list) / 4)
+        f = tpq / score.ticks_per_quarter
+        resample = score.ticks_per_quarter != tpq
+        if resample:
+            ts_list = [(int(t * f), n, d) for t, n, d in ts_list]
+        ts_list = self._clean_time_signatures(ts_list, tpq)
+        ts_times = np.array([t for t, _, _ in ts_list], dtype=np.int64)
+        ts_tpb = np.array([self._tpb(tpq, d) for _, _, d in ts_list], dtype=np.int64)
+
+        # grid: only when several denominators (then /4 sections are snapped to tpq // 12 steps)
+        grid = None
+        if len({d for _, _, d in ts_list}) > 1:
+            steps = [tpq // (self.max_res * d // 4) for _, _, d in ts_list]
+            starts, prev = [], None
+            for i, s in enumerate(steps):
+                starts.append(ts_times[i] if s != prev else starts[-1])
+                prev = s
+            grid = (np.array(steps, dtype=np.int64), np.array(starts, dtype=np.int64))
+
+        def snap(t: np.ndarray) -> np.ndarray:
+            if grid is None or len(t) == 0:
+                return t
+            k = np.searchsorted(ts_times, t, side="right") - 1
+            step, start = grid[0][k], grid[1][k]
+            return (np.round((t - start) / step) * step + start).astype(np.int64)
+
+        # tracks: merge same program (drums together), drop empty, filter pitches, bin
+        groups: dict[int, list] = {}
+        order: list[int] = []
+        for tr in score.tracks:
+            key = -1 if tr.is_drum else int(tr.program)
+            if key not in groups:
+                groups[key] = []
+                order.append(key)
+            groups[key].append(tr)
+        tracks = []
+        dbins = {tpb: self._duration_ticks(tpb) for tpb in set(ts_tpb.tolist())}
+        for key in order:
+            arrays = [tr.notes.numpy() for tr in groups[key]]
+            n = {k: np.concatenate([a[k] for a in arrays]).astype(np.int64) for k in ("time", "duration", "pitch", "velocity")}
+            if resample:
+                n["time"] = _round_half_away(n["time"] * f)
+                n["duration"] = np.maximum(_round_half_away(n["duration"] * f), 1)
+            if len(groups[key]) > 1:
+                idx = np.lexsort((n["velocity"], n["pitch"], n["duration"], n["time"]))
+                n = {k: v[idx] for k, v in n.items()}
+            lo, hi = c.drums_pitch_range if key == -1 else c.pitch_range
+            keep = (n["pitch"] >= lo) & (n["pitch"] <= hi)
+            if not keep.any():
+                continue
+            n = {k: v[keep] for k, v in n.items()}
+            vel_idx = _closest(self.velocities, n["velocity"])
+            t = snap(n["time"])
+            tpb = ts_tpb[np.searchsorted(ts_times, t, side="right") - 1]
+            dur_idx = np.empty(len(t), dtype=np.int64)
+            for b in np.unique(tpb):
+                m = tpb == b
+                dur_idx[m] = _closest(dbins[b], n["duration"][m])
+            dur = np.empty(len(t), dtype=np.int64)
+            for b in np.unique(tpb):
+                m = tpb == b
+                dur[m] = dbins[b][dur_idx[m]]
+            tracks.append(dict(program=key, time=t, end=t + dur, pitch=n["pitch"], vel_idx=vel_idx,
+                               dur_idx=dur_idx, tpb=tpb))
+
+        # tempos (nearest bin in microseconds per quarter, ties to the slower tempo)
+        tempo_times, tempo_idx = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        if c.use_tempos:
+            te = score.tempos.numpy()
+            if len(te["time"]) == 0:
+                tempo_times, tempo_idx = np.array([0]), np.array([self.default_tempo_idx])
+            else:
+                tt = te["time"].astype(np.int64)
+                if resample:
+                    tt = _round_half_away(tt * f)
+                tt = snap(tt)
+                mspq_bins = 60e6 / self.tempos[::-1]  # ascending
+                idx = len(self.tempos) - 1 - _closest(mspq_bins, te["mspq"].astype(np.float64))
+                last = np.append(tt[1:] != tt[:-1], True)  # among tempos at one tick, keep the last
+                tempo_times, tempo_idx = tt[last], idx[last]
+                if tempo_times[0] != 0:
+                    tempo_times = np.insert(tempo_times, 0, 0)
+                    tempo_idx = np.insert(tempo_idx, 0, self.default_tempo_idx)
+        return tpq, ts_list, tracks, tempo_times, tempo_idx
+
+    def _clean_time_signatures(self, ts: list, tpq: int) -> list:
+        """remi-spec §3.3: drop repeats, delay changes to the next bar line, the later of two at one tick wins."""
+        ts = [list(x) for x in ts]
+        bar = lambda x: x[1] * tpq * 4 // x[2]  # noqa: E731
+        i, cur_bar, prev = 0, bar(ts[0]), 0
+        while i < len(ts):
+            if i >= 1 and ts[i][1:] == ts[i - 1][1:]:
+                del ts[i]
+                continue
+            if i >= 1 and ts[i][0] < ts[i - 1][0]:
+                ts[i][0] = ts[i - 1][0]
+            q, r = divmod(ts[i][0] - prev, cur_bar)
+            if r > 0:
+                ts[i][0] = prev + (q + 1) * cur_bar
+            cur_bar, prev = bar(ts[i]), ts[i][0]
+            if i >= 1 and ts[i][0] == ts[i - 1][0]:
+                del ts[i - 1]
+                if i >= 2 and ts[i - 1][1:] == ts[i - 2][1:]:
+                    del ts[i - 1]
+                    cur_bar, prev = bar(ts[i - 2]), ts[i - 2][0]
+                    i -= 1
+                continue
+            i += 1
+        if ts[0][0] != 0:
+            ts.insert(0, [0, 4, 4])
+        return [tuple(x) for x in ts]
+
+    def _detect_chords(self, tr: dict) -> tuple[list[int], list[int]]:
+        """remi-spec §4.3 (MidiTok's algorithm, including its order sensitivity): (times, quality ids)."""
+        start, end, pitch, tpb = tr["time"], tr["end"], tr["pitch"], tr["tpb"]
+        n = len(start)
+        times, quals = [], []
+        count, previous = 0, -1
+        limit = 10
+        while count < n:
+            s0 = start[count]
+            if s0 == previous:
+                count += 1
+                continue
+            half = int(tpb[count]) // 2
+            offset = tpb[count] / self.max_res
+            hi = min(count + limit, n)
+            idx = np.arange(count, hi)
+            idx = idx[start[idx] <= s0 + offset]
+            e = end[idx]
+            if np.any(np.abs(e - e[0]) > half):
+                count += len(idx)
+                continue
+            if end[count] - start[count] <= half:
+                idx = idx[start[idx] == s0]
+            cmap = tuple((pitch[idx] - pitch[idx[0]]).tolist())
+            if 3 <= len(cmap) <= 5 and cmap[-1] <= 24:
+                q = self.chord_qualities.get(cmap)
+                if q is not None:
+                    times.append(int(start[idx].min()))
+                    quals.append(q)
+            previous = int(start[idx].max())
+            count += len(idx)
+        return times, quals
+
+    # ------------------------------------------------------------------------------------------------
+    # encoding (remi-spec §4, §5)
+
+    def _encode(self, midi) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Base ids, the tick each token belongs to, and the bar-line ticks (for splitting per bar)."""
+        score = load_score(midi)
+        if score.ticks_per_quarter <= 0:
+            raise MidiError(f"{_label(midi)}: invalid ticks per quarter ({score.ticks_per_quarter})")
+        tpq, ts_list, tracks, tempo_times, tempo_idx = self._preprocess(score)
+
+        # events as "items": (time, rank, ids, end). rank keeps the stable order within a tick:
+        # time signatures, tempos, then track by track (chords before notes), each in its own order.
+        times, ends, kinds, id_rows = [], [], [], []
+        ts_ids = np.array([self.ts_id[(n, d)] for _, n, d in ts_list], dtype=np.int64)
+        ts_t = np.array([t for t, _, _ in ts_list], dtype=np.int64)
+        times.append(ts_t), ends.append(ts_t), kinds.append(np.zeros(len(ts_t), np.int8))
+        id_rows.append(np.stack([ts_ids, -np.ones_like(ts_ids), -np.ones_like(ts_ids), -np.ones_like(ts_ids)], 1))
+        if len(tempo_times):
+            tid = self.tempo0 + tempo_idx
+            neg = -np.ones_like(tid)
+            times.append(tempo_times), ends.append(tempo_times), kinds.append(np.ones(len(tid), np.int8))
+            id_rows.append(np.stack([tid, neg, neg, neg], 1))
+        for tr in tracks:
+            prog = self.program_id[tr["program"]]
+            if self.config.use_chords and tr["program"] != -1:
+                ct, cq = self._detect_chords(tr)
+                if ct:
+                    ct = np.array(ct, dtype=np.int64)
+                    cid = self.chord0 + np.array(cq, dtype=np.int64)
+                    neg = -np.ones_like(ct)
+                    times.append(ct), ends.append(ct), kinds.append(np.full(len(ct), 2, np.int8))
+                    id_rows.append(np.stack([np.full_like(ct, prog), cid, neg, neg], 1))
+            base = self.drum0 - self.config.drums_pitch_range[0] if tr["program"] == -1 else self.pitch0 - self.config.pitch_range[0]
+            m = len(tr["time"])
+            times.append(tr["time"]), ends.append(tr["end"]), kinds.append(np.full(m, 3, np.int8))
+            id_rows.append(np.stack([np.full(m, prog), base + tr["pitch"], self.vel0 + tr["vel_idx"],
+                                     self.dur0 + tr["dur_idx"]], 1))
+        times = np.concatenate(times)
+        ends = np.concatenate(ends)
+        kinds = np.concatenate(kinds)
+        rows = np.concatenate(id_rows)
+        order = np.argsort(times, kind="stable")
+        times, ends, kinds, rows = times[order], ends[order], kinds[order], rows[order]
+        lens = (rows >= 0).sum(1)
+
+        # group by tick; the time tokens (Rest, Bar, TimeSig recall, Position) go before each group
+        starts = np.flatnonzero(np.r_[True, times[1:] != times[:-1]])
+        stops = np.r_[starts[1:], len(times)]
+        end_before = np.r_[0, np.maximum.accumulate(np.maximum.reduceat(ends, starts))[:-1]]
+        flat_ids = rows[rows >= 0]
+        item_off = np.r_[0, np.cumsum(lens)]
+
+        out_chunks: list[np.ndarray] = []
+        tick_chunks: list[np.ndarray] = []
+        st = _TimeState(self, tpq, ts_list[0])
+        for g in range(len(starts)):
+            a, b, t = starts[g], stops[g], int(times[starts[g]])
+            prev_end = int(end_before[g])
+            if kinds[a] == 0:  # a time signature change opens this tick
+                toks, tks = st.advance(t, prev_end, is_ts=True)
+                toks.append(int(flat_ids[item_off[a]]))
+                tks.append(t)
+                st.change_ts(t, ts_list[int(np.searchsorted(ts_t, t))])
+                out_chunks.append(np.array(toks, dtype=np.int64)), tick_chunks.append(np.array(tks, dtype=np.int64))
+                a += 1
+                prev_end = max(prev_end, t)
+                if a == b:
+                    continue
+            toks, tks = st.advance(t, prev_end, is_ts=False)
+            out_chunks.append(np.array(toks, dtype=np.int64)), tick_chunks.append(np.array(tks, dtype=np.int64))
+            ids = flat_ids[item_off[a]:item_off[b]]
+            out_chunks.append(ids), tick_chunks.append(np.full(len(ids), t, dtype=np.int64))
+        ids = np.concatenate(out_chunks) if out_chunks else np.zeros(0, np.int64)
+        ticks = np.concatenate(tick_chunks) if tick_chunks else np.zeros(0, np.int64)
+        if self.config.max_bar_embedding is not None and st.cur_bar >= self.config.max_bar_embedding:
+            raise MidiError(
+                f"{_label(midi)}: the piece needs Bar_{st.cur_bar} but the vocabulary stops at "
+                f"Bar_{self.config.max_bar_embedding - 1} (max_bar_embedding={self.config.max_bar_embedding})"
+            )
+        return ids, ticks, self._bar_ticks(ts_list, tpq, int(ticks.max()) if len(ticks) else 0)
+
+    def _bar_ticks(self, ts_list, tpq: int, last_tick: int) -> np.ndarray:
+        lines = []
+        for i, (t, n, d) in enumerate(ts_list):
+            stop = ts_list[i + 1][0] if i + 1 < len(ts_list) else last_tick + 1
+            lines.append(np.arange(t, max(stop, t + 1), n * tpq * 4 // d))
+        return np.concatenate(lines)
+
+    def encode_base(self, midi) -> np.ndarray:
+        """Base (pre-BPE) token ids of a MIDI path, bytes or symusic.Score."""
+        return self._encode(midi)[0]
+
+    def tokens(self, midi) -> list[str]:
+        """Base token strings, as MidiTok's `encode(...).tokens`."""
+        return [self.id_to_token[i] for i in self.encode_base(midi).tolist()]
+
+    def base_ids_by_bar(self, midi) -> list[np.ndarray]:
+        """Base ids split per bar (empty bars included), as MidiTok splits them for BPE (remi-spec §8.3)."""
+        ids, ticks, bars = self._encode(midi)
+        if len(ids) == 0:
+            return []
+        bar_of = np.searchsorted(bars, ticks, side="right") - 1
+        n = int(bar_of[-1]) + 1
+        cuts = np.searchsorted(bar_of, np.arange(1, n), side="left")
+        return np.split(ids, cuts)
+
+    def encode(self, midi) -> np.ndarray:
+        """Token ids of a MIDI path, bytes or symusic.Score (BPE ids once BPE is trained)."""
+        if self.bpe is not None:
+            return self.bpe.encode_bars(self.base_ids_by_bar(midi))
+        return self.encode_base(midi)
+
+    # ------------------------------------------------------------------------------------------------
+    # decoding
+
+    def decode(self, ids_or_tokens) -> symusic.Score:
+        """A Score (tpq 24) from ids (base or BPE) or token strings. Never raises on bad sequences."""
+        return self.decode_with_report(ids_or_tokens)[0]
+
+    def decode_with_report(self, ids_or_tokens) -> tuple[symusic.Score, int]:
+        """(Score, number of tokens skipped because they did not fit the grammar)."""
+        seq = list(ids_or_tokens) if not isinstance(ids_or_tokens, np.ndarray) else ids_or_tokens
+        skipped = 0
+        if len(seq) and isinstance(seq[0], str):
+            ids = []
+            for t in seq:
+                i = self.vocab.get(t)
+                if i is None:
+                    skipped += 1
+                else:
+                    ids.append(i)
+            ids = np.array(ids, dtype=np.int64)
+        else:
+            ids = np.asarray(seq, dtype=np.int64).reshape(-1)
+            if self.bpe is not None and len(ids) and (ids >= len(self.vocab)).any():
+                bad = (ids < 0) | (ids >= len(self.bpe))
+                skipped += int(bad.sum())
+                ids = self.bpe.decode(ids[~bad])
+        bad = (ids < 0) | (ids >= len(self.vocab))
+        skipped += int(bad.sum())
+        score, n = _Decoder(self).run(ids[~bad])
+        return score, skipped + n
+
+    # ------------------------------------------------------------------------------------------------
+    # files
+
+    def to_dict(self) -> dict:
+        d = {"tokenizer": "midistral.REMI", "version": 1, "config": self.config.to_dict()}
+        if self.bpe is not None:
+            d["bpe"] = self.bpe.to_dict()
+        return d
+
+    def save(self, path: str | os.PathLike) -> None:
+        from midistral.io import atomic_write_json
+
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "REMI":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such tokenizer file") from None
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a JSON tokenizer file ({e.__class__.__name__})") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path}: not a tokenizer file (expected a JSON object)")
+        if "miditok_version" in d:
+            return cls.from_miditok(path)
+        if d.get("tokenizer") != "midistral.REMI":
+            raise CheckpointError(f"{path}: field 'tokenizer' is {d.get('tokenizer')!r}, expected 'midistral.REMI'")
+        tok = cls(REMIConfig(**d.get("config", {})))
+        if d.get("bpe"):
+            from midistral.tokenize.bpe import BPE
+
+            tok.bpe = BPE.from_dict(d["bpe"])
+        return tok
+
+    # thin wrappers: the BPE layer lives in bpe.py
+    def train_bpe(self, files_or_token_lists, vocab_size: int, workers: int | None = None):
+        from midistral.tokenize import bpe
+
+        return bpe.train_bpe(self, files_or_token_lists, vocab_size, workers=workers)
+
+    def base_ids(self, bpe_ids) -> np.ndarray:
+        from midistral.tokenize import bpe
+
+        return bpe.base_ids(self, bpe_ids)
+
+    def encode_many(self, paths, workers: int | None = None):
+        from midistral.tokenize import bpe
+
+        return bpe.encode_many(self, paths, workers=workers)
+
+    @classmethod
+    def from_miditok(cls, path) -> "REMI":
+        from midistral.tokenize import bpe
+
+        return bpe.from_miditok(path)
+
+
+_FAMILIES = {"Bar": 1, "Position": 2, "Pitch": 3, "PitchDrum": 4, "Velocity": 5, "Duration": 6, "Program": 7,
+             "Tempo": 8, "TimeSig": 9, "Rest": 10, "Chord": 11}
+
+
+def _label(midi) -> str:
+    return str(midi) if isinstance(midi, (str, os.PathLike)) else "<score>" if isinstance(midi, symusic.Score) else "<bytes>"
+
+
+class _TimeState:
+    """The encoder's clock (remi-spec §5.1): current bar, meter, and the last tick and note end seen."""
+
+    def __init__(self, tok: REMI, tpq: int, ts0):
+        self.tok, self.tpq = tok, tpq
+        self.cur_bar, self.bar_at_ts, self.tick_at_ts, self.tick_bar = -1, 0, 0, 0
+        self.prev_tick = -1
+        self.rest_tables: dict[int, np.ndarray] = {}
+        self._set_units(ts0)
+
+    def _set_units(self, ts):
+        _, self.num, self.den = ts
+        self.tpb = self.tpq * 4 // self.den
+        self.bar_len = self.num * self.tpb
+        self.tpp = self.tpb // self.tok.max_res
+        if self.tpb not in self.rest_tables:
+            self.rest_tables[self.tpb] = self.tok._rest_ticks(self.tpb)
+        self.rest_ticks = self.rest_tables[self.tpb]
+        self.ts_token = self.tok.ts_id[(self.num, self.den)]
+
+    def bar_token(self, bar: int) -> int:
+        first = self.tok.bar_ids[0]
+        return first if self.tok.config.max_bar_embedding is None else first + min(bar, self.tok.config.max_bar_embedding - 1)
+
+    def advance(self, t: int, prev_end: int, is_ts: bool):
+        toks, tks = [], []
+        rt = self.rest_ticks
+        if t - prev_end >= rt[0]:
+            self.prev_tick = max(prev_end, self.prev_tick)
+            rem = t - self.prev_tick
+            while rem >= rt[0]:
+                k = int(np.searchsorted(rt, rem, side="right")) - 1
+                toks.append(self.tok.rest0 + k)
+                tks.append(self.prev_tick)
+                self.prev_tick += int(rt[k])
+                rem -= int(rt[k])
+            real_bar = self.bar_at_ts + (self.prev_tick - self.tick_at_ts) // self.bar_len
+            if real_bar > self.cur_bar:
+                if self.cur_bar == -1:
+                    self.cur_bar = 0
+                self.tick_bar += (real_bar - self.cur_bar) * self.bar_len
+                self.cur_bar = real_bar
+        n_new = self.bar_at_ts + (t - self.tick_at_ts) // self.bar_len - self.cur_bar
+        for i in range(n_new):
+            self.cur_bar += 1
+            self.tick_bar = self.tick_at_ts + (self.cur_bar - self.bar_at_ts) * self.bar_len
+            toks.append(self.bar_token(self.cur_bar))
+            tks.append(self.tick_bar)
+            if not (is_ts and i == n_new - 1):
+                toks.append(self.ts_token)
+                tks.append(self.tick_bar)
+        if not is_ts:
+            toks.append(self.tok.pos0 + (t - self.tick_bar) // self.tpp)
+            tks.append(t)
+        self.prev_tick = t
+        return toks, tks
+
+    def change_ts(self, t: int, ts):
+        self.bar_at_ts += (t - self.tick_at_ts) // self.bar_len
+        self.tick_at_ts = t
+        self._set_units(ts)
+        self.prev_tick -= 1
+
+
+class _Decoder:
+    """Reads base ids back into a Score, mirroring the encoder's clock so decode∘encode is the identity."""
+
+    def __init__(self, tok: REMI):
+        self.tok = tok
+
+    def run(self, ids: np.ndarray):
+        tok, c = self.tok, self.tok.config
+        fam = tok._family[ids] if len(ids) else np.zeros(0, np.int8)
+        names = tok.id_to_token
+        # the encoder's resolution: 12 ticks per quarter, 24 if any /8 meter appears; output is tpq 24
+        max_den = max([int(names[ids[i]].split("/")[1]) for i in np.flatnonzero(fam == 9)] or [4])
+        tpq = int(tok.max_res * max_den / 4)
+        scale = 24 / tpq
+        skipped = 0
+        num, den = 4, 4
+        for i in range(len(ids)):
+            if fam[i] == 9:
+                num, den = map(int, names[ids[i]].split("_")[1].split("/"))
+                break
+            if fam[i] in (3, 4, 5, 6):
+                break
+        dur_tables, rest_tables = {}, {}
+
+        def units(num, den):
+            tpb = tpq * 4 // den
+            if tpb not in dur_tables:
+                dur_tables[tpb] = tok._duration_ticks(tpb)
+                rest_tables[tpb] = tok._rest_ticks(tpb)
+            return tpb, num * tpb, max(tpb // tok.max_res, 1)
+
+        tpb, bar_len, tpp = units(num, den)
+        time_sigs = [(0, num, den)]
+        tempos = []
+        notes: dict[int, list] = {}
+        first_seen: list[int] = []  # programs in order of first appearance
+        prec: set[tuple[int, int]] = set()  # (p, q): p came before q at one tick
+        tick_programs: list[int] = []
+        last_prog_tick = None
+        cur_tick = tick_at_ts = tick_bar = 0
+        cur_bar, bar_at_ts = -1, 0
+        program = 0
+        prev_end = 0
+        n = len(ids)
+        i = 0
+        while i < n:
+            f, tid = fam[i], int(ids[i])
+            if f == 1:  # Bar
+                cur_bar += 1
+                tick_bar = tick_at_ts + (cur_bar - bar_at_ts) * bar_len
+                cur_tick = tick_bar
+            elif f == 10:  # Rest
+                cur_tick = max(prev_end, cur_tick) + int(rest_tables[tpb][tid - tok.rest0])
+                real_bar = bar_at_ts + (cur_tick - tick_at_ts) // bar_len
+                if real_bar > cur_bar:
+                    if cur_bar == -1:
+                        cur_bar = 0
+                    tick_bar += (real_bar - cur_bar) * bar_len
+                    cur_bar = real_bar
+            elif f == 2:  # Position
+                if cur_bar == -1:
+                    cur_bar = 0
+                pos = tid - tok.pos0
+                if pos * tpp >= bar_len:
+                    skipped += 1
+                else:
+                    cur_tick = tick_bar + pos * tpp
+            elif f in (3, 4):  # Pitch / PitchDrum + Velocity + Duration
+                if i + 2 < n and fam[i + 1] == 5 and fam[i + 2] == 6:
+                    if f == 3:
+                        pitch = tid - tok.pitch0 + c.pitch_range[0]
+                    else:
+                        pitch = tid - tok.drum0 + c.drums_pitch_range[0]
+                    vel = int(tok.velocities[int(ids[i + 1]) - tok.vel0])
+                    dur = int(dur_tables[tpb][int(ids[i + 2]) - tok.dur0])
+                    if program not in notes:
+                        notes[program] = []
+                        first_seen.append(program)
+                    notes[program].append((cur_tick, dur, pitch, vel))
+                    prev_end = max(prev_end, cur_tick + dur)
+                    if last_prog_tick != cur_tick:
+                        tick_programs = []
+                        last_prog_tick = cur_tick
+                    if not tick_programs or tick_programs[-1] != program:
+                        for p in tick_programs:
+                            if p != program:
+                                prec.add((p, program))
+                        tick_programs.append(program)
+                    i += 3
+                    continue
+                skipped += 1
+            elif f == 7:  # Program
+                program = int(names[tid].split("_")[1])
+            elif f == 8:  # Tempo
+                tempos.append((cur_tick, float(names[tid].split("_")[1])))
+                prev_end = max(prev_end, cur_tick)
+            elif f == 9:  # TimeSig
+                nn, dd = map(int, names[tid].split("_")[1].split("/"))
+                if (nn, dd) != (num, den):
+                    if cur_bar == -1:
+                        cur_bar = 0
+                    if tpq * 4 // dd == 0:
+                        skipped += 1
+                    else:
+                        num, den = nn, dd
+                        time_sigs.append((tick_bar, num, den))
+                        tick_at_ts, bar_at_ts = tick_bar, max(cur_bar, 0)
+                        tpb, bar_len, tpp = units(num, den)
+            elif f in (5, 6):  # a Velocity or Duration outside a note
+                skipped += 1
+            # special tokens and Chord tokens carry no event
+            i += 1
+
+        score = symusic.Score(24)
+        sc = lambda t: int(round(t * scale))  # noqa: E731
+        merged_ts = {}
+        for t, nn, dd in time_sigs:
+            merged_ts[sc(t)] = (nn, dd)
+        for t, (nn, dd) in sorted(merged_ts.items()):
+            score.time_signatures.append(symusic.TimeSignature(t, nn, dd))
+        if not tempos or tempos[0][0] != 0:
+            tempos.insert(0, (0, float(tok.tempos[tok.default_tempo_idx])))
+        for t, q in tempos:
+            score.tempos.append(symusic.Tempo(sc(t), q))
+        for p in _track_order(first_seen, prec):
+            tr = symusic.Track(name="Drums" if p == -1 else GM_NAMES[p], program=0 if p == -1 else p, is_drum=p == -1)
+            arr = np.array(notes[p], dtype=np.int64).reshape(-1, 4)
+            tr.notes = symusic.Note.from_numpy(
+                (arr[:, 0] * scale).round().astype(np.int32), (arr[:, 1] * scale).round().astype(np.int32),
+                arr[:, 2].astype(np.int8), arr[:, 3].astype(np.int8), "tick")
+            score.tracks.append(tr)
+        return score, skipped
+
+
+def _track_order(first_seen: list[int], prec: set[tuple[int, int]]) -> list[int]:
+    """Programs ordered so that, at every tick, they come in the order the stream lists them
+    (a topological order of `prec`), ties broken by first appearance; a cycle falls back to it."""
+    remaining = list(first_seen)
+    out = []
+    while remaining:
+        for p in remaining:
+            if not any((q, p) in prec for q in remaining if q != p):
+                out.append(p)
+                remaining.remove(p)
+                break
+        else:
+            return out + remaining
+    return out
