@@ -17,6 +17,7 @@ The work is done in ids with numpy; strings are made only by `tokens()`.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from pathlib import Path
@@ -159,6 +160,7 @@ class REMI:
         self.tempo0 = v[f"Tempo_{float(self.tempos[0])}"] if c.use_tempos else None
         self.chord0 = v[f"Chord_{next(iter(c.chord_maps))}"] if c.use_chords else None
         self.program_id = {p: v[f"Program_{p}"] for p in self.programs}
+        self.program_of = {i: p for p, i in self.program_id.items()}
         self.ts_id = {ts: v[f"TimeSig_{ts[0]}/{ts[1]}"] for ts in self.time_sigs}
         self.chord_qualities = {tuple(m): i for i, m in reversed(list(enumerate(c.chord_maps.values())))}
         # token families for decoding: id -> (family, value index)
@@ -309,34 +311,32 @@ class REMI:
 
     def _detect_chords(self, tr: dict) -> tuple[list[int], list[int]]:
         """remi-spec §4.3 (MidiTok's algorithm, including its order sensitivity): (times, quality ids)."""
-        start, end, pitch, tpb = tr["time"], tr["end"], tr["pitch"], tr["tpb"]
+        start, end, pitch, tpb = (tr[k].tolist() for k in ("time", "end", "pitch", "tpb"))
         n = len(start)
         times, quals = [], []
+        qualities, max_res = self.chord_qualities, self.max_res
         count, previous = 0, -1
-        limit = 10
         while count < n:
             s0 = start[count]
             if s0 == previous:
                 count += 1
                 continue
-            half = int(tpb[count]) // 2
-            offset = tpb[count] / self.max_res
-            hi = min(count + limit, n)
-            idx = np.arange(count, hi)
-            idx = idx[start[idx] <= s0 + offset]
-            e = end[idx]
-            if np.any(np.abs(e - e[0]) > half):
+            half = tpb[count] // 2
+            horizon = s0 + tpb[count] / max_res
+            idx = [j for j in range(count, min(count + 10, n)) if start[j] <= horizon]
+            e0 = end[idx[0]]
+            if any(abs(end[j] - e0) > half for j in idx):
                 count += len(idx)
                 continue
-            if end[count] - start[count] <= half:
-                idx = idx[start[idx] == s0]
-            cmap = tuple((pitch[idx] - pitch[idx[0]]).tolist())
-            if 3 <= len(cmap) <= 5 and cmap[-1] <= 24:
-                q = self.chord_qualities.get(cmap)
-                if q is not None:
-                    times.append(int(start[idx].min()))
-                    quals.append(q)
-            previous = int(start[idx].max())
+            if end[count] - s0 <= half:
+                idx = [j for j in idx if start[j] == s0]
+            if 3 <= len(idx) <= 5:
+                p0 = pitch[idx[0]]
+                cmap = tuple(pitch[j] - p0 for j in idx)
+                if cmap[-1] <= 24 and cmap in qualities:
+                    times.append(min(start[j] for j in idx))
+                    quals.append(qualities[cmap])
+            previous = max(start[j] for j in idx)
             count += len(idx)
         return times, quals
 
@@ -389,34 +389,33 @@ class REMI:
         starts = np.flatnonzero(np.r_[True, times[1:] != times[:-1]])
         stops = np.r_[starts[1:], len(times)]
         end_before = np.r_[0, np.maximum.accumulate(np.maximum.reduceat(ends, starts))[:-1]]
-        flat_ids = rows[rows >= 0]
-        item_off = np.r_[0, np.cumsum(lens)]
+        flat_ids = rows[rows >= 0].tolist()
+        item_off = np.r_[0, np.cumsum(lens)].tolist()
+        kinds, times_l = kinds.tolist(), times.tolist()
+        ts_at = {t: ts for t, *ts in ts_list}
 
-        out_chunks: list[np.ndarray] = []
-        tick_chunks: list[np.ndarray] = []
+        out: list[int] = []
+        ticks: list[int] = []
         st = _TimeState(self, tpq, ts_list[0])
-        for g in range(len(starts)):
-            a, b, t = starts[g], stops[g], int(times[starts[g]])
-            prev_end = int(end_before[g])
+        for a, b, prev_end in zip(starts.tolist(), stops.tolist(), end_before.tolist()):
+            t = times_l[a]
             if kinds[a] == 0:  # a time signature change opens this tick
-                toks, tks = st.advance(t, prev_end, is_ts=True)
-                toks.append(int(flat_ids[item_off[a]]))
-                tks.append(t)
-                st.change_ts(t, ts_list[int(np.searchsorted(ts_t, t))])
-                out_chunks.append(np.array(toks, dtype=np.int64)), tick_chunks.append(np.array(tks, dtype=np.int64))
+                st.advance(t, prev_end, True, out, ticks)
+                out.append(flat_ids[item_off[a]])
+                ticks.append(t)
+                st.change_ts(t, (t, *ts_at[t]))
                 a += 1
                 prev_end = max(prev_end, t)
                 if a == b:
                     continue
-            toks, tks = st.advance(t, prev_end, is_ts=False)
-            out_chunks.append(np.array(toks, dtype=np.int64)), tick_chunks.append(np.array(tks, dtype=np.int64))
-            ids = flat_ids[item_off[a]:item_off[b]]
-            out_chunks.append(ids), tick_chunks.append(np.full(len(ids), t, dtype=np.int64))
-        ids = np.concatenate(out_chunks) if out_chunks else np.zeros(0, np.int64)
-        ticks = np.concatenate(tick_chunks) if tick_chunks else np.zeros(0, np.int64)
-        if self.config.max_bar_embedding is not None and st.cur_bar >= self.config.max_bar_embedding:
+            st.advance(t, prev_end, False, out, ticks)
+            lo, hi = item_off[a], item_off[b]
+            out += flat_ids[lo:hi]
+            ticks += [t] * (hi - lo)
+        ids, ticks = np.array(out, dtype=np.int64), np.array(ticks, dtype=np.int64)
+        if st.overflow >= 0:
             raise MidiError(
-                f"{_label(midi)}: the piece needs Bar_{st.cur_bar} but the vocabulary stops at "
+                f"{_label(midi)}: the piece needs Bar_{st.overflow} but the vocabulary stops at "
                 f"Bar_{self.config.max_bar_embedding - 1} (max_bar_embedding={self.config.max_bar_embedding})"
             )
         return ids, ticks, self._bar_ticks(ts_list, tpq, int(ticks.max()) if len(ticks) else 0)
@@ -557,6 +556,7 @@ class _TimeState:
         self.tok, self.tpq = tok, tpq
         self.cur_bar, self.bar_at_ts, self.tick_at_ts, self.tick_bar = -1, 0, 0, 0
         self.prev_tick = -1
+        self.overflow = -1  # highest Bar_<n> needed past max_bar_embedding
         self.rest_tables: dict[int, np.ndarray] = {}
         self._set_units(ts0)
 
@@ -566,26 +566,31 @@ class _TimeState:
         self.bar_len = self.num * self.tpb
         self.tpp = self.tpb // self.tok.max_res
         if self.tpb not in self.rest_tables:
-            self.rest_tables[self.tpb] = self.tok._rest_ticks(self.tpb)
+            self.rest_tables[self.tpb] = self.tok._rest_ticks(self.tpb).tolist()
+        self.pos0 = self.tok.pos0
         self.rest_ticks = self.rest_tables[self.tpb]
         self.ts_token = self.tok.ts_id[(self.num, self.den)]
 
     def bar_token(self, bar: int) -> int:
-        first = self.tok.bar_ids[0]
-        return first if self.tok.config.max_bar_embedding is None else first + min(bar, self.tok.config.max_bar_embedding - 1)
+        first, limit = self.tok.bar_ids[0], self.tok.config.max_bar_embedding
+        if limit is None:
+            return first
+        if bar >= limit:  # reported by _encode once the piece is done
+            self.overflow = max(self.overflow, bar)
+        return first + min(bar, limit - 1)
 
-    def advance(self, t: int, prev_end: int, is_ts: bool):
-        toks, tks = [], []
+    def advance(self, t: int, prev_end: int, is_ts: bool, toks: list, tks: list) -> None:
+        """Append the time tokens (Rest, Bar + TimeSig recall, Position) that lead to tick t."""
         rt = self.rest_ticks
         if t - prev_end >= rt[0]:
             self.prev_tick = max(prev_end, self.prev_tick)
             rem = t - self.prev_tick
             while rem >= rt[0]:
-                k = int(np.searchsorted(rt, rem, side="right")) - 1
+                k = bisect.bisect_right(rt, rem) - 1
                 toks.append(self.tok.rest0 + k)
                 tks.append(self.prev_tick)
-                self.prev_tick += int(rt[k])
-                rem -= int(rt[k])
+                self.prev_tick += rt[k]
+                rem -= rt[k]
             real_bar = self.bar_at_ts + (self.prev_tick - self.tick_at_ts) // self.bar_len
             if real_bar > self.cur_bar:
                 if self.cur_bar == -1:
@@ -602,10 +607,9 @@ class _TimeState:
                 toks.append(self.ts_token)
                 tks.append(self.tick_bar)
         if not is_ts:
-            toks.append(self.tok.pos0 + (t - self.tick_bar) // self.tpp)
+            toks.append(self.pos0 + (t - self.tick_bar) // self.tpp)
             tks.append(t)
         self.prev_tick = t
-        return toks, tks
 
     def change_ts(self, t: int, ts):
         self.bar_at_ts += (t - self.tick_at_ts) // self.bar_len
@@ -622,10 +626,12 @@ class _Decoder:
 
     def run(self, ids: np.ndarray):
         tok, c = self.tok, self.tok.config
-        fam = tok._family[ids] if len(ids) else np.zeros(0, np.int8)
+        fam_np = tok._family[ids]
         names = tok.id_to_token
+        ts_ids = np.unique(ids[fam_np == 9]).tolist()
+        fam, ids = fam_np.tolist(), ids.tolist()
         # the encoder's resolution: 12 ticks per quarter, 24 if any /8 meter appears; output is tpq 24
-        max_den = max([int(names[ids[i]].split("/")[1]) for i in np.flatnonzero(fam == 9)] or [4])
+        max_den = max([int(names[t].split("/")[1]) for t in ts_ids] or [4])
         tpq = int(tok.max_res * max_den / 4)
         scale = 24 / tpq
         skipped = 0
@@ -637,12 +643,13 @@ class _Decoder:
             if fam[i] in (3, 4, 5, 6):
                 break
         dur_tables, rest_tables = {}, {}
+        velocities = tok.velocities.tolist()
 
         def units(num, den):
             tpb = tpq * 4 // den
             if tpb not in dur_tables:
-                dur_tables[tpb] = tok._duration_ticks(tpb)
-                rest_tables[tpb] = tok._rest_ticks(tpb)
+                dur_tables[tpb] = tok._duration_ticks(tpb).tolist()
+                rest_tables[tpb] = tok._rest_ticks(tpb).tolist()
             return tpb, num * tpb, max(tpb // tok.max_res, 1)
 
         tpb, bar_len, tpp = units(num, den)
@@ -660,13 +667,13 @@ class _Decoder:
         n = len(ids)
         i = 0
         while i < n:
-            f, tid = fam[i], int(ids[i])
+            f, tid = fam[i], ids[i]
             if f == 1:  # Bar
                 cur_bar += 1
                 tick_bar = tick_at_ts + (cur_bar - bar_at_ts) * bar_len
                 cur_tick = tick_bar
             elif f == 10:  # Rest
-                cur_tick = max(prev_end, cur_tick) + int(rest_tables[tpb][tid - tok.rest0])
+                cur_tick = max(prev_end, cur_tick) + rest_tables[tpb][tid - tok.rest0]
                 real_bar = bar_at_ts + (cur_tick - tick_at_ts) // bar_len
                 if real_bar > cur_bar:
                     if cur_bar == -1:
@@ -687,8 +694,8 @@ class _Decoder:
                         pitch = tid - tok.pitch0 + c.pitch_range[0]
                     else:
                         pitch = tid - tok.drum0 + c.drums_pitch_range[0]
-                    vel = int(tok.velocities[int(ids[i + 1]) - tok.vel0])
-                    dur = int(dur_tables[tpb][int(ids[i + 2]) - tok.dur0])
+                    vel = velocities[ids[i + 1] - tok.vel0]
+                    dur = dur_tables[tpb][ids[i + 2] - tok.dur0]
                     if program not in notes:
                         notes[program] = []
                         first_seen.append(program)
@@ -706,7 +713,7 @@ class _Decoder:
                     continue
                 skipped += 1
             elif f == 7:  # Program
-                program = int(names[tid].split("_")[1])
+                program = tok.program_of[tid]
             elif f == 8:  # Tempo
                 tempos.append((cur_tick, float(names[tid].split("_")[1])))
                 prev_end = max(prev_end, cur_tick)
