@@ -5,7 +5,7 @@
     ids = tok.encode("song.mid"); score = tok.decode(ids)
 """
 
-from midistral.tokenize.config import CHORD_MAPS, REMIConfig
+from midistral.tokenize.config import CHORD_MAPS, DEFAULT_PARAMS, REPORT_PARAMS, REMIConfig
 from midistral.tokenize.remi import GM_NAMES, REMI, load_score
 
-__all__ = ["REMI", "REMIConfig", "load_score", "GM_NAMES", "CHORD_MAPS"]
+__all__ = ["REMI", "REMIConfig", "REPORT_PARAMS", "DEFAULT_PARAMS", "load_score", "GM_NAMES", "CHORD_MAPS"]

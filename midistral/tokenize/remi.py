@@ -26,7 +26,7 @@ import numpy as np
 import symusic
 
 from midistral.errors import CheckpointError, MidiError
-from midistral.tokenize.config import REMIConfig
+from midistral.tokenize.config import DEFAULT_PARAMS, REMIConfig
 
 GM_NAMES = [
     "Acoustic Grand Piano", "Bright Acoustic Piano", "Electric Grand Piano", "Honky-tonk Piano",
@@ -111,7 +111,7 @@ class REMI:
 
     def __init__(self, config: REMIConfig | dict | None = None):
         if config is None:
-            config = REMIConfig()
+            config = REMIConfig(**DEFAULT_PARAMS)
         elif isinstance(config, dict):
             config = REMIConfig(**config)
         self.config = c = config
@@ -349,6 +349,8 @@ class REMI:
         if score.ticks_per_quarter <= 0:
             raise MidiError(f"{_label(midi)}: invalid ticks per quarter ({score.ticks_per_quarter})")
         tpq, ts_list, tracks, tempo_times, tempo_idx = self._preprocess(score)
+        if not tracks:
+            raise MidiError(f"{_label(midi)}: no notes (within the tokenizer's pitch ranges)")
 
         # events as "items": (time, rank, ids, end). rank keeps the stable order within a tick:
         # time signatures, tempos, then track by track (chords before notes), each in its own order.
