@@ -499,6 +499,23 @@ class REMI:
         atomic_write_json(path, self.to_dict())
 
     @classmethod
+    def from_dict(cls, d: dict, source: str = "tokenizer") -> "REMI":
+        tok = cls(REMIConfig(**d.get("config", {})))
+        if d.get("bpe"):
+            from midistral.tokenize.bpe import BPE
+
+            tok.bpe = BPE.from_dict(d["bpe"], source)
+        return tok
+
+    @classmethod
+    def from_dict_cached(cls, d: dict) -> "REMI":
+        """from_dict, built once per process (worker processes get the same dict many times)."""
+        key = json.dumps(d, sort_keys=True)
+        if key not in _CACHE:
+            _CACHE[key] = cls.from_dict(d)
+        return _CACHE[key]
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> "REMI":
         path = Path(path)
         try:
@@ -513,12 +530,7 @@ class REMI:
             return cls.from_miditok(path)
         if d.get("tokenizer") != "midistral.REMI":
             raise CheckpointError(f"{path}: field 'tokenizer' is {d.get('tokenizer')!r}, expected 'midistral.REMI'")
-        tok = cls(REMIConfig(**d.get("config", {})))
-        if d.get("bpe"):
-            from midistral.tokenize.bpe import BPE
-
-            tok.bpe = BPE.from_dict(d["bpe"])
-        return tok
+        return cls.from_dict(d, str(path))
 
     # thin wrappers: the BPE layer lives in bpe.py
     def train_bpe(self, files_or_token_lists, vocab_size: int, workers: int | None = None):
@@ -542,6 +554,8 @@ class REMI:
 
         return bpe.from_miditok(path)
 
+
+_CACHE: dict[str, "REMI"] = {}
 
 _FAMILIES = {"Bar": 1, "Position": 2, "Pitch": 3, "PitchDrum": 4, "Velocity": 5, "Duration": 6, "Program": 7,
              "Tempo": 8, "TimeSig": 9, "Rest": 10, "Chord": 11}
