@@ -234,6 +234,12 @@ def run(args) -> int:
     from midistral.checkpoint import load_model_and_tokenizer, resolve_checkpoint
     from midistral.generate import generate, model_config
 
+    if args.prompt is not None:  # a bad prompt is reported before any work on the model
+        from midistral.tokenize import load_score
+
+        if not Path(args.prompt).is_file():
+            raise MidiError(f"{args.prompt}: no such prompt file")
+        load_score(args.prompt)
     ckpt = resolve_checkpoint(args.ckpt)
     model, tok = load_model_and_tokenizer(ckpt, device=args.device)
     cfg = model_config(model)
