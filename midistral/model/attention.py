@@ -5,13 +5,14 @@ including itself.
 
 Cost grows as N*W, never N*N: queries are cut into blocks of `block` rows; block b only needs the keys
 of blocks b - c .. b, where c = ceil((W - 1) / block). All blocks are gathered into one batched
-`scaled_dot_product_attention` call (blocks folded into the batch dimension), with one small boolean
-mask of shape (n_blocks, block, (c + 1) * block) that is the same for every batch row and head.
+`scaled_dot_product_attention` call (blocks folded into the batch dimension), with one small additive
+mask of shape (n_blocks, block, (c + 1) * block) that is the same for every batch row, head and layer.
 Grouped-query attention uses SDPA's `enable_gqa`, so K/V are never repeated per query head.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,13 +25,33 @@ def _block_size(n: int, window: int) -> int:
 
 
 def _key_blocks(x: torch.Tensor, block: int, n_prev: int, n_blocks: int) -> torch.Tensor:
-    """(B, H, N, D) -> (B, n_blocks, H, (n_prev + 1) * block, D): for each query block, its key span."""
+    """(B, H, N, D) -> (n_blocks, B * H, (n_prev + 1) * block, D): for each query block, its key span."""
     B, H, N, D = x.shape
     pad_front, pad_back = n_prev * block, n_blocks * block - N
     x = F.pad(x, (0, 0, pad_front, pad_back))  # zeros before position 0 and after N - 1; both are masked
     span = (n_prev + 1) * block
     x = x.unfold(2, span, block)  # (B, H, n_blocks, D, span), a view
-    return x.permute(0, 2, 1, 4, 3)
+    return x.permute(2, 0, 1, 4, 3).reshape(n_blocks, B * H, span, D)
+
+
+@functools.lru_cache(maxsize=8)
+def _block_mask(n_blocks: int, block: int, n_prev: int, window: int, device: torch.device, dtype: torch.dtype):
+    """Additive mask (n_blocks, 1, block, span): 0 where query r of block b sees key s of its span, -inf
+    elsewhere. The same for every layer, batch row and head, so it is built once (a float mask also spares
+    SDPA converting a boolean one in forward and backward)."""
+    span = (n_prev + 1) * block
+    qi = torch.arange(block, device=device)[:, None]  # query offset in its block
+    kj = torch.arange(span, device=device)[None, :] - n_prev * block  # key offset relative to the block start
+    start = torch.arange(n_blocks, device=device)[:, None, None] * block
+    visible = (kj <= qi) & (kj > qi - window) & (start + kj >= 0)
+    return torch.zeros(visible.shape, device=device, dtype=dtype).masked_fill_(~visible, float("-inf"))[:, None]
+
+
+@functools.lru_cache(maxsize=8)
+def _band_mask(n: int, window: int, device: torch.device, dtype: torch.dtype):
+    i = torch.arange(n, device=device)
+    visible = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    return torch.zeros(visible.shape, device=device, dtype=dtype).masked_fill_(~visible, float("-inf"))
 
 
 def sliding_window_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
@@ -43,28 +64,21 @@ def sliding_window_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         # The whole sequence is within ~2 windows: one causal call costs at most ~2x the N*W work.
         if W >= N:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        i = torch.arange(N, device=q.device)
-        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - W)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_band_mask(N, W, q.device, q.dtype), enable_gqa=gqa)
 
     block = _block_size(N, W)
     n_blocks = math.ceil(N / block)
     n_prev = math.ceil((W - 1) / block)
-    span = (n_prev + 1) * block
 
-    qb = F.pad(q, (0, 0, 0, n_blocks * block - N)).view(B, Hq, n_blocks, block, D).transpose(1, 2)
+    # Blocks go in SDPA's batch dimension and the batch rows join the heads: query head b * Hq + h then
+    # shares K/V head b * Hkv + h // G, exactly GQA's grouping, and one mask serves every row and head.
+    qb = F.pad(q, (0, 0, 0, n_blocks * block - N)).view(B, Hq, n_blocks, block, D)
+    qb = qb.permute(2, 0, 1, 3, 4).reshape(n_blocks, B * Hq, block, D)
     kb = _key_blocks(k, block, n_prev, n_blocks)
     vb = _key_blocks(v, block, n_prev, n_blocks)
-    fold = lambda x: x.reshape(B * n_blocks, x.shape[2], x.shape[3], D)  # noqa: E731
-
-    qi = torch.arange(block, device=q.device)[:, None]  # query offset in its block
-    kj = torch.arange(span, device=q.device)[None, :] - n_prev * block  # key offset relative to the block start
-    blk = torch.arange(n_blocks, device=q.device)[:, None, None] * block
-    mask = (kj <= qi) & (kj > qi - W) & (blk + kj >= 0)  # (n_blocks, block, span)
-    mask = mask[None, :, None].expand(B, n_blocks, 1, block, span).reshape(B * n_blocks, 1, block, span)
-
-    out = F.scaled_dot_product_attention(fold(qb), fold(kb), fold(vb), attn_mask=mask, enable_gqa=gqa)
-    out = out.view(B, n_blocks, Hq, block, D).transpose(1, 2).reshape(B, Hq, n_blocks * block, D)
+    mask = _block_mask(n_blocks, block, n_prev, W, q.device, q.dtype)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=gqa)
+    out = out.view(n_blocks, B, Hq, block, D).permute(1, 2, 0, 3, 4).reshape(B, Hq, n_blocks * block, D)
     return out[:, :, :N]
 
 
