@@ -168,3 +168,25 @@ def test_kv_cache_decode_equals_full_forward(hf_pair):
             torch.testing.assert_close(out, full[:, p:p + n], atol=1e-4, rtol=0)
             p += n
         assert int(cache.pos[0].min()) >= 0 and p > 3 * (W + 2)  # the ring is full and wrapped
+
+
+def test_from_hf_sharded_index(tmp_path, hf_pair):
+    """A sharded save_pretrained folder (model.safetensors.index.json + shards) loads; a missing shard is named."""
+    from safetensors.torch import load_file, save_file
+
+    _, ours, folder = hf_pair
+    state = load_file(str(folder / "model.safetensors"))
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    for fname, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(tmp_path / fname), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    ids = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(from_hf(tmp_path)(ids), ours(ids))
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+        from_hf(tmp_path)
