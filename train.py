@@ -131,7 +131,9 @@ def train(args) -> int:
     if global_batch % world:
         raise MidistralError(f"train.batch_size={global_batch} must be divisible by the number of processes ({world})")
     steps_per_epoch = max(1, len(train_set) // (global_batch * tc["grad_accum"]))
-    total = tc["max_steps"] or tc["epochs"] * steps_per_epoch
+    # The lr schedule spans train.epochs; train.max_steps only says where to stop, so a run stopped early
+    # and resumed with a larger max_steps follows the same schedule as one that never stopped.
+    schedule_len = tc["epochs"] * steps_per_epoch
     state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "warmup_ratio": tc["warmup_ratio"], "schedule_start": 0}
 
     if args.resume:
@@ -143,18 +145,16 @@ def train(args) -> int:
         if tc["restart"]:  # the report's second cycle: same weights, fresh optimiser and schedule, no warm-up
             state.update(step=saved["step"], best_val=saved["best_val"], bad_evals=0, warmup_ratio=0.0,
                          schedule_start=saved["step"])
-            total = saved["step"] + (tc["max_steps"] - saved["step"] if tc["max_steps"] > saved["step"] else tc["epochs"] * steps_per_epoch)
         else:
             opt.load_state_dict(saved["optimizer"])
             state.update({k: saved[k] for k in ("step", "best_val", "bad_evals", "warmup_ratio", "schedule_start")})
-            if "total" in saved and not tc["max_steps"]:
-                total = saved["total"]
             torch.set_rng_state(saved["torch_rng"])
         if master:
             print(f"resumed {run} at step {state['step']}" + (" (restart cycle)" if tc["restart"] else ""))
     elif master and (run / "metrics.jsonl").exists():
         (run / "metrics.jsonl").unlink()  # a fresh run in an old folder starts a fresh log
 
+    total = tc["max_steps"] or state["schedule_start"] + schedule_len  # where this run stops
     raw_model = model
     if tc["compile"]:
         model = torch.compile(model)
@@ -193,7 +193,7 @@ def train(args) -> int:
             return
 
         def write_state(d: Path):
-            torch.save({"optimizer": opt.state_dict(), "step": step, "total": total, "best_val": state["best_val"],
+            torch.save({"optimizer": opt.state_dict(), "step": step, "best_val": state["best_val"],
                         "bad_evals": state["bad_evals"], "warmup_ratio": state["warmup_ratio"],
                         "schedule_start": state["schedule_start"], "torch_rng": torch.get_rng_state()}, d / "state.pt")
             (d / "train_config.json").write_text(json.dumps(cfg, indent=2))
@@ -213,7 +213,7 @@ def train(args) -> int:
     bar = tqdm(total=total, initial=step, disable=not master, desc="train", dynamic_ncols=True)
     t_last, tokens_since = time.perf_counter(), 0
     while step < total:
-        lr = lr_at(step - state["schedule_start"], total - state["schedule_start"], tc["lr"], state["warmup_ratio"], tc["min_lr_ratio"])
+        lr = lr_at(step - state["schedule_start"], schedule_len, tc["lr"], state["warmup_ratio"], tc["min_lr_ratio"])
         for g in opt.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), device=device)
