@@ -222,11 +222,17 @@ def train(args) -> int:
             x, y = x.to(device), y.to(device)
             sync = not ddp or micro == tc["grad_accum"] - 1
             ctx = model.no_sync() if not sync else _nullcontext()
+            n_local = (y != -100).sum()
+            scale = 1.0
+            if ddp:  # weight each rank by its share of the batch's tokens, so N processes = 1 process
+                n_global = n_local.clone()
+                torch.distributed.all_reduce(n_global)
+                scale = float(n_local) * world / max(float(n_global), 1.0)
             with ctx, autocast:
                 _, loss = model(x, y)
-                (loss / tc["grad_accum"]).backward()
-            loss_sum += loss.detach()
-            tokens_since += int((y != -100).sum()) * world
+                (loss * scale / tc["grad_accum"]).backward()
+            loss_sum += loss.detach() * scale
+            tokens_since += int(n_local) * world
         if tc["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
         opt.step()
