@@ -33,12 +33,12 @@ def _convert(args) -> str | None:
             score = corpus.parse(src)
             with atomic_path(dst) as tmp:
                 score.write("midi", fp=str(tmp))
-                s = symusic.Score(str(tmp))
+                s = symusic.Score.from_midi(tmp.read_bytes())
                 voices = [t for t in s.tracks if len(t.notes)]
                 for i, t in enumerate(voices):
                     t.program = VOICE_PROGRAMS[min(i, 3)]
                 s.tracks = voices
-                s.dump_midi(str(tmp))
+                tmp.write_bytes(s.dumps_midi())
         return None
     except Exception as e:  # a chorale music21 cannot parse is skipped, not fatal
         return f"{src}: {e.__class__.__name__}: {e}"
