@@ -108,6 +108,8 @@ def train(args) -> int:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
 
+    if args.resume and not (run / "last" / "state.pt").is_file():
+        raise CheckpointError(f"{run}: nothing to resume (no last/state.pt)")
     data_dir = prepared_dir(cfg)
     if master:
         prepare(cfg)

@@ -1,0 +1,81 @@
+"""train.py end to end on a tiny config: loss falls, --resume is exact, 2 DDP processes equal 1."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, shared_midi_dir
+from midistral.checkpoint import load_model_and_tokenizer, resolve_checkpoint
+
+
+def run_train(out, *extra, data=None, nproc=1, resume=False):
+    args = ["--config", str(ROOT / "configs" / "tiny.toml"), f"out_dir={json.dumps(str(out))}",
+            f"data.dir={json.dumps(str(shared_midi_dir('dev')))}"]
+    if data:
+        args.append(f"data.prepared_dir={json.dumps(str(data))}")
+    args += list(extra) + (["--resume"] if resume else [])
+    cmd = [sys.executable, str(ROOT / "train.py"), *args]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(ROOT / "train.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}, [r for r in rows if "val_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run_train(out, "train.max_steps=30", "train.eval_every=10", "train.lr=1e-2")
+    return out
+
+
+def test_loss_falls_and_checkpoints_load(first_run):
+    train, val = losses(first_run)
+    assert len(train) == 30 and [v["step"] for v in val] == [10, 20, 30]
+    first, last = sum(train[s] for s in (1, 2, 3)) / 3, sum(train[s] for s in (28, 29, 30)) / 3
+    assert last < first - 0.5
+    assert val[-1]["val_loss"] < val[0]["val_loss"]
+    for sub in ("last", "best"):
+        assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (first_run / sub).iterdir()}
+    assert resolve_checkpoint(first_run) == first_run / "best"
+    model, tok = load_model_and_tokenizer(first_run)
+    assert model.config.vocab_size == len(tok)
+    assert (first_run / "loss.png").stat().st_size > 1000
+
+
+def test_resume_equals_uninterrupted(first_run, tmp_path):
+    data = first_run / "data"
+    run_train(tmp_path / "a", "train.max_steps=10", "train.eval_every=5", data=data)
+    run_train(tmp_path / "a", "train.max_steps=20", "train.eval_every=5", data=data, resume=True)
+    run_train(tmp_path / "b", "train.max_steps=20", "train.eval_every=5", data=data)
+    a, va = losses(tmp_path / "a")
+    b, vb = losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert all(abs(a[s] - b[s]) <= 1e-6 for s in b)
+    assert [round(v["val_loss"], 6) for v in va] == [round(v["val_loss"], 6) for v in vb]
+
+
+def test_two_gloo_processes_equal_one(first_run, tmp_path):
+    data = first_run / "data"
+    run_train(tmp_path / "one", "train.max_steps=5", "train.batch_size=4", data=data)
+    run_train(tmp_path / "two", "train.max_steps=5", "train.batch_size=4", data=data, nproc=2)
+    one, _ = losses(tmp_path / "one")
+    two, _ = losses(tmp_path / "two")
+    assert sorted(one) == sorted(two)
+    assert all(abs(one[s] - two[s]) <= 1e-5 for s in one)
+
+
+def test_resume_without_checkpoint_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.toml"),
+                        f"out_dir={json.dumps(str(tmp_path))}", f"data.dir={json.dumps(str(shared_midi_dir('dev')))}",
+                        "--resume"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "nothing to resume" in r.stderr and r.stderr.strip().count("\n") == 0
