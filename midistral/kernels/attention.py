@@ -220,23 +220,33 @@ def kernel_config(kernel: str, head_dim: int, elem_bytes: int, interpret: bool |
         interpret = interpreting()
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    big = head_dim * elem_bytes  # bytes per row of a tile
-    if kernel == "fwd":
-        if big <= 128:  # D <= 64 in 16-bit
-            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-        if big <= 256:
-            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    # backward kernels keep two fp32 accumulators (dk, dv) or load three tiles per step
-    if big <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    if big <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), GPU_CONFIGS[(kernel, head_dim, elem_bytes)]))
+
+
+# (kernel, head dim, element bytes) -> (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from the ptxas -v
+# report of `python -m midistral.kernels.compile` for 0 spill bytes on sm_80 and sm_90 (see docs/kernel.md).
+# Every kernel masks every tile of the band (not only the diagonal one), which costs registers, so the
+# tiles are a little smaller or the warps more numerous than in the fused-attention tutorial.
+GPU_CONFIGS = {
+    ("fwd", 16, 2): (128, 64, 4, 3), ("fwd", 32, 2): (128, 64, 8, 3), ("fwd", 64, 2): (128, 64, 8, 3),
+    ("fwd", 128, 2): (64, 64, 4, 3),
+    ("dq", 16, 2): (64, 64, 4, 2), ("dq", 32, 2): (64, 64, 4, 2), ("dq", 64, 2): (64, 64, 4, 2),
+    ("dq", 128, 2): (64, 64, 8, 2),
+    ("dkdv", 16, 2): (32, 64, 4, 2), ("dkdv", 32, 2): (32, 64, 4, 2), ("dkdv", 64, 2): (32, 64, 4, 2),
+    ("dkdv", 128, 2): (64, 64, 8, 2),
+    # fp32: twice the bytes and registers per element
+    ("fwd", 16, 4): (64, 64, 4, 2), ("fwd", 32, 4): (64, 64, 4, 2), ("fwd", 64, 4): (64, 32, 4, 2),
+    ("fwd", 128, 4): (32, 32, 4, 2),
+    ("dq", 16, 4): (64, 32, 4, 2), ("dq", 32, 4): (64, 32, 4, 2), ("dq", 64, 4): (32, 32, 4, 2),
+    ("dq", 128, 4): (32, 32, 4, 2),
+    ("dkdv", 16, 4): (32, 32, 4, 2), ("dkdv", 32, 4): (32, 32, 4, 2), ("dkdv", 64, 4): (32, 32, 4, 2),
+    ("dkdv", 128, 4): (32, 32, 4, 2),
+}
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return "ieee"  # fp32 inputs get full fp32 products (not tf32); 16-bit inputs ignore it
+    # fp32 inputs get full fp32 products (not tf32); 16-bit inputs use the tensor cores' native path
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _check(q, k, v, window):
