@@ -81,10 +81,20 @@ def _query_range(start_n, N, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    # DOT_FP32 only under the CPU interpreter: triton 3.9's interpreter multiplies bf16 tiles wrongly, and
+    # bf16 -> fp32 is exact, so an fp32 product of the same bf16 values is what the tensor cores compute.
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, scale_log2, N, W, Hq,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                PRECISION: tl.constexpr):
+                PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -105,7 +115,7 @@ def _fwd_kernel(Q, K, V, O, LSE, scale_log2, N, W, Hq,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         kT = tl.load(K + kv_off + offs_n[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-        s = tl.dot(q, kT, input_precision=PRECISION) * scale_log2
+        s = _dot(q, kT, PRECISION, DOT_FP32) * scale_log2
         valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - W) & col_ok[None, :]
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -114,7 +124,7 @@ def _fwd_kernel(Q, K, V, O, LSE, scale_log2, N, W, Hq,
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + kv_off + offs_n[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, DOT_FP32)
         m_i = m_new
     empty = l_i == 0.0  # only padding rows (a real row always sees itself)
     l_safe = tl.where(empty, 1.0, l_i)
@@ -128,7 +138,7 @@ def _fwd_kernel(Q, K, V, O, LSE, scale_log2, N, W, Hq,
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale_log2, sm_scale, N, W, Hq,
                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               PRECISION: tl.constexpr):
+               PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -152,12 +162,12 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale_log2, sm_scale, N, W, Hq,
         col_ok = offs_n < N
         kT = tl.load(K + kv_off + offs_n[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
         vT = tl.load(V + kv_off + offs_n[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-        s = tl.dot(q, kT, input_precision=PRECISION) * scale_log2
+        s = _dot(q, kT, PRECISION, DOT_FP32) * scale_log2
         valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - W) & col_ok[None, :]
         p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, vT, input_precision=PRECISION)
+        dp = _dot(do, vT, PRECISION, DOT_FP32)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+        dq += _dot(ds.to(kT.dtype), tl.trans(kT), PRECISION, DOT_FP32)
     dq *= sm_scale
     tl.store(DQ + q_off + offs_m[:, None] * stride_qn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -166,7 +176,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale_log2, sm_scale, N, W, Hq,
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale_log2, sm_scale, N, W, Hkv,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
@@ -191,15 +201,15 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale_log2, sm_scale, N, W, Hk
             row_ok = offs_m < N
             qT = tl.load(Q + q_off + offs_m[None, :] * stride_qn + offs_d[:, None], mask=row_ok[None, :], other=0.0)
             lse2 = tl.load(LSE + row_off + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-            sT = tl.dot(k, qT, input_precision=PRECISION) * scale_log2
+            sT = _dot(k, qT, PRECISION, DOT_FP32) * scale_log2
             valid = (offs_n[:, None] <= offs_m[None, :]) & (offs_n[:, None] > offs_m[None, :] - W) & row_ok[None, :]
             pT = tl.where(valid, tl.math.exp2(sT - lse2[None, :]), 0.0)
             do = tl.load(DO + q_off + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+            dv += _dot(pT.to(do.dtype), do, PRECISION, DOT_FP32)
             delta = tl.load(DELTA + row_off + offs_m, mask=row_ok, other=0.0)
-            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dpT = _dot(v, tl.trans(do), PRECISION, DOT_FP32)
             dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
+            dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PRECISION, DOT_FP32)
     dk *= sm_scale
     tl.store(DK + kv_off + offs_n[:, None] * stride_kn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + kv_off + offs_n[:, None] * stride_kn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
@@ -249,6 +259,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
+
+
 def _check(q, k, v, window):
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"expected q (B,Hq,N,D), k/v (B,Hkv,N,D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -273,7 +287,7 @@ def _forward(q, k, v, window, cfg=None):
     _fwd_kernel[grid](q, k, v, o, lse, LOG2E / math.sqrt(D), N, min(window, N + 1), Hq,
                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                       GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                      PRECISION=_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                      PRECISION=_precision(q.dtype), DOT_FP32=_dot_fp32(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return o, lse
 
 
@@ -283,7 +297,7 @@ def _backward(q, k, v, o, lse, do, window, cfg_dq=None, cfg_dkdv=None):
     W = min(window, N + 1)  # clamp so W fits int32 and the bounds arithmetic cannot overflow
     delta = (o.float() * do.float()).sum(-1)  # D_i = rowsum(dO * O), the softmax backward's correction
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = dict(GROUP=Hq // Hkv, HEAD_DIM=D, PRECISION=_precision(q.dtype))
+    common = dict(GROUP=Hq // Hkv, HEAD_DIM=D, PRECISION=_precision(q.dtype), DOT_FP32=_dot_fp32(q.dtype))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     c = cfg_dq or kernel_config("dq", D, q.element_size())
     _dq_kernel[(triton.cdiv(N, c["BLOCK_M"]), B * Hq)](

@@ -59,7 +59,7 @@ def compile_one(kernel: str, head_dim: int, dtype: str, arch: int) -> dict:
     cfg = A.kernel_config(kernel, head_dim, DTYPES[dtype], interpret=False)
     fn, sig, attrs = _signature(kernel, dtype)
     consts = dict(GROUP=GROUP, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                  PRECISION="ieee" if dtype == "fp32" else "tf32")
+                  PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_FP32=False)
     for c in consts:
         sig[c] = "constexpr"
     row = dict(kernel=kernel, D=head_dim, dtype=dtype, arch=f"sm_{arch}", **cfg)
