@@ -635,55 +635,70 @@ class _TimeState:
 
 
 class _Decoder:
-    """Reads base ids back into a Score, mirroring the encoder's clock so decode∘encode is the identity."""
+    """Reads base ids back into a Score, mirroring the encoder's clock so decode∘encode is the identity.
+
+    Only the time tokens (Bar, Rest, Position, TimeSig, Tempo) walk the clock in a Python loop; notes
+    between two time tokens share one tick, so they are found, timed and gathered with numpy.
+    """
 
     def __init__(self, tok: REMI):
         self.tok = tok
 
     def run(self, ids: np.ndarray):
         tok, c = self.tok, self.tok.config
-        fam_np = tok._family[ids]
+        n = len(ids)
+        fam = tok._family[ids]
         names = tok.id_to_token
-        ts_ids = np.unique(ids[fam_np == 9]).tolist()
-        fam, ids = fam_np.tolist(), ids.tolist()
+        ts_of = lambda i: tuple(map(int, names[i].split("_")[1].split("/")))  # noqa: E731
         # the encoder's resolution: 12 ticks per quarter, 24 if any /8 meter appears; output is tpq 24
-        max_den = max([int(names[t].split("/")[1]) for t in ts_ids] or [4])
+        ts_ids = np.unique(ids[fam == 9]).tolist()
+        max_den = max([ts_of(i)[1] for i in ts_ids] or [4])
         tpq = int(tok.max_res * max_den / 4)
         scale = 24 / tpq
-        skipped = 0
+
+        # notes: Pitch|PitchDrum followed by Velocity and Duration; anything else of those families is skipped
+        pad = np.zeros(2, dtype=fam.dtype)
+        f1, f2 = np.concatenate([fam, pad])[1:n + 1], np.concatenate([fam, pad])[2:n + 2]
+        note_idx = np.flatnonzero(((fam == 3) | (fam == 4)) & (f1 == 5) & (f2 == 6))
+        used = np.zeros(n, bool)
+        used[note_idx] = used[note_idx + 1] = used[note_idx + 2] = True
+        skipped = int((((fam >= 3) & (fam <= 6)) & ~used).sum())
+
+        note_fam = np.flatnonzero((fam >= 3) & (fam <= 6))
+        first_ts = np.flatnonzero(fam == 9)
         num, den = 4, 4
-        for i in range(len(ids)):
-            if fam[i] == 9:
-                num, den = map(int, names[ids[i]].split("_")[1].split("/"))
-                break
-            if fam[i] in (3, 4, 5, 6):
-                break
+        if len(first_ts) and (not len(note_fam) or first_ts[0] < note_fam[0]):
+            num, den = ts_of(int(ids[first_ts[0]]))
+
         dur_tables, rest_tables = {}, {}
-        velocities = tok.velocities.tolist()
+        dur_idx = ids[note_idx + 2] - tok.dur0
+        time_events = np.flatnonzero((fam == 1) | (fam == 2) | (fam == 8) | (fam == 9) | (fam == 10))
+        seg = np.searchsorted(time_events, note_idx)  # notes after time event k-1 belong to segment k
+        seg_max: dict[int, list] = {}
 
         def units(num, den):
             tpb = tpq * 4 // den
             if tpb not in dur_tables:
-                dur_tables[tpb] = tok._duration_ticks(tpb).tolist()
+                dur_tables[tpb] = tok._duration_ticks(tpb)
                 rest_tables[tpb] = tok._rest_ticks(tpb).tolist()
+                m = np.full(len(time_events) + 1, -1, dtype=np.int64)
+                np.maximum.at(m, seg, dur_tables[tpb][dur_idx])
+                seg_max[tpb] = m.tolist()  # the longest note of each segment, at this tpb
             return tpb, num * tpb, max(tpb // tok.max_res, 1)
 
         tpb, bar_len, tpp = units(num, den)
         time_sigs = [(0, num, den)]
         tempos = []
-        notes: dict[int, list] = {}
-        first_seen: list[int] = []  # programs in order of first appearance
-        prec: set[tuple[int, int]] = set()  # (p, q): p came before q at one tick
-        tick_programs: list[int] = []
-        last_prog_tick = None
+        seg_tick = [0] * (len(time_events) + 1)
+        seg_tpb = [tpb] * (len(time_events) + 1)
         cur_tick = tick_at_ts = tick_bar = 0
         cur_bar, bar_at_ts = -1, 0
-        program = 0
         prev_end = 0
-        n = len(ids)
-        i = 0
-        while i < n:
-            f, tid = fam[i], ids[i]
+        fam_l, ids_l = fam[time_events].tolist(), ids[time_events].tolist()
+        for k, (f, tid) in enumerate(zip(fam_l, ids_l)):
+            longest = seg_max[tpb][k]
+            if longest >= 0:  # the notes just before this token end by then
+                prev_end = max(prev_end, cur_tick + longest)
             if f == 1:  # Bar
                 cur_bar += 1
                 tick_bar = tick_at_ts + (cur_bar - bar_at_ts) * bar_len
@@ -704,69 +719,58 @@ class _Decoder:
                     skipped += 1
                 else:
                     cur_tick = tick_bar + pos * tpp
-            elif f in (3, 4):  # Pitch / PitchDrum + Velocity + Duration
-                if i + 2 < n and fam[i + 1] == 5 and fam[i + 2] == 6:
-                    if f == 3:
-                        pitch = tid - tok.pitch0 + c.pitch_range[0]
-                    else:
-                        pitch = tid - tok.drum0 + c.drums_pitch_range[0]
-                    vel = velocities[ids[i + 1] - tok.vel0]
-                    dur = dur_tables[tpb][ids[i + 2] - tok.dur0]
-                    if program not in notes:
-                        notes[program] = []
-                        first_seen.append(program)
-                    notes[program].append((cur_tick, dur, pitch, vel))
-                    prev_end = max(prev_end, cur_tick + dur)
-                    if last_prog_tick != cur_tick:
-                        tick_programs = []
-                        last_prog_tick = cur_tick
-                    if not tick_programs or tick_programs[-1] != program:
-                        for p in tick_programs:
-                            if p != program:
-                                prec.add((p, program))
-                        tick_programs.append(program)
-                    i += 3
-                    continue
-                skipped += 1
-            elif f == 7:  # Program
-                program = tok.program_of[tid]
             elif f == 8:  # Tempo
                 tempos.append((cur_tick, float(names[tid].split("_")[1])))
                 prev_end = max(prev_end, cur_tick)
-            elif f == 9:  # TimeSig
-                nn, dd = map(int, names[tid].split("_")[1].split("/"))
+            else:  # TimeSig: a change of meter (a recall of the current one changes nothing)
+                nn, dd = ts_of(tid)
                 if (nn, dd) != (num, den):
                     if cur_bar == -1:
                         cur_bar = 0
-                    if tpq * 4 // dd == 0:
-                        skipped += 1
-                    else:
-                        num, den = nn, dd
-                        time_sigs.append((tick_bar, num, den))
-                        tick_at_ts, bar_at_ts = tick_bar, max(cur_bar, 0)
-                        tpb, bar_len, tpp = units(num, den)
-            elif f in (5, 6):  # a Velocity or Duration outside a note
-                skipped += 1
-            # special tokens and Chord tokens carry no event
-            i += 1
+                    num, den = nn, dd
+                    time_sigs.append((tick_bar, num, den))
+                    tick_at_ts, bar_at_ts = tick_bar, cur_bar
+                    tpb, bar_len, tpp = units(num, den)
+            seg_tick[k + 1], seg_tpb[k + 1] = cur_tick, tpb
+
+        # notes, all at once
+        start = np.asarray(seg_tick, dtype=np.int64)[seg]
+        n_tpb = np.asarray(seg_tpb, dtype=np.int64)[seg]
+        dur = np.zeros(len(note_idx), dtype=np.int64)
+        for b, table in dur_tables.items():
+            m = n_tpb == b
+            dur[m] = table[dur_idx[m]]
+        is_drum_tok = fam[note_idx] == 4
+        pitch = np.where(is_drum_tok, ids[note_idx] - tok.drum0 + c.drums_pitch_range[0],
+                         ids[note_idx] - tok.pitch0 + c.pitch_range[0])
+        vel = tok.velocities[ids[note_idx + 1] - tok.vel0]
+        prog_pos = np.flatnonzero(fam == 7)
+        prog_val = np.array([tok.program_of[i] for i in ids[prog_pos].tolist()], dtype=np.int64)
+        k = np.searchsorted(prog_pos, note_idx) - 1
+        program = np.where(k >= 0, prog_val[np.maximum(k, 0)] if len(prog_val) else 0, 0)
+
+        # track order: the order programs take within each tick (the encoder's track order)
+        _, first = np.unique(program, return_index=True)
+        first_seen = program[np.sort(first)].tolist()
+        same = (start[1:] == start[:-1]) & (program[1:] != program[:-1])
+        prec = set(zip(program[:-1][same].tolist(), program[1:][same].tolist()))
 
         score = symusic.Score(24)
-        sc = lambda t: int(round(t * scale))  # noqa: E731
         merged_ts = {}
         for t, nn, dd in time_sigs:
-            merged_ts[sc(t)] = (nn, dd)
+            merged_ts[int(round(t * scale))] = (nn, dd)
         for t, (nn, dd) in sorted(merged_ts.items()):
             score.time_signatures.append(symusic.TimeSignature(t, nn, dd))
         if not tempos or tempos[0][0] != 0:
             tempos.insert(0, (0, float(tok.tempos[tok.default_tempo_idx])))
         for t, q in tempos:
-            score.tempos.append(symusic.Tempo(sc(t), q))
+            score.tempos.append(symusic.Tempo(int(round(t * scale)), q))
         for p in _track_order(first_seen, prec):
+            m = program == p
             tr = symusic.Track(name="Drums" if p == -1 else GM_NAMES[p], program=0 if p == -1 else p, is_drum=p == -1)
-            arr = np.array(notes[p], dtype=np.int64).reshape(-1, 4)
             tr.notes = symusic.Note.from_numpy(
-                (arr[:, 0] * scale).round().astype(np.int32), (arr[:, 1] * scale).round().astype(np.int32),
-                arr[:, 2].astype(np.int8), arr[:, 3].astype(np.int8), "tick")
+                np.round(start[m] * scale).astype(np.int32), np.round(dur[m] * scale).astype(np.int32),
+                pitch[m].astype(np.int8), vel[m].astype(np.int8), "tick")
             score.tracks.append(tr)
         return score, skipped
 
