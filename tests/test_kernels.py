@@ -195,3 +195,15 @@ def test_model_logits_triton_equal_torch():
     assert rel_err(logits_k.detach(), logits_t.detach()) < 1e-4
     for gk, gt in zip((p.grad for p in model.parameters()), grads_t):
         assert rel_err(gk, gt) < 1e-3
+
+
+def test_ahead_of_time_compile_for_hopper():
+    """One configuration of the compile report (the full one: `python -m midistral.kernels.compile`)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "midistral.kernels.compile", "--arch", "sm_90", "--head-dims", "64",
+                        "--dtypes", "bf16", "--jobs", "1"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "sm_90" in line]
+    assert len(rows) == 3 and all("| yes |" in line and "| 0/0 |" in line for line in rows), r.stdout

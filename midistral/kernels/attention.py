@@ -222,7 +222,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def kernel_config(kernel: str, head_dim: int, elem_bytes: int, interpret: bool | None = None) -> dict:
+def kernel_config(kernel: str, head_dim: int, elem_bytes: int, interpret: bool | None = None, arch: int = 80) -> dict:
     """Block sizes and warps the launcher uses. Under the interpreter small blocks keep the CPU numpy work
     small (and exercise several blocks per row even at small N). GPU values follow the fused-attention
     tutorial's choices for A100/H100, shrunk for fp32 (twice the registers and shared memory per element)."""
@@ -230,7 +230,16 @@ def kernel_config(kernel: str, head_dim: int, elem_bytes: int, interpret: bool |
         interpret = interpreting()
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), GPU_CONFIGS[(kernel, head_dim, elem_bytes)]))
+    key = (kernel, head_dim, elem_bytes)
+    table = GPU_CONFIGS_SM90 if arch >= 90 and key in GPU_CONFIGS_SM90 else GPU_CONFIGS
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), table[key]))
+
+
+def _arch(x: torch.Tensor) -> int:
+    if x.is_cuda:
+        major, minor = torch.cuda.get_device_capability(x.device)
+        return 10 * major + minor
+    return 80
 
 
 # (kernel, head dim, element bytes) -> (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from the ptxas -v
@@ -246,12 +255,14 @@ GPU_CONFIGS = {
     ("dkdv", 128, 2): (64, 64, 8, 2),
     # fp32: twice the bytes and registers per element; FMA products (ieee) want 8 warps
     ("fwd", 16, 4): (64, 64, 8, 2), ("fwd", 32, 4): (64, 64, 8, 2), ("fwd", 64, 4): (64, 32, 8, 2),
-    ("fwd", 128, 4): (32, 32, 8, 2),
+    ("fwd", 128, 4): (16, 32, 8, 2),
     ("dq", 16, 4): (64, 32, 8, 2), ("dq", 32, 4): (64, 32, 8, 2), ("dq", 64, 4): (32, 32, 8, 2),
     ("dq", 128, 4): (32, 32, 8, 2),
-    ("dkdv", 16, 4): (32, 32, 8, 2), ("dkdv", 32, 4): (32, 32, 8, 2), ("dkdv", 64, 4): (32, 32, 8, 2),
-    ("dkdv", 128, 4): (32, 32, 8, 2),
+    ("dkdv", 16, 4): (16, 32, 8, 2), ("dkdv", 32, 4): (16, 32, 8, 2), ("dkdv", 64, 4): (32, 32, 8, 2),
+    ("dkdv", 128, 4): (16, 32, 8, 2),
 }
+# Hopper (sm_90) exceptions: ptxas allocates differently there (12 spill bytes at 16x32, none at 32x32).
+GPU_CONFIGS_SM90 = {("dkdv", 128, 4): (32, 32, 8, 2)}
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -280,7 +291,7 @@ def _check(q, k, v, window):
 def _forward(q, k, v, window, cfg=None):
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
-    cfg = cfg or kernel_config("fwd", D, q.element_size())
+    cfg = cfg or kernel_config("fwd", D, q.element_size(), arch=_arch(q))
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, N), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * Hq)
@@ -299,11 +310,11 @@ def _backward(q, k, v, o, lse, do, window, cfg_dq=None, cfg_dkdv=None):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(GROUP=Hq // Hkv, HEAD_DIM=D, PRECISION=_precision(q.dtype), DOT_FP32=_dot_fp32(q.dtype))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    c = cfg_dq or kernel_config("dq", D, q.element_size())
+    c = cfg_dq or kernel_config("dq", D, q.element_size(), arch=_arch(q))
     _dq_kernel[(triton.cdiv(N, c["BLOCK_M"]), B * Hq)](
         q, k, v, do, lse, delta, dq, LOG2E / math.sqrt(D), 1 / math.sqrt(D), N, W, Hq, *strides,
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"], num_stages=c["num_stages"], **common)
-    c = cfg_dkdv or kernel_config("dkdv", D, q.element_size())
+    c = cfg_dkdv or kernel_config("dkdv", D, q.element_size(), arch=_arch(q))
     _dkdv_kernel[(triton.cdiv(N, c["BLOCK_N"]), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, LOG2E / math.sqrt(D), 1 / math.sqrt(D), N, W, Hkv, *strides,
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"], num_stages=c["num_stages"], **common)

@@ -56,7 +56,7 @@ def _signature(kernel: str, dtype: str):
 
 
 def compile_one(kernel: str, head_dim: int, dtype: str, arch: int) -> dict:
-    cfg = A.kernel_config(kernel, head_dim, DTYPES[dtype], interpret=False)
+    cfg = A.kernel_config(kernel, head_dim, DTYPES[dtype], interpret=False, arch=arch)
     fn, sig, attrs = _signature(kernel, dtype)
     consts = dict(GROUP=GROUP, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                   PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_FP32=False)
