@@ -50,7 +50,12 @@ def chorale_midis(cache_dir: str | Path | None = None, max_files: int = 0, worke
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    sources = sorted({Path(p) for p in corpus.getComposer("bach") if Path(p).suffix in (".mxl", ".xml", ".krn")})
+    by_stem: dict[str, Path] = {}  # some chorales ship in two formats: one MIDI per chorale, MusicXML preferred
+    for p in sorted(Path(p) for p in corpus.getComposer("bach")):
+        rank = {".mxl": 0, ".xml": 1, ".krn": 2}.get(p.suffix)
+        if rank is not None and (p.stem not in by_stem or rank < {".mxl": 0, ".xml": 1, ".krn": 2}[by_stem[p.stem].suffix]):
+            by_stem[p.stem] = p
+    sources = [by_stem[k] for k in sorted(by_stem)]
     if max_files:
         sources = sources[:max_files]
     jobs = [(str(s), str(cache / (s.stem + ".mid"))) for s in sources]
