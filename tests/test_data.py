@@ -63,6 +63,11 @@ def test_prepare_lists_skipped_files_and_reuses(corpus, tmp_path):
     flat = np.fromfile(out / "val.bin", dtype=np.uint16)
     first = man["counts"]["val"]["files_list"][0]
     assert np.array_equal(tok.base_ids(flat[offs[0]:offs[1]].astype(np.int64)), tok.encode_base(first))
+    r = subprocess.run([sys.executable, "-m", "midistral.data", "stats", "--config", str(ROOT / "configs" / "tiny.toml"),
+                        f"data.prepared_dir={json.dumps(str(out))}", f"data.dir={json.dumps(str(corpus))}", "data.max_files=0",
+                        "data.bpe_vocab_size=700"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "bars per piece" in r.stdout, r.stderr
+    assert (out / "stats.png").stat().st_size > 5000
     stamp = (out / "train.bin").stat().st_mtime_ns
     prepare(cfg, progress=False)  # same config: reused
     assert (out / "train.bin").stat().st_mtime_ns == stamp

@@ -11,7 +11,7 @@ def main(argv=None) -> int:
     ap.add_argument("command", choices=["prepare", "stats"])
     ap.add_argument("--config", required=True)
     ap.add_argument("overrides", nargs="*", help="section.key=value")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     try:
         from midistral.config import load_config
         from midistral.data.prepare import prepare, prepared_dir
