@@ -91,4 +91,12 @@ def attention_at_positions(q, k, v, q_pos: torch.Tensor, k_pos: torch.Tensor, wi
         return sliding_window_attention_torch(q, k, v, window)
     p, s = q_pos[:, None], k_pos[None, :]
     mask = (s >= 0) & (s <= p) & (s > p - window)
+    if n <= 16:
+        # Decode steps: a few queries against the ring. Plain matmuls with the query group folded into
+        # rows (K/V read once per KV head, never repeated); on CPU SDPA's fused path is much slower here.
+        B, D, G = q.shape[0], q.shape[-1], Hq // Hkv
+        qg = q.reshape(B, Hkv, G * n, D)
+        scores = (qg @ k.transpose(-1, -2)) * D**-0.5
+        scores = scores.masked_fill(~mask.repeat(G, 1), float("-inf"))
+        return (scores.softmax(-1) @ v).view(B, Hq, n, D)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != Hkv)
