@@ -14,7 +14,6 @@ from pathlib import Path
 warnings.simplefilter("ignore")
 
 import miditok  # noqa: E402
-import numpy as np  # noqa: E402
 
 from midistral.data.chorales import chorale_midis  # noqa: E402
 from midistral.errors import MidiError  # noqa: E402

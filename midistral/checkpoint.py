@@ -72,18 +72,9 @@ def find_tokenizer_file(ckpt: Path) -> Path:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """Our tokenizer JSON, or one saved by MidiTok 3.1 (`tokenizer.save`)."""
+    """Our tokenizer JSON, or one saved by MidiTok 3.1 (`tokenizer.save`): REMI.load reads both."""
     from midistral.tokenize import REMI
 
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such tokenizer file") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a JSON tokenizer file ({e.__class__.__name__})") from None
-    if isinstance(d, dict) and "miditok_version" in d:
-        return REMI.from_miditok(path)
     return REMI.load(path)
 
 

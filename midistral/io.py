@@ -53,3 +53,18 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+def read_tokenizer_json(path: Path) -> dict:
+    """A tokenizer file's JSON object, or a CheckpointError naming the file and what is wrong."""
+    from midistral.errors import CheckpointError
+
+    try:
+        d = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such tokenizer file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a JSON tokenizer file ({e.__class__.__name__})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: not a tokenizer file (expected a JSON object)")
+    return d

@@ -84,7 +84,7 @@ def _quiet_config(params: dict):
 def prepare(cfg: dict, progress: bool = True) -> Path:
     from tqdm import tqdm
 
-    from midistral.tokenize import REMI, REMIConfig
+    from midistral.tokenize import REMI
     from midistral.config import tokenizer_params
 
     d = cfg["data"]

@@ -141,11 +141,7 @@ def _split_ids_per_bar(tok, ids: np.ndarray) -> list[np.ndarray]:
     return tok.base_ids_by_bar(tok.decode(ids))
 
 
-def _bars_worker(args):
-    tok_dict, items = args
-    from midistral.tokenize.remi import REMI
-
-    tok = REMI.from_dict_cached(tok_dict)
+def _bars_or_error(tok, items) -> list:
     out = []
     for item in items:
         try:
@@ -155,8 +151,15 @@ def _bars_worker(args):
     return out
 
 
+def _bars_worker(args):
+    tok_dict, items = args
+    from midistral.tokenize.remi import REMI
+
+    return _bars_or_error(REMI.from_dict_cached(tok_dict), items)
+
+
 def _workers(workers: int | None, n: int) -> int:
-    w = os.cpu_count() or 1 if workers is None else workers
+    w = (os.cpu_count() or 1) if workers is None else workers
     return max(1, min(w, n // 8 if n >= 16 else 1))
 
 
@@ -164,13 +167,7 @@ def _map_bars(tok, items: list, workers: int | None):
     """[(bars or None, error or None)] for each item, in parallel processes when worth it."""
     w = _workers(workers, len(items))
     if w == 1:
-        out = []
-        for it in items:
-            try:
-                out.append((_bars_of(tok, it), None))
-            except MidistralError as e:
-                out.append((None, str(e)))
-        return out
+        return _bars_or_error(tok, items)
     d = tok.to_dict()
     d.pop("bpe", None)  # workers only need base ids
     step = max(1, len(items) // (w * 4))
@@ -227,14 +224,11 @@ def from_miditok(path):
     from midistral.tokenize.config import REMIConfig
     from midistral.tokenize.remi import REMI
 
+    from midistral.io import read_tokenizer_json
+
     path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such tokenizer file") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a JSON tokenizer file ({e.__class__.__name__})") from None
-    if not isinstance(d, dict) or "config" not in d:
+    d = read_tokenizer_json(path)
+    if "config" not in d:
         raise CheckpointError(f"{path}: not a MidiTok tokenizer file (no field 'config')")
     kind = d.get("tokenization")
     if kind != "REMI":

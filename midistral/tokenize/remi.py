@@ -517,15 +517,10 @@ class REMI:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "REMI":
+        from midistral.io import read_tokenizer_json
+
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: no such tokenizer file") from None
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a JSON tokenizer file ({e.__class__.__name__})") from None
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{path}: not a tokenizer file (expected a JSON object)")
+        d = read_tokenizer_json(path)
         if "miditok_version" in d:
             return cls.from_miditok(path)
         if d.get("tokenizer") != "midistral.REMI":
