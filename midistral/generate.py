@@ -258,6 +258,11 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
     for s in range(0, N, chunk):  # prefill: only the last chunk's last position matters
         logits = model(prompt_ids[:, s:s + chunk], cache=cache, start_pos=s)
     logits = logits[:, -1]
+    if hasattr(model, "decoder"):  # our Transformer: a step written for speed (model.DecodeStep)
+        decode = model.decoder(cache)
+    else:  # any model speaking the cache protocol
+        def decode(tok, pos):
+            return model(tok[:, None], cache=cache, start_pos=pos)[:, -1]
 
     ngram = NoRepeatNGram(no_repeat_ngram_size, prompt_ids) if no_repeat_ngram_size else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -285,7 +290,7 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
         if eos_id is not None and bool(finished.all()):
             break
         if step + 1 < max_new_tokens:
-            logits = model(next_tok[:, None], cache=cache, start_pos=N + step)[:, -1]
+            logits = decode(next_tok, N + step)
     if progress:
         steps.close()
     return out[:, :N + n_new]

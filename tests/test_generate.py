@@ -247,6 +247,28 @@ def test_rolling_cache_our_transformer(prompt_len, tmp_path):
         cached_logits_match_full(model, ids, [5, 11, 1, 9] + [1] * (ids.shape[1] - 26))
 
 
+@pytest.mark.parametrize("prepacked", [True, False])
+def test_decode_step_equals_full_forward(prepacked, tmp_path, monkeypatch):
+    """The fast one-token step (model.DecodeStep, what generate() uses) gives the logits of a full re-run
+    without cache, before and after the ring wraps, with oneDNN-prepacked weights and without."""
+    from midistral.model import from_hf
+
+    if not prepacked:
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    _, folder = small_hf_model(tmp_path)
+    model = from_hf(folder).eval()
+    ids = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cache = RollingKVCache.for_model(model, 2)
+        model(ids[:, :5], cache=cache, start_pos=0)
+        step = model.decoder(cache)
+        assert (step.head.packed is not None) == (prepacked and torch.backends.mkldnn.is_available())
+        for pos in range(5, 30):  # window 8: the ring wraps three times
+            got = step(ids[:, pos], pos)
+            want = model(ids[:, :pos + 1])[:, -1]
+            assert torch.allclose(got, want, atol=1e-5, rtol=0), (pos, (got - want).abs().max())
+
+
 @pytest.mark.parametrize("n", [2, 3, 6])
 def test_greedy_ngram_matches_transformers(n, tmp_path):
     from midistral.model import from_hf

@@ -243,7 +243,7 @@ def _arch(x: torch.Tensor) -> int:
 
 
 # (kernel, head dim, element bytes) -> (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from the ptxas -v
-# report of `python -m midistral.kernels.compile` for 0 spill bytes on sm_80 and sm_90 (see docs/kernel.md).
+# report of `python -m midistral.kernels.compile` for 0 spill bytes on sm_80 and sm_90 (see the README's kernel section).
 # Every kernel masks every tile of the band (not only the diagonal one), which costs registers, so the
 # tiles are a little smaller or the warps more numerous than in the fused-attention tutorial.
 GPU_CONFIGS = {
