@@ -47,6 +47,36 @@ def log_jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def resume_dir(run: Path) -> Path:
+    """The checkpoint to resume from: RUN/last, or RUN/.last.old when a kill fell between the two renames
+    of a checkpoint swap (the new folder was not yet in place, the previous one is whole)."""
+    for d in (run / "last", run / ".last.old"):
+        if (d / "state.pt").is_file():
+            return d
+    raise CheckpointError(f"{run}: nothing to resume (no last/state.pt)")
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the rows a killed run logged after its last checkpoint, so the resumed run's rows replace
+    them instead of repeating their steps. Returns how many rows were dropped."""
+    from midistral.io import atomic_write_text
+
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        if row.get("step", 0) <= step:
+            keep.append(line)
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+    return len(lines) - len(keep)
+
+
 def plot_metrics(run: Path) -> None:
     import matplotlib
 
@@ -108,8 +138,7 @@ def train(args) -> int:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
 
-    if args.resume and not (run / "last" / "state.pt").is_file():
-        raise CheckpointError(f"{run}: nothing to resume (no last/state.pt)")
+    last = resume_dir(run) if args.resume else None  # before data prep: a typo in out_dir fails at once
     data_dir = prepared_dir(cfg)
     if master:
         prepare(cfg)
@@ -139,9 +168,6 @@ def train(args) -> int:
     state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "warmup_ratio": tc["warmup_ratio"], "schedule_start": 0}
 
     if args.resume:
-        last = run / "last"
-        if not (last / "state.pt").is_file():
-            raise CheckpointError(f"{run}: nothing to resume (no last/state.pt)")
         model.load_weights({k: v for k, v in _load_safetensors(last / "model.safetensors").items()}, last)
         saved = torch.load(last / "state.pt", weights_only=True, map_location="cpu")
         if tc["restart"]:  # the report's second cycle: same weights, fresh optimiser and schedule, no warm-up
@@ -152,7 +178,9 @@ def train(args) -> int:
             state.update({k: saved[k] for k in ("step", "best_val", "bad_evals", "warmup_ratio", "schedule_start")})
             torch.set_rng_state(saved["torch_rng"])
         if master:
-            print(f"resumed {run} at step {state['step']}" + (" (restart cycle)" if tc["restart"] else ""))
+            dropped = truncate_metrics(run / "metrics.jsonl", state["step"])
+            print(f"resumed {run} at step {state['step']}" + (" (restart cycle)" if tc["restart"] else "")
+                  + (f"; dropped {dropped} metric rows logged after that checkpoint" if dropped else ""))
     elif master and (run / "metrics.jsonl").exists():
         (run / "metrics.jsonl").unlink()  # a fresh run in an old folder starts a fresh log
 
@@ -288,7 +316,8 @@ def write_samples(run: Path, sc: dict) -> None:
     import sample
 
     sample.main(["--ckpt", str(run), "--out", str(run / "samples"), "--num-samples", str(sc["num_samples"]),
-                 "--max-new-tokens", str(sc["max_new_tokens"]), "--temperature", str(sc["temperature"]),
+                 "--max-new-tokens", str(sc["max_new_tokens"]), "--min-new-tokens", str(sc["min_new_tokens"]),
+                 "--temperature", str(sc["temperature"]),
                  "--top-k", str(sc["top_k"]), "--no-repeat-ngram", str(sc["no_repeat_ngram"]), "--seed", str(sc["seed"])])
 
 

@@ -71,7 +71,8 @@ DEFAULTS = {
         "log_every": 1,
         "sample_after": True,      # write a few samples when training ends
     },
-    "sample": {"num_samples": 2, "max_new_tokens": 512, "temperature": 0.5, "top_k": 6, "no_repeat_ngram": 6, "seed": 0},
+    "sample": {"num_samples": 2, "max_new_tokens": 512, "min_new_tokens": 0, "temperature": 0.5, "top_k": 6,
+               "no_repeat_ngram": 6, "seed": 0},
 }
 
 

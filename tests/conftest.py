@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Triton kernels run under the interpreter on CPU tensors; this must be set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # train.py and sample.py live at the root, beside the package
 SHARED_MIDI = ROOT.parent / "shared" / "midi"
 
 

@@ -3,13 +3,11 @@ writes read back by symusic, mido and pretty_midi (independent MIDI readers), an
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import symusic
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from conftest import ROOT
 
 
 def run_sample(*args, timeout=300):

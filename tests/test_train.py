@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -11,7 +13,7 @@ from conftest import ROOT, shared_midi_dir
 from midistral.checkpoint import load_model_and_tokenizer, resolve_checkpoint
 
 
-def run_train(out, *extra, data=None, nproc=1, resume=False):
+def train_cmd(out, *extra, data=None, nproc=1, resume=False):
     args = ["--config", str(ROOT / "configs" / "tiny.toml"), f"out_dir={json.dumps(str(out))}",
             f"data.dir={json.dumps(str(shared_midi_dir('dev')))}"]
     if data:
@@ -20,8 +22,14 @@ def run_train(out, *extra, data=None, nproc=1, resume=False):
     cmd = [sys.executable, str(ROOT / "train.py"), *args]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(ROOT / "train.py"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return cmd
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def run_train(out, *extra, **kw):
+    r = subprocess.run(train_cmd(out, *extra, **kw), capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return r
 
@@ -62,6 +70,43 @@ def test_resume_equals_uninterrupted(first_run, tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 21))
     assert all(abs(a[s] - b[s]) <= 1e-6 for s in b)
     assert [round(v["val_loss"], 6) for v in va] == [round(v["val_loss"], 6) for v in vb]
+
+
+def test_sigkill_after_checkpoint_then_resume(first_run, tmp_path):
+    """A run killed (SIGKILL) some steps after its first epoch checkpoint, then --resume'd: every step is
+    logged once, and the losses equal those of a run that was never stopped."""
+    data, killed = first_run / "data", tmp_path / "killed"
+    # epochs of ~29 steps (batch 64), a schedule over 40 of them and no step limit: the run is killed long before
+    long = ("train.batch_size=64", "train.epochs=40", "train.eval_every=0", "train.max_steps=0")
+    proc = subprocess.Popen(train_cmd(killed, *long, data=data), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (killed / "last" / "state.pt").is_file():  # the folder is swapped in whole
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.05)
+        n_rows = len((killed / "metrics.jsonl").read_text().splitlines())
+        while len((killed / "metrics.jsonl").read_text().splitlines()) < n_rows + 3:  # steps past the checkpoint
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    import torch
+
+    from train import resume_dir
+
+    saved = torch.load(resume_dir(killed) / "state.pt", weights_only=True)["step"]
+    assert max(losses(killed)[0]) > saved  # rows were logged after the checkpoint, then lost with the kill
+    stop = saved + 6
+    r = run_train(killed, *long, f"train.max_steps={stop}", data=data, resume=True)
+    assert f"resumed {killed} at step {saved}" in r.stdout and "dropped" in r.stdout
+    run_train(tmp_path / "straight", *long, f"train.max_steps={stop}", data=data)
+    a, b = losses(killed)[0], losses(tmp_path / "straight")[0]
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, stop + 1))  # each step once
+    assert all(abs(a[s] - b[s]) <= 1e-6 for s in b)
 
 
 def test_two_gloo_processes_equal_one(first_run, tmp_path):
