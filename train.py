@@ -2,9 +2,9 @@
 
 A plain loop (nanoGPT-style): prepare the data if needed, build the model, then
     for each step: gradient-accumulated forward/backward on chunks -> clip -> AdamW -> lr schedule
-    every train.eval_every steps and at each epoch end: validation loss
-    at each epoch end and at train.max_steps: checkpoint RUN/last (+ RUN/best by validation loss)
-    early stopping after train.patience epoch-end evaluations without improvement.
+    every train.eval_every steps and at each epoch end: validation loss; a new best is saved to RUN/best
+    at each epoch end and at train.max_steps: checkpoint RUN/last (everything --resume needs)
+    early stopping after train.patience epochs in which no evaluation improved.
 The data order is a pure function of (seed, epoch), so `--resume` continues exactly where it stopped.
 Runs under `torchrun --nproc_per_node N` with DistributedDataParallel (gloo on CPU, NCCL on GPU).
 """
@@ -165,17 +165,20 @@ def train(args) -> int:
     # The lr schedule spans train.epochs; train.max_steps only says where to stop, so a run stopped early
     # and resumed with a larger max_steps follows the same schedule as one that never stopped.
     schedule_len = tc["epochs"] * steps_per_epoch
-    state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "warmup_ratio": tc["warmup_ratio"], "schedule_start": 0}
+    # improved: an evaluation beat best_val since the last epoch end (patience counts epochs without one)
+    state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "improved": False, "warmup_ratio": tc["warmup_ratio"],
+             "schedule_start": 0}
 
     if args.resume:
         model.load_weights({k: v for k, v in _load_safetensors(last / "model.safetensors").items()}, last)
         saved = torch.load(last / "state.pt", weights_only=True, map_location="cpu")
         if tc["restart"]:  # the report's second cycle: same weights, fresh optimiser and schedule, no warm-up
-            state.update(step=saved["step"], best_val=saved["best_val"], bad_evals=0, warmup_ratio=0.0,
+            state.update(step=saved["step"], best_val=saved["best_val"], bad_evals=0, improved=False, warmup_ratio=0.0,
                          schedule_start=saved["step"])
         else:
             opt.load_state_dict(saved["optimizer"])
-            state.update({k: saved[k] for k in ("step", "best_val", "bad_evals", "warmup_ratio", "schedule_start")})
+            state.update({k: saved[k] for k in ("step", "best_val", "bad_evals", "warmup_ratio", "schedule_start")},
+                         improved=saved.get("improved", False))
             torch.set_rng_state(saved["torch_rng"])
         if master:
             dropped = truncate_metrics(run / "metrics.jsonl", state["step"])
@@ -218,20 +221,26 @@ def train(args) -> int:
         model.train()
         return float(tot / count) if count > 0 else float("nan")
 
-    def checkpoint(step: int, val: float | None):
+    def checkpoint(step: int):
+        """RUN/last: weights, tokenizer and everything --resume needs."""
         if not master:
             return
 
         def write_state(d: Path):
             torch.save({"optimizer": opt.state_dict(), "step": step, "best_val": state["best_val"],
-                        "bad_evals": state["bad_evals"], "warmup_ratio": state["warmup_ratio"],
-                        "schedule_start": state["schedule_start"], "torch_rng": torch.get_rng_state()}, d / "state.pt")
+                        "bad_evals": state["bad_evals"], "improved": state["improved"],
+                        "warmup_ratio": state["warmup_ratio"], "schedule_start": state["schedule_start"],
+                        "torch_rng": torch.get_rng_state()}, d / "state.pt")
             (d / "train_config.json").write_text(json.dumps(cfg, indent=2))
 
         save_checkpoint(run / "last", raw_model, tok, extra=write_state)
-        if val is not None and val <= state["best_val"]:
-            save_checkpoint(run / "best", raw_model, tok)
         plot_metrics(run)
+
+    def save_best(step: int, val: float):
+        """RUN/best: the weights of the best evaluation so far, whenever it happens (mid-epoch too)."""
+        if master:
+            save_checkpoint(run / "best", raw_model, tok, extra=lambda d: (d / "best.json").write_text(
+                json.dumps({"step": step, "val_loss": val}) + "\n"))
 
     if master:
         run.mkdir(parents=True, exist_ok=True)
@@ -288,13 +297,14 @@ def train(args) -> int:
             if master:
                 log_jsonl(run / "metrics.jsonl", {"step": step, "val_loss": val, "epoch": step / steps_per_epoch})
                 bar.write(f"step {step}: val loss {val:.4f}")
+            if val < state["best_val"]:
+                state["best_val"], state["improved"] = val, True
+                save_best(step, val)
         if epoch_end or step == total:
-            improved = val is not None and val < state["best_val"]
-            if improved:
-                state["best_val"], state["bad_evals"] = val, 0
-            elif epoch_end:
-                state["bad_evals"] += 1
-            checkpoint(step, val if improved else None)
+            if epoch_end:
+                state["bad_evals"] = 0 if state["improved"] else state["bad_evals"] + 1
+                state["improved"] = False
+            checkpoint(step)
             if tc["patience"] and state["bad_evals"] >= tc["patience"]:
                 if master:
                     bar.write(f"early stop at step {step}: no improvement for {tc['patience']} epoch(s)")

@@ -63,7 +63,7 @@ DEFAULTS = {
         "max_steps": 0,            # 0: epochs * steps per epoch; else stop (and checkpoint) there
         "eval_every": 100,
         "eval_batches": 50,
-        "patience": 2,             # evaluations (at epoch ends) without improvement before stopping; 0: never
+        "patience": 2,             # epochs in which no evaluation improved before stopping; 0: never
         "seed": 0,
         "device": "auto",
         "compile": False,

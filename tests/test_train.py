@@ -55,6 +55,8 @@ def test_loss_falls_and_checkpoints_load(first_run):
     for sub in ("last", "best"):
         assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (first_run / sub).iterdir()}
     assert resolve_checkpoint(first_run) == first_run / "best"
+    best = min(val, key=lambda v: v["val_loss"])  # best/ is the best of every evaluation, not only epoch ends
+    assert json.loads((first_run / "best" / "best.json").read_text()) == {"step": best["step"], "val_loss": best["val_loss"]}
     model, tok = load_model_and_tokenizer(first_run)
     assert model.config.vocab_size == len(tok)
     assert (first_run / "loss.png").stat().st_size > 1000
@@ -107,6 +109,18 @@ def test_sigkill_after_checkpoint_then_resume(first_run, tmp_path):
              if "loss" in json.loads(line)]
     assert steps == list(range(1, stop + 1))  # each step once
     assert all(abs(a[s] - b[s]) <= 1e-6 for s in b)
+
+
+def test_early_stopping_after_patience_epochs(first_run, tmp_path):
+    """lr 0: the validation loss never improves after epoch 1, so patience 2 stops the run at the end of epoch 3."""
+    out = tmp_path / "flat"
+    r = run_train(out, "train.batch_size=64", "train.epochs=40", "train.max_steps=0", "train.eval_every=0",
+                  "train.lr=0", "train.patience=2", data=first_run / "data")
+    per_epoch = int(r.stdout.split(" steps/epoch")[0].rsplit(" ", 1)[-1])
+    train, val = losses(out)
+    assert f"early stop at step {3 * per_epoch}" in r.stdout and max(train) == 3 * per_epoch
+    assert [v["step"] for v in val] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == per_epoch
 
 
 def test_two_gloo_processes_equal_one(first_run, tmp_path):
