@@ -75,11 +75,11 @@ def prompt_ids(args, tok, context: int, max_new: int) -> tuple[np.ndarray, str]:
     if not path.is_file():
         raise MidiError(f"{path}: no such prompt file")
     score = load_score(path)
-    if args.prompt_bars:
-        score = first_bars(score, args.prompt_bars)
+    where = ""
+    if args.prompt_bars and score.note_num():
+        score, where = first_bars(score, args.prompt_bars), f" in its first {args.prompt_bars} bars"
     if score.note_num() == 0:
-        log(f"note: {path} has no notes{' in its first %d bars' % args.prompt_bars if args.prompt_bars else ''}; "
-            "generating from BOS")
+        log(f"note: {path} has no notes{where}; generating from BOS")
         return np.array(bos or [0], dtype=np.int64), path.stem
     ids = np.concatenate([np.array(bos, dtype=np.int64), np.asarray(tok.encode(score), dtype=np.int64)])
     # Keep room for the continuation inside the model's context; drop the start of a long prompt.

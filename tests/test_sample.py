@@ -186,3 +186,5 @@ def test_empty_prompt_falls_back_to_bos(ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "has no notes" in r.stderr and "generating from BOS" in r.stderr
     assert (tmp_path / "o" / "empty.mid").is_file()
+    r = run_sample(path, "--ckpt", ckpt, "--out", tmp_path / "o", "--max-new-tokens", 20, "--prompt-bars", 2)
+    assert "has no notes; generating from BOS" in r.stderr, r.stderr  # not "in its first 2 bars": none at all
