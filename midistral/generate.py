@@ -17,6 +17,7 @@ Three pieces, each small:
 from __future__ import annotations
 
 from collections import deque
+from typing import Sequence
 
 import torch
 
@@ -217,8 +218,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.5,
              top_k: int | None = 6, top_p: float | None = None, no_repeat_ngram_size: int | None = 6,
              min_new_tokens: int = 0, eos_id: int | None = None, pad_id: int | None = None,
-             seed: int | None = None, prefill_chunk: int | None = None, progress: bool = False
-             ) -> torch.Tensor:
+             seed: int | None = None, prefill_chunk: int | None = None, progress: bool = False,
+             constraints: Sequence = ()) -> torch.Tensor:
     """Continue `prompt_ids` (B, N) by up to `max_new_tokens` tokens; returns (B, N + new) LongTensor.
 
     Defaults are the report's best setting (temperature 0.5, top-k 6, no-repeat-6-gram).
@@ -230,6 +231,10 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
       randomness.
     - The prompt is prefilled in chunks of `prefill_chunk` tokens (default: the sliding window), so a long
       prompt never builds an N x N attention mask.
+    - `constraints`: objects that say which ids may come next (the token grammar, instrument and length
+      controls). Each has `start(prompt_ids)`, `mask(logits)` (sets forbidden ids of (B, V) logits to
+      -inf, in place) and `push(tokens)` (the ids just chosen, one per row). They apply after the n-gram
+      ban and before temperature/top-k; where the n-gram ban leaves a row no allowed id, the ban yields.
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be (B, N) with N >= 1, got shape {tuple(prompt_ids.shape)}")
@@ -237,13 +242,14 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
     model.eval()
     try:
         return _generate(model, prompt_ids.long(), max_new_tokens, temperature, top_k, top_p,
-                         no_repeat_ngram_size, min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress)
+                         no_repeat_ngram_size, min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress,
+                         list(constraints))
     finally:
         model.train(was_training)
 
 
 def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_repeat_ngram_size,
-              min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress):
+              min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress, constraints):
     B, N = prompt_ids.shape
     device = prompt_ids.device
     out = torch.empty(B, N + max_new_tokens, dtype=torch.long, device=device)
@@ -265,6 +271,8 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
             return model(tok[:, None], cache=cache, start_pos=pos)[:, -1]
 
     ngram = NoRepeatNGram(no_repeat_ngram_size, prompt_ids) if no_repeat_ngram_size else None
+    for c in constraints:
+        c.start(prompt_ids)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     fill = eos_id if pad_id is None else pad_id
     steps = range(max_new_tokens)
@@ -275,10 +283,18 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
     n_new = 0
     for step in steps:
         logits = logits.float()
-        if ngram is not None:
-            ngram.apply(logits)
         if eos_id is not None and step < min_new_tokens:
             logits[:, eos_id] = float("-inf")
+        if constraints:
+            for c in constraints:
+                c.mask(logits)
+            allowed = logits.clone() if ngram is not None else None
+        if ngram is not None:
+            ngram.apply(logits)
+            if constraints:  # the ban yields where it would leave a row no allowed id
+                dead = torch.isinf(logits).all(-1) & ~torch.isinf(allowed).all(-1)
+                if bool(dead.any()):
+                    logits[dead] = allowed[dead]
         next_tok = sample_next(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
             next_tok = torch.where(finished, fill, next_tok)
@@ -287,6 +303,8 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
         n_new = step + 1
         if ngram is not None:
             ngram.push(next_tok.tolist())
+        for c in constraints:
+            c.push(next_tok)
         if eos_id is not None and bool(finished.all()):
             break
         if step + 1 < max_new_tokens:
