@@ -19,22 +19,26 @@ SHARED_MIDI = ROOT.parent / "shared" / "midi"  # more real files, where a checko
 
 
 @functools.cache
+def _merged_midi_dir() -> Path:
+    """tests/data and ../shared/midi merged into a session-wide temporary folder (copies, deduplicated by content)."""
+    root = Path(tempfile.mkdtemp(prefix="midistral-test-midi-"))
+    atexit.register(shutil.rmtree, root, True)
+    for sub in ("dev", "broken"):
+        (root / sub).mkdir()
+        seen = set()
+        for f in sorted(TEST_MIDI.joinpath(sub).glob("*.mid*")) + sorted(SHARED_MIDI.joinpath(sub).glob("*.mid*")):
+            digest = hashlib.sha256(f.read_bytes()).digest()
+            if digest not in seen:
+                seen.add(digest)
+                assert not (root / sub / f.name).exists(), f"two different files named {f.name}"
+                shutil.copy(f, root / sub / f.name)
+    return root
+
+
 def shared_midi_dir(sub: str = "dev") -> Path:
-    """One folder with every real MIDI file of `sub` ("dev" or "broken"): tests/data/<sub>, plus
-    ../shared/midi/<sub> where present (then a session-wide temporary folder of copies, deduplicated by content)."""
-    extra = SHARED_MIDI / sub
-    if not extra.is_dir():
-        return TEST_MIDI / sub
-    union = Path(tempfile.mkdtemp(prefix=f"midistral-test-midi-{sub}-"))
-    atexit.register(shutil.rmtree, union, True)
-    seen = set()
-    for f in sorted(TEST_MIDI.joinpath(sub).glob("*.mid*")) + sorted(extra.glob("*.mid*")):
-        digest = hashlib.sha256(f.read_bytes()).digest()
-        if digest not in seen:
-            seen.add(digest)
-            assert not (union / f.name).exists(), f"two different files named {f.name} in tests/data and {extra}"
-            shutil.copy(f, union / f.name)
-    return union
+    """The folder of real MIDI files of `sub` ("dev" or "broken"): tests/data/<sub> on a fresh clone; with
+    ../shared/midi beside the project, tests/data and ../shared/midi merged ("dev" and "broken" stay siblings)."""
+    return _merged_midi_dir() / sub if SHARED_MIDI.is_dir() else TEST_MIDI / sub
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ NO_BARS = {k: v for k, v in REPORT_PARAMS.items() if k != "max_bar_embedding"}
 @pytest.fixture(scope="module")
 def trained(dev_midi_files, tmp_path_factory):
     """Ours and MidiTok's, each trained to 1,600 tokens on the same 30 files; MidiTok's saved to JSON."""
-    train, test = dev_midi_files[:60:2], dev_midi_files[60:]
+    cut = len(dev_midi_files) * 3 // 5
+    train, test = dev_midi_files[:cut:2], dev_midi_files[cut:]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mt = miditok.REMI(miditok.TokenizerConfig(**NO_BARS))
@@ -58,7 +59,7 @@ def test_same_ids_on_other_files(trained):
         assert np.array_equal(ours.base_ids(got), base)
         assert ours.tokens(ours.decode(got)) == ours.tokens(ours.decode(base))
         compared += 1
-    assert compared >= 30
+    assert compared >= 0.75 * len(test)
 
 
 def test_save_load_keeps_merges_and_retraining_replaces(trained, tmp_path, dev_midi_files):
@@ -90,7 +91,7 @@ def test_miditok_file_without_bpe(tmp_path, dev_midi_files):
     mt.save(tmp_path / "plain.json")
     tok = REMI.from_miditok(tmp_path / "plain.json")
     assert tok.bpe is None and len(tok) == 1127
-    f = dev_midi_files[10]
+    f = next(f for f in dev_midi_files[10:] if f.stat().st_size > 1000)  # one with notes
     assert tok.encode(f).tolist() == mt.encode(f).ids
 
 

@@ -63,7 +63,7 @@ def test_tokens_equal_miditok_on_real_files(dev_tokens):
             continue
         assert mine == theirs, f.name
         compared += 1
-    assert compared >= 90
+    assert compared >= 0.9 * len(dev_tokens)
 
 
 def _fix_miditok_bar_numbers(tokens):
@@ -99,7 +99,7 @@ def test_numbered_bars_equal_miditok_except_its_bar_quirk(pair_bars, dev_midi_fi
         bars = [int(t[4:]) for t in mine if t.startswith("Bar_")]
         assert bars == sorted(set(bars)), "bar numbers strictly increase"
         compared += 1
-    assert compared >= 35
+    assert compared >= 0.7 * len(dev_midi_files[::2])
 
 
 def _notes(score: symusic.Score):
@@ -136,7 +136,7 @@ def test_decode_equals_miditok_where_its_round_trip_holds(pair, dev_tokens):
         a, b = _time_sigs(got), _time_sigs(ref)
         assert [x[1:] for x in a] == [x[1:] for x in b] and all(abs(x[0] - y[0]) <= 2 for x, y in zip(a, b)), f.name
         compared += 1
-    assert compared >= 20
+    assert compared >= 0.2 * len(dev_tokens)
 
 
 def test_round_trip_on_every_real_file(pair, pair_bars, dev_tokens):
@@ -217,7 +217,7 @@ def test_decode_never_crashes(pair, dev_tokens):
 
 def test_bad_input_names_the_file(pair, broken_midi_files, tmp_path):
     ours = pair[0]
-    assert len(broken_midi_files) == 4
+    assert len(broken_midi_files) >= 4
     for f in broken_midi_files:
         with pytest.raises(MidiError, match=re.escape(f.name)):
             ours.encode(f)
