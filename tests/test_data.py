@@ -43,6 +43,7 @@ def cfg_for(folder, out, **data):
     return cfg
 
 
+@pytest.mark.slow
 def test_prepare_lists_skipped_files_and_reuses(corpus, tmp_path):
     cfg = cfg_for(corpus, tmp_path, bpe_vocab_size=700)
     out = prepare(cfg, progress=False)
@@ -74,6 +75,7 @@ def test_prepare_lists_skipped_files_and_reuses(corpus, tmp_path):
     assert (out / "train.bin").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_filters_and_transposition(corpus, tmp_path):
     out = prepare(cfg_for(corpus, tmp_path, only_4_4=True, max_bars=60, transpose=[-2, 2], transpose_copies=2), progress=False)
     man = json.loads((out / "manifest.json").read_text())
@@ -106,6 +108,7 @@ def test_chunks_and_padding_exact(tmp_path):
         assert y[row].tolist() == [t if k + 1 < len(ref[i]) else -100 for k, t in enumerate(seq[1:])]
 
 
+@pytest.mark.slow
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'train.lrr'"):
         load_config(ROOT / "configs" / "tiny.toml", ["train.lrr=1"])

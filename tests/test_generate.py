@@ -78,6 +78,7 @@ def cached_logits_match_full(model, ids, chunks, tol=1e-5):
         torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=f"prefix length {pos}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt_len", [3, 8, 13, 30])  # shorter, equal, longer, much longer than W=8
 def test_rolling_cache_protocol_model(prompt_len):
     torch.manual_seed(0)
@@ -148,6 +149,7 @@ def test_process_logits_matches_transformers(temperature, top_k, top_p):
     torch.testing.assert_close(got[~torch.isinf(got)], want[~torch.isinf(want)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top_k,top_p", [(6, None), (1, None), (20, 0.5), (None, 0.7)])
 def test_sample_next_stays_in_support(top_k, top_p):
     """Every draw lies among the tokens process_logits keeps (top-k: the k best); frequencies follow it."""
@@ -269,6 +271,7 @@ def test_decode_step_equals_full_forward(prepacked, tmp_path, monkeypatch):
             assert torch.allclose(got, want, atol=1e-5, rtol=0), (pos, (got - want).abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 3, 6])
 def test_greedy_ngram_matches_transformers(n, tmp_path):
     from midistral.model import from_hf

@@ -73,6 +73,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,Hq,Hkv,N,D,W,blocks", CASES)
 def test_fp32_matches_fp64_reference(B, Hq, Hkv, N, D, W, blocks):
     q, k, v, do = inputs(B, Hq, Hkv, N, D)
@@ -86,6 +87,7 @@ def test_fp32_matches_fp64_reference(B, Hq, Hkv, N, D, W, blocks):
             assert rel_err(x, ref) < 1e-4, (name, rel_err(x, ref))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,Hq,Hkv,N,D,W", [(2, 4, 2, 64, 32, 16), (1, 2, 1, 100, 64, 100)])
 def test_half_precision_within_2x_of_torch(dtype, B, Hq, Hkv, N, D, W):
@@ -177,6 +179,7 @@ def test_importing_the_model_does_not_import_triton():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow
 def test_model_logits_triton_equal_torch():
     model_mod = pytest.importorskip("midistral.model")
     cfg = model_mod.ModelConfig(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -197,6 +200,7 @@ def test_model_logits_triton_equal_torch():
         assert rel_err(gk, gt) < 1e-3
 
 
+@pytest.mark.slow
 def test_ahead_of_time_compile_for_hopper():
     """One configuration of the compile report (the full one: `python -m midistral.kernels.compile`)."""
     import os

@@ -30,6 +30,7 @@ def trained(dev_midi_files, tmp_path_factory):
     return ours, mt, test, path
 
 
+@pytest.mark.slow
 def test_same_vocabulary_and_merges(trained):
     ours, mt, _, _ = trained
     a = json.loads(mt._model.to_str())["model"]
@@ -38,6 +39,7 @@ def test_same_vocabulary_and_merges(trained):
     assert len(ours) == len(mt) == 1600
 
 
+@pytest.mark.slow
 def test_same_ids_on_other_files(trained):
     ours, mt, test, path = trained
     loaded = REMI.from_miditok(path)
@@ -62,6 +64,7 @@ def test_same_ids_on_other_files(trained):
     assert compared >= 0.75 * len(test)
 
 
+@pytest.mark.slow
 def test_save_load_keeps_merges_and_retraining_replaces(trained, tmp_path, dev_midi_files):
     ours, _, test, _ = trained
     ours.save(tmp_path / "tok.json")
@@ -72,6 +75,7 @@ def test_save_load_keeps_merges_and_retraining_replaces(trained, tmp_path, dev_m
     assert len(back) == 1200 and len(ours) == 1600
 
 
+@pytest.mark.slow
 def test_encode_many_reports_failures(trained, broken_midi_files):
     ours, _, test, _ = trained
     paths = list(test[:6]) + list(broken_midi_files)

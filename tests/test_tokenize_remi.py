@@ -54,6 +54,7 @@ def test_vocabulary_equals_miditok(pair, pair_bars):
     assert len(pair_bars[0]) == 1127
 
 
+@pytest.mark.slow
 def test_tokens_equal_miditok_on_real_files(dev_tokens):
     compared = 0
     for f, theirs, mine in dev_tokens:
@@ -80,6 +81,7 @@ def _fix_miditok_bar_numbers(tokens):
     return out
 
 
+@pytest.mark.slow
 def test_numbered_bars_equal_miditok_except_its_bar_quirk(pair_bars, dev_midi_files):
     ours, mt = pair_bars
     compared = 0
@@ -119,6 +121,7 @@ def _time_sigs(score):
     return [(t.time, t.numerator, t.denominator) for t in score.time_signatures]
 
 
+@pytest.mark.slow
 def test_decode_equals_miditok_where_its_round_trip_holds(pair, dev_tokens):
     ours, mt = pair
     compared = 0
@@ -139,6 +142,7 @@ def test_decode_equals_miditok_where_its_round_trip_holds(pair, dev_tokens):
     assert compared >= 0.2 * len(dev_tokens)
 
 
+@pytest.mark.slow
 def test_round_trip_on_every_real_file(pair, pair_bars, dev_tokens):
     ours = pair[0]
     for f, _, mine in dev_tokens:
@@ -181,6 +185,7 @@ def random_score(rng: np.random.Generator) -> symusic.Score:
     return s
 
 
+@pytest.mark.slow
 def test_random_scores_equal_miditok_and_round_trip(pair):
     ours, mt = pair
     rng = np.random.default_rng(0)
@@ -201,6 +206,7 @@ def test_random_scores_equal_miditok_and_round_trip(pair):
     assert checked >= 100
 
 
+@pytest.mark.slow
 def test_decode_never_crashes(pair, dev_tokens):
     ours = pair[0]
     rng = np.random.default_rng(1)

@@ -46,6 +46,7 @@ def first_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_loss_falls_and_checkpoints_load(first_run):
     train, val = losses(first_run)
     assert len(train) == 30 and [v["step"] for v in val] == [10, 20, 30]
@@ -62,6 +63,7 @@ def test_loss_falls_and_checkpoints_load(first_run):
     assert (first_run / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(first_run, tmp_path):
     data = first_run / "data"
     run_train(tmp_path / "a", "train.max_steps=10", "train.eval_every=5", data=data)
@@ -74,6 +76,7 @@ def test_resume_equals_uninterrupted(first_run, tmp_path):
     assert [round(v["val_loss"], 6) for v in va] == [round(v["val_loss"], 6) for v in vb]
 
 
+@pytest.mark.slow
 def test_sigkill_after_checkpoint_then_resume(first_run, tmp_path):
     """A run killed (SIGKILL) some steps after its first epoch checkpoint, then --resume'd: every step is
     logged once, and the losses equal those of a run that was never stopped."""
@@ -112,6 +115,7 @@ def test_sigkill_after_checkpoint_then_resume(first_run, tmp_path):
     assert all(abs(a[s] - b[s]) <= 1e-6 for s in b)
 
 
+@pytest.mark.slow
 def test_early_stopping_after_patience_epochs(first_run, tmp_path):
     """lr 0: the validation loss never improves after epoch 1, so patience 2 stops the run at the end of epoch 3."""
     out = tmp_path / "flat"
@@ -124,6 +128,7 @@ def test_early_stopping_after_patience_epochs(first_run, tmp_path):
     assert json.loads((out / "best" / "best.json").read_text())["step"] == per_epoch
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one(first_run, tmp_path):
     data = first_run / "data"
     run_train(tmp_path / "one", "train.max_steps=5", "train.batch_size=4", data=data)
