@@ -81,13 +81,21 @@ def test_filters_and_transposition(corpus, tmp_path):
     assert man["counts"]["train"]["pieces"] == 3 * man["counts"]["train"]["files"]
 
 
+def write_manifest(folder, splits):
+    """The manifest prepare() would write for hand-made shards (the fields TokenChunks checks)."""
+    shards = {p.name: {"bytes": p.stat().st_size} for p in folder.iterdir() if p.suffix in (".bin", ".npy")}
+    (folder / "manifest.json").write_text(json.dumps({
+        "format": "midistral.data", "version": 2, "dtype": "uint16", "vocab_size": 600, "fingerprint": "test",
+        "shards": shards, "counts": {s: {"files": len(p)} for s, p in splits.items()}}))
+
+
 def test_chunks_and_padding_exact(tmp_path):
     rng = np.random.default_rng(0)
     pieces = [rng.integers(4, 600, n) for n in (3, 10, 25, 7, 40)]
     offs = np.r_[0, np.cumsum([len(p) for p in pieces])]
     np.concatenate(pieces).astype(np.uint16).tofile(tmp_path / "train.bin")
     np.save(tmp_path / "train.idx.npy", offs)
-    (tmp_path / "manifest.json").write_text(json.dumps({"dtype": "uint16"}))
+    write_manifest(tmp_path, {"train": pieces})
     BOS, EOS, PAD, MIN, MAX = 1, 2, 0, 5, 8
     ds = TokenChunks(tmp_path, "train", MIN, MAX, BOS, EOS, PAD)
     ref = []  # plain Python: frame each piece, cut every MAX, drop short tails unless the whole piece
