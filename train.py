@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from midistral.checkpoint import (append_metrics, check_same_data, plot_metrics, read_train_state, read_weights,
-                                  resume_dir, save_checkpoint, truncate_metrics)
+from midistral.checkpoint import (append_metrics, check_same_data, check_same_tokenizer, plot_metrics, read_train_state,
+                                  read_weights, resume_dir, save_checkpoint, truncate_metrics)
 from midistral.config import load_config
-from midistral.data import TokenChunks, epoch_order, load_splits, prepare, prepared_dir
-from midistral.errors import ArgumentParser, CheckpointError, MidistralError
+from midistral.data import TokenChunks, epoch_order, load_splits, made_with, prepare, prepared_dir
+from midistral.errors import ArgumentParser, CheckpointError, ConfigError, MidistralError
 from midistral.io import RunLock
 from midistral.model import ModelConfig, Transformer
 from midistral.tokenize import REMI
@@ -182,6 +182,9 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     else:
         device = torch.device(device_name)
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={device_name!r}: no such CUDA device here "
+                              f"({torch.cuda.device_count()} found; use 'cpu' or 'auto')")
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
@@ -195,10 +198,10 @@ def load_data(cfg: dict, master: bool, ddp: bool) -> tuple[REMI, TokenChunks, To
     return load_splits(data_dir, cfg["data"]["min_seq"], cfg["data"]["max_seq"])
 
 
-def restore(job: Job, last: Path) -> None:
+def restore(job: Job, last: Path, saved: dict) -> None:
     """Load RUN/last (or .last.old) into the job: weights, and unless train.restart, optimiser, RNG and state."""
-    tc, saved = job.cfg["train"], read_train_state(last / "state.pt")
-    check_same_data(last, saved, job.tok, job.data_fingerprint, prepared_dir(job.cfg), tc["restart"])
+    tc = job.cfg["train"]
+    check_same_tokenizer(last, job.tok, prepared_dir(job.cfg))
     job.raw_model.load_weights(read_weights(last / "model.safetensors"), last)
     if tc["restart"]:  # the report's second cycle: same weights, fresh optimiser and schedule, no warm-up
         job.state = TrainState(step=saved["step"], best_val=saved["best_val"], schedule_start=saved["step"])
@@ -215,11 +218,12 @@ def setup(cfg: dict, last: Path | None) -> Job:
     """Data, model, optimiser and state, restored from `last` when resuming."""
     tc, dc, run = cfg["train"], cfg["data"], Path(cfg["out_dir"])
     rank, world, device = init_distributed(tc["device"])
+    saved = read_train_state(last / "state.pt") if last is not None else None
+    if saved is not None and not tc["restart"]:  # before preparing: never overwrite the run's data with other data
+        check_same_data(last, saved, made_with(cfg)[1], prepared_dir(cfg))
     tok, train_set, val_set = load_data(cfg, rank == 0, world > 1)
     mcfg = ModelConfig(**{**cfg["model"], "vocab_size": len(tok), "pad_token_id": tok.pad_id,
                           "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id})
-    if mcfg.max_position_embeddings < dc["max_seq"]:
-        raise MidistralError(f"model.max_position_embeddings={mcfg.max_position_embeddings} < data.max_seq={dc['max_seq']}")
     if tc["batch_size"] % world:
         raise MidistralError(f"train.batch_size={tc['batch_size']} must be divisible by the number of processes ({world})")
     torch.manual_seed(tc["seed"])
@@ -229,7 +233,7 @@ def setup(cfg: dict, last: Path | None) -> Job:
               train_set, val_set, steps_per_epoch, tc["epochs"] * steps_per_epoch, 0, train_set.fingerprint,
               TrainState(warmup_ratio=tc["warmup_ratio"]))
     if last is not None:
-        restore(job, last)
+        restore(job, last, saved)
     job.total = tc["max_steps"] or job.state.schedule_start + job.schedule_len
     if job.state.step >= job.total:
         raise MidistralError(f"{run}: already at step {job.state.step} of {job.total}, nothing to train "

@@ -16,6 +16,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -78,8 +79,13 @@ def find_tokenizer_file(ckpt: Path) -> Path:
 def load_tokenizer(path: str | os.PathLike):
     """Our tokenizer JSON, or one saved by MidiTok 3.1 (`tokenizer.save`): REMI.load reads both. A file
     whose values do not build a tokenizer (tampered, another version) is a CheckpointError naming it."""
+    from midistral.config import check_tokenizer_params
+    from midistral.io import read_tokenizer_json
     from midistral.tokenize import REMI
 
+    d = read_tokenizer_json(Path(path))
+    if d.get("tokenizer") == "midistral.REMI":  # bound the vocabulary before building it
+        check_tokenizer_params(d.get("config") or {}, f"{path}: ")
     try:
         return REMI.load(path)
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
@@ -162,12 +168,16 @@ def resume_dir(run: Path) -> Path:
 def read_train_state(path: Path) -> dict:
     """state.pt as saved by train.py: tensors and plain values only (a pickled object is refused, never run)."""
     try:
-        saved = torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # torch warns about pickle protocols on foreign files: the error says it
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such training state file") from None
     except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain containers
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else "unpickling error"
-        raise CheckpointError(f"{path}: refused, holds more than tensors and plain values ({reason})") from None
+        why = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unpickler error" in line]
+        reason = (why[0] if why else "unpickling error")[:120]
+        raise CheckpointError(f"{path}: refused, holds more than tensors and plain values ({reason}); "
+                              "nothing in it was run") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt training state ({e.__class__.__name__})") from None
     if not isinstance(saved, dict):
@@ -224,15 +234,19 @@ def append_metrics(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def check_same_data(last: Path, saved: dict, tok, fingerprint: str, data_dir: Path, restart: bool) -> None:
-    """Refuse to resume `last` on data it was not trained on: another tokenizer always (the ids would mean
-    other things), another data config unless train.restart (a new cycle may train on new data)."""
+def check_same_data(last: Path, saved: dict, fingerprint: str, data_dir: Path) -> None:
+    """Refuse to resume `last` on data prepared with another [data] or [tokenizer] config (a restart cycle,
+    train.restart=true, may train on new data and skips this)."""
+    if saved.get("data_fingerprint", fingerprint) != fingerprint:
+        raise CheckpointError(f"{last}: trained on data prepared with another [data] config than {data_dir} "
+                              "would be: resume with the run's settings (or train.restart=true)")
+
+
+def check_same_tokenizer(last: Path, tok, data_dir: Path) -> None:
+    """Refuse to continue `last` with another tokenizer: its ids would mean other things."""
     if load_tokenizer(last / TOKENIZER_FILE).to_dict() != tok.to_dict():
         raise CheckpointError(f"{last}: the checkpoint's tokenizer differs from the one in the prepared data "
                               f"({data_dir}): resume with the run's [data] and [tokenizer] settings")
-    if not restart and saved.get("data_fingerprint", fingerprint) != fingerprint:
-        raise CheckpointError(f"{last}: trained on data prepared with another [data] config than {data_dir}: "
-                              "resume with the run's settings (or train.restart=true)")
 
 
 def truncate_metrics(path: Path, step: int) -> int:

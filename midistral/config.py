@@ -211,11 +211,59 @@ def check_config(cfg: dict) -> None:
             why = _expected(key, table[name])
             if why is not None:
                 raise ConfigError(f"{key}={_show(table[name])}: expected {why}")
-    d = cfg["data"]
+    d, m = cfg["data"], cfg["model"]
     if d["min_seq"] > d["max_seq"]:
         raise ConfigError(f"data.min_seq={d['min_seq']} > data.max_seq={d['max_seq']}: expected min_seq <= max_seq")
+    if m["max_position_embeddings"] < d["max_seq"]:
+        raise ConfigError(f"model.max_position_embeddings={m['max_position_embeddings']} < data.max_seq={d['max_seq']}: "
+                          "the model must see a whole chunk")
     if not isinstance(cfg["tokenizer"], dict):
         raise ConfigError(f"tokenizer={_show(cfg['tokenizer'])}: expected a section")
+    check_tokenizer_params(cfg["tokenizer"], "tokenizer.")
+
+
+# The tokenizer's own config (REMIConfig) checks names and pitch ranges; these bound the vocabulary it builds.
+TOKENIZER_BOUNDS = {"num_velocities": (1, 127), "num_tempos": (1, 1000), "max_bar_embedding": (1, 100_000)}
+
+
+def check_tokenizer_params(params: dict, where: str) -> None:
+    """Build the tokenizer a [tokenizer] section (or a tokenizer file's "config") describes, or a ConfigError
+    naming the key: `where` prefixes it ("tokenizer." or "FILE: ")."""
+    import warnings
+
+    from midistral.tokenize import REMI, REMIConfig
+
+    for key, (lo, hi) in TOKENIZER_BOUNDS.items():
+        v = params.get(key)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+            raise ConfigError(f"{where}{key}={_show(v)}: expected an integer in [{lo}, {hi}]")
+    programs = params.get("programs", [])
+    if not isinstance(programs, list) or any(not isinstance(p, int) or not -1 <= p <= 127 for p in programs):
+        raise ConfigError(f"{where}programs={_show(programs)}: expected a list of MIDI programs in [-1, 127]")
+    for key in ("beat_res", "beat_res_rest"):
+        values = params.get(key, {}).values() if isinstance(params.get(key), dict) else []
+        if any(not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 128 for v in values):
+            raise ConfigError(f"{where}{key}={_show(params[key])}: expected positions per beat in [1, 128]")
+
+    def build(p: dict) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            REMI(REMIConfig(**p))
+
+    try:
+        build(params)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
+        bad = next((k for k in params if not _builds(build, {k: params[k]})), None)
+        shown = f"{bad}={_show(params[bad])}" if bad else "config"
+        raise ConfigError(f"{where}{shown}: not a valid value ({e.__class__.__name__}: {str(e)[:80]})") from None
+
+
+def _builds(build, params: dict) -> bool:
+    try:
+        build(params)
+        return True
+    except (ConfigError, TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError):
+        return False
 
 
 def _show(v) -> str:
