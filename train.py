@@ -300,14 +300,12 @@ def train(job: Job) -> None:
 
 
 def write_samples(run: Path, sc: dict) -> None:
-    """A few pieces from the trained model, with sample.py (the same code a user runs)."""
+    """A few pieces from the trained model, with sample.py (the same code a user runs); [sample] keys are its flags."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import sample
 
-    sample.main(["--ckpt", str(run), "--out", str(run / "samples"), "--num-samples", str(sc["num_samples"]),
-                 "--max-new-tokens", str(sc["max_new_tokens"]), "--min-new-tokens", str(sc["min_new_tokens"]),
-                 "--temperature", str(sc["temperature"]),
-                 "--top-k", str(sc["top_k"]), "--no-repeat-ngram", str(sc["no_repeat_ngram"]), "--seed", str(sc["seed"])])
+    sample.main(["--ckpt", str(run), "--out", str(run / "samples")]
+                + [arg for key, value in sc.items() for arg in (f"--{key.replace('_', '-')}", str(value))])
 
 
 def main(argv=None) -> int:
