@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from midistral.errors import CheckpointError
+from midistral.errors import CheckpointError, MidistralError
 from midistral.io import atomic_path, atomic_write_text, fix_mode
 
 MODEL_FILE = "model.safetensors"
@@ -88,7 +88,11 @@ def load_tokenizer(path: str | os.PathLike):
         check_tokenizer_params(d.get("config") or {}, f"{path}: ")
     try:
         return REMI.load(path)
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+    except MidistralError as e:
+        if str(path) in str(e):
+            raise
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a file's values the tokenizer cannot build from, whatever breaks
         reason = str(e).splitlines()[0][:100] if str(e) else ""
         raise CheckpointError(f"{path}: not a tokenizer this version reads ({e.__class__.__name__}: {reason})") from None
 

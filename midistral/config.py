@@ -252,7 +252,11 @@ def check_tokenizer_params(params: dict, where: str) -> None:
 
     try:
         build(params)
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
+    except ConfigError as e:
+        if where.endswith(": "):  # a file: name it
+            raise ConfigError(f"{where}{e}") from None
+        raise
+    except Exception as e:  # noqa: BLE001 - values the tokenizer cannot build from, whatever breaks
         bad = next((k for k in params if not _builds(build, {k: params[k]})), None)
         shown = f"{bad}={_show(params[bad])}" if bad else "config"
         raise ConfigError(f"{where}{shown}: not a valid value ({e.__class__.__name__}: {str(e)[:80]})") from None
@@ -262,7 +266,7 @@ def _builds(build, params: dict) -> bool:
     try:
         build(params)
         return True
-    except (ConfigError, TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError):
+    except Exception:  # noqa: BLE001
         return False
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,14 +115,18 @@ class RunLock:
         except OSError as e:
             raise MidistralError(f"{self.folder}: cannot create the folder's lock ({e.strerror})") from None
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(self.fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
-            raise CheckpointError(f"{self.folder}: locked by {self.what} still running ({holder}); "
-                                  "wait for it to finish or use another out_dir") from None
+                os.close(self.fd)
+                raise MidistralError(f"{self.folder}: cannot lock the folder ({e.strerror})") from None
+            if not self.wait:
+                os.close(self.fd)
+                raise CheckpointError(f"{self.folder}: locked by {self.what} still running ({holder}); "
+                                      "wait for it to finish or use another out_dir") from None
+            print(f"note: {self.folder} is locked by {self.what} ({holder}); waiting for it", file=sys.stderr)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         return self

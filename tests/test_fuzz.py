@@ -205,3 +205,32 @@ def test_damaged_state_pt_is_one_line(tmp_path):
     torch.save([1, 2], good)
     with pytest.raises(CheckpointError, match="not a training state"):
         read_train_state(good)
+
+
+def test_damaged_tokenizer_files_load_or_refuse(tokenizers, tmp_path):
+    """Tokenizer JSON with bytes mutated, keys dropped or values replaced: a tokenizer or a one-line error."""
+    from midistral.checkpoint import load_tokenizer
+
+    r = random.Random(8)
+    good = json.dumps(tokenizers["bpe"].to_dict())
+    path = tmp_path / "tokenizer.json"
+    loaded = 0
+    for i in range(300):
+        if i % 2:
+            text = mutate(good.encode(), i).decode("utf-8", errors="replace")
+        else:
+            d = json.loads(good)
+            section = d["config"] if i % 4 == 0 else d.get("bpe", d)
+            key = r.choice(sorted(section))
+            if r.random() < 0.3:
+                del section[key]
+            else:
+                section[key] = random_value(r)
+            text = json.dumps(d)
+        path.write_text(text)
+        try:
+            load_tokenizer(path)
+            loaded += 1
+        except MidistralError as e:
+            assert one_line(e), e
+    assert 0 < loaded < 300
