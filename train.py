@@ -216,7 +216,7 @@ def restore(job: Job, last: Path, saved: dict) -> None:
 
 def setup(cfg: dict, last: Path | None) -> Job:
     """Data, model, optimiser and state, restored from `last` when resuming."""
-    tc, dc, run = cfg["train"], cfg["data"], Path(cfg["out_dir"])
+    tc, run = cfg["train"], Path(cfg["out_dir"])
     rank, world, device = init_distributed(tc["device"])
     saved = read_train_state(last / "state.pt") if last is not None else None
     if saved is not None and not tc["restart"]:  # before preparing: never overwrite the run's data with other data
