@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
-from midistral.errors import CheckpointError
+import torch
+
+from midistral.errors import CheckpointError, MidistralError
+from midistral.io import atomic_path, atomic_write_text, fix_mode
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -72,10 +77,24 @@ def find_tokenizer_file(ckpt: Path) -> Path:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """Our tokenizer JSON, or one saved by MidiTok 3.1 (`tokenizer.save`): REMI.load reads both."""
+    """Our tokenizer JSON, or one saved by MidiTok 3.1 (`tokenizer.save`): REMI.load reads both. A file
+    whose values do not build a tokenizer (tampered, another version) is a CheckpointError naming it."""
+    from midistral.config import check_tokenizer_params
+    from midistral.io import read_tokenizer_json
     from midistral.tokenize import REMI
 
-    return REMI.load(path)
+    d = read_tokenizer_json(Path(path))
+    if d.get("tokenizer") == "midistral.REMI":  # bound the vocabulary before building it
+        check_tokenizer_params(d.get("config") or {}, f"{path}: ")
+    try:
+        return REMI.load(path)
+    except MidistralError as e:
+        if str(path) in str(e):
+            raise
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a file's values the tokenizer cannot build from, whatever breaks
+        reason = str(e).splitlines()[0][:100] if str(e) else ""
+        raise CheckpointError(f"{path}: not a tokenizer this version reads ({e.__class__.__name__}: {reason})") from None
 
 
 def load_model(ckpt: str | os.PathLike, device: str = "cpu"):
@@ -115,6 +134,7 @@ def save_checkpoint(
     dir = Path(dir)
     dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dir.name}.", suffix=".tmp", dir=dir.parent))
+    fix_mode(staging, 0o777)  # mkdtemp makes it 0700: give the folder the umask's permissions
     try:
         model.save(staging)
         if tokenizer is not None:
@@ -134,3 +154,134 @@ def save_checkpoint(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return dir
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run folders: what train.py --resume reads
+
+
+def resume_dir(run: Path) -> Path:
+    """The checkpoint to resume from: RUN/last, or RUN/.last.old when a kill fell between the two renames
+    of a checkpoint swap (the new folder was not yet in place, the previous one is whole)."""
+    for d in (run / "last", run / ".last.old"):
+        if (d / "state.pt").is_file():
+            return d
+    raise CheckpointError(f"{run}: nothing to resume (no last/state.pt)")
+
+
+def read_train_state(path: Path) -> dict:
+    """state.pt as saved by train.py: tensors and plain values only (a pickled object is refused, never run)."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on foreign files: the error says it
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such training state file") from None
+    except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain containers
+        why = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unpickler error" in line]
+        reason = (why[0] if why else "unpickling error")[:120]
+        raise CheckpointError(f"{path}: refused, holds more than tensors and plain values ({reason}); "
+                              "nothing in it was run") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt training state ({e.__class__.__name__})") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: not a training state (expected a dict, got {type(saved).__name__})")
+    checks = {"step": lambda v: isinstance(v, int) and v >= 0, "best_val": lambda v: isinstance(v, float),
+              "optimizer": lambda v: isinstance(v, dict),
+              "torch_rng": lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8}
+    for key, ok in checks.items():
+        if key not in saved:
+            raise CheckpointError(f"{path}: not a training state of this version (no {key!r})")
+        if not ok(saved[key]):
+            raise CheckpointError(f"{path}: bad value for {key!r} ({type(saved[key]).__name__})")
+    return saved
+
+
+def read_weights(path: Path) -> dict:
+    """A safetensors file's tensors, or a CheckpointError naming it."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{path}: truncated or corrupt weights ({str(e).splitlines()[0][:120]})") from None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a line cut short by a kill is skipped, any other bad line is an error."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.__class__.__name__})") from None
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:  # the last line, cut by a kill mid-write
+                continue
+            raise CheckpointError(f"{path}: line {i + 1} is not JSON (a corrupt metrics log)") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise CheckpointError(f"{path}: line {i + 1} is not a metrics row (no integer 'step')")
+        rows.append(row)
+    return rows
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    with open(path, "a") as f:  # append-only: a crash loses at most the line being written
+        f.write(json.dumps(row) + "\n")
+
+
+def check_same_data(last: Path, saved: dict, fingerprint: str, data_dir: Path) -> None:
+    """Refuse to resume `last` on data prepared with another [data] or [tokenizer] config (a restart cycle,
+    train.restart=true, may train on new data and skips this)."""
+    if saved.get("data_fingerprint", fingerprint) != fingerprint:
+        raise CheckpointError(f"{last}: trained on data prepared with another [data] config than {data_dir} "
+                              "would be: resume with the run's settings (or train.restart=true)")
+
+
+def check_same_tokenizer(last: Path, tok, data_dir: Path) -> None:
+    """Refuse to continue `last` with another tokenizer: its ids would mean other things."""
+    if load_tokenizer(last / TOKENIZER_FILE).to_dict() != tok.to_dict():
+        raise CheckpointError(f"{last}: the checkpoint's tokenizer differs from the one in the prepared data "
+                              f"({data_dir}): resume with the run's [data] and [tokenizer] settings")
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the rows a killed run logged after its last checkpoint, so the resumed run's rows replace
+    them instead of repeating their steps. Returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    n_lines = len([line for line in path.read_text().splitlines() if line.strip()])
+    keep = [row for row in read_metrics(path) if row["step"] <= step]
+    if len(keep) != n_lines:
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
+    return n_lines - len(keep)
+
+
+def plot_metrics(run: Path) -> None:
+    """RUN/loss.png: training and validation loss, and the learning rate, per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run / "metrics.jsonl")
+    tr = [r for r in rows if "loss" in r]
+    va = [r for r in rows if "val_loss" in r]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train", lw=0.8)
+    a.plot([r["step"] for r in va], [r["val_loss"] for r in va], "o-", label="validation")
+    a.set_xlabel("step"), a.set_ylabel("cross-entropy"), a.legend(), a.set_title(run.name)
+    b.plot([r["step"] for r in tr], [r["lr"] for r in tr])
+    b.set_xlabel("step"), b.set_ylabel("learning rate")
+    fig.tight_layout()
+    with atomic_path(run / "loss.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)

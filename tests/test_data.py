@@ -84,13 +84,21 @@ def test_filters_and_transposition(corpus, tmp_path):
     assert man["counts"]["train"]["pieces"] == 3 * man["counts"]["train"]["files"]
 
 
+def write_manifest(folder, splits):
+    """The manifest prepare() would write for hand-made shards (the fields TokenChunks checks)."""
+    shards = {p.name: {"bytes": p.stat().st_size} for p in folder.iterdir() if p.suffix in (".bin", ".npy")}
+    (folder / "manifest.json").write_text(json.dumps({
+        "format": "midistral.data", "version": 2, "dtype": "uint16", "vocab_size": 600, "fingerprint": "test",
+        "shards": shards, "counts": {s: {"files": len(p)} for s, p in splits.items()}}))
+
+
 def test_chunks_and_padding_exact(tmp_path):
     rng = np.random.default_rng(0)
     pieces = [rng.integers(4, 600, n) for n in (3, 10, 25, 7, 40)]
     offs = np.r_[0, np.cumsum([len(p) for p in pieces])]
     np.concatenate(pieces).astype(np.uint16).tofile(tmp_path / "train.bin")
     np.save(tmp_path / "train.idx.npy", offs)
-    (tmp_path / "manifest.json").write_text(json.dumps({"dtype": "uint16"}))
+    write_manifest(tmp_path, {"train": pieces})
     BOS, EOS, PAD, MIN, MAX = 1, 2, 0, 5, 8
     ds = TokenChunks(tmp_path, "train", MIN, MAX, BOS, EOS, PAD)
     ref = []  # plain Python: frame each piece, cut every MAX, drop short tails unless the whole piece
@@ -119,3 +127,141 @@ def test_config_errors(tmp_path):
         r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.toml"),
                             f"out_dir={json.dumps(str(tmp_path / 'run'))}", *extra], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and msg.split(".*")[-1] in r.stderr, r.stderr
+
+
+def small_prepared(tmp_path_factory_or_path, **data):
+    """12 real files prepared with the tiny config (no BPE), in a fresh folder."""
+    out = Path(tmp_path_factory_or_path)
+    cfg = load_config(ROOT / "configs" / "tiny.toml", [f"out_dir={json.dumps(str(out))}",
+                                                        f"data.dir={json.dumps(str(shared_midi_dir('dev')))}"])
+    cfg["data"].update(data)
+    return cfg, prepare(cfg, progress=False)
+
+
+def test_damaged_or_foreign_folder_is_refused_or_prepared_again(tmp_path, capsys):
+    from midistral.data import load_splits
+    from midistral.errors import DataError
+
+    cfg, out = small_prepared(tmp_path)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["fingerprint"] and man["shards"]["train.bin"]["bytes"] == (out / "train.bin").stat().st_size
+    tok, train_set, val_set = load_splits(out, 16, 128)
+    assert len(train_set) and len(val_set)
+    good = (out / "train.bin").read_bytes()
+    (out / "train.bin").write_bytes(good[:-10])  # truncated
+    with pytest.raises(DataError, match="train.bin: .* the manifest says"):
+        load_splits(out, 16, 128)
+    (out / "train.bin").write_bytes(good)
+    (out / "val.idx.npy").write_bytes(b"\x93NUMPY garbage" + b"\0" * (man["shards"]["val.idx.npy"]["bytes"] - 14))
+    with pytest.raises(DataError, match="val.idx.npy: corrupt piece index"):
+        load_splits(out, 16, 128)
+    (out / "manifest.json").write_text(json.dumps({**man, "version": 1}))
+    with pytest.raises(DataError, match="another version"):
+        load_splits(out, 16, 128)
+    (out / "manifest.json").write_text('{"cut')
+    with pytest.raises(DataError, match="not a valid manifest"):
+        load_splits(out, 16, 128)
+    # another data config: detected (fingerprint), prepared again rather than reused
+    capsys.readouterr()
+    cfg["data"]["max_files"] = 6
+    prepare(cfg, progress=False)
+    assert "prepared with another data config" in capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text())["counts"]["train"]["files"] < man["counts"]["train"]["files"]
+
+
+def test_empty_validation_split_is_reported(tmp_path, capsys):
+    from midistral.data import load_splits
+    from midistral.errors import DataError
+
+    _, out = small_prepared(tmp_path, split=[1, 0, 0])
+    assert "the val split kept none" in capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text())["warnings"]
+    with pytest.raises(DataError, match="the val split has no usable piece"):
+        load_splits(out, 16, 128)
+
+
+def test_files_get_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    from midistral.checkpoint import save_checkpoint
+    from midistral.model import ModelConfig, Transformer
+
+    old = os.umask(0o027)
+    try:
+        _, out = small_prepared(tmp_path / "run")
+        save_checkpoint(tmp_path / "ckpt", Transformer(ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                                                   num_hidden_layers=1, num_attention_heads=2,
+                                                                   num_key_value_heads=1)))
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [*out.iterdir(), *(tmp_path / "ckpt").iterdir()]}
+    assert all(m == 0o640 for m in modes.values()), modes  # 0666 & ~027, not mkstemp's 0600
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o750  # 0777 & ~027, not mkdtemp's 0700
+
+
+def test_resource_bounds():
+    import symusic
+
+    from midistral.errors import MidiError
+    from midistral.limits import MAX_NOTES, check_midi_size, check_score
+
+    def score(n_notes, tpq=480, spacing=120, n_tracks=1):
+        s = symusic.Score(tpq)
+        for k in range(n_tracks):
+            t = symusic.Track(program=k % 128)
+            m = n_notes // n_tracks
+            t.notes = symusic.Note.from_numpy(time=np.arange(m, dtype=np.int32) * spacing, duration=np.full(m, 60, np.int32),
+                                              pitch=np.full(m, 60, np.int8), velocity=np.full(m, 80, np.int8))
+            s.tracks.append(t)
+        return s
+
+    with pytest.raises(MidiError, match="1,000,000 notes, more than"):
+        check_score(score(1_000_000), "big.mid")
+    with pytest.raises(MidiError, match="5000 tracks"):
+        check_score(score(5000, n_tracks=5000), "wide.mid")
+    with pytest.raises(MidiError, match="MB, more than"):
+        check_midi_size(100 * 2**20, "huge.mid")
+    from midistral.tokenize import REMI
+
+    tok = REMI()
+    for s in (score(10_000, 480, 1920), score(10_000, 1, 1), score(10_000, 30000, 7500), score(MAX_NOTES // 20)):
+        check_score(s, "ok.mid")  # 10^4 bars, tpq 1, tpq 30000: within bounds, and encoded
+        assert len(tok.encode(s)) > 10_000
+
+
+@pytest.mark.slow
+def test_preparation_killed_anywhere_then_run_again_gives_the_same_shards(tmp_path):
+    """kill -9 at three random moments of a preparation (BPE included), then run it again: the same shards,
+    byte for byte, as an uninterrupted preparation; the killed folder is never taken as prepared."""
+    import os
+    import random
+    import signal
+    import time
+
+    def cmd(out):
+        return [sys.executable, "-m", "midistral.data", "prepare", "--config", str(ROOT / "configs" / "tiny.toml"),
+                f"data.dir={json.dumps(str(shared_midi_dir('dev')))}", f"data.prepared_dir={json.dumps(str(out))}",
+                "data.bpe_vocab_size=700"]
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    t0 = time.time()
+    subprocess.run(cmd(tmp_path / "ref"), check=True, capture_output=True, env=env, cwd=ROOT)
+    duration = time.time() - t0
+    ref = json.loads((tmp_path / "ref" / "manifest.json").read_text())
+    rng = random.Random(7)
+    for k in range(3):
+        out = tmp_path / f"killed{k}"
+        p = subprocess.Popen(cmd(out), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        time.sleep(rng.uniform(0.2, 1.0) * duration)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it finished first: the run below reuses its folder
+            pass
+        p.wait()
+        subprocess.run(cmd(out), check=True, capture_output=True, env=env, cwd=ROOT)
+        man = json.loads((out / "manifest.json").read_text())
+        assert man["shards"] == ref["shards"] and man["fingerprint"] == ref["fingerprint"]
+        assert (out / "tokenizer.json").read_bytes() == (tmp_path / "ref" / "tokenizer.json").read_bytes()
+        assert not list(out.glob(".*.tmp"))  # a killed writer's temporaries were cleared

@@ -144,3 +144,15 @@ def test_resume_without_checkpoint_is_one_line(tmp_path):
                         f"out_dir={json.dumps(str(tmp_path))}", f"data.dir={json.dumps(str(shared_midi_dir('dev')))}",
                         "--resume"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and "nothing to resume" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_killed_anywhere_then_run_again_ends_with_the_same_weights(tmp_path):
+    """bench/killtest.py with 2 trials: kill -9 at random moments of prepare + train, then resume (or start
+    again): the final weights equal an uninterrupted run's bit for bit. The benchmark runs 20 trials."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "killtest.py"), "--trials", "2", "--seed", "1",
+                        "--dir", str(shared_midi_dir("dev")), "--work", str(tmp_path), "--json"],
+                       capture_output=True, text=True, cwd=ROOT, env=dict(ENV, PYTHONPATH=str(ROOT)), timeout=1800)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["same"] == summary["trials"] == 2

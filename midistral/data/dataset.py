@@ -8,17 +8,62 @@ no Python loop over tokens.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from midistral.errors import DataError
+
+DATA_FORMAT = {"format": "midistral.data", "version": 2}  # bumped when the shard layout changes
+
+
+def read_manifest(folder: Path) -> dict:
+    """FOLDER/manifest.json (written last by prepare: its presence means every shard is whole)."""
+    path = Path(folder) / "manifest.json"
+    try:
+        man = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no manifest (the folder is not prepared, or its preparation was interrupted)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: not a valid manifest ({e.__class__.__name__})") from None
+    if not isinstance(man, dict) or {k: man.get(k) for k in DATA_FORMAT} != DATA_FORMAT:
+        found = man.get("version") if isinstance(man, dict) else None
+        raise DataError(f"{path}: prepared by another version of midistral (data format {found!r}, "
+                        f"expected {DATA_FORMAT['version']}): prepare it again")
+    return man
+
+
+def _read_shard(folder: Path, split: str, man: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, piece offsets) of one split, checked against the manifest: sizes, offsets, id range."""
+    bin_path, idx_path = folder / f"{split}.bin", folder / f"{split}.idx.npy"
+    dtype = np.dtype(man["dtype"])
+    for p in (bin_path, idx_path):
+        want = man["shards"][p.name]["bytes"]
+        size = p.stat().st_size if p.is_file() else None
+        if size != want:
+            raise DataError(f"{p}: {'missing' if size is None else f'{size} bytes'}, the manifest says {want}: "
+                            "a damaged folder, prepare it again")
+    try:
+        offsets = np.load(idx_path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{idx_path}: corrupt piece index ({e.__class__.__name__})") from None
+    n = bin_path.stat().st_size // dtype.itemsize
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
+        raise DataError(f"{idx_path}: piece offsets do not fit {bin_path.name} ({n} ids)")
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r") if n else np.zeros(0, dtype)
+    if n and int(tokens.max()) >= man["vocab_size"]:
+        raise DataError(f"{bin_path}: ids up to {int(tokens.max())} but the vocabulary has {man['vocab_size']}")
+    return tokens, offsets
+
 
 class TokenChunks:
     def __init__(self, folder: str | Path, split: str, min_seq: int, max_seq: int, bos_id: int, eos_id: int, pad_id: int):
         folder = Path(folder)
-        self.tokens = np.memmap(folder / f"{split}.bin", dtype=_dtype(folder), mode="r") if (folder / f"{split}.bin").stat().st_size else np.zeros(0, np.uint16)
-        self.offsets = np.load(folder / f"{split}.idx.npy")
+        man = read_manifest(folder)
+        self.tokens, self.offsets = _read_shard(folder, split, man)
+        self.fingerprint = man["fingerprint"]
         self.bos, self.eos, self.pad = bos_id, eos_id, pad_id
         self.max_seq = max_seq
         # each piece framed as BOS + ids + EOS, cut every max_seq tokens of that framed sequence
@@ -53,12 +98,19 @@ class TokenChunks:
         return x, y
 
 
-def _dtype(folder: Path):
-    import json
-
-    return np.dtype(json.loads((folder / "manifest.json").read_text())["dtype"])
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The order of chunks in an epoch: a pure function of (seed, epoch), so a resumed run sees the same data."""
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def load_splits(folder: Path, min_seq: int, max_seq: int):
+    """(tokenizer, train chunks, val chunks) of a prepared folder; a split with no chunk is refused."""
+    from midistral.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(Path(folder) / "tokenizer.json")
+    splits = [TokenChunks(folder, s, min_seq, max_seq, tok.bos_id, tok.eos_id, tok.pad_id) for s in ("train", "val")]
+    for name, chunks in zip(("train", "val"), splits):
+        if len(chunks) == 0:
+            raise DataError(f"{folder}: the {name} split has no usable piece (none of its files passed the filters, "
+                            "see manifest.json 'skipped'): add files or change data.split or the filters")
+    return tok, *splits

@@ -3,9 +3,13 @@
     OUT/data/{train,val,test}.bin     all pieces' ids back to back (uint16, or uint32 for big vocabularies)
     OUT/data/{train,val,test}.idx.npy piece boundaries: offsets into .bin, one more than pieces
     OUT/data/tokenizer.json           the tokenizer (BPE learned on the train split only)
-    OUT/data/manifest.json            the config it was made with, counts, token totals, every skipped file
+    OUT/data/manifest.json            the config it was made with (and its fingerprint), counts, shard sizes,
+                                      every skipped file
 
-Re-running with the same data config reuses what is there.
+Re-running with the same data config reuses what is there; another config prepares the folder again.
+The manifest is removed first and written last, every other file is written atomically, and the folder is
+locked while it is written: a preparation killed at any point leaves no manifest, so the next run
+prepares again (the same shards: every step is deterministic) and nothing half-written is ever used.
 """
 
 from __future__ import annotations
@@ -13,13 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from midistral.errors import ConfigError, MidistralError
-from midistral.io import atomic_path, atomic_write_json
+from midistral.config import tokenizer_params
+from midistral.data.dataset import DATA_FORMAT, read_manifest
+from midistral.errors import ConfigError, DataError, MidistralError
+from midistral.io import RunLock, atomic_path, atomic_write_bytes, atomic_write_json, remove_stale_temps
+from midistral.limits import check_midi_size, check_score
+from midistral.tokenize import REMI, REMIConfig, load_score
 
 SPLITS = ("train", "val", "test")
 
@@ -35,11 +45,11 @@ def find_midi_files(folder: Path) -> list[Path]:
 def _read_piece(args):
     """Worker: read one file, apply the filters, return (bars of base ids per transposition, stats) or an error."""
     path, tok_dict, filters, shifts = args
-    from midistral.tokenize import REMI, load_score
-
     try:
         tok = REMI.from_dict_cached(tok_dict)
+        check_midi_size(Path(path).stat().st_size, path)
         score = load_score(path)
+        check_score(score, path)
         if filters["only_4_4"] and any((t.numerator, t.denominator) != (4, 4) for t in score.time_signatures):
             return path, None, "not 4/4 throughout"
         n_notes = score.note_num()
@@ -58,10 +68,11 @@ def _read_piece(args):
                 versions.append(tok.base_ids_by_bar(t))
             except MidistralError:
                 pass
-        stats = _stats(score, len(bars))
-        return path, (versions, stats), None
+        return path, (versions, _stats(score, len(bars))), None
     except MidistralError as e:
         return path, None, str(e).split(": ", 1)[-1] if str(e).startswith(str(path)) else str(e)
+    except OSError as e:
+        return path, None, f"cannot be read ({e.strerror})"
 
 
 def _stats(score, n_bars: int) -> dict:
@@ -71,57 +82,47 @@ def _stats(score, n_bars: int) -> dict:
             "notes_per_second": score.note_num() / secs}
 
 
-def _quiet_config(params: dict):
+def _quiet_config(params: dict) -> REMIConfig:
     import warnings
-
-    from midistral.tokenize import REMIConfig
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return REMIConfig(**params)
 
 
-def prepare(cfg: dict, progress: bool = True) -> Path:
-    from tqdm import tqdm
-
-    from midistral.tokenize import REMI
-    from midistral.config import tokenizer_params
-
-    d = cfg["data"]
-    out = prepared_dir(cfg)
-    want = {"data": {k: v for k, v in d.items() if k not in ("workers", "prepared_dir")},
+def made_with(cfg: dict) -> tuple[dict, str]:
+    """What the shards depend on (the data and tokenizer config) and its fingerprint."""
+    want = {"data": {k: v for k, v in cfg["data"].items() if k not in ("workers", "prepared_dir")},
             "tokenizer": _quiet_config(tokenizer_params(cfg)).to_dict()}
-    manifest_path = out / "manifest.json"
-    if manifest_path.is_file():
-        try:
-            old = json.loads(manifest_path.read_text())
-            if old.get("made_with") == json.loads(json.dumps(want)) and all((out / f"{s}.bin").is_file() for s in SPLITS):
-                return out
-        except ValueError:
-            pass
+    want = json.loads(json.dumps(want))  # the JSON form, as the manifest holds it
+    return want, hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:16]
 
-    # 1. the files
-    skipped: list[dict] = []
+
+def list_files(d: dict) -> tuple[list[Path], list[dict]]:
+    """The corpus' MIDI files (and the chorales that could not be converted)."""
     if d["source"] == "chorales" and not d["dir"]:
         from midistral.data.chorales import chorale_midis
 
         files, errors = chorale_midis(d["cache_dir"] or None, d["max_files"], d["workers"])
-        skipped += [{"file": e.split(":")[0], "reason": e} for e in errors]
+        skipped = [{"file": e.split(":")[0], "reason": e} for e in errors]
     elif d["source"] in ("folder", "chorales"):
         if not d["dir"]:
             raise ConfigError("data.dir is empty: point it at a folder of MIDI files (or use data.source=\"chorales\")")
         folder = Path(d["dir"]).expanduser()
         if not folder.is_dir():
             raise ConfigError(f"data.dir {str(folder)!r}: no such folder")
-        files = find_midi_files(folder)
+        files, skipped = find_midi_files(folder), []
         if d["max_files"]:
             files = files[: d["max_files"]]
     else:
         raise ConfigError(f"data.source={d['source']!r}: expected 'folder' or 'chorales'")
     if not files:
         raise ConfigError(f"data: no .mid/.midi files found (dir={d['dir']!r}, source={d['source']!r})")
+    return files, skipped
 
-    # 2. exact duplicates by content
+
+def drop_duplicates(files: list[Path], skipped: list[dict]) -> list[Path]:
+    """Files with distinct contents (the first of each), unreadable and duplicate ones added to `skipped`."""
     seen, unique = {}, []
     for f in files:
         try:
@@ -134,27 +135,27 @@ def prepare(cfg: dict, progress: bool = True) -> Path:
             continue
         seen[h] = str(f)
         unique.append(f)
+    return unique
 
-    # 3. seeded split by file
-    rng = np.random.default_rng(d["seed"])
-    order = rng.permutation(len(unique))
+
+def split_files(files: list[Path], d: dict) -> dict[str, str]:
+    """A seeded split by file: path -> "train" | "val" | "test"."""
+    order = np.random.default_rng(d["seed"]).permutation(len(files))
     fr = np.asarray(d["split"], dtype=float)
-    if len(fr) != 3 or fr.min() < 0 or fr.sum() <= 0:
-        raise ConfigError(f"data.split={d['split']!r}: expected three non-negative fractions")
     fr = fr / fr.sum()
-    n_val, n_test = int(round(fr[1] * len(unique))), int(round(fr[2] * len(unique)))
-    if len(unique) >= 3:
+    n_val, n_test = int(round(fr[1] * len(files))), int(round(fr[2] * len(files)))
+    if len(files) >= 3:
         n_val, n_test = max(n_val, 1 if fr[1] else 0), max(n_test, 1 if fr[2] else 0)
-    split_of = {}
-    for rank, i in enumerate(order):
-        split_of[str(unique[i])] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
+    return {str(files[i]): "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
+            for rank, i in enumerate(order)}
 
-    # 4. read + filter + base-tokenize every file, in parallel
-    tok = REMI(_quiet_config(tokenizer_params(cfg)))
+
+def tokenize_files(files: list[Path], split_of: dict, tok: REMI, d: dict, progress: bool):
+    """Read, filter and base-tokenize every file in parallel: (pieces per split, stats, skipped)."""
     filters = {k: d[k] for k in ("only_4_4", "max_bars", "min_notes")}
     lo, hi = d["transpose"]
     jobs = []
-    for f in unique:
+    for f in files:
         shifts = []
         if split_of[str(f)] == "train" and d["transpose_copies"] and (lo or hi):
             choices = [s for s in range(int(lo), int(hi) + 1) if s != 0]
@@ -162,33 +163,24 @@ def prepare(cfg: dict, progress: bool = True) -> Path:
             shifts = frng.choice(choices, size=min(d["transpose_copies"], len(choices)), replace=False).tolist()
         jobs.append((str(f), tok.to_dict(), filters, shifts))
     workers = d["workers"] or os.cpu_count() or 1
-    results = []
-    it = map(_read_piece, jobs) if workers == 1 or len(jobs) < 8 else ProcessPoolExecutor(workers).map(_read_piece, jobs, chunksize=4)
-    for r in tqdm(it, total=len(jobs), desc="tokenize", disable=not progress):
-        results.append(r)
-    pieces = {s: [] for s in SPLITS}
-    stats = []
-    for path, res, err in results:
+    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) >= 8 else None
+    it = pool.map(_read_piece, jobs, chunksize=4) if pool else map(_read_piece, jobs)
+    pieces, stats, skipped = {s: [] for s in SPLITS}, [], []
+    for path, res, err in tqdm(it, total=len(jobs), desc="tokenize", disable=not progress):
         if err:
             skipped.append({"file": path, "reason": err})
             continue
-        versions, st = res
-        pieces[split_of[path]].append((path, versions))
-        stats.append(st)
-    if not pieces["train"]:
-        raise MidistralError(f"data: no usable training piece among {len(files)} files (see skipped reasons)")
+        pieces[split_of[path]].append((path, res[0]))
+        stats.append(res[1])
+    if pool:
+        pool.shutdown()
+    return pieces, stats, skipped
 
-    # 5. BPE on the train split only, then encode everything
-    if d["bpe_vocab_size"]:
-        from midistral.tokenize.bpe import BPE
 
-        special = [tok.vocab[f"{s}_None"] for s in tok.config.special_tokens]
-        train_bars = [v for _, versions in pieces["train"] for v in versions]
-        tok.bpe = BPE.train(train_bars, len(tok.vocab), d["bpe_vocab_size"], special_ids=special,
-                            show_progress=progress and len(train_bars) >= 200, length=len(train_bars))
-    out.mkdir(parents=True, exist_ok=True)
+def write_shards(out: Path, tok: REMI, pieces: dict) -> tuple[dict, dict, str]:
+    """Each split's .bin and .idx.npy (atomically): (counts per split, shard sizes and hashes, dtype name)."""
     dtype = np.uint16 if len(tok) < 2**16 else np.uint32
-    counts = {}
+    counts, shards = {}, {}
     for s in SPLITS:
         seqs = [v for _, versions in pieces[s] for v in versions]
         if tok.bpe is not None:
@@ -197,19 +189,70 @@ def prepare(cfg: dict, progress: bool = True) -> Path:
             ids = [np.concatenate(b) if b else np.zeros(0, np.int64) for b in seqs]
         offsets = np.r_[0, np.cumsum([len(x) for x in ids])].astype(np.int64)
         flat = np.concatenate(ids).astype(dtype) if ids else np.zeros(0, dtype)
-        with atomic_path(out / f"{s}.bin") as tmp:
-            flat.tofile(tmp)
         with atomic_path(out / f"{s}.idx.npy") as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, offsets)
+        for name, data in ((f"{s}.bin", flat.tobytes()), (f"{s}.idx.npy", (out / f"{s}.idx.npy").read_bytes())):
+            if name.endswith(".bin"):
+                atomic_write_bytes(out / name, data)
+            shards[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         counts[s] = {"files": len(pieces[s]), "pieces": len(seqs), "tokens": int(offsets[-1]),
                      "files_list": [p for p, _ in pieces[s]]}
-    tok.save(out / "tokenizer.json")
-    atomic_write_json(out / "stats.json", stats, indent=None)
-    atomic_write_json(manifest_path, {
-        "made_with": want, "vocab_size": len(tok), "dtype": np.dtype(dtype).name,
-        "files_found": len(files), "counts": counts, "skipped": skipped,
-    })
+    return counts, shards, np.dtype(dtype).name
+
+
+def is_prepared(out: Path, fingerprint: str) -> bool:
+    """The folder holds whole shards made with this config (a manifest of another config or version: no)."""
+    try:
+        man = read_manifest(out)
+    except DataError:
+        return False
+    if man.get("fingerprint") != fingerprint:
+        return False
+    return all((out / name).is_file() and (out / name).stat().st_size == info["bytes"]
+               for name, info in man["shards"].items())
+
+
+def prepare(cfg: dict, progress: bool = True) -> Path:
+    """Prepare cfg's corpus into prepared_dir(cfg) (or reuse it); returns the folder."""
+    d, out = cfg["data"], prepared_dir(cfg)
+    want, fingerprint = made_with(cfg)
+    if is_prepared(out, fingerprint):
+        return out
+    with RunLock(out, wait=True, what="a data preparation"):  # a second run on the same folder waits, then reuses
+        if is_prepared(out, fingerprint):
+            return out
+        if (out / "manifest.json").exists():
+            print(f"note: {out} was prepared with another data config; preparing it again", file=sys.stderr)
+            (out / "manifest.json").unlink()  # from here until the end the folder is "not prepared"
+        remove_stale_temps(out)
+        files, skipped = list_files(d)
+        unique = drop_duplicates(files, skipped)
+        split_of = split_files(unique, d)
+        tok = REMI(_quiet_config(tokenizer_params(cfg)))
+        pieces, stats, bad = tokenize_files(unique, split_of, tok, d, progress)
+        skipped += bad
+        if not pieces["train"]:
+            raise DataError(f"data: no usable training piece among {len(files)} files (see the skipped reasons)")
+        if d["bpe_vocab_size"]:  # BPE learned on the train split only
+            from midistral.tokenize.bpe import BPE
+
+            special = [tok.vocab[f"{s}_None"] for s in tok.config.special_tokens]
+            train_bars = [v for _, versions in pieces["train"] for v in versions]
+            tok.bpe = BPE.train(train_bars, len(tok.vocab), d["bpe_vocab_size"], special_ids=special,
+                                show_progress=progress and len(train_bars) >= 200, length=len(train_bars))
+        counts, shards, dtype = write_shards(out, tok, pieces)
+        tok.save(out / "tokenizer.json")
+        atomic_write_json(out / "stats.json", stats, indent=None)
+        warnings = [f"the {s} split kept none of its {sum(v == s for v in split_of.values())} files: training "
+                    "needs a validation piece (add files, or change data.split or the filters)"
+                    for s in ("val",) if not pieces[s]]
+        atomic_write_json(out / "manifest.json", {
+            **DATA_FORMAT, "made_with": want, "fingerprint": fingerprint, "vocab_size": len(tok), "dtype": dtype,
+            "files_found": len(files), "counts": counts, "shards": shards, "skipped": skipped, "warnings": warnings,
+        })
+    for w in warnings:
+        print(f"warning: {out}: {w}", file=sys.stderr)
     if progress:
         tot = {s: counts[s]["tokens"] for s in SPLITS}
         print(f"prepared {out}: {len(files)} files, {sum(c['files'] for c in counts.values())} kept, "

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from midistral.data.dataset import read_manifest
+from midistral.errors import DataError
+from midistral.io import atomic_path
+
 
 def stats(folder: Path) -> Path:
     import matplotlib
@@ -14,10 +18,11 @@ def stats(folder: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from midistral.io import atomic_path
-
-    rows = json.loads((folder / "stats.json").read_text())
-    man = json.loads((folder / "manifest.json").read_text())
+    man = read_manifest(folder)
+    try:
+        rows = json.loads((folder / "stats.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{folder / 'stats.json'}: missing or corrupt ({e.__class__.__name__}): prepare again") from None
     keys = [("bars", "bars per piece"), ("tempo", "tempo (qpm, median per piece)"),
             ("instruments", "instruments per piece"), ("notes_per_second", "note density (notes/s)")]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
