@@ -21,6 +21,7 @@ _MAJOR = np.array([1, 0, 1, 0, 1, 1, 0, 1, 0, 1, 0, 1], bool)
 _MINOR = np.array([1, 0, 1, 1, 0, 1, 0, 1, 1, 0, 1, 0], bool)
 # the 24 scale masks: rows 0..11 major on root 0..11, rows 12..23 minor on root 0..11
 SCALES = np.stack([np.roll(_MAJOR, r) for r in range(12)] + [np.roll(_MINOR, r) for r in range(12)])
+_DRUM_GRIDS = {"duple": np.arange(RESOLUTION) % (RESOLUTION // 4) == 0, "triple": np.arange(RESOLUTION) % (RESOLUTION // 3) == 0}
 DRUM_PROGRAM = -1  # how prompt_programs names the drum kit (as midistral.controls does)
 
 
@@ -90,21 +91,29 @@ def _entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def _pianoroll(n: Notes) -> np.ndarray:
-    """muspy's binary pianoroll (length x 128) of the pitched notes, built with a difference array."""
+def _sounding_pitches(n: Notes) -> np.ndarray:
+    """Per time step (0 .. length-1), how many distinct pitches sound: muspy's pianoroll summed over pitches.
+
+    Notes of one pitch are merged into disjoint intervals first (sorted by pitch then onset, a running max of
+    the ends; each pitch offset by pitch * (length + 1) so pitches never merge), then counted with a difference array.
+    """
     length = n.length
     keep = ~n.is_drum & (n.end > n.start)
-    diff = np.zeros((length + 1) * 128, np.int64)
-    np.add.at(diff, n.start[keep] * 128 + n.pitch[keep], 1)
-    np.add.at(diff, n.end[keep] * 128 + n.pitch[keep], -1)
-    return np.cumsum(diff.reshape(length + 1, 128), axis=0)[:length] > 0
+    order = np.lexsort((n.start[keep], n.pitch[keep]))
+    base = n.pitch[keep][order] * (length + 1)
+    start, end = base + n.start[keep][order], base + n.end[keep][order]
+    reach = np.maximum.accumulate(end) if len(end) else end
+    new = np.r_[True, start[1:] >= reach[:-1]] if len(end) else np.zeros(0, bool)
+    first = np.flatnonzero(new)
+    merged_start = start[first] - base[first]
+    merged_end = (np.maximum.reduceat(end, first) if len(first) else end[first]) - base[first]
+    diff = np.bincount(merged_start, minlength=length + 1) - np.bincount(merged_end, minlength=length + 1)
+    return np.cumsum(diff)[:length]
 
 
 def _covered(first: np.ndarray, last: np.ndarray, size: int) -> np.ndarray:
     """Bool mask of `size` cells: True where some interval [first, last] (inclusive) covers the cell."""
-    diff = np.zeros(size + 1, np.int64)
-    np.add.at(diff, first, 1)
-    np.add.at(diff, last + 1, -1)
+    diff = np.bincount(first, minlength=size + 1) - np.bincount(last + 1, minlength=size + 1)
     return np.cumsum(diff)[:size] > 0
 
 
@@ -151,15 +160,15 @@ def scale_consistency(score) -> float:
 
 def polyphony(score) -> float:
     """Mean number of pitches sounding, over the steps where at least one sounds."""
-    roll = _pianoroll(_as_notes(score))
-    on = np.count_nonzero(roll.any(axis=1))
-    return float(roll.sum() / on) if on else math.nan
+    sounding = _sounding_pitches(_as_notes(score))
+    on = np.count_nonzero(sounding)
+    return float(sounding.sum() / on) if on else math.nan
 
 
 def polyphony_rate(score, threshold: int = 2) -> float:
     """Share of time steps with more than `threshold` pitches sounding (muspy's definition)."""
-    roll = _pianoroll(_as_notes(score))
-    return float(np.count_nonzero(roll.sum(axis=1) > threshold) / len(roll)) if len(roll) else math.nan
+    sounding = _sounding_pitches(_as_notes(score))
+    return float(np.count_nonzero(sounding > threshold) / len(sounding)) if len(sounding) else math.nan
 
 
 def _empty_rate(n: Notes, unit: int) -> float:
@@ -194,12 +203,9 @@ def groove_consistency(score) -> float:
 
 def drum_in_pattern_rate(score, meter: str = "duple") -> float:
     """Share of drum onsets on the meter's grid within a beat (duple: 0, 1/4, 1/2, 3/4; triple: 0, 1/3, 2/3)."""
-    if meter == "duple":
-        grid = np.isin(np.arange(RESOLUTION), [0, RESOLUTION // 4, RESOLUTION // 2, 3 * RESOLUTION // 4])
-    elif meter == "triple":
-        grid = np.isin(np.arange(RESOLUTION), [0, RESOLUTION // 3, 2 * RESOLUTION // 3])
-    else:
+    if meter not in _DRUM_GRIDS:
         raise ValueError(f"meter={meter!r}: expected 'duple' or 'triple'")
+    grid = _DRUM_GRIDS[meter]
     n = _as_notes(score)
     onsets = n.start[n.is_drum]
     return float(grid[onsets % RESOLUTION].mean()) if len(onsets) else math.nan
