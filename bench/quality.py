@@ -118,7 +118,7 @@ def sample_report(hf, tok, n: int, max_new: int, min_new: int, seed: int) -> lis
     scores = []
     for row in out[:, 1:].tolist():
         row = [t for t in row if t not in (tok["PAD_None"], tok["EOS_None"])]
-        scores.append(tok.decode([row]) if row else symusic.Score())
+        scores.append(tok.decode(miditok.TokSequence(ids=row, are_ids_encoded=True)) if row else symusic.Score())
     return scores
 
 
@@ -154,7 +154,7 @@ def main():
     print("| metric | ours | report's pipeline |\n|---|---|---|")
     rows = {name: {r["metric"]: r["oa"] for r in res["rows"]} for name, res in results.items()}
     for metric in SUMMARY_METRICS:
-        print(f"| {metric} | {rows['ours'].get(metric, float('nan')):.2f} | {rows["report's"].get(metric, float('nan')):.2f} |")
+        print(f"| {metric} | " + " | ".join(f"{r.get(metric, float('nan')):.2f}" for r in rows.values()) + " |")
     print("| mean (min) | " + " | ".join(f"{r['mean_oa']:.2f} ({r['min_oa']:.2f})" for r in results.values()) + " |")
 
 

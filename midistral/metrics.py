@@ -79,8 +79,7 @@ def _as_notes(score_or_notes) -> Notes:
 
 
 def _pitch_counts(n: Notes, classes: int = 128) -> np.ndarray:
-    pitched = n.pitch[~n.is_drum]
-    return np.bincount(pitched % classes if classes != 128 else pitched, minlength=classes)[:classes].astype(float)
+    return np.bincount(n.pitch[~n.is_drum] % classes, minlength=classes).astype(float)
 
 
 def _entropy(counts: np.ndarray) -> float:
