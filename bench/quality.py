@@ -48,7 +48,7 @@ def children_cpu_seconds() -> float:
 def train_ours(out: Path, steps: int) -> float:
     """Our train.py on the embedded default; returns the CPU seconds it used."""
     before = children_cpu_seconds()
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "chorales.toml"), f"out_dir={out}"]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "chorales.toml"), f"out_dir={out}", "sample.num_samples=0"]
     if steps:
         cmd.append(f"train.max_steps={steps}")
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -136,19 +136,22 @@ def main():
     ap.add_argument("--max-new", type=int, default=512)
     ap.add_argument("--min-new", type=int, default=256)
     ap.add_argument("--out", default="/tmp/quality")
+    ap.add_argument("--ours", help="reuse this trained run of configs/chorales.toml instead of training one")
+    ap.add_argument("--cpu-seconds", type=float, help="with --ours: the CPU time that run used")
     args = ap.parse_args()
     out = Path(args.out)
-    cfg = load_config(ROOT / "configs" / "chorales.toml", [f"out_dir={out / 'ours'}"])
-    cpu = train_ours(out / "ours", args.steps)
-    manifest = json.loads((out / "ours" / "data" / "manifest.json").read_text())
-    n_train_chunks = len(TokenChunks(out / "ours" / "data", "train", cfg["data"]["min_seq"], cfg["data"]["max_seq"], 1, 2, 0))
+    ours = Path(args.ours) if args.ours else out / "ours"
+    cfg = load_config(ROOT / "configs" / "chorales.toml", [f"out_dir={ours}"])
+    cpu = args.cpu_seconds if args.ours else train_ours(ours, args.steps)
+    manifest = json.loads((ours / "data" / "manifest.json").read_text())
+    n_train_chunks = len(TokenChunks(ours / "data", "train", cfg["data"]["min_seq"], cfg["data"]["max_seq"], 1, 2, 0))
     schedule = args.steps or cfg["train"]["epochs"] * (n_train_chunks // cfg["train"]["batch_size"])
     mt = miditok_shards(manifest, out / "report" / "data", cfg["data"]["bpe_vocab_size"], cfg["data"]["transpose"], 0)
     hf, hf_steps, hf_cpu = train_report(mt, out / "report" / "data", cfg, cpu, schedule)
     print(f"training CPU time: ours {cpu:.0f} s, report's {hf_cpu:.0f} s ({hf_steps} of {schedule} steps)")
     real = measure_set(manifest["counts"]["test"]["files_list"])
     results = {}
-    for name, scores in (("ours", sample_ours(out / "ours", args.samples, args.max_new, args.min_new, 0)),
+    for name, scores in (("ours", sample_ours(ours, args.samples, args.max_new, args.min_new, 0)),
                          ("report's", sample_report(hf, mt, args.samples, args.max_new, args.min_new, 0))):
         results[name] = compare(real, measure_set(scores))
     print("| metric | ours | report's pipeline |\n|---|---|---|")

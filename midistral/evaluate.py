@@ -73,7 +73,7 @@ def reference_files(ref: str | Path) -> tuple[list[Path], str]:
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise MidistralError(f"{manifest}: test file {missing[0]!r} is missing ({len(missing)} of {len(files)} missing)")
-    return [Path(f) for f in files], f"test split of {ref} ({len(files)} pieces)"
+    return [Path(f) for f in files], f"test split of {ref}"
 
 
 @dataclass
@@ -211,6 +211,7 @@ def distributions_png(real: PieceSet, gen: PieceSet, result: dict) -> bytes:
         if d is None:
             ax.axvline(r[0], color="C0", label="real")
             ax.axvline(g[0], color="C1", ls="--", label="generated")
+            ax.set_xlim(r[0] - 1, r[0] + 1)
         else:
             ax.plot(d[0], d[1], color="C0", label="real")
             ax.plot(d[0], d[2], color="C1", label="generated")
