@@ -12,7 +12,6 @@ each id stands for a fixed sequence of base tokens (its expansion), precomputed 
 
 from __future__ import annotations
 
-import copy
 import difflib
 import re
 
@@ -226,7 +225,9 @@ class _Clock:
         self.history: tuple = ()  # base tokens before the first TimeSig (it may set the initial meter)
 
     def copy(self) -> "_Clock":
-        return copy.copy(self)
+        c = _Clock.__new__(_Clock)
+        c.__dict__.update(self.__dict__)
+        return c
 
     def _enter(self) -> None:
         if self.cur_bar == -1:
@@ -299,7 +300,8 @@ class BarsConstraint:
     no Bar token), through meter changes, inside BPE ids. A new bar is one the clock enters after the
     prompt (the bar the prompt ends in is not new). An id that would skip the last bar, leave it empty,
     or put a note past it is masked, so the decoded continuation spans exactly n_bars bars: its last note
-    starts in the n-th. A piece must open with [Bar] TimeSig (as every encoded piece does). Meters with a
+    starts in the n-th. A piece must open with [Bar] TimeSig and a TimeSig must follow a Bar (as in
+    every encoded piece: a meter change mid-bar would move notes already written). Meters with a
     larger denominator than the prompt's (a /8 after /4 only) are masked: they would change the decoder's
     time resolution for the whole piece. Pass it after the grammar constraint: when it forces EOS it
     overrides the other masks.
@@ -319,8 +321,12 @@ class BarsConstraint:
         self._nbar = np.array([f.count(BAR) for f in fams])
         self._rest_beats = np.array([sum(rest_beats[x - tok.rest0] for x in e if fam[x] == REST) for e in self.exp])
         self._has_ts = np.array([TIMESIG in f for f in fams])
-        self._has_note = np.array([any(PITCH <= x <= DURATION for x in f) for f in fams])
+        self._clockwise = np.array([any(x in (POSITION, PITCH, DRUM, VELOCITY, DURATION) for x in f) for f in fams])
         self._early = [np.array([_early_ok(f, had_bar) for f in fams]) for had_bar in (False, True)]
+        # a TimeSig only right after a Bar (a meter change mid-bar would move notes already written)
+        self._ts_inside_bad = torch.tensor([any(f[j] == TIMESIG and f[j - 1] != BAR for j in range(1, len(f)))
+                                            for f in fams])
+        self._ts_first = torch.tensor([len(f) > 0 and f[0] == TIMESIG for f in fams])
         self._eos = tok.eos_id
 
     def start(self, prompt_ids: torch.Tensor) -> None:
@@ -354,10 +360,10 @@ class BarsConstraint:
             return row["cache"][key]
         ahead = max(clock.prev_end, clock.cur_tick) - clock.tick_bar
         bar_len = np.where(self._has_ts, row["min_bar"], clock.bar_len)
-        bound = self._nbar + (ahead + self._rest_beats * clock.tpb) // bar_len + 2
-        cand = entered + bound >= self.n + 1
-        if clock.cur_bar == -1:
-            cand |= self._has_note
+        rests = np.where(self._rest_beats > 0, (ahead + self._rest_beats * clock.tpb) // bar_len + 1, 0)
+        cand = entered + self._nbar + rests + self._has_ts >= self.n + 1
+        if clock.cur_bar == -1:  # a Position or a note enters bar 0 too
+            cand |= self._clockwise
         status = np.zeros(len(self.exp), dtype=np.int8)
         for i in np.flatnonzero(cand).tolist():
             status[i] = self._simulate(clock, self.exp[i], row["start"])
@@ -385,9 +391,11 @@ class BarsConstraint:
                 if self._eos is not None:
                     logits[r, self._eos] = 0.0
                 continue
-            bad = row["banned"] | torch.from_numpy(self._status(row) == FORBIDDEN)
-            logits[r].masked_fill_(bad.to(logits.device), float("-inf"))
             clock = row["clock"]
+            bad = row["banned"] | torch.from_numpy(self._status(row) == FORBIDDEN)
+            if clock.seen_ts or clock.seen_note:
+                bad |= self._ts_inside_bad | (self._ts_first if clock.fam1 != BAR else False)
+            logits[r].masked_fill_(bad.to(logits.device), float("-inf"))
             if self._eos is not None and not (clock.cur_bar - row["start"] == self.n and clock.note_in_bar):
                 logits[r, self._eos] = float("-inf")
 
