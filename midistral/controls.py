@@ -567,6 +567,9 @@ class _Walk:
             a, b = bar_range
             lo = int(lines[a - 1]) if a - 1 < len(lines) else self.t_end
             hi = min(int(lines[b]) if b is not None and b < len(lines) else self.t_end, self.t_end)
+        if lo >= self.t_end:
+            n_bars = int(np.searchsorted(lines, self.t_end, side="left"))
+            raise MidistralError(f"bars: {a}:{'' if b is None else b} starts after the piece's last bar ({n_bars})")
         self.lo, self.hi = lo, hi
         self.exp = [e.tolist() for e in id_expansions(tok)]
         by_first: dict[int, list[int]] = {}
