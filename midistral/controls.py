@@ -571,6 +571,7 @@ class _Walk:
             n_bars = int(np.searchsorted(lines, self.t_end, side="left"))
             raise MidistralError(f"bars: {a}:{'' if b is None else b} starts after the piece's last bar ({n_bars})")
         self.lo, self.hi = lo, hi
+        self.grid = _piece_grid([g[0] for g in self.groups if any(self.fam[x] == PROGRAM for x in g[2])], tpq)
         self.exp = [e.tolist() for e in id_expansions(tok)]
         by_first: dict[int, list[int]] = {}
         for i, e in enumerate(self.exp):
@@ -630,7 +631,8 @@ class _Walk:
         if self.lo <= t < self.hi and len(self.here) < self.max_per_tick:
             self._add(root, [self.prog_tok], ("note", t))
         stop = min(t_next, self.hi, t + self.st.bar_len + 1)
-        for t2 in range(max(t + 1, self.lo), stop, self.st.tpp):
+        step = max(self.grid, self.st.tpp)
+        for t2 in range(-(-max(t + 1, self.lo) // step) * step, stop, step):
             st = copy.copy(self.st)
             toks: list[int] = []
             st.advance(t2, self.prev_end, False, toks, [])
@@ -792,6 +794,16 @@ class _Walk:
         ticks = self.tok._duration_ticks(self.st.tpb)[dur - self.tok.dur0]
         self.prev_end = max(self.prev_end, self.t_cur + int(ticks))
         return self._trie()
+
+
+def _piece_grid(onsets: list[int], tpq: int, share: float = 0.9) -> int:
+    """The coarsest rhythmic grid (in ticks: eighths, triplet eighths, sixteenths, ...) that holds `share`
+    of the piece's onsets: new notes start on it, so the new part moves in the piece's own rhythm."""
+    ons = np.asarray(onsets, dtype=np.int64)
+    for step in (tpq // 2, tpq // 3, tpq // 4, tpq // 6, tpq // 8, tpq // 12):
+        if step >= 1 and len(ons) and np.mean(ons % step == 0) >= share:
+            return int(step)
+    return 1
 
 
 def _n_leaves(node: _Node) -> int:
