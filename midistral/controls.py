@@ -456,13 +456,19 @@ def accompany(model, tok, score_or_path, program, *, bars=None, replace=False, t
     the model over the whole piece or over `bars` (a:b, counted from 1). replace=True first drops the
     notes of that program and writes new ones in their place.
 
-    The model walks the piece's token stream in time: the existing tokens are forced, and after each of
-    them it may write notes of the new program at that tick or at a new tick before the next existing
-    one. Time tokens (rests, bar lines, positions) are recomputed as the encoder would write them for the
-    piece with the new notes, so the stream the model reads stays a valid encoding. The walk's own
-    automaton only offers ids that keep the stream valid (so every id decodes; `grammar` is accepted for
-    the common signature). `precision` other than "fp32" is left to the model's own decode path.
+    The model walks the piece's token stream in time: the existing tokens are forced (fed to the model
+    in chunks through one rolling KV cache), and after each tick of the piece it may write notes of the
+    new program at that tick, or at a new tick before the next existing one (new ticks lie on the piece's
+    own rhythmic grid: the coarsest of eighths, triplets, sixteenths, ... that holds 90% of its onsets;
+    at most one bar ahead), or go on. The new track is last in track order, so at each tick its notes
+    follow the others'. Time tokens (rests, bar lines, positions) are recomputed as the encoder writes
+    them for the piece with its new notes, so the stream the model reads stays an exact encoding. The
+    walk offers only ids that keep the stream valid, so every id decodes: `grammar` is accepted for the
+    common signature and changes nothing. At most `max_notes_per_tick` new notes start together.
+    Only precision="fp32" is supported here (a one-line error otherwise).
     """
+    if precision != "fp32":
+        raise MidistralError(f"accompany: precision {precision!r} is not supported (fp32 only)")
     score = load_score(score_or_path)
     label = str(score_or_path) if not isinstance(score_or_path, symusic.Score) else "the piece"
     program = parse_program(program, "replace-track" if replace else "add-track")
