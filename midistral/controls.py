@@ -629,6 +629,19 @@ class _Walk:
         return toks
 
     def _trie(self) -> _Node | None:
+        """The options (below), behind the tokens held back from the last forced run: the model may then pick
+        an id that spans the end of the existing tokens and the start of its choice, as BPE does in training."""
+        root, held, self.held = self._options(), self.held, []
+        if root is None:
+            self.base += held
+            return None
+        for x in reversed(held):
+            node = _Node()
+            node.kids[x] = root
+            root = node
+        return root
+
+    def _options(self) -> _Node | None:
         """Every way on from the current tick: a note here, a note at a later tick before the next existing
         group (its time tokens, then Program), or the next group itself; None when the walk is over."""
         root = _Node()
@@ -725,8 +738,8 @@ class _Walk:
         first = self._group_tokens(self.st, self.groups[0])
         self.prev_end = max(self.prev_end, self.groups[0][3])
         self.t_cur = self.groups[0][0]
-        self.base = bos + first
-        self.pending = self._forced_ids(bos + first)
+        self.base, self.pending, self.held = [], [], []
+        self._force(bos + first, hold=True)
         self.feeder = _Feeder(self.model)
         self.ngram = NoRepeatNGram(self.ngram_size, torch.tensor([[0]])) if self.ngram_size else None
         self.n_sampled = 0
@@ -742,8 +755,7 @@ class _Walk:
         while True:
             if k < 0 and leaf is None and _n_leaves(node) == 1:  # one way on: force it
                 toks, leaf = _only_path(node)
-                self.base += toks
-                self.pending += self._forced_ids(toks)
+                self._force(toks, hold=leaf[0] == "group")
                 if leaf[0] == "note":
                     k = 0
                 node = None
@@ -776,12 +788,24 @@ class _Walk:
         self.n_sampled += 1
         return i
 
+    def _force(self, toks: list[int], hold: bool) -> None:
+        """Forced base tokens: to the stream as BPE ids; with `hold`, the last id's tokens wait for the next
+        choice (so the model may continue them with an id merged across the boundary)."""
+        ids = self._forced_ids(toks)
+        if hold and ids and self.fam[self.exp[ids[-1]][0]] != 0:
+            self.held = self.exp[ids[-1]]
+            ids, toks = ids[:-1], toks[:len(toks) - len(self.held)]
+        self.base += toks
+        self.pending += ids
+
     def _logits(self) -> torch.Tensor:
         ids, self.pending = self.pending, []
         if self.ngram is not None:
             for x in ids:
                 self.ngram.push([x])
-        return self.feeder.feed(ids)
+        if ids:
+            self.last_logits = self.feeder.feed(ids)
+        return self.last_logits
 
     def _after(self, leaf) -> _Node | None:
         if leaf[0] != "group":
