@@ -701,8 +701,13 @@ class _Walk:
         return node, k, leaf
 
     def _allowed(self, node: _Node, k: int) -> list[int]:
-        firsts = node.kids if k < 0 else self.first_of[k]
-        return [i for f in firsts for i in self.by_first.get(f, ())
+        if k >= 0:  # inside a note the answer depends only on k and the pitches already at this tick
+            key = (k, frozenset(self.here) if k == 0 else None)
+            if key not in self.note_allowed:
+                self.note_allowed[key] = [i for f in self.first_of[k] for i in self.by_first.get(f, ())
+                                          if self._consume(node, k, self.exp[i]) is not None]
+            return self.note_allowed[key]
+        return [i for f in node.kids for i in self.by_first.get(f, ())
                 if self._consume(node, k, self.exp[i]) is not None]
 
     def _forced_ids(self, toks: list[int]) -> list[int]:
@@ -743,6 +748,7 @@ class _Walk:
         self.feeder = _Feeder(self.model)
         self.ngram = NoRepeatNGram(self.ngram_size, torch.tensor([[0]])) if self.ngram_size else None
         self.n_sampled = 0
+        self.note_allowed: dict = {}
         node = self._trie()
         while node is not None:
             node = self._advance(node)
