@@ -29,6 +29,7 @@ from midistral import music
 from midistral.checkpoint import load_model_and_tokenizer, resolve_checkpoint
 from midistral.errors import ConfigError, MidistralError
 from midistral.generate import generate, model_config
+from midistral.metrics import failure_modes
 from midistral.tokenize import load_score
 
 try:  # instrument, length and accompaniment controls (branch `controls`): the sampler works without them
@@ -304,7 +305,7 @@ class Sampler:
         alone = score.copy()
         alone.tracks = [score.tracks[new_track].copy()]
         n_tokens = len(self.tok.encode(alone)) if alone.note_num() else 0
-        whole, track = music.failure_modes(score, 0, [program]), music.failure_modes(alone, 0, [])
+        whole, track = failure_modes(score, 0, [program]), failure_modes(alone, 0, [])
         metrics = {"silent_share": whole["silent_share"], "loop_score": track["loop_score"],
                    "out_of_key": track["out_of_key"]}
         return Sample(score, 0, n_tokens, 0, metrics, summary_line(score, n_tokens, False, 0, metrics),
@@ -350,7 +351,7 @@ class Sampler:
         n_tokens = new.index(eos) + 1 if ended else len(new)
         score, skipped = self.tok.decode_with_report(p.ids.tolist() + new[:n_tokens])
         score = music.keep_prompt_meta(music.name_tracks(score), p.source)
-        metrics = music.failure_modes(score, p.start_tick, p.programs)
+        metrics = failure_modes(score, p.start_tick, p.programs)
         return Sample(score, p.start_tick, n_tokens, skipped, metrics,
                       summary_line(score, n_tokens, ended, skipped, metrics), ended=ended)
 

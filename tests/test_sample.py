@@ -139,7 +139,7 @@ def test_first_bars():
 
 
 def test_continuation_report_flags_loops_and_silence():
-    from midistral.music import failure_modes
+    from midistral.metrics import failure_modes
     from midistral.sampler import continuation_report
 
     s = symusic.Score(480)
