@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -31,15 +32,12 @@ from midistral.errors import ConfigError, MidistralError
 from midistral.generate import generate, model_config
 from midistral.metrics import failure_modes
 from midistral.tokenize import load_score
+from midistral.tokenize.grammar import Grammar, GrammarConstraint
 
 try:  # instrument, length and accompaniment controls (branch `controls`): the sampler works without them
     from midistral import controls
 except ImportError:
     controls = None
-try:  # the token-grammar mask (branch `grammar`)
-    from midistral.tokenize.grammar import GrammarConstraint
-except ImportError:
-    GrammarConstraint = None
 try:  # bf16 / int8 sampling (branch `model`)
     from midistral.model.precision import available_precisions, default_precision
 except ImportError:
@@ -113,6 +111,11 @@ class Sampler:
         self.device, self.precision = device, precision
         self.log = log or (lambda msg: None)
         self.context = model_config(model).max_position_embeddings
+
+    @cached_property
+    def grammar(self) -> Grammar:
+        """The token grammar's tables, built once per sampler (every constrained generation shares them)."""
+        return Grammar(self.tok)
 
     @classmethod
     def load(cls, ckpt: str | os.PathLike, device: str = "cpu", precision: str | None = None,
@@ -331,8 +334,8 @@ class Sampler:
     def _constraints(self, settings: dict) -> list:
         """Fresh constraint objects for one generate call: grammar, instruments, length, progress."""
         constraints = []
-        if settings["grammar"] and GrammarConstraint is not None:
-            constraints.append(GrammarConstraint(self.tok))
+        if settings["grammar"]:
+            constraints.append(GrammarConstraint(self.tok, settings["max_new"], grammar=self.grammar))
         if settings["programs"] is not None:
             constraints.append(controls.ProgramsConstraint(self.tok, settings["programs"]))
         if settings["bars"] is not None:

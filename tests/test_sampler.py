@@ -77,10 +77,13 @@ def test_sample_fields(smp, prompt_path):
     (s,) = smp.sample(prompt_path, max_new_tokens=20, seed=1, on_progress=lambda i, n: steps.append((i, n)))
     assert s.n_tokens <= 20 and steps == [(i, 20) for i in range(1, len(steps) + 1)] and len(steps) >= s.n_tokens
     want = symusic.Score(str(prompt_path))
-    # the prompt (3 bars, 12 notes) is at the start, its tempo and meter kept, tracks named
-    prompt_notes = sorted((n.time * 480 // s.score.tpq, n.pitch) for t in s.score.tracks for n in t.notes
-                          if n.time * 480 // s.score.tpq < 3 * BAR)
-    assert prompt_notes == sorted((n.time, n.pitch) for t in want.tracks for n in t.notes)
+    # the prompt (3 bars, 12 notes) is at the start, its tempo and meter kept, tracks named; the
+    # continuation may add notes at the prompt's last onset (a chord), never before it
+    notes = sorted((n.time * 480 // s.score.tpq, n.pitch) for t in s.score.tracks for n in t.notes)
+    prompt_notes = sorted((n.time, n.pitch) for t in want.tracks for n in t.notes)
+    last_onset = prompt_notes[-1][0]
+    assert [x for x in notes if x[0] < last_onset] == [x for x in prompt_notes if x[0] < last_onset]
+    assert set(prompt_notes) <= set(notes)
     assert s.start_tick * 480 // s.score.tpq == 3 * BAR
     assert abs(s.score.tempos[0].qpm - 100) < 1 and s.score.tracks[0].name == "Acoustic Grand Piano"
     assert set(s.metrics) == {"silent_share", "loop_score", "out_of_key"}
@@ -88,6 +91,16 @@ def test_sample_fields(smp, prompt_path):
     assert s.report.startswith("continuation: ") and s.rejected == []
     assert symusic.Score.from_midi(s.midi_bytes()).note_num() == s.score.note_num()
     assert s.piano_roll_png("t")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grammar_on_by_default_nothing_skipped(smp, prompt_path):
+    """The grammar mask leaves the decoder nothing to skip, even on a random model; without it, tokens are
+    skipped (the random model writes ungrammatical sequences)."""
+    free = smp.sample(None, num_samples=4, max_new_tokens=60, seed=0, grammar=False)
+    assert sum(s.skipped for s in free) > 0
+    for prompt in (None, prompt_path):
+        for seed in range(3):
+            assert [s.skipped for s in smp.sample(prompt, num_samples=4, max_new_tokens=60, seed=seed)] == [0] * 4
 
 
 def test_no_prompt_and_empty_prompt(smp):
