@@ -74,6 +74,7 @@ def mido_notes(path):
     return sorted(notes), mid
 
 
+@pytest.mark.slow
 def test_sample_writes_midi_and_png(ckpt, prompt, tmp_path):
     out = tmp_path / "out"
     r = run_sample(prompt, "--ckpt", ckpt, "--out", out, "--num-samples", 2, "--max-new-tokens", 60,
@@ -107,6 +108,7 @@ def test_sample_writes_midi_and_png(ckpt, prompt, tmp_path):
         assert [x for x in notes if x[0] < want[-1][0]] == [x for x in want if x[0] < want[-1][0]]
 
 
+@pytest.mark.slow
 def test_sample_same_seed_same_file(ckpt, prompt, tmp_path):
     a = run_sample(prompt, "--ckpt", ckpt, "--out", tmp_path / "a", "--max-new-tokens", 40, "--seed", 3)
     b = run_sample(prompt, "--ckpt", ckpt / "best", "--out", tmp_path / "b", "--max-new-tokens", 40,
@@ -115,6 +117,7 @@ def test_sample_same_seed_same_file(ckpt, prompt, tmp_path):
     assert (tmp_path / "a" / "tune.mid").read_bytes() == (tmp_path / "b" / "tune.mid").read_bytes()
 
 
+@pytest.mark.slow
 def test_no_prompt_long_prompt_and_prompt_bars(ckpt, prompt, tmp_path):
     r = run_sample("--ckpt", ckpt, "--out", tmp_path, "--max-new-tokens", 30, "--seed", 1)
     assert r.returncode == 0, r.stderr
@@ -181,6 +184,7 @@ def test_bad_input_one_line_exit_1(case, ckpt, prompt, tmp_path):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+@pytest.mark.slow
 def test_empty_prompt_falls_back_to_bos(ckpt, tmp_path):
     s = symusic.Score(480)
     s.tempos.append(symusic.Tempo(0, 90.0))
