@@ -1,0 +1,417 @@
+"""The sampling pipeline as a library: load a checkpoint once, then continue prompts or add tracks.
+
+    sampler = Sampler.load("runs/chorales")             # model + tokenizer, once
+    for s in sampler.sample("song.mid", num_samples=4, seed=0, reject=True):
+        print(s.line)                                   # bars, notes, instruments, failure modes
+        Path("out.mid").write_bytes(s.midi_bytes())
+
+A prompt is a path, MIDI bytes (an upload) or a symusic Score; a bad one raises a one-line MidiError
+naming it. `sample.py` and the web studio are thin layers over this module.
+
+Rejection (`reject=True`): a sample whose continuation has a silent prompt instrument, loops, or
+leaves the key more than the thresholds in `SAMPLE_DEFAULTS` allow is generated again with another
+seed, up to `reject_tries` times; `Sample.rejected` says what was thrown away and why.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import symusic
+import torch
+
+from midistral import music
+from midistral.checkpoint import load_model_and_tokenizer, resolve_checkpoint
+from midistral.errors import MidistralError
+from midistral.generate import generate
+from midistral.metrics import failure_modes
+from midistral.model.cache import model_config
+from midistral.model.precision import check_precision, default_precision
+from midistral.tokenize import load_score
+from midistral.tokenize.grammar import Grammar, GrammarConstraint
+
+try:  # instruments, length in bars, accompaniment (branch `controls`): sampling works without them
+    from midistral import controls
+except ImportError as e:
+    controls, CONTROLS_MISSING = None, f"midistral.controls cannot be imported ({e})"
+
+
+# The [sample] defaults: the report's sampling setting and the rejection thresholds (sample.py flags
+# override each one).
+SAMPLE_DEFAULTS = {
+    "max_new_tokens": 1024,
+    "temperature": 0.5,
+    "top_k": 6,
+    "no_repeat_ngram": 6,
+    "reject_tries": 4,          # generations per sample at most, the first included
+    "max_silent_share": 0.25,   # share of bars in which a prompt instrument is silent
+    "max_loop_score": 0.5,      # share of bars repeating one of the previous two
+    "max_out_of_key": 0.15,     # share of pitched notes outside the key
+}
+THRESHOLDS = {"silent_share": "max_silent_share", "loop_score": "max_loop_score", "out_of_key": "max_out_of_key"}
+LABELS = {"silent_share": "silent", "loop_score": "loops", "out_of_key": "out-of-key"}
+
+
+def rejection_reasons(metrics: dict[str, float], limits: dict | None = None) -> list[str]:
+    """Why a sample with these failure-mode metrics is rejected ([] = kept), e.g. ['loops 83% > 50%']."""
+    limits = {**SAMPLE_DEFAULTS, **(limits or {})}
+    return [f"{LABELS[key]} {metrics[key]:.0%} > {limits[limit]:.0%}"
+            for key, limit in THRESHOLDS.items() if metrics[key] > limits[limit]]
+
+
+@dataclass
+class Sample:
+    """One generated piece: prompt + continuation (or the piece with its new track)."""
+
+    score: symusic.Score        # named tracks, the prompt's tempo and meter
+    start_tick: int             # where the continuation starts (0: from scratch)
+    n_tokens: int               # new tokens, EOS included
+    skipped: int                # tokens the decoder skipped (did not fit the grammar)
+    metrics: dict               # failure modes of the continuation: silent_share, loop_score, out_of_key
+    line: str                   # one-line summary
+    report: str = ""            # second line: new notes per instrument and warnings
+    ended: bool = False         # the model emitted EOS
+    rejected: list[str] = field(default_factory=list)  # earlier tries thrown away, with the reason
+    new_track: int | None = None  # index of the added track (accompaniment)
+
+    def midi_bytes(self) -> bytes:
+        return music.midi_bytes(self.score)
+
+    def piano_roll_png(self, title: str = "") -> bytes:
+        return music.piano_roll_png(self.score, title, self.start_tick, self.new_track)
+
+
+@dataclass
+class _Prompt:
+    ids: np.ndarray             # BOS + prompt tokens
+    source: symusic.Score | None  # the prompt as given (for its tempo / meter)
+    start_tick: int
+    programs: list[int]         # instruments of the (decoded) prompt
+
+
+class Sampler:
+    """A model and its tokenizer, loaded once; `sample` and `accompany` return `Sample`s."""
+
+    def __init__(self, model, tok, ckpt: Path | None = None, device: str = "cpu", precision: str | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.model, self.tok, self.ckpt = model, tok, ckpt
+        self.device, self.precision = device, precision
+        self.log = log or (lambda msg: None)
+        self.context = model_config(model).max_position_embeddings
+
+    @cached_property
+    def grammar(self) -> Grammar:
+        """The token grammar's tables, built once per sampler (every constrained generation shares them)."""
+        return Grammar(self.tok)
+
+    @classmethod
+    def load(cls, ckpt: str | os.PathLike, device: str = "cpu", precision: str | None = None,
+             log: Callable[[str], None] | None = None) -> "Sampler":
+        """From a run folder (best/, else last/) or a checkpoint folder; CheckpointError if unusable."""
+        path = resolve_checkpoint(ckpt)
+        precision = default_precision(device) if precision is None else check_precision(precision, device)
+        model, tok = load_model_and_tokenizer(path, device=device)
+        return cls(model, tok, path, device, precision, log)
+
+    # ------------------------------------------------------------------------------------------------
+    # Prompt
+
+    def read_prompt(self, prompt, prompt_bars: int | None = None, name: str | None = None):
+        """The prompt as a Score (None: start from scratch), cut to its first `prompt_bars` bars."""
+        if prompt is None:
+            return None
+        label = name or (str(prompt) if isinstance(prompt, (str, os.PathLike)) else None)
+        score = load_score(prompt, name)
+        if prompt_bars and score.note_num():
+            cut = music.first_bars(score, prompt_bars)
+            if cut.note_num() == 0:
+                self.log(f"note: {label or 'the prompt'} has no notes in its first {prompt_bars} bars; "
+                         "generating from BOS")
+            return cut
+        if score.note_num() == 0:
+            self.log(f"note: {label or 'the prompt'} has no notes; generating from BOS")
+        return score
+
+    def _encode_prompt(self, score: symusic.Score | None, max_new: int) -> _Prompt:
+        bos = [self.tok.bos_id] if self.tok.bos_id is not None else []
+        if score is None or score.note_num() == 0:
+            return _Prompt(np.array(bos or [0], dtype=np.int64), score, 0, [])
+        ids = np.concatenate([np.array(bos, dtype=np.int64), np.asarray(self.tok.encode(score), dtype=np.int64)])
+        # keep room for the continuation inside the model's context: drop the start of a long prompt
+        room = max(self.context - max_new, self.context // 2)
+        if len(ids) > room:
+            self.log(f"note: the prompt is {len(ids)} tokens, longer than the {room} the model's context "
+                     f"({self.context}) leaves beside {max_new} new tokens; keeping its last {room} tokens")
+            ids = ids[-room:]
+        decoded, _ = self.tok.decode_with_report(ids.tolist())
+        programs = [music.track_program(t) for t in decoded.tracks if len(t.notes)]
+        return _Prompt(ids, score, decoded.end() if decoded.note_num() else 0, programs)
+
+    @staticmethod
+    def _steering(programs, bars) -> tuple[list[int] | None, int | None]:
+        """`programs` as GM numbers and `bars` checked; MidistralError naming a bad value."""
+        if programs is not None:
+            programs = Sampler.parse_programs(programs)
+        if bars is not None:
+            _need_controls("a length in bars")
+            if isinstance(bars, bool) or not isinstance(bars, int) or bars < 1:
+                raise MidistralError(f"bars {bars!r}: expected a whole number >= 1")
+        return programs, bars
+
+    def _token_budget(self, max_new_tokens: int | None, bars: int | None = None) -> int:
+        """New tokens at most: as asked, else the default (with `bars`: as many as the context holds)."""
+        if max_new_tokens is None and bars is not None:
+            return self.context - 1
+        want = max_new_tokens or SAMPLE_DEFAULTS["max_new_tokens"]
+        max_new = min(want, self.context - 1)
+        if max_new < want:
+            self.log(f"note: max_new_tokens {want} exceeds the model's context; using {max_new}")
+        return max_new
+
+    # ------------------------------------------------------------------------------------------------
+    # Sampling
+
+    def sample(self, prompt=None, *, num_samples: int = 1, max_new_tokens: int | None = None,
+               bars: int | None = None, programs=None, temperature: float = 0.5, top_k: int | None = 6,
+               top_p: float | None = None, no_repeat_ngram: int | None = 6, seed: int | None = None,
+               grammar: bool = True, reject: bool = False, prompt_bars: int | None = None,
+               min_new_tokens: int = 0, limits: dict | None = None, prompt_name: str | None = None,
+               on_progress: Callable[[int, int], None] | None = None) -> list[Sample]:
+        """Continue `prompt` (path, MIDI bytes, Score or None) `num_samples` times, as one batch.
+
+        `bars`: continue for exactly that many bars; `programs`: only these instruments ("0,33,-1",
+        "piano,bass,drums" or a list of GM numbers, -1 = drums); `grammar`: mask tokens that would break
+        the token grammar. `limits` overrides SAMPLE_DEFAULTS' rejection thresholds and `reject_tries`;
+        `on_progress(step, total)` is called after every generated token."""
+        if num_samples < 1:
+            raise MidistralError(f"num_samples must be >= 1, got {num_samples}")
+        programs, bars = self._steering(programs, bars)
+        source = self.read_prompt(prompt, prompt_bars, prompt_name)
+        max_new = self._token_budget(max_new_tokens, bars)
+        p = self._encode_prompt(source, max_new)
+        if len(p.ids) + max_new > self.context:
+            max_new = self.context - len(p.ids)
+            self.log(f"note: prompt + continuation must fit the model's context ({self.context}); "
+                     f"generating {max_new} tokens")
+        settings = dict(max_new=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
+                        no_repeat_ngram=no_repeat_ngram, min_new_tokens=min_new_tokens, grammar=grammar,
+                        bars=bars, programs=programs, on_progress=on_progress)
+
+        def make(n: int, seed_: int | None) -> list[Sample]:
+            return [self._finish(row, p) for row in self._generate(p.ids, n, seed_, settings)]
+
+        return self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: continuation_report(
+            s.score, s.start_tick, s.metrics, lim, s.rejected))
+
+    def _rejecting(self, make, num_samples: int, seed: int | None, reject: bool, limits: dict | None,
+                   describe) -> list[Sample]:
+        """`make(n, seed)` -> n Samples; with `reject`, those over a threshold are made again (another seed)."""
+        limits = {**SAMPLE_DEFAULTS, **(limits or {})}
+        samples = make(num_samples, seed)
+        tries = int(limits["reject_tries"]) if reject else 1
+        for attempt in range(1, tries):
+            bad = [i for i, s in enumerate(samples) if rejection_reasons(s.metrics, limits)]
+            if not bad:
+                break
+            retry_seed = None if seed is None else seed + 1_000_003 * attempt
+            for i, again in zip(bad, make(len(bad), retry_seed)):
+                why = "; ".join(rejection_reasons(samples[i].metrics, limits))
+                self.log(f"note: sample {i} rejected ({why}); generating it again")
+                again.rejected = samples[i].rejected + [f"try {attempt}: {why}"]
+                samples[i] = again
+        for s in samples:
+            s.report = describe(s, limits)
+        return samples
+
+    # ------------------------------------------------------------------------------------------------
+    # Accompaniment
+
+    def accompany(self, prompt, program, *, bars=None, replace: bool = False, num_samples: int = 1,
+                  temperature: float = 0.5, top_k: int | None = 6, no_repeat_ngram: int | None = 6,
+                  seed: int | None = None, grammar: bool = True, reject: bool = False, limits: dict | None = None,
+                  prompt_name: str | None = None,
+                  on_progress: Callable[[int, int], None] | None = None) -> list[Sample]:
+        """Add a track for `program` (GM number, -1 = drums, or a name such as "bass") to the piece
+        `prompt`, keeping its notes exactly; `replace=True` first drops that instrument's notes. `bars`:
+        the span to write, "A:B" (counted from 1, both included), "A:" or ":B"; None: the whole piece.
+
+        Sample.new_track is the new track's index; its metrics describe the new track (silent_share:
+        bars of the piece in which it plays nothing)."""
+        _need_controls("adding a track")
+        if num_samples < 1:
+            raise MidistralError(f"num_samples must be >= 1, got {num_samples}")
+        program = self.parse_program(program)
+        source = load_score(prompt, prompt_name)
+        if source.note_num() == 0:
+            label = prompt_name or (str(prompt) if isinstance(prompt, (str, os.PathLike)) else "the piece")
+            raise MidistralError(f"{label}: has no notes to accompany")
+        piece = prompt if isinstance(prompt, (str, os.PathLike)) else source  # a path: its messages name it
+        options = dict(bars=bars, replace=replace, temperature=temperature, top_k=top_k,
+                       no_repeat_ngram_size=no_repeat_ngram, grammar=grammar, **self._precision_option())
+
+        def make(n: int, seed_: int | None) -> list[Sample]:
+            out = []
+            for i in range(n):
+                score = controls.accompany(self.model, self.tok, piece, program,
+                                           seed=None if seed_ is None else seed_ + i, **options)
+                out.append(self._finish_accompaniment(score, source, program, bars))
+                if on_progress is not None:
+                    on_progress(i + 1, n)
+            return out
+
+        return self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: accompaniment_report(
+            s.score, s.new_track, s.metrics, lim, s.rejected))
+
+    @staticmethod
+    def parse_programs(programs) -> list[int]:
+        """GM program numbers (-1 = drums) from "0,33,-1", "piano,bass,drums" or a list of them."""
+        _need_controls("choosing instruments")
+        return controls.parse_programs(programs)
+
+    @staticmethod
+    def parse_program(program) -> int:
+        """One GM program number (-1 = drums) from a number or a name such as "bass"."""
+        _need_controls("choosing an instrument")
+        return controls.parse_program(program)
+
+    def _finish_accompaniment(self, score: symusic.Score, source: symusic.Score, program: int, bars) -> Sample:
+        """A Sample whose metrics describe the new track over the bars it was written for."""
+        score = music.keep_prompt_meta(music.name_tracks(score), source)
+        new_track = next(i for i in reversed(range(len(score.tracks)))
+                         if music.track_program(score.tracks[i]) == program)
+        alone = score.copy()
+        alone.tracks = [score.tracks[new_track].copy()]
+        n_tokens = len(self.tok.encode(alone)) if alone.note_num() else 0
+        start, end = _bar_span(score, bars)
+        whole = failure_modes(score.clip(start, end), start, [program])  # clip keeps the ticks: bars from start
+        track = failure_modes(alone.clip(start, end), start, [])
+        metrics = {"silent_share": whole["silent_share"], "loop_score": track["loop_score"],
+                   "out_of_key": track["out_of_key"]}
+        return Sample(score, 0, n_tokens, 0, metrics, summary_line(score, n_tokens, False, 0, metrics),
+                      new_track=new_track)
+
+    # ------------------------------------------------------------------------------------------------
+    # Generation
+
+    def _generate(self, ids: np.ndarray, batch: int, seed: int | None, settings: dict) -> list[list[int]]:
+        prompt = torch.from_numpy(ids)[None].repeat(batch, 1).to(self.device)
+        constraints = self._constraints(settings)
+        t0 = time.perf_counter()
+        out = generate(self.model, prompt, settings["max_new"], temperature=settings["temperature"],
+                       top_k=settings["top_k"] or None, top_p=settings["top_p"],
+                       no_repeat_ngram_size=settings["no_repeat_ngram"] or None,
+                       min_new_tokens=settings["min_new_tokens"], eos_id=self.tok.eos_id, seed=seed,
+                       constraints=constraints, **self._precision_option())
+        dt = time.perf_counter() - t0
+        n_new = out.shape[1] - len(ids)
+        self.log(f"generated {n_new} tokens x {batch} in {dt:.1f}s ({n_new * batch / max(dt, 1e-9):.0f} tok/s)")
+        if settings["bars"] is not None:  # then controls is there (checked with the arguments)
+            complete = next(c.complete for c in constraints if isinstance(c, controls.BarsConstraint))
+            if not all(complete):
+                self.log(f"note: the model's context ran out before {settings['bars']} bars in "
+                         f"{complete.count(False)} sample(s)")
+        return [row[len(ids):] for row in out.tolist()]
+
+    def _constraints(self, settings: dict) -> list:
+        """Fresh constraint objects for one generate call: grammar, instruments, length, progress."""
+        constraints = []
+        if settings["grammar"]:
+            # the grammar closes the last note as the token budget ends; with a length in bars the budget
+            # is the whole context and the bars decide the end (closing early would fight their EOS mask)
+            budget = None if settings["bars"] is not None else settings["max_new"]
+            constraints.append(GrammarConstraint(self.tok, budget, grammar=self.grammar))
+        if settings["programs"] is not None:
+            constraints.append(controls.ProgramsConstraint(self.tok, settings["programs"]))
+        if settings["bars"] is not None:
+            constraints.append(controls.BarsConstraint(self.tok, settings["bars"]))
+        if settings["on_progress"] is not None:
+            constraints.append(_ProgressReport(settings["on_progress"], settings["max_new"]))
+        return constraints
+
+    def _precision_option(self) -> dict:
+        """The precision argument of generate / controls.accompany (None: their exact fp32 default)."""
+        return {} if self.precision is None else {"precision": self.precision}
+
+    def _finish(self, new: list[int], p: _Prompt) -> Sample:
+        eos = self.tok.eos_id
+        ended = eos is not None and eos in new
+        n_tokens = new.index(eos) + 1 if ended else len(new)
+        score, skipped = self.tok.decode_with_report(p.ids.tolist() + new[:n_tokens])
+        score = music.keep_prompt_meta(music.name_tracks(score), p.source)
+        metrics = failure_modes(score, p.start_tick, p.programs)
+        return Sample(score, p.start_tick, n_tokens, skipped, metrics,
+                      summary_line(score, n_tokens, ended, skipped, metrics), ended=ended)
+
+
+def _bar_span(score: symusic.Score, bars) -> tuple[int, int]:
+    """Ticks [start, end) of the bars "A:B" (counted from 1, both included; None: the whole piece)."""
+    end = score.end() + 1
+    if bars is None:
+        return 0, end
+    first, last = controls.parse_bar_range(bars)
+    downbeats = score.get_downbeats()
+    start = int(downbeats[first - 1]) if first - 1 < len(downbeats) else end
+    stop = int(downbeats[last]) if last is not None and last < len(downbeats) else end
+    return start, max(stop, start)
+
+
+def _need_controls(what: str) -> None:
+    if controls is None:
+        raise MidistralError(f"{what} needs {CONTROLS_MISSING}")
+
+
+def continuation_report(score: symusic.Score, start_tick: int, metrics: dict, limits: dict | None = None,
+                        rejected=()) -> str:
+    """New notes per instrument, the failure modes over their thresholds and the rejected tries, one line."""
+    counts = music.new_notes_per_track(score, start_tick)
+    warn = [f"{name} silent" for name, n in counts if n == 0]
+    warn += [r for r in rejection_reasons(metrics, limits) if not r.startswith("silent")]
+    if rejected:
+        gave_up = "; no try passed, kept the last" if rejection_reasons(metrics, limits) else ""
+        warn.append(f"rejected {' | '.join(rejected)}{gave_up}")
+    line = "continuation: " + (", ".join(f"{name} {n}" for name, n in counts) or "no tracks")
+    return line + (f"  [{'; '.join(warn)}]" if warn else "")
+
+
+def accompaniment_report(score: symusic.Score, new_track: int, metrics: dict, limits: dict | None = None,
+                         rejected=()) -> str:
+    """The new track's notes, its failure modes over their thresholds and the rejected tries, one line."""
+    track = score.tracks[new_track]
+    warn = rejection_reasons(metrics, limits)
+    if rejected:
+        gave_up = "; no try passed, kept the last" if warn else ""
+        warn.append(f"rejected {' | '.join(rejected)}{gave_up}")
+    line = f"new track: {track.name} {len(track.notes)} notes"
+    return line + (f"  [{'; '.join(warn)}]" if warn else "")
+
+
+def summary_line(score: symusic.Score, n_tokens: int, ended: bool, skipped: int, metrics: dict) -> str:
+    """bars, notes, instruments, length, tokens, skipped tokens and the failure modes, on one line."""
+    instruments = ", ".join(t.name for t in score.tracks) or "none"
+    modes = "  ".join(f"{LABELS[k]} {metrics[k]:.0%}" for k in THRESHOLDS)
+    return (f"bars {music.n_bars(score)}  notes {score.note_num()}  instruments [{instruments}]  "
+            f"{score.to('second').end():.1f}s  tokens {n_tokens}{' (ended with EOS)' if ended else ''}  "
+            f"skipped {skipped}  {modes}")
+
+
+class _ProgressReport:
+    """A constraint that masks nothing: it calls on_progress(step, total) after every generated token."""
+
+    def __init__(self, on_progress: Callable[[int, int], None], total: int):
+        self.on_progress, self.total, self.step = on_progress, total, 0
+
+    def start(self, prompt_ids) -> None:
+        self.step = 0
+
+    def mask(self, logits) -> None:
+        pass
+
+    def push(self, tokens) -> None:
+        self.step += 1
+        self.on_progress(self.step, self.total)
