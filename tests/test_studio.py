@@ -90,14 +90,21 @@ def browser():
 @pytest.fixture
 def page(browser, server):
     context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
-    # the page must work with no network: refuse every request that does not go to the studio
-    context.route(re.compile(r"^(?!http://127\.0\.0\.1:).*"), lambda route: route.abort())
+    # the page must work with no network: every request that does not go to the studio is refused and noted
+    outside = []
+
+    def refuse(route):
+        outside.append(route.request.url)
+        route.abort()
+
+    context.route(re.compile(r"^(?!http://127\.0\.0\.1:).*"), refuse)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(server)
     page.wait_for_selector("#mode-buttons button")
     yield page
     context.close()
+    assert outside == [], f"the page asked the internet for {outside}"
 
 
 def set_value(page, selector, value):

@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     print(f"midistral studio: model {sampler.ckpt}; open {url} in a browser (Ctrl-C stops it)", flush=True)
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"note: listening on {host}: other machines that reach it can use the studio", file=sys.stderr)
     if studio.audio_problem:
         print(f"note: no audio in the page: {studio.audio_problem}", file=sys.stderr)
     config = uvicorn.Config(create_app(studio), log_level="warning")
