@@ -125,7 +125,7 @@ def test_no_prompt_long_prompt_and_prompt_bars(ckpt, prompt, tmp_path):
 
 
 def test_first_bars():
-    import sample
+    from midistral.music import first_bars
 
     s = symusic.Score(480)
     s.time_signatures.append(symusic.TimeSignature(0, 3, 4))
@@ -133,13 +133,14 @@ def test_first_bars():
     for beat in range(12):
         t.notes.append(symusic.Note(beat * 480, 480, 60, 80))
     s.tracks.append(t)
-    cut = sample.first_bars(s, 2)
+    cut = first_bars(s, 2)
     assert [n.time for n in cut.tracks[0].notes] == [i * 480 for i in range(6)]
-    assert sample.first_bars(s, 10).note_num() == 12
+    assert first_bars(s, 10).note_num() == 12
 
 
 def test_continuation_report_flags_loops_and_silence():
-    import sample
+    from midistral.music import failure_modes
+    from midistral.sampler import continuation_report
 
     s = symusic.Score(480)
     s.time_signatures.append(symusic.TimeSignature(0, 4, 4))
@@ -149,7 +150,10 @@ def test_continuation_report_flags_loops_and_silence():
         if bar < 2:
             b.notes.append(symusic.Note(bar * 1920, 960, 40, 80))
     s.tracks.extend([a, b])
-    line = sample.continuation_report(s, 2 * 1920)
+    modes = failure_modes(s, 2 * 1920)
+    # bar 2 differs from bars 0-1 (the bass stopped); bars 3-7 repeat the bar before them
+    assert modes == {"silent_share": 1.0, "loop_score": 5 / 6, "out_of_key": 0.0}
+    line = continuation_report(s, 2 * 1920, modes)
     assert "Piano 6" in line and "Bass 0" in line
     assert "Bass silent" in line and "loops" in line
 

@@ -1,0 +1,256 @@
+"""The sampling pipeline as a library: load a checkpoint once, then continue prompts or add tracks.
+
+    sampler = Sampler.load("runs/chorales")             # model + tokenizer, once
+    for s in sampler.sample("song.mid", num_samples=4, seed=0, reject=True):
+        print(s.line)                                   # bars, notes, instruments, failure modes
+        Path("out.mid").write_bytes(s.midi_bytes())
+
+A prompt is a path, MIDI bytes (an upload) or a symusic Score; a bad one raises a one-line MidiError
+naming it. `sample.py` and the web studio are thin layers over this module.
+
+Rejection (`reject=True`): a sample whose continuation has a silent prompt instrument, loops, or
+leaves the key more than the thresholds in `SAMPLE_DEFAULTS` allow is generated again with another
+seed, up to `reject_tries` times; `Sample.rejected` says what was thrown away and why.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import symusic
+import torch
+
+from midistral import music
+from midistral.checkpoint import load_model_and_tokenizer, resolve_checkpoint
+from midistral.errors import MidistralError
+from midistral.generate import generate, model_config
+from midistral.tokenize import load_score
+
+# The [sample] defaults: the report's sampling setting and the rejection thresholds (sample.py flags
+# override each one).
+SAMPLE_DEFAULTS = {
+    "max_new_tokens": 1024,
+    "temperature": 0.5,
+    "top_k": 6,
+    "no_repeat_ngram": 6,
+    "reject_tries": 4,          # generations per sample at most, the first included
+    "max_silent_share": 0.25,   # share of bars in which a prompt instrument is silent
+    "max_loop_score": 0.5,      # share of bars repeating one of the previous two
+    "max_out_of_key": 0.15,     # share of pitched notes outside the key
+}
+THRESHOLDS = {"silent_share": "max_silent_share", "loop_score": "max_loop_score", "out_of_key": "max_out_of_key"}
+LABELS = {"silent_share": "silent", "loop_score": "loops", "out_of_key": "out-of-key"}
+
+
+def rejection_reasons(metrics: dict[str, float], limits: dict | None = None) -> list[str]:
+    """Why a sample with these failure-mode metrics is rejected ([] = kept), e.g. ['loops 83% > 50%']."""
+    limits = {**SAMPLE_DEFAULTS, **(limits or {})}
+    return [f"{LABELS[key]} {metrics[key]:.0%} > {limits[limit]:.0%}"
+            for key, limit in THRESHOLDS.items() if metrics[key] > limits[limit]]
+
+
+@dataclass
+class Sample:
+    """One generated piece: prompt + continuation (or the piece with its new track)."""
+
+    score: symusic.Score        # named tracks, the prompt's tempo and meter
+    start_tick: int             # where the continuation starts (0: from scratch)
+    n_tokens: int               # new tokens, EOS included
+    skipped: int                # tokens the decoder skipped (did not fit the grammar)
+    metrics: dict               # failure modes of the continuation: silent_share, loop_score, out_of_key
+    line: str                   # one-line summary
+    report: str = ""            # second line: new notes per instrument and warnings
+    ended: bool = False         # the model emitted EOS
+    rejected: list[str] = field(default_factory=list)  # earlier tries thrown away, with the reason
+    new_track: int | None = None  # index of the added track (accompaniment)
+
+    def midi_bytes(self) -> bytes:
+        return music.midi_bytes(self.score)
+
+    def piano_roll_png(self, title: str = "") -> bytes:
+        return music.piano_roll_png(self.score, title, self.start_tick, self.new_track)
+
+
+@dataclass
+class _Prompt:
+    ids: np.ndarray             # BOS + prompt tokens
+    source: symusic.Score | None  # the prompt as given (for its tempo / meter)
+    start_tick: int
+    programs: list[int]         # instruments of the (decoded) prompt
+
+
+class Sampler:
+    """A model and its tokenizer, loaded once; `sample` and `accompany` return `Sample`s."""
+
+    def __init__(self, model, tok, ckpt: Path | None = None, device: str = "cpu", precision: str | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.model, self.tok, self.ckpt = model, tok, ckpt
+        self.device, self.precision = device, precision
+        self.log = log or (lambda msg: None)
+        self.context = model_config(model).max_position_embeddings
+
+    @classmethod
+    def load(cls, ckpt: str | os.PathLike, device: str = "cpu", precision: str | None = None,
+             log: Callable[[str], None] | None = None) -> "Sampler":
+        """From a run folder (best/, else last/) or a checkpoint folder; CheckpointError if unusable."""
+        path = resolve_checkpoint(ckpt)
+        model, tok = load_model_and_tokenizer(path, device=device)
+        return cls(model, tok, path, device, precision, log)
+
+    # ------------------------------------------------------------------------------------------------
+    # Prompt
+
+    def read_prompt(self, prompt, prompt_bars: int | None = None, name: str | None = None):
+        """The prompt as a Score (None: start from scratch), cut to its first `prompt_bars` bars."""
+        if prompt is None:
+            return None
+        label = name or (str(prompt) if isinstance(prompt, (str, os.PathLike)) else None)
+        score = load_score(prompt, name)
+        if prompt_bars and score.note_num():
+            cut = music.first_bars(score, prompt_bars)
+            if cut.note_num() == 0:
+                self.log(f"note: {label or 'the prompt'} has no notes in its first {prompt_bars} bars; "
+                         "generating from BOS")
+            return cut
+        if score.note_num() == 0:
+            self.log(f"note: {label or 'the prompt'} has no notes; generating from BOS")
+        return score
+
+    def _encode_prompt(self, score: symusic.Score | None, max_new: int) -> _Prompt:
+        bos = [self.tok.bos_id] if self.tok.bos_id is not None else []
+        if score is None or score.note_num() == 0:
+            return _Prompt(np.array(bos or [0], dtype=np.int64), score, 0, [])
+        ids = np.concatenate([np.array(bos, dtype=np.int64), np.asarray(self.tok.encode(score), dtype=np.int64)])
+        # keep room for the continuation inside the model's context: drop the start of a long prompt
+        room = max(self.context - max_new, self.context // 2)
+        if len(ids) > room:
+            self.log(f"note: the prompt is {len(ids)} tokens, longer than the {room} the model's context "
+                     f"({self.context}) leaves beside {max_new} new tokens; keeping its last {room} tokens")
+            ids = ids[-room:]
+        decoded, _ = self.tok.decode_with_report(ids.tolist())
+        programs = [music.track_program(t) for t in decoded.tracks if len(t.notes)]
+        return _Prompt(ids, score, decoded.end() if decoded.note_num() else 0, programs)
+
+    def _token_budget(self, max_new_tokens: int | None) -> int:
+        want = max_new_tokens or SAMPLE_DEFAULTS["max_new_tokens"]
+        max_new = min(want, self.context - 1)
+        if max_new < want:
+            self.log(f"note: max_new_tokens {want} exceeds the model's context; using {max_new}")
+        return max_new
+
+    # ------------------------------------------------------------------------------------------------
+    # Sampling
+
+    def sample(self, prompt=None, *, num_samples: int = 1, max_new_tokens: int | None = None,
+               bars: int | None = None, programs=None, temperature: float = 0.5, top_k: int | None = 6,
+               top_p: float | None = None, no_repeat_ngram: int | None = 6, seed: int | None = None,
+               grammar: bool = True, reject: bool = False, prompt_bars: int | None = None,
+               min_new_tokens: int = 0, limits: dict | None = None, prompt_name: str | None = None,
+               on_progress: Callable[[int, int], None] | None = None) -> list[Sample]:
+        """Continue `prompt` (path, MIDI bytes, Score or None) `num_samples` times, as one batch.
+
+        `limits` overrides SAMPLE_DEFAULTS' rejection thresholds and `reject_tries`; `on_progress(step,
+        total)` is called after every generated token."""
+        if num_samples < 1:
+            raise MidistralError(f"num_samples must be >= 1, got {num_samples}")
+        source = self.read_prompt(prompt, prompt_bars, prompt_name)
+        max_new = self._token_budget(max_new_tokens)
+        p = self._encode_prompt(source, max_new)
+        if len(p.ids) + max_new > self.context:
+            max_new = self.context - len(p.ids)
+            self.log(f"note: prompt + continuation must fit the model's context ({self.context}); "
+                     f"generating {max_new} tokens")
+        settings = dict(max_new=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
+                        no_repeat_ngram=no_repeat_ngram, min_new_tokens=min_new_tokens, grammar=grammar,
+                        bars=bars, programs=programs, on_progress=on_progress)
+        limits = {**SAMPLE_DEFAULTS, **(limits or {})}
+        samples = [self._finish(row, p) for row in self._generate(p.ids, num_samples, seed, settings)]
+        tries = int(limits["reject_tries"]) if reject else 1
+        for attempt in range(1, tries):
+            bad = [i for i, s in enumerate(samples) if rejection_reasons(s.metrics, limits)]
+            if not bad:
+                break
+            retry_seed = None if seed is None else seed + 1_000_003 * attempt
+            rows = self._generate(p.ids, len(bad), retry_seed, settings)
+            for i, row in zip(bad, rows):
+                why = "; ".join(rejection_reasons(samples[i].metrics, limits))
+                self.log(f"note: sample {i} rejected ({why}); generating it again")
+                rejected = samples[i].rejected + [f"try {attempt}: {why}"]
+                samples[i] = self._finish(row, p)
+                samples[i].rejected = rejected
+        for s in samples:
+            s.report = continuation_report(s.score, s.start_tick, s.metrics, limits, s.rejected)
+        return samples
+
+    def _generate(self, ids: np.ndarray, batch: int, seed: int | None, settings: dict) -> list[list[int]]:
+        prompt = torch.from_numpy(ids)[None].repeat(batch, 1).to(self.device)
+        constraints = self._constraints(settings)
+        t0 = time.perf_counter()
+        out = generate(self.model, prompt, settings["max_new"], temperature=settings["temperature"],
+                       top_k=settings["top_k"] or None, top_p=settings["top_p"],
+                       no_repeat_ngram_size=settings["no_repeat_ngram"] or None,
+                       min_new_tokens=settings["min_new_tokens"], eos_id=self.tok.eos_id, seed=seed,
+                       constraints=constraints)
+        dt = time.perf_counter() - t0
+        n_new = out.shape[1] - len(ids)
+        self.log(f"generated {n_new} tokens x {batch} in {dt:.1f}s ({n_new * batch / max(dt, 1e-9):.0f} tok/s)")
+        return [row[len(ids):] for row in out.tolist()]
+
+    def _constraints(self, settings: dict) -> list:
+        constraints = []
+        if settings["on_progress"] is not None:
+            constraints.append(_ProgressReport(settings["on_progress"], settings["max_new"]))
+        return constraints
+
+    def _finish(self, new: list[int], p: _Prompt) -> Sample:
+        eos = self.tok.eos_id
+        ended = eos is not None and eos in new
+        n_tokens = new.index(eos) + 1 if ended else len(new)
+        score, skipped = self.tok.decode_with_report(p.ids.tolist() + new[:n_tokens])
+        score = music.keep_prompt_meta(music.name_tracks(score), p.source)
+        metrics = music.failure_modes(score, p.start_tick, p.programs)
+        return Sample(score, p.start_tick, n_tokens, skipped, metrics,
+                      summary_line(score, n_tokens, ended, skipped, metrics), ended=ended)
+
+def continuation_report(score: symusic.Score, start_tick: int, metrics: dict, limits: dict | None = None,
+                        rejected=()) -> str:
+    """New notes per instrument, the failure modes over their thresholds and the rejected tries, one line."""
+    counts = music.new_notes_per_track(score, start_tick)
+    warn = [f"{name} silent" for name, n in counts if n == 0]
+    warn += [r for r in rejection_reasons(metrics, limits) if not r.startswith("silent")]
+    if rejected:
+        gave_up = "; no try passed, kept the last" if rejection_reasons(metrics, limits) else ""
+        warn.append(f"rejected {' | '.join(rejected)}{gave_up}")
+    line = "continuation: " + (", ".join(f"{name} {n}" for name, n in counts) or "no tracks")
+    return line + (f"  [{'; '.join(warn)}]" if warn else "")
+
+
+def summary_line(score: symusic.Score, n_tokens: int, ended: bool, skipped: int, metrics: dict) -> str:
+    """bars, notes, instruments, length, tokens, skipped tokens and the failure modes, on one line."""
+    instruments = ", ".join(t.name for t in score.tracks) or "none"
+    modes = "  ".join(f"{LABELS[k]} {metrics[k]:.0%}" for k in THRESHOLDS)
+    return (f"bars {music.n_bars(score)}  notes {score.note_num()}  instruments [{instruments}]  "
+            f"{score.to('second').end():.1f}s  tokens {n_tokens}{' (ended with EOS)' if ended else ''}  "
+            f"skipped {skipped}  {modes}")
+
+
+class _ProgressReport:
+    """A constraint that masks nothing: it calls on_progress(step, total) after every generated token."""
+
+    def __init__(self, on_progress: Callable[[int, int], None], total: int):
+        self.on_progress, self.total, self.step = on_progress, total, 0
+
+    def start(self, prompt_ids) -> None:
+        self.step = 0
+
+    def mask(self, logits) -> None:
+        pass
+
+    def push(self, tokens) -> None:
+        self.step += 1
+        self.on_progress(self.step, self.total)

@@ -1,0 +1,191 @@
+"""midistral.sampler.Sampler: one load, prompts as path / bytes / Score, same seed same output, one-line
+errors for bad prompts, and rejection of failure modes (a looping sample is generated again, a good one kept)."""
+
+import pytest
+import symusic
+import torch
+
+from midistral import sampler as sampler_module
+from midistral.errors import CheckpointError, MidiError
+from midistral.sampler import SAMPLE_DEFAULTS, Sampler, rejection_reasons
+
+BAR = 1920
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from midistral.checkpoint import save_checkpoint
+    from midistral.model import ModelConfig, Transformer
+    from midistral.tokenize import REMI
+
+    torch.manual_seed(0)
+    tok = REMI()
+    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                      max_position_embeddings=256)
+    d = tmp_path_factory.mktemp("run")
+    save_checkpoint(d / "best", Transformer(cfg), tok)
+    return d
+
+
+@pytest.fixture(scope="module")
+def smp(run_dir):
+    return Sampler.load(run_dir)
+
+
+def piece(bar_pitches, program=0, ts=(4, 4)):
+    """One track, one bar per entry of `bar_pitches`: that bar's pitches as quarter notes."""
+    s = symusic.Score(480)
+    s.tempos.append(symusic.Tempo(0, 100.0))
+    s.time_signatures.append(symusic.TimeSignature(0, *ts))
+    t = symusic.Track("", program, False)
+    for b, pitches in enumerate(bar_pitches):
+        for i, p in enumerate(pitches):
+            t.notes.append(symusic.Note(b * BAR + i * 480, 480, p, 80))
+    s.tracks.append(t)
+    return s
+
+
+@pytest.fixture(scope="module")
+def prompt_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompt") / "tune.mid"
+    piece([[60, 62, 64, 65], [67, 65, 64, 62], [60, 64, 67, 72]]).dump_midi(path)
+    return path
+
+
+def test_load_resolves_run_folder_once(smp, run_dir):
+    assert smp.ckpt == run_dir / "best" and smp.context == 256
+    with pytest.raises(CheckpointError, match="no_such_run"):
+        Sampler.load(run_dir / "no_such_run")
+
+
+def test_same_seed_same_output_for_path_bytes_and_score(smp, prompt_path):
+    kw = dict(num_samples=2, max_new_tokens=24, seed=7)
+    by_path = smp.sample(prompt_path, **kw)
+    assert [s.midi_bytes() for s in by_path] == [s.midi_bytes() for s in smp.sample(prompt_path, **kw)]
+    by_bytes = smp.sample(prompt_path.read_bytes(), **kw)
+    by_score = smp.sample(symusic.Score(str(prompt_path)), **kw)
+    for a, b, c in zip(by_path, by_bytes, by_score):
+        assert a.midi_bytes() == b.midi_bytes() == c.midi_bytes()
+    other = smp.sample(prompt_path, **{**kw, "seed": 8})
+    assert [s.midi_bytes() for s in other] != [s.midi_bytes() for s in by_path]
+
+
+def test_sample_fields(smp, prompt_path):
+    steps = []
+    (s,) = smp.sample(prompt_path, max_new_tokens=20, seed=1, on_progress=lambda i, n: steps.append((i, n)))
+    assert s.n_tokens <= 20 and steps == [(i, 20) for i in range(1, len(steps) + 1)] and len(steps) >= s.n_tokens
+    want = symusic.Score(str(prompt_path))
+    # the prompt (3 bars, 12 notes) is at the start, its tempo and meter kept, tracks named
+    prompt_notes = sorted((n.time * 480 // s.score.tpq, n.pitch) for t in s.score.tracks for n in t.notes
+                          if n.time * 480 // s.score.tpq < 3 * BAR)
+    assert prompt_notes == sorted((n.time, n.pitch) for t in want.tracks for n in t.notes)
+    assert s.start_tick * 480 // s.score.tpq == 3 * BAR
+    assert abs(s.score.tempos[0].qpm - 100) < 1 and s.score.tracks[0].name == "Acoustic Grand Piano"
+    assert set(s.metrics) == {"silent_share", "loop_score", "out_of_key"}
+    assert "bars" in s.line and "skipped" in s.line and "loops" in s.line and "\n" not in s.line
+    assert s.report.startswith("continuation: ") and s.rejected == []
+    assert symusic.Score.from_midi(s.midi_bytes()).note_num() == s.score.note_num()
+    assert s.piano_roll_png("t")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_prompt_and_empty_prompt(smp):
+    (s,) = smp.sample(None, max_new_tokens=10, seed=0)
+    assert s.start_tick == 0 and s.metrics["silent_share"] == 0.0
+    notes = []
+    smp.log = notes.append
+    try:
+        (e,) = smp.sample(symusic.Score(480), max_new_tokens=10, seed=0, prompt_name="empty.mid")
+    finally:
+        smp.log = lambda msg: None
+    assert e.midi_bytes() == s.midi_bytes()
+    assert any("empty.mid has no notes; generating from BOS" in n for n in notes)
+
+
+@pytest.mark.parametrize("prompt, match", [
+    (b"RIFF....", "<bytes>: a RIFF MIDI"),
+    (b"not midi at all", "<bytes>: not a MIDI file"),
+    (b"", "<bytes>: empty file"),
+    (b"MThd\x00\x00\x00\x06\x00\x01", "<bytes>: unreadable MIDI"),
+    (42, "expected a path, MIDI bytes or a symusic.Score"),
+])
+def test_bad_prompt_one_line_error(smp, prompt, match):
+    with pytest.raises(MidiError, match=match) as e:
+        smp.sample(prompt, max_new_tokens=5)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_prompt_names_the_file(smp, tmp_path):
+    with pytest.raises(MidiError, match="nope.mid: no such file"):
+        smp.sample(tmp_path / "nope.mid", max_new_tokens=5)
+    text = tmp_path / "text.mid"
+    text.write_text("hello\n")
+    with pytest.raises(MidiError, match="text.mid: not a MIDI file"):
+        smp.sample(text, max_new_tokens=5)
+    with pytest.raises(MidiError, match="upload.mid: not a MIDI file"):
+        smp.sample(b"hello", max_new_tokens=5, prompt_name="upload.mid")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rejection
+
+
+LOOPING = [[60, 64, 67, 72]] * 8                                      # the same bar 8 times
+C_MAJOR = [60, 62, 64, 65, 67, 69, 71, 72]
+GOOD = [[C_MAJOR[(b + i * 3) % 8] for i in range(4)] for b in range(8)]  # in C major, no bar repeats
+
+
+def test_rejection_reasons_on_crafted_scores():
+    from midistral.music import failure_modes
+
+    looping, good = failure_modes(piece(LOOPING)), failure_modes(piece(GOOD))
+    assert looping["loop_score"] == pytest.approx(7 / 8) and good["loop_score"] == 0.0
+    assert rejection_reasons(looping) == [f"loops 88% > {SAMPLE_DEFAULTS['max_loop_score']:.0%}"]
+    assert rejection_reasons(good) == []
+    assert rejection_reasons(looping, {"max_loop_score": 0.9}) == []
+    assert rejection_reasons({"silent_share": 0.5, "loop_score": 0, "out_of_key": 0.4}) == [
+        "silent 50% > 25%", "out-of-key 40% > 15%"]
+
+
+class ScriptedGenerate:
+    """Stands in for generate(): each call continues every row with the next scripted token sequence."""
+
+    def __init__(self, tok, scripts):
+        self.tok, self.scripts, self.calls = tok, list(scripts), []
+
+    def __call__(self, model, prompt, max_new_tokens, **kw):
+        self.calls.append(kw["seed"])
+        new = list(self.tok.encode(self.scripts.pop(0))) + [self.tok.eos_id]
+        return torch.cat([prompt, torch.tensor(new)[None].repeat(len(prompt), 1)], 1)
+
+
+def test_reject_regenerates_a_looping_sample_and_keeps_a_good_one(smp, monkeypatch):
+    fake = ScriptedGenerate(smp.tok, [piece(LOOPING), piece(GOOD)])
+    monkeypatch.setattr(sampler_module, "generate", fake)
+    (s,) = smp.sample(None, max_new_tokens=200, seed=3, reject=True)
+    assert len(fake.calls) == 2 and fake.calls[0] == 3 and fake.calls[1] != 3
+    assert s.metrics["loop_score"] == 0.0 and s.rejected == ["try 1: loops 88% > 50%"]
+    assert "rejected try 1: loops 88% > 50%" in s.report and "no try passed" not in s.report
+
+
+def test_without_reject_the_looping_sample_is_kept_and_flagged(smp, monkeypatch):
+    fake = ScriptedGenerate(smp.tok, [piece(LOOPING)])
+    monkeypatch.setattr(sampler_module, "generate", fake)
+    (s,) = smp.sample(None, max_new_tokens=200, seed=3)
+    assert len(fake.calls) == 1 and s.metrics["loop_score"] == pytest.approx(7 / 8)
+    assert s.rejected == [] and "loops 88% > 50%" in s.report
+
+
+def test_reject_gives_up_after_the_tries_and_says_so(smp, monkeypatch):
+    fake = ScriptedGenerate(smp.tok, [piece(LOOPING)] * 3)
+    monkeypatch.setattr(sampler_module, "generate", fake)
+    (s,) = smp.sample(None, max_new_tokens=200, seed=3, reject=True, limits={"reject_tries": 3})
+    assert len(fake.calls) == 3 and len(set(fake.calls)) == 3 and len(s.rejected) == 2
+    assert "no try passed, kept the last" in s.report
+
+
+def test_reject_keeps_a_good_first_try(smp, monkeypatch):
+    fake = ScriptedGenerate(smp.tok, [piece(GOOD)])
+    monkeypatch.setattr(sampler_module, "generate", fake)
+    (s,) = smp.sample(None, max_new_tokens=200, seed=3, reject=True)
+    assert len(fake.calls) == 1 and s.rejected == [] and s.metrics["loop_score"] == 0.0
