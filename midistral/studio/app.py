@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from midistral.errors import MidistralError
-from midistral.studio.jobs import AudioUnavailable, Job, Studio, Variation
+from midistral.studio.jobs import AudioUnavailable, Job, Missing, Studio, Variation
 from midistral.studio.settings import (BOUNDS, MAX_UPLOAD_BYTES, UploadTooLarge, describe_prompt, instruments,
                                        parse_request, read_prompt)
 
@@ -55,12 +55,8 @@ def job_status(studio: Studio, job: Job) -> dict:
             "mode": job.request.mode, "variations": variations}
 
 
-class NotKept(MidistralError):
-    """A job or variation the studio does not have (any more)."""
-
-
 # the HTTP status of each kind of mistake; any other MidistralError is a 400
-STATUS = ((UploadTooLarge, 413), (NotKept, 404), (AudioUnavailable, 503))
+STATUS = ((UploadTooLarge, 413), (Missing, 404), (AudioUnavailable, 503))
 
 
 def create_app(studio: Studio) -> FastAPI:
@@ -99,13 +95,13 @@ def create_app(studio: Studio) -> FastAPI:
     def find(job_id: str) -> Job:
         job = studio.job(job_id)
         if job is None:
-            raise NotKept("this generation is no longer kept; press Generate again")
+            raise Missing("this generation is no longer kept; press Generate again")
         return job
 
     def variation(job_id: str, k: int) -> Variation:
         job = find(job_id)
         if not 0 <= k < len(job.variations):
-            raise NotKept(f"variation {k + 1} does not exist")
+            raise Missing(f"variation {k + 1} does not exist")
         return job.variations[k]
 
     @app.get("/api/jobs/{job_id}")
@@ -114,7 +110,7 @@ def create_app(studio: Studio) -> FastAPI:
 
     @app.get("/api/jobs/{job_id}/{k}/roll.png")
     def roll(job_id: str, k: int):
-        return FileResponse(variation(job_id, k).path(".png"), media_type="image/png")
+        return FileResponse(studio.piano_roll(variation(job_id, k)), media_type="image/png")
 
     @app.get("/api/jobs/{job_id}/{k}/audio.wav")
     def audio(job_id: str, k: int):

@@ -1,9 +1,9 @@
 """Generation jobs: the model is loaded once and runs one job at a time, on one worker thread.
 
 A press of Generate becomes a Job in a queue; the page polls it for its place in the queue, the tokens
-generated so far and, once done, its variations. Each variation's MIDI file and piano roll are written
-to the studio's temporary folder when the job ends; its audio is rendered there the first time the
-page asks for it. The studio keeps the last few jobs and deletes the oldest's files.
+generated so far and, once done, its variations. Each variation's MIDI file is written to the studio's
+temporary folder when the job ends, its piano roll right after (the page shows the variation before),
+and its audio the first time the page asks for it. The studio keeps the last few jobs and deletes the oldest's files.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ log = logging.getLogger("midistral.studio")
 KEEP_JOBS = 12      # finished jobs whose files stay available
 MAX_WAITING = 4     # jobs waiting behind the running one before Generate is refused
 AUDIO_RATE = 32000  # Hz: enough for a General MIDI preview, a third less to render than 44.1 kHz
+ROLL_WAIT = 300     # seconds a request for a piano roll waits for it to be drawn
+
+
+class Missing(MidistralError):
+    """A job, variation or file the studio does not have (any more)."""
 
 
 class AudioUnavailable(MidistralError):
@@ -43,6 +48,7 @@ class Variation:
     quality: dict
     score: object                       # the symusic Score, kept to render its audio on demand
     audio_lock: threading.Lock = field(default_factory=threading.Lock)
+    roll_ready: threading.Event = field(default_factory=threading.Event)
 
     def path(self, suffix: str) -> Path:
         return self.folder / f"{self.index}{suffix}"
@@ -143,11 +149,12 @@ class Studio:
 
     def _run(self, job: Job) -> None:
         job.state, job.started = "running", time.monotonic()
+        samples = []
         try:
             samples = self._sample(job)
             folder = self.folder / job.id
             folder.mkdir()
-            job.variations = [self._save(folder, k, s, job.request) for k, s in enumerate(samples)]
+            job.variations = [self._save_midi(folder, k, s) for k, s in enumerate(samples)]
             job.state = "done"
         except MidistralError as e:
             job.error, job.state = str(e), "failed"
@@ -155,6 +162,9 @@ class Studio:
             log.exception("generation %s failed", job.id)
             job.error, job.state = "internal error: the studio's terminal shows what went wrong", "failed"
         job.seconds = time.monotonic() - job.started
+        # the page shows the variations now; their piano rolls follow, drawn on this thread because
+        # matplotlib is not thread-safe
+        self._draw_rolls(job, samples)
 
     def _sample(self, job: Job) -> list:
         r = job.request
@@ -171,12 +181,27 @@ class Studio:
         return self.sampler.sample(r.prompt, prompt_name=r.prompt_name or None, max_new_tokens=r.max_new_tokens,
                                    **steer, **common)
 
-    def _save(self, folder: Path, k: int, sample, request: Request) -> Variation:
+    def _save_midi(self, folder: Path, k: int, sample) -> Variation:
         v = Variation(folder, k, quality(sample), sample.score)
         atomic_write_bytes(v.path(".mid"), sample.midi_bytes())
-        title = f"Variation {k + 1}" + (f" of {request.prompt_name}" if request.prompt_name else "")
-        atomic_write_bytes(v.path(".png"), sample.piano_roll_png(title))
         return v
+
+    def _draw_rolls(self, job: Job, samples: list) -> None:
+        name = job.request.prompt_name
+        for v, sample in zip(job.variations, samples):
+            try:
+                title = f"Variation {v.index + 1}" + (f" of {name}" if name else "")
+                atomic_write_bytes(v.path(".png"), sample.piano_roll_png(title))
+            except Exception:
+                log.exception("piano roll of %s/%d failed", job.id, v.index)
+            finally:
+                v.roll_ready.set()
+
+    def piano_roll(self, v: Variation) -> Path:
+        """The variation's piano roll, once drawn."""
+        if not v.roll_ready.wait(ROLL_WAIT) or not v.path(".png").is_file():
+            raise Missing(f"the piano roll of variation {v.index + 1} could not be drawn")
+        return v.path(".png")
 
     # ------------------------------------------------------------------------------------------------
     # Audio, on demand (request threads; one render per variation)
