@@ -18,20 +18,27 @@ from tqdm.auto import tqdm
 
 from midistral.errors import MidistralError
 from midistral.music import write_midi, write_piano_roll
-from midistral.sampler import SAMPLE_DEFAULTS, Sampler
+from midistral.sampler import PRECISIONS, SAMPLE_DEFAULTS, Sampler
 from midistral.tokenize import load_score
 
 D = SAMPLE_DEFAULTS
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one `error: ...` line (exit 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (python sample.py --help lists the options)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineErrors(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompt", nargs="?", help="MIDI file to continue (omit to start from BOS)")
     p.add_argument("--ckpt", required=True, help="run folder (best/, else last/) or checkpoint folder")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=D["max_new_tokens"])
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default {D['max_new_tokens']}; with --bars, as many as the context holds")
     p.add_argument("--min-new-tokens", type=int, default=0, help="EOS is masked before this many tokens")
     p.add_argument("--temperature", type=float, default=D["temperature"], help="0 = greedy")
     p.add_argument("--top-k", type=int, default=D["top_k"], help="0 = off")
@@ -40,6 +47,21 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--prompt-bars", type=int, default=None, help="keep only the first K bars of the prompt")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", type=precision_value, default=None,
+                   help="weights for sampling: fp32 (exact), bf16 or int8 (default: the fastest at equal "
+                        "quality on this machine)")
+    p.add_argument("--no-grammar", dest="grammar", action="store_false",
+                   help="do not mask tokens that break the token grammar")
+    c = p.add_argument_group("instruments and length")
+    c.add_argument("--programs", type=programs_value, default=None,
+                   help="continue with only these instruments: GM numbers or names, -1 = drums "
+                        "(e.g. 0,33,-1 or piano,bass,drums)")
+    c.add_argument("--bars", type=bars_value, default=None,
+                   help="continue for exactly N bars; with --add-track/--replace-track, N or A:B (bars A..B-1)")
+    c.add_argument("--add-track", type=program_value, default=None, metavar="PROGRAM",
+                   help="add a track for this instrument to the prompt, keeping its notes exactly")
+    c.add_argument("--replace-track", type=program_value, default=None, metavar="PROGRAM",
+                   help="write this instrument's track anew, keeping the other tracks")
     g = p.add_argument_group("rejection of failure modes")
     g.add_argument("--reject", action="store_true",
                    help="generate a sample again (other seed) while a failure mode is over its threshold")
@@ -55,10 +77,45 @@ def parse_args(argv=None):
     return args
 
 
+def precision_value(text: str) -> str:
+    if text not in PRECISIONS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(PRECISIONS)}")
+    return text
+
+
+def programs_value(text: str) -> list[int]:
+    try:
+        return Sampler.parse_programs(text)
+    except MidistralError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def program_value(text: str) -> int:
+    try:
+        return Sampler.parse_program(int(text) if text.lstrip("-").isdigit() else text)
+    except MidistralError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def bars_value(text: str) -> int | tuple[int, int]:
+    """N, or A:B (a span of the piece, for --add-track / --replace-track)."""
+    parts = text.split(":")
+    if len(parts) > 2 or not all(x.isdigit() for x in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of bars N or a span A:B")
+    if len(parts) == 1:
+        if int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
+        return int(text)
+    a, b = map(int, parts)
+    if a >= b:
+        raise argparse.ArgumentTypeError(f"{text!r}: the span A:B needs A < B")
+    return a, b
+
+
 def check_numbers(p: argparse.ArgumentParser, args) -> None:
-    """One-line argparse errors (exit 2) for values out of range."""
+    """One-line argparse errors (exit 2) for values out of range and flags that do not go together."""
     for name in ("num_samples", "max_new_tokens", "reject_tries"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("min_new_tokens", "top_k", "no_repeat_ngram", "temperature"):
         if not getattr(args, name) >= 0:  # `not >=` also catches nan
@@ -72,6 +129,17 @@ def check_numbers(p: argparse.ArgumentParser, args) -> None:
     for name in ("max_silent_share", "max_loop_score", "max_out_of_key"):
         if not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    track = "--add-track" if args.add_track is not None else "--replace-track" if args.replace_track is not None else None
+    if args.add_track is not None and args.replace_track is not None:
+        p.error("--add-track and --replace-track do not go together: choose one")
+    if track and args.prompt is None:
+        p.error(f"{track} needs a prompt: the MIDI file to add the track to")
+    if track and args.programs is not None:
+        p.error(f"{track} writes one instrument: --programs does not apply")
+    if track and (args.prompt_bars is not None or args.min_new_tokens or args.max_new_tokens is not None):
+        p.error(f"{track} walks the whole piece: --prompt-bars, --min-new-tokens and --max-new-tokens do not apply")
+    if not track and isinstance(args.bars, tuple):
+        p.error("--bars A:B (a span of the piece) is for --add-track / --replace-track; continue with --bars N")
 
 
 def log(msg: str) -> None:
@@ -90,16 +158,22 @@ def main(argv=None) -> int:
 def run(args) -> int:
     # a bad prompt is reported before any work on the model
     prompt = load_score(args.prompt) if args.prompt is not None else None
-    sampler = Sampler.load(args.ckpt, device=args.device, log=log)
-    log(f"checkpoint {sampler.ckpt}; {args.num_samples} sample(s) of up to {args.max_new_tokens} tokens")
+    sampler = Sampler.load(args.ckpt, device=args.device, precision=args.precision, log=log)
+    log(f"checkpoint {sampler.ckpt}; {args.num_samples} sample(s)")
     limits = {k: getattr(args, k) for k in ("reject_tries", "max_silent_share", "max_loop_score", "max_out_of_key")}
+    common = dict(num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
+                  no_repeat_ngram=args.no_repeat_ngram, seed=args.seed, grammar=args.grammar, reject=args.reject,
+                  limits=limits, prompt_name=args.prompt, bars=args.bars)
     progress = ProgressBar()
     try:
-        samples = sampler.sample(
-            prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, no_repeat_ngram=args.no_repeat_ngram,
-            seed=args.seed, reject=args.reject, min_new_tokens=args.min_new_tokens, limits=limits,
-            prompt_bars=args.prompt_bars, prompt_name=args.prompt, on_progress=progress)
+        if args.add_track is not None or args.replace_track is not None:
+            program = args.add_track if args.add_track is not None else args.replace_track
+            samples = sampler.accompany(prompt, program, replace=args.replace_track is not None,
+                                        on_progress=progress, **common)
+        else:
+            samples = sampler.sample(prompt, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
+                                     min_new_tokens=args.min_new_tokens, prompt_bars=args.prompt_bars,
+                                     programs=args.programs, on_progress=progress, **common)
     finally:
         progress.close()
     write_samples(samples, Path(args.out), Path(args.prompt).stem if args.prompt else "sample", sampler.ckpt)

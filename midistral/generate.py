@@ -12,6 +12,11 @@ Three pieces, each small:
   instead of rescanning the history at every step.
 - `process_logits` / `sample_next`: the logits pipeline in transformers' order: n-gram ban, then
   temperature, then top-k, then top-p. Temperature 0 means greedy.
+
+Constraints restrict what may come next, for example the token grammar (every token decodes):
+
+    from midistral.tokenize.grammar import GrammarConstraint
+    ids = generate(model, prompt_ids, 512, eos_id=tok.eos_id, constraints=[GrammarConstraint(tok, 512)])
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections import deque
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 # ----------------------------------------------------------------------------------------------------
 # Rolling KV cache
@@ -277,8 +283,6 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
     fill = eos_id if pad_id is None else pad_id
     steps = range(max_new_tokens)
     if progress:
-        from tqdm.auto import tqdm
-
         steps = tqdm(steps, desc="generating", unit="tok", leave=False)
     n_new = 0
     for step in steps:

@@ -3,11 +3,8 @@
     score = name_tracks(score)                       # tracks named by General MIDI instrument
     write_midi(score, "out/song.mid")                # atomic
     png = piano_roll_png(score, "song", start_tick=1920, highlight=2)
-    modes = failure_modes(score, start_tick=1920)    # {"silent_share", "loop_score", "out_of_key"}
 
-`failure_modes` measures the three ways the report's samples fail (a prompt instrument falls silent,
-the piece loops over one or two bars, notes leave the key) on the continuation only: the notes that
-start at or after `start_tick`.
+The numbers about music (per-piece metrics, the report's failure modes) are in midistral.metrics.
 """
 
 from __future__ import annotations
@@ -24,14 +21,12 @@ import symusic
 
 from midistral.errors import MidistralError
 from midistral.io import atomic_write_bytes
+from midistral.metrics import DRUM_PROGRAM
 from midistral.tokenize import GM_NAMES, load_score
 
-DRUMS = -1  # the program number that stands for the drum kit, as in --programs
-MAJOR_SCALE = np.array([1, 0, 1, 0, 1, 1, 0, 1, 0, 1, 0, 1], dtype=bool)
-
-
 def track_program(track) -> int:
-    return DRUMS if track.is_drum else int(track.program)
+    """The track's GM program, DRUM_PROGRAM (-1) for the drum kit (as --programs and metrics name it)."""
+    return DRUM_PROGRAM if track.is_drum else int(track.program)
 
 
 def name_tracks(score: symusic.Score) -> symusic.Score:
@@ -82,90 +77,7 @@ def write_midi(score: symusic.Score, path: str | os.PathLike) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Failure modes of a continuation
-
-
-def out_of_key_fraction(pitches: np.ndarray) -> float:
-    """Share of pitched notes outside the major scale (of 12 transpositions) that covers the most notes."""
-    if len(pitches) == 0:
-        return 0.0
-    hist = np.bincount(np.asarray(pitches, dtype=np.int64) % 12, minlength=12)
-    # a minor key uses the same pitch-class set as its relative major
-    covered = max(hist[np.roll(MAJOR_SCALE, r)].sum() for r in range(12))
-    return 1.0 - covered / len(pitches)
-
-
-def _bars(score: symusic.Score, start_tick: int) -> tuple[np.ndarray, int]:
-    """Bar lines up to the score's end (plus the closing one) and the index of the first continuation bar."""
-    end = max(score.end(), 1)
-    downbeats = np.asarray(score.get_downbeats(), dtype=np.int64)
-    inside = downbeats[downbeats < end]
-    if len(inside) == 0:
-        inside = np.zeros(1, dtype=np.int64)
-    step = int(inside[-1] - inside[-2]) if len(inside) > 1 else 4 * score.tpq
-    bars = np.append(inside, max(int(inside[-1]) + step, end))
-    return bars, int(np.searchsorted(inside, start_tick, side="left"))
-
-
-def _bar_patterns(score: symusic.Score, bars: np.ndarray) -> list[bytes]:
-    """What each bar plays, relative to its bar line (track, onset, pitch, duration) as bytes, b"" if silent."""
-    rows = []
-    for i, t in enumerate(score.tracks):
-        n = t.notes.numpy()
-        bar = np.searchsorted(bars, n["time"], side="right") - 1
-        offset = n["time"] - bars[np.clip(bar, 0, len(bars) - 1)]
-        rows.append(np.stack([bar, np.full_like(bar, i), offset, n["pitch"], n["duration"]], 1))
-    if not rows:
-        return [b""] * (len(bars) - 1)
-    notes = np.concatenate(rows).astype(np.int64)
-    notes = notes[np.lexsort(notes.T[::-1])]
-    cuts = np.searchsorted(notes[:, 0], np.arange(len(bars)))
-    return [notes[cuts[b]:cuts[b + 1], 1:].tobytes() for b in range(len(bars) - 1)]
-
-
-def _silent_share(score, bars, first, prompt_programs) -> float:
-    """Share of continuation bars in which some instrument of the prompt sounds no note."""
-    n_new = len(bars) - 1 - first
-    if n_new <= 0 or not prompt_programs:
-        return 0.0
-    lo, hi = bars[first:-1], bars[first + 1:]
-    silent = np.zeros(n_new, dtype=bool)
-    by_program = {track_program(t): t.notes.numpy() for t in score.tracks}
-    for program in set(prompt_programs):
-        n = by_program.get(program)
-        if n is None or len(n["time"]) == 0:
-            silent[:] = True
-            continue
-        on, off = n["time"], n["time"] + np.maximum(n["duration"], 1)
-        # a bar hears the instrument if one of its notes overlaps [lo, hi)
-        sounding = (on[None, :] < hi[:, None]) & (off[None, :] > lo[:, None])
-        silent |= ~sounding.any(1)
-    return float(silent.mean())
-
-
-def failure_modes(score: symusic.Score, start_tick: int = 0, prompt_programs=None) -> dict[str, float]:
-    """The report's failure modes in the continuation (bars from `start_tick` on), each a share in [0, 1]:
-
-    - silent_share: bars in which an instrument of the prompt plays nothing (programs, -1 = drums;
-      default: the instruments with notes before start_tick);
-    - loop_score: non-empty bars that repeat one of the previous two bars exactly (every track's onsets,
-      pitches and durations relative to the bar line);
-    - out_of_key: pitched notes outside the best-fitting major/minor scale.
-    """
-    if prompt_programs is None:
-        prompt_programs = [track_program(t) for t in score.tracks
-                           if len(t.notes) and int(t.notes.numpy()["time"].min()) < start_tick]
-    bars, first = _bars(score, start_tick)
-    patterns = _bar_patterns(score, bars)
-    new = range(first, len(patterns))
-    loops = sum(1 for b in new if patterns[b] and patterns[b] in patterns[max(b - 2, 0):b])
-    pitched = [t.notes.numpy() for t in score.tracks if not t.is_drum]
-    pitches = np.concatenate([n["pitch"][n["time"] >= start_tick] for n in pitched]) if pitched else []
-    return {
-        "silent_share": _silent_share(score, bars, first, prompt_programs),
-        "loop_score": loops / len(new) if len(new) else 0.0,
-        "out_of_key": out_of_key_fraction(np.asarray(pitches, dtype=np.int64)),
-    }
+# Notes
 
 
 def new_notes_per_track(score: symusic.Score, start_tick: int) -> list[tuple[str, int]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -27,9 +28,26 @@ import torch
 
 from midistral import music
 from midistral.checkpoint import load_model_and_tokenizer, resolve_checkpoint
-from midistral.errors import MidistralError
+from midistral.errors import ConfigError, MidistralError
 from midistral.generate import generate, model_config
+from midistral.metrics import failure_modes
 from midistral.tokenize import load_score
+from midistral.tokenize.grammar import Grammar, GrammarConstraint
+
+try:  # instrument, length and accompaniment controls (branch `controls`): the sampler works without them
+    from midistral import controls
+except ImportError:
+    controls = None
+try:  # bf16 / int8 sampling (branch `model`)
+    from midistral.model.precision import available_precisions, default_precision
+except ImportError:
+    def available_precisions() -> list[str]:
+        return ["fp32"]
+
+    def default_precision() -> str:
+        return "fp32"
+
+PRECISIONS = ("fp32", "bf16", "int8")
 
 # The [sample] defaults: the report's sampling setting and the rejection thresholds (sample.py flags
 # override each one).
@@ -94,11 +112,21 @@ class Sampler:
         self.log = log or (lambda msg: None)
         self.context = model_config(model).max_position_embeddings
 
+    @cached_property
+    def grammar(self) -> Grammar:
+        """The token grammar's tables, built once per sampler (every constrained generation shares them)."""
+        return Grammar(self.tok)
+
     @classmethod
     def load(cls, ckpt: str | os.PathLike, device: str = "cpu", precision: str | None = None,
              log: Callable[[str], None] | None = None) -> "Sampler":
         """From a run folder (best/, else last/) or a checkpoint folder; CheckpointError if unusable."""
         path = resolve_checkpoint(ckpt)
+        if precision is None:
+            precision = default_precision()
+        elif precision not in available_precisions():
+            raise ConfigError(f"precision {precision!r} cannot run here; this machine runs "
+                              f"{', '.join(available_precisions())}")
         model, tok = load_model_and_tokenizer(path, device=device)
         return cls(model, tok, path, device, precision, log)
 
@@ -136,7 +164,21 @@ class Sampler:
         programs = [music.track_program(t) for t in decoded.tracks if len(t.notes)]
         return _Prompt(ids, score, decoded.end() if decoded.note_num() else 0, programs)
 
-    def _token_budget(self, max_new_tokens: int | None) -> int:
+    @staticmethod
+    def _steering(programs, bars) -> tuple[list[int] | None, int | None]:
+        """`programs` as GM numbers and `bars` checked; MidistralError naming a bad value."""
+        if (programs is not None or bars is not None) and controls is None:
+            raise MidistralError("programs= and bars= need midistral.controls, which this build does not have")
+        if programs is not None:
+            programs = Sampler.parse_programs(programs)
+        if bars is not None and (isinstance(bars, bool) or not isinstance(bars, int) or bars < 1):
+            raise MidistralError(f"bars {bars!r}: expected a whole number >= 1")
+        return programs, bars
+
+    def _token_budget(self, max_new_tokens: int | None, bars: int | None = None) -> int:
+        """New tokens at most: as asked, else the default (with `bars`: as many as the context holds)."""
+        if max_new_tokens is None and bars is not None:
+            return self.context - 1
         want = max_new_tokens or SAMPLE_DEFAULTS["max_new_tokens"]
         max_new = min(want, self.context - 1)
         if max_new < want:
@@ -154,12 +196,15 @@ class Sampler:
                on_progress: Callable[[int, int], None] | None = None) -> list[Sample]:
         """Continue `prompt` (path, MIDI bytes, Score or None) `num_samples` times, as one batch.
 
-        `limits` overrides SAMPLE_DEFAULTS' rejection thresholds and `reject_tries`; `on_progress(step,
-        total)` is called after every generated token."""
+        `bars`: continue for exactly that many bars; `programs`: only these instruments ("0,33,-1",
+        "piano,bass,drums" or a list of GM numbers, -1 = drums); `grammar`: mask tokens that would break
+        the token grammar. `limits` overrides SAMPLE_DEFAULTS' rejection thresholds and `reject_tries`;
+        `on_progress(step, total)` is called after every generated token."""
         if num_samples < 1:
             raise MidistralError(f"num_samples must be >= 1, got {num_samples}")
+        programs, bars = self._steering(programs, bars)
         source = self.read_prompt(prompt, prompt_bars, prompt_name)
-        max_new = self._token_budget(max_new_tokens)
+        max_new = self._token_budget(max_new_tokens, bars)
         p = self._encode_prompt(source, max_new)
         if len(p.ids) + max_new > self.context:
             max_new = self.context - len(p.ids)
@@ -168,24 +213,109 @@ class Sampler:
         settings = dict(max_new=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
                         no_repeat_ngram=no_repeat_ngram, min_new_tokens=min_new_tokens, grammar=grammar,
                         bars=bars, programs=programs, on_progress=on_progress)
+
+        def make(n: int, seed_: int | None) -> list[Sample]:
+            return [self._finish(row, p) for row in self._generate(p.ids, n, seed_, settings)]
+
+        return self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: continuation_report(
+            s.score, s.start_tick, s.metrics, lim, s.rejected))
+
+    def _rejecting(self, make, num_samples: int, seed: int | None, reject: bool, limits: dict | None,
+                   describe) -> list[Sample]:
+        """`make(n, seed)` -> n Samples; with `reject`, those over a threshold are made again (another seed)."""
         limits = {**SAMPLE_DEFAULTS, **(limits or {})}
-        samples = [self._finish(row, p) for row in self._generate(p.ids, num_samples, seed, settings)]
+        samples = make(num_samples, seed)
         tries = int(limits["reject_tries"]) if reject else 1
         for attempt in range(1, tries):
             bad = [i for i, s in enumerate(samples) if rejection_reasons(s.metrics, limits)]
             if not bad:
                 break
             retry_seed = None if seed is None else seed + 1_000_003 * attempt
-            rows = self._generate(p.ids, len(bad), retry_seed, settings)
-            for i, row in zip(bad, rows):
+            for i, again in zip(bad, make(len(bad), retry_seed)):
                 why = "; ".join(rejection_reasons(samples[i].metrics, limits))
                 self.log(f"note: sample {i} rejected ({why}); generating it again")
-                rejected = samples[i].rejected + [f"try {attempt}: {why}"]
-                samples[i] = self._finish(row, p)
-                samples[i].rejected = rejected
+                again.rejected = samples[i].rejected + [f"try {attempt}: {why}"]
+                samples[i] = again
         for s in samples:
-            s.report = continuation_report(s.score, s.start_tick, s.metrics, limits, s.rejected)
+            s.report = describe(s, limits)
         return samples
+
+    # ------------------------------------------------------------------------------------------------
+    # Accompaniment
+
+    def accompany(self, prompt, program, *, bars=None, replace: bool = False, num_samples: int = 1,
+                  temperature: float = 0.5, top_k: int | None = 6, no_repeat_ngram: int | None = 6,
+                  seed: int | None = None, grammar: bool = True, reject: bool = False, limits: dict | None = None,
+                  prompt_name: str | None = None,
+                  on_progress: Callable[[int, int], None] | None = None) -> list[Sample]:
+        """Add a track for `program` (GM number, -1 = drums, or a name such as "bass") to the piece
+        `prompt`, keeping its notes exactly; `replace=True` first drops that instrument's notes.
+
+        Sample.new_track is the new track's index; its metrics describe the new track (silent_share:
+        bars of the piece in which it plays nothing)."""
+        if controls is None:
+            raise MidistralError("adding a track needs midistral.controls, which this build does not have")
+        if num_samples < 1:
+            raise MidistralError(f"num_samples must be >= 1, got {num_samples}")
+        program = self.parse_program(program)
+        source = load_score(prompt, prompt_name)
+        if source.note_num() == 0:
+            label = prompt_name or (str(prompt) if isinstance(prompt, (str, os.PathLike)) else "the piece")
+            raise MidistralError(f"{label}: has no notes to accompany")
+        options = dict(bars=bars, replace=replace, temperature=temperature, top_k=top_k,
+                       no_repeat_ngram_size=no_repeat_ngram, grammar=grammar, **self._precision_option())
+
+        def make(n: int, seed_: int | None) -> list[Sample]:
+            out = []
+            for i in range(n):
+                score = controls.accompany(self.model, self.tok, source, program,
+                                           seed=None if seed_ is None else seed_ + i, **options)
+                out.append(self._finish_accompaniment(score, source, program))
+                if on_progress is not None:
+                    on_progress(i + 1, n)
+            return out
+
+        return self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: accompaniment_report(
+            s.score, s.new_track, s.metrics, lim, s.rejected))
+
+    @staticmethod
+    def parse_programs(programs) -> list[int]:
+        """GM program numbers (-1 = drums) from "0,33,-1", "piano,bass,drums" or a list of them."""
+        if isinstance(programs, str):
+            if controls is None:
+                raise MidistralError(f"--programs {programs!r} needs midistral.controls, which this build does not have")
+            return controls.parse_programs(programs)
+        return [Sampler.parse_program(p) for p in programs]
+
+    @staticmethod
+    def parse_program(program) -> int:
+        """A GM program number (-1 = drums) from an int or a name/number string; MidistralError otherwise."""
+        if isinstance(program, str):
+            if controls is None:
+                raise MidistralError(f"instrument names ({program!r}) need midistral.controls")
+            found = controls.parse_programs(program)
+            if len(found) != 1:
+                raise MidistralError(f"{program!r}: name one instrument, got {len(found)}")
+            return found[0]
+        if isinstance(program, bool) or not isinstance(program, int) or not -1 <= program <= 127:
+            raise MidistralError(f"program {program!r}: expected 0..127 or -1 (drums)")
+        return program
+
+    def _finish_accompaniment(self, score: symusic.Score, source: symusic.Score, program: int) -> Sample:
+        score = music.keep_prompt_meta(music.name_tracks(score), source)
+        new_track = next(i for i in reversed(range(len(score.tracks)))
+                         if music.track_program(score.tracks[i]) == program)
+        alone = score.copy()
+        alone.tracks = [score.tracks[new_track].copy()]
+        n_tokens = len(self.tok.encode(alone)) if alone.note_num() else 0
+        whole, track = failure_modes(score, 0, [program]), failure_modes(alone, 0, [])
+        metrics = {"silent_share": whole["silent_share"], "loop_score": track["loop_score"],
+                   "out_of_key": track["out_of_key"]}
+        return Sample(score, 0, n_tokens, 0, metrics, summary_line(score, n_tokens, False, 0, metrics),
+                      new_track=new_track)
+
+    # ------------------------------------------------------------------------------------------------
+    # Generation
 
     def _generate(self, ids: np.ndarray, batch: int, seed: int | None, settings: dict) -> list[list[int]]:
         prompt = torch.from_numpy(ids)[None].repeat(batch, 1).to(self.device)
@@ -195,17 +325,28 @@ class Sampler:
                        top_k=settings["top_k"] or None, top_p=settings["top_p"],
                        no_repeat_ngram_size=settings["no_repeat_ngram"] or None,
                        min_new_tokens=settings["min_new_tokens"], eos_id=self.tok.eos_id, seed=seed,
-                       constraints=constraints)
+                       constraints=constraints, **self._precision_option())
         dt = time.perf_counter() - t0
         n_new = out.shape[1] - len(ids)
         self.log(f"generated {n_new} tokens x {batch} in {dt:.1f}s ({n_new * batch / max(dt, 1e-9):.0f} tok/s)")
         return [row[len(ids):] for row in out.tolist()]
 
     def _constraints(self, settings: dict) -> list:
+        """Fresh constraint objects for one generate call: grammar, instruments, length, progress."""
         constraints = []
+        if settings["grammar"]:
+            constraints.append(GrammarConstraint(self.tok, settings["max_new"], grammar=self.grammar))
+        if settings["programs"] is not None:
+            constraints.append(controls.ProgramsConstraint(self.tok, settings["programs"]))
+        if settings["bars"] is not None:
+            constraints.append(controls.BarsConstraint(self.tok, settings["bars"]))
         if settings["on_progress"] is not None:
             constraints.append(_ProgressReport(settings["on_progress"], settings["max_new"]))
         return constraints
+
+    def _precision_option(self) -> dict:
+        """generate()'s precision argument; fp32 is its default (the exact path)."""
+        return {} if self.precision in (None, "fp32") else {"precision": self.precision}
 
     def _finish(self, new: list[int], p: _Prompt) -> Sample:
         eos = self.tok.eos_id
@@ -213,7 +354,7 @@ class Sampler:
         n_tokens = new.index(eos) + 1 if ended else len(new)
         score, skipped = self.tok.decode_with_report(p.ids.tolist() + new[:n_tokens])
         score = music.keep_prompt_meta(music.name_tracks(score), p.source)
-        metrics = music.failure_modes(score, p.start_tick, p.programs)
+        metrics = failure_modes(score, p.start_tick, p.programs)
         return Sample(score, p.start_tick, n_tokens, skipped, metrics,
                       summary_line(score, n_tokens, ended, skipped, metrics), ended=ended)
 
@@ -227,6 +368,18 @@ def continuation_report(score: symusic.Score, start_tick: int, metrics: dict, li
         gave_up = "; no try passed, kept the last" if rejection_reasons(metrics, limits) else ""
         warn.append(f"rejected {' | '.join(rejected)}{gave_up}")
     line = "continuation: " + (", ".join(f"{name} {n}" for name, n in counts) or "no tracks")
+    return line + (f"  [{'; '.join(warn)}]" if warn else "")
+
+
+def accompaniment_report(score: symusic.Score, new_track: int, metrics: dict, limits: dict | None = None,
+                         rejected=()) -> str:
+    """The new track's notes, its failure modes over their thresholds and the rejected tries, one line."""
+    track = score.tracks[new_track]
+    warn = rejection_reasons(metrics, limits)
+    if rejected:
+        gave_up = "; no try passed, kept the last" if warn else ""
+        warn.append(f"rejected {' | '.join(rejected)}{gave_up}")
+    line = f"new track: {track.name} {len(track.notes)} notes"
     return line + (f"  [{'; '.join(warn)}]" if warn else "")
 
 

@@ -1,5 +1,5 @@
-"""midistral.music: failure modes on hand-computed scores, piano-roll PNGs decoded by Pillow, MIDI files
-read back by mido (an independent reader) and written atomically."""
+"""midistral.music: piano-roll PNGs decoded by Pillow, MIDI files read back by mido (an independent reader)
+and written atomically, prompt tempo/meter kept, bars cut."""
 
 import io
 
@@ -24,51 +24,6 @@ def score_of(tracks, ts=(4, 4), tpq=480):
 
 
 BAR = 1920
-
-
-def test_loop_score_counts_bars_repeating_one_of_the_previous_two():
-    # bars: A B A B C C D (7 bars): bar 2 = bar 0, bar 3 = bar 1, bar 5 = bar 4 -> 3 of 7
-    pattern = {"A": [60, 64], "B": [62, 65], "C": [67], "D": [69, 72]}
-    notes = [(b * BAR + i * 480, 480, p) for b, name in enumerate("ABABCCD")
-             for i, p in enumerate(pattern[name])]
-    s = score_of({(0, False): notes})
-    assert music.failure_modes(s)["loop_score"] == pytest.approx(3 / 7)
-    # from bar 4 on: bars 4, 5, 6 are the continuation; bar 5 repeats bar 4 -> 1 of 3
-    assert music.failure_modes(s, start_tick=4 * BAR)["loop_score"] == pytest.approx(1 / 3)
-
-
-def test_loop_ignores_empty_bars_and_sees_durations():
-    notes = [(0, 480, 60), (3 * BAR, 480, 60), (4 * BAR, 960, 60)]  # bars 1-2 silent; bar 4 longer note
-    assert music.failure_modes(score_of({(0, False): notes}))["loop_score"] == 0.0
-
-
-def test_silent_share_counts_sustained_notes_as_sounding():
-    piano = [(b * BAR, 480, 60 + b) for b in range(4)]
-    bass = [(0, 480, 40), (BAR, 2 * BAR, 41)]  # plays in bar 0, then holds through bars 1-2, silent in bar 3
-    s = score_of({(0, False): piano, (33, False): bass})
-    modes = music.failure_modes(s, start_tick=BAR // 2, prompt_programs=[0, 33])
-    # continuation bars 1, 2, 3 (bar lines at or after start_tick): only bar 3 has the bass silent
-    assert modes["silent_share"] == pytest.approx(1 / 3)
-    # default prompt instruments: those with a note before start_tick (both here)
-    assert music.failure_modes(s, start_tick=BAR // 2) == modes
-    # an instrument of the prompt that has no track at all is silent everywhere
-    assert music.failure_modes(s, BAR // 2, prompt_programs=[-1])["silent_share"] == 1.0
-    assert music.failure_modes(s, BAR // 2, prompt_programs=[])["silent_share"] == 0.0
-
-
-def test_out_of_key_uses_best_scale_and_skips_drums():
-    d_major = [62, 64, 66, 67, 69, 71, 73, 74]
-    notes = [(i * 480, 480, p) for i, p in enumerate(d_major + [65, 72])]  # F and C are outside D major
-    drums = [(i * 480, 120, 37) for i in range(40)]
-    s = score_of({(0, False): notes, (0, True): drums})
-    assert music.failure_modes(s)["out_of_key"] == pytest.approx(2 / 10)
-    assert music.out_of_key_fraction(np.array([], dtype=np.int64)) == 0.0
-
-
-def test_failure_modes_of_an_empty_score():
-    s = symusic.Score(480)
-    assert music.failure_modes(s) == {"silent_share": 0.0, "loop_score": 0.0, "out_of_key": 0.0}
-    assert music.n_bars(s) == 0
 
 
 def test_piano_roll_png_decodes_and_highlight_changes_it():
@@ -128,6 +83,12 @@ def test_keep_prompt_meta_copies_tempo_and_meter(tmp_path):
         assert abs(s.tempos[0].qpm - 100) < 1e-3
         assert (s.time_signatures[0].numerator, s.time_signatures[0].denominator) == (3, 4)
     assert len(music.keep_prompt_meta(symusic.Score(24), None).tempos) == 0
+
+
+def test_n_bars_counts_bars_that_start_before_the_end():
+    assert music.n_bars(symusic.Score(480)) == 0
+    assert music.n_bars(score_of({(0, False): [(0, 480, 60), (BAR + 10, 480, 62)]})) == 2
+    assert music.n_bars(score_of({(0, False): [(0, BAR, 60)]})) == 1
 
 
 def test_first_bars_follows_meter_changes():

@@ -7,6 +7,7 @@ import torch
 
 from midistral import sampler as sampler_module
 from midistral.errors import CheckpointError, MidiError
+from midistral.metrics import failure_modes
 from midistral.sampler import SAMPLE_DEFAULTS, Sampler, rejection_reasons
 
 BAR = 1920
@@ -76,10 +77,13 @@ def test_sample_fields(smp, prompt_path):
     (s,) = smp.sample(prompt_path, max_new_tokens=20, seed=1, on_progress=lambda i, n: steps.append((i, n)))
     assert s.n_tokens <= 20 and steps == [(i, 20) for i in range(1, len(steps) + 1)] and len(steps) >= s.n_tokens
     want = symusic.Score(str(prompt_path))
-    # the prompt (3 bars, 12 notes) is at the start, its tempo and meter kept, tracks named
-    prompt_notes = sorted((n.time * 480 // s.score.tpq, n.pitch) for t in s.score.tracks for n in t.notes
-                          if n.time * 480 // s.score.tpq < 3 * BAR)
-    assert prompt_notes == sorted((n.time, n.pitch) for t in want.tracks for n in t.notes)
+    # the prompt (3 bars, 12 notes) is at the start, its tempo and meter kept, tracks named; the
+    # continuation may add notes at the prompt's last onset (a chord), never before it
+    notes = sorted((n.time * 480 // s.score.tpq, n.pitch) for t in s.score.tracks for n in t.notes)
+    prompt_notes = sorted((n.time, n.pitch) for t in want.tracks for n in t.notes)
+    last_onset = prompt_notes[-1][0]
+    assert [x for x in notes if x[0] < last_onset] == [x for x in prompt_notes if x[0] < last_onset]
+    assert set(prompt_notes) <= set(notes)
     assert s.start_tick * 480 // s.score.tpq == 3 * BAR
     assert abs(s.score.tempos[0].qpm - 100) < 1 and s.score.tracks[0].name == "Acoustic Grand Piano"
     assert set(s.metrics) == {"silent_share", "loop_score", "out_of_key"}
@@ -87,6 +91,16 @@ def test_sample_fields(smp, prompt_path):
     assert s.report.startswith("continuation: ") and s.rejected == []
     assert symusic.Score.from_midi(s.midi_bytes()).note_num() == s.score.note_num()
     assert s.piano_roll_png("t")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grammar_on_by_default_nothing_skipped(smp, prompt_path):
+    """The grammar mask leaves the decoder nothing to skip, even on a random model; without it, tokens are
+    skipped (the random model writes ungrammatical sequences)."""
+    free = smp.sample(None, num_samples=4, max_new_tokens=60, seed=0, grammar=False)
+    assert sum(s.skipped for s in free) > 0
+    for prompt in (None, prompt_path):
+        for seed in range(3):
+            assert [s.skipped for s in smp.sample(prompt, num_samples=4, max_new_tokens=60, seed=seed)] == [0] * 4
 
 
 def test_no_prompt_and_empty_prompt(smp):
@@ -127,7 +141,60 @@ def test_bad_prompt_names_the_file(smp, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Rejection
+# Rejection, and the failure modes it relies on (midistral.metrics) on hand-computed scores
+
+
+def score_of(tracks, ts=(4, 4), tpq=480):
+    """A Score from {(program, is_drum): [(time, duration, pitch), ...]}."""
+    s = symusic.Score(tpq)
+    s.time_signatures.append(symusic.TimeSignature(0, *ts))
+    for (program, is_drum), notes in tracks.items():
+        t = symusic.Track("", program, is_drum)
+        for time, dur, pitch in notes:
+            t.notes.append(symusic.Note(time, dur, pitch, 80))
+        s.tracks.append(t)
+    return s
+
+
+def test_loop_score_counts_bars_repeating_one_of_the_previous_two():
+    # bars: A B A B C C D (7 bars): bar 2 = bar 0, bar 3 = bar 1, bar 5 = bar 4 -> 3 of 7
+    pattern = {"A": [60, 64], "B": [62, 65], "C": [67], "D": [69, 72]}
+    notes = [(b * BAR + i * 480, 480, p) for b, name in enumerate("ABABCCD")
+             for i, p in enumerate(pattern[name])]
+    s = score_of({(0, False): notes})
+    assert failure_modes(s)["loop_score"] == pytest.approx(3 / 7)
+    # from bar 4 on: bars 4, 5, 6 are the continuation; bar 5 repeats bar 4 -> 1 of 3
+    assert failure_modes(s, start_tick=4 * BAR)["loop_score"] == pytest.approx(1 / 3)
+
+
+def test_loop_ignores_empty_bars_and_sees_durations():
+    notes = [(0, 480, 60), (3 * BAR, 480, 60), (4 * BAR, 960, 60)]  # bars 1-2 silent; bar 4 longer note
+    assert failure_modes(score_of({(0, False): notes}))["loop_score"] == 0.0
+
+
+def test_silent_share_counts_sustained_notes_as_sounding():
+    piano = [(b * BAR, 480, 60 + b) for b in range(4)]
+    bass = [(0, 480, 40), (BAR, 2 * BAR, 41)]  # plays in bar 0, then holds through bars 1-2, silent in bar 3
+    s = score_of({(0, False): piano, (33, False): bass})
+    modes = failure_modes(s, start_tick=BAR // 2, prompt_programs=[0, 33])
+    # continuation bars 1, 2, 3 (bar lines at or after start_tick): only bar 3 has the bass silent
+    assert modes["silent_share"] == pytest.approx(1 / 3)
+    # default prompt instruments: those with a note before start_tick (both here)
+    assert failure_modes(s, start_tick=BAR // 2) == modes
+    # an instrument of the prompt that has no track at all is silent everywhere
+    assert failure_modes(s, BAR // 2, prompt_programs=[-1])["silent_share"] == 1.0
+    assert failure_modes(s, BAR // 2, prompt_programs=[])["silent_share"] == 0.0
+
+
+def test_out_of_key_uses_best_scale_and_skips_drums():
+    d_major = [62, 64, 66, 67, 69, 71, 73, 74]
+    notes = [(i * 480, 480, p) for i, p in enumerate(d_major + [65, 72])]  # F and C are outside D major
+    drums = [(i * 480, 120, 37) for i in range(40)]
+    s = score_of({(0, False): notes, (0, True): drums})
+    assert failure_modes(s)["out_of_key"] == pytest.approx(2 / 10)
+    assert failure_modes(symusic.Score(480)) == {"silent_share": 0.0, "loop_score": 0.0, "out_of_key": 0.0}
+
+
 
 
 LOOPING = [[60, 64, 67, 72]] * 8                                      # the same bar 8 times
@@ -136,8 +203,6 @@ GOOD = [[C_MAJOR[(b + i * 3) % 8] for i in range(4)] for b in range(8)]  # in C 
 
 
 def test_rejection_reasons_on_crafted_scores():
-    from midistral.music import failure_modes
-
     looping, good = failure_modes(piece(LOOPING)), failure_modes(piece(GOOD))
     assert looping["loop_score"] == pytest.approx(7 / 8) and good["loop_score"] == 0.0
     assert rejection_reasons(looping) == [f"loops 88% > {SAMPLE_DEFAULTS['max_loop_score']:.0%}"]

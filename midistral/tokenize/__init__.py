@@ -1,4 +1,6 @@
-"""REMIPlus tokenizer (remi.py: vocabulary and token grammar), its config, and BPE (bpe.py).
+"""REMIPlus tokenizer: remi.py (vocabulary, encode, decode), config.py, bpe.py (the BPE model),
+training.py (BPE training), parallel.py (many files at once), miditok_json.py (MidiTok's JSON files)
+and grammar.py (what may come next: the constraint for sampling).
 
     tok = REMI(REMIConfig(**TOKENIZER_PARAMS))
     tok.tokens("song.mid")   # ['Bar_None', 'TimeSig_4/4', 'Position_0', 'Tempo_121.29', ...]

@@ -20,13 +20,42 @@ from __future__ import annotations
 import bisect
 import json
 import os
+from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
 import symusic
 
 from midistral.errors import CheckpointError, MidiError
+from midistral.io import atomic_write_json, read_tokenizer_json
+from midistral.tokenize.bpe import BPE
 from midistral.tokenize.config import DEFAULT_PARAMS, REMIConfig
+from midistral.tokenize.miditok_json import read_miditok
+from midistral.tokenize.parallel import EncodeResult, encode_many
+from midistral.tokenize.training import train_bpe
+
+
+class Family(IntEnum):
+    """Token families (the part of a token string before "_"); SPECIAL covers PAD, BOS, EOS and MASK."""
+
+    SPECIAL = 0
+    BAR = 1
+    POSITION = 2
+    PITCH = 3
+    PITCH_DRUM = 4
+    VELOCITY = 5
+    DURATION = 6
+    PROGRAM = 7
+    TEMPO = 8
+    TIME_SIG = 9
+    REST = 10
+    CHORD = 11
+
+
+_FAMILY_OF_PREFIX = {"Bar": Family.BAR, "Position": Family.POSITION, "Pitch": Family.PITCH,
+                     "PitchDrum": Family.PITCH_DRUM, "Velocity": Family.VELOCITY, "Duration": Family.DURATION,
+                     "Program": Family.PROGRAM, "Tempo": Family.TEMPO, "TimeSig": Family.TIME_SIG,
+                     "Rest": Family.REST, "Chord": Family.CHORD}
 
 GM_NAMES = [
     "Acoustic Grand Piano", "Bright Acoustic Piano", "Electric Grand Piano", "Honky-tonk Piano",
@@ -163,13 +192,9 @@ class REMI:
         self.program_of = {i: p for p, i in self.program_id.items()}
         self.ts_id = {ts: v[f"TimeSig_{ts[0]}/{ts[1]}"] for ts in self.time_sigs}
         self.chord_qualities = {tuple(m): i for i, m in reversed(list(enumerate(c.chord_maps.values())))}
-        # token families for decoding: id -> (family, value index)
-        self._family = np.zeros(len(tokens), dtype=np.int8)
-        self._value = np.zeros(len(tokens), dtype=np.int64)
-        for i, t in enumerate(tokens):
-            fam, val = t.split("_", 1)
-            self._family[i] = _FAMILIES.get(fam, 0)
-        self._value[:] = np.arange(len(tokens))
+        # the family of each base id (Family values)
+        self.family = np.array([_FAMILY_OF_PREFIX.get(t.split("_", 1)[0], Family.SPECIAL) for t in tokens],
+                               dtype=np.int8)
 
     # ------------------------------------------------------------------------------------------------
     # time units
@@ -190,7 +215,12 @@ class REMI:
     # preprocessing (remi-spec §3)
 
     def _preprocess(self, score: symusic.Score):
-        c = self.config
+        """(tpq, time signatures, tracks as dicts of arrays, tempo ticks, tempo bin indices)."""
+        tl = self._timeline(score)
+        return tl.tpq, tl.ts_list, self._preprocess_tracks(score, tl), *self._preprocess_tempos(score, tl)
+
+    def _timeline(self, score: symusic.Score) -> "_Timeline":
+        """remi-spec §3.1-3.4: supported time signatures, the new resolution, the grid of multi-meter pieces."""
         supported = set(self.time_sigs)
         ts = score.time_signatures.numpy()
         ts_list = [(int(t), int(n), int(d)) for t, n, d in zip(ts["time"], ts["numerator"], ts["denominator"])
@@ -198,89 +228,76 @@ class REMI:
         if not ts_list or ts_list[0][0] != 0:
             ts_list.insert(0, (0, 4, 4))
         tpq = int(self.max_res * max(d for _, _, d in ts_list) / 4)
-        f = tpq / score.ticks_per_quarter
+        factor = tpq / score.ticks_per_quarter
         resample = score.ticks_per_quarter != tpq
         if resample:
-            ts_list = [(int(t * f), n, d) for t, n, d in ts_list]
+            ts_list = [(int(t * factor), n, d) for t, n, d in ts_list]
         ts_list = self._clean_time_signatures(ts_list, tpq)
-        ts_times = np.array([t for t, _, _ in ts_list], dtype=np.int64)
-        ts_tpb = np.array([self._tpb(tpq, d) for _, _, d in ts_list], dtype=np.int64)
-
+        tl = _Timeline(tpq, factor if resample else None, ts_list,
+                       np.array([t for t, _, _ in ts_list], dtype=np.int64),
+                       np.array([self._tpb(tpq, d) for _, _, d in ts_list], dtype=np.int64))
         # grid: only when several denominators (then /4 sections are snapped to tpq // 12 steps)
-        grid = None
         if len({d for _, _, d in ts_list}) > 1:
             steps = [tpq // (self.max_res * d // 4) for _, _, d in ts_list]
             starts, prev = [], None
-            for i, s in enumerate(steps):
-                starts.append(ts_times[i] if s != prev else starts[-1])
-                prev = s
-            grid = (np.array(steps, dtype=np.int64), np.array(starts, dtype=np.int64))
+            for i, step in enumerate(steps):
+                starts.append(tl.ts_times[i] if step != prev else starts[-1])
+                prev = step
+            tl.grid = (np.array(steps, dtype=np.int64), np.array(starts, dtype=np.int64))
+        return tl
 
-        def snap(t: np.ndarray) -> np.ndarray:
-            if grid is None or len(t) == 0:
-                return t
-            k = np.searchsorted(ts_times, t, side="right") - 1
-            step, start = grid[0][k], grid[1][k]
-            return (np.round((t - start) / step) * step + start).astype(np.int64)
-
-        # tracks: merge same program (drums together), drop empty, filter pitches, bin
+    def _preprocess_tracks(self, score: symusic.Score, tl: "_Timeline") -> list[dict]:
+        """remi-spec §3.5: merge same-program tracks (drums together), drop empty ones, filter pitches, bin."""
         groups: dict[int, list] = {}
-        order: list[int] = []
-        for tr in score.tracks:
-            key = -1 if tr.is_drum else int(tr.program)
-            if key not in groups:
-                groups[key] = []
-                order.append(key)
-            groups[key].append(tr)
+        for tr in score.tracks:  # dict order = order of first appearance
+            groups.setdefault(-1 if tr.is_drum else int(tr.program), []).append(tr)
+        dbins = {tpb: self._duration_ticks(tpb) for tpb in set(tl.ts_tpb.tolist())}
         tracks = []
-        dbins = {tpb: self._duration_ticks(tpb) for tpb in set(ts_tpb.tolist())}
-        for key in order:
-            arrays = [tr.notes.numpy() for tr in groups[key]]
+        for key, group in groups.items():
+            arrays = [tr.notes.numpy() for tr in group]
             n = {k: np.concatenate([a[k] for a in arrays]).astype(np.int64) for k in ("time", "duration", "pitch", "velocity")}
-            if resample:
-                n["time"] = _round_half_away(n["time"] * f)
-                n["duration"] = np.maximum(_round_half_away(n["duration"] * f), 1)
-            if len(groups[key]) > 1:
+            if tl.factor is not None:
+                n["time"] = tl.resample(n["time"])
+                n["duration"] = np.maximum(tl.resample(n["duration"]), 1)
+            if len(group) > 1:
                 idx = np.lexsort((n["velocity"], n["pitch"], n["duration"], n["time"]))
                 n = {k: v[idx] for k, v in n.items()}
-            lo, hi = c.drums_pitch_range if key == -1 else c.pitch_range
+            lo, hi = self.config.drums_pitch_range if key == -1 else self.config.pitch_range
             keep = (n["pitch"] >= lo) & (n["pitch"] <= hi)
             if not keep.any():
                 continue
             n = {k: v[keep] for k, v in n.items()}
-            vel_idx = _closest(self.velocities, n["velocity"])
-            t = snap(n["time"])
-            tpb = ts_tpb[np.searchsorted(ts_times, t, side="right") - 1]
+            t = tl.snap(n["time"])
+            tpb = tl.tpb_at(t)
             dur_idx = np.empty(len(t), dtype=np.int64)
-            for b in np.unique(tpb):
-                m = tpb == b
-                dur_idx[m] = _closest(dbins[b], n["duration"][m])
             dur = np.empty(len(t), dtype=np.int64)
             for b in np.unique(tpb):
                 m = tpb == b
+                dur_idx[m] = _closest(dbins[b], n["duration"][m])
                 dur[m] = dbins[b][dur_idx[m]]
-            tracks.append(dict(program=key, time=t, end=t + dur, pitch=n["pitch"], vel_idx=vel_idx,
-                               dur_idx=dur_idx, tpb=tpb))
+            tracks.append(dict(program=key, time=t, end=t + dur, pitch=n["pitch"],
+                               vel_idx=_closest(self.velocities, n["velocity"]), dur_idx=dur_idx, tpb=tpb))
+        return tracks
 
-        # tempos (nearest bin in microseconds per quarter, ties to the slower tempo)
-        tempo_times, tempo_idx = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        if c.use_tempos:
-            te = score.tempos.numpy()
-            if len(te["time"]) == 0:
-                tempo_times, tempo_idx = np.array([0]), np.array([self.default_tempo_idx])
-            else:
-                tt = te["time"].astype(np.int64)
-                if resample:
-                    tt = _round_half_away(tt * f)
-                tt = snap(tt)
-                mspq_bins = 60e6 / self.tempos[::-1]  # ascending
-                idx = len(self.tempos) - 1 - _closest(mspq_bins, te["mspq"].astype(np.float64))
-                last = np.append(tt[1:] != tt[:-1], True)  # among tempos at one tick, keep the last
-                tempo_times, tempo_idx = tt[last], idx[last]
-                if tempo_times[0] != 0:
-                    tempo_times = np.insert(tempo_times, 0, 0)
-                    tempo_idx = np.insert(tempo_idx, 0, self.default_tempo_idx)
-        return tpq, ts_list, tracks, tempo_times, tempo_idx
+    def _preprocess_tempos(self, score: symusic.Score, tl: "_Timeline") -> tuple[np.ndarray, np.ndarray]:
+        """remi-spec §3.7: (ticks, tempo bin indices); nearest bin in microseconds per quarter, ties slower."""
+        if not self.config.use_tempos:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        te = score.tempos.numpy()
+        if len(te["time"]) == 0:
+            return np.array([0]), np.array([self.default_tempo_idx])
+        tt = te["time"].astype(np.int64)
+        if tl.factor is not None:
+            tt = tl.resample(tt)
+        tt = tl.snap(tt)
+        mspq_bins = 60e6 / self.tempos[::-1]  # ascending
+        idx = len(self.tempos) - 1 - _closest(mspq_bins, te["mspq"].astype(np.float64))
+        last = np.append(tt[1:] != tt[:-1], True)  # among tempos at one tick, keep the last
+        tempo_times, tempo_idx = tt[last], idx[last]
+        if tempo_times[0] != 0:
+            tempo_times = np.insert(tempo_times, 0, 0)
+            tempo_idx = np.insert(tempo_idx, 0, self.default_tempo_idx)
+        return tempo_times, tempo_idx
 
     def _clean_time_signatures(self, ts: list, tpq: int) -> list:
         """remi-spec §3.3: drop repeats, delay changes to the next bar line, the later of two at one tick wins."""
@@ -343,7 +360,7 @@ class REMI:
     # ------------------------------------------------------------------------------------------------
     # encoding (remi-spec §4, §5)
 
-    def _encode(self, midi) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    def _encode(self, midi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Base ids, the tick each token belongs to, and the bar-line ticks (for splitting per bar)."""
         score = load_score(midi)
         if score.ticks_per_quarter <= 0:
@@ -351,43 +368,52 @@ class REMI:
         tpq, ts_list, tracks, tempo_times, tempo_idx = self._preprocess(score)
         if not tracks:
             raise MidiError(f"{_label(midi)}: no notes (within the tokenizer's pitch ranges)")
+        events = self._events(ts_list, tracks, tempo_times, tempo_idx)
+        ids, ticks, overflow = self._with_time_tokens(tpq, ts_list, *events)
+        if overflow >= 0:
+            raise MidiError(
+                f"{_label(midi)}: the piece needs Bar_{overflow} but the vocabulary stops at "
+                f"Bar_{self.config.max_bar_embedding - 1} (max_bar_embedding={self.config.max_bar_embedding})"
+            )
+        return ids, ticks, self._bar_ticks(ts_list, tpq, int(ticks.max()) if len(ticks) else 0)
 
-        # events as "items": (time, rank, ids, end). rank keeps the stable order within a tick:
-        # time signatures, tempos, then track by track (chords before notes), each in its own order.
+    def _events(self, ts_list, tracks, tempo_times, tempo_idx):
+        """remi-spec §4: the events sorted by time (stably), as arrays (time, end, kind, ids row of 4, -1 padded).
+
+        kind is the event's rank within a tick: 0 time signature, 1 tempo, 2 chord, 3 note; events of one
+        tick keep the order time signatures, tempos, then track by track (chords before notes)."""
         times, ends, kinds, id_rows = [], [], [], []
-        ts_ids = np.array([self.ts_id[(n, d)] for _, n, d in ts_list], dtype=np.int64)
+
+        def add(t, end, kind, *cols):
+            cols = cols + (-np.ones_like(t),) * (4 - len(cols))
+            times.append(t), ends.append(end), kinds.append(np.full(len(t), kind, np.int8))
+            id_rows.append(np.stack(cols, 1))
+
         ts_t = np.array([t for t, _, _ in ts_list], dtype=np.int64)
-        times.append(ts_t), ends.append(ts_t), kinds.append(np.zeros(len(ts_t), np.int8))
-        id_rows.append(np.stack([ts_ids, -np.ones_like(ts_ids), -np.ones_like(ts_ids), -np.ones_like(ts_ids)], 1))
+        add(ts_t, ts_t, 0, np.array([self.ts_id[(n, d)] for _, n, d in ts_list], dtype=np.int64))
         if len(tempo_times):
-            tid = self.tempo0 + tempo_idx
-            neg = -np.ones_like(tid)
-            times.append(tempo_times), ends.append(tempo_times), kinds.append(np.ones(len(tid), np.int8))
-            id_rows.append(np.stack([tid, neg, neg, neg], 1))
+            add(tempo_times, tempo_times, 1, self.tempo0 + tempo_idx)
         for tr in tracks:
             prog = self.program_id[tr["program"]]
             if self.config.use_chords and tr["program"] != -1:
                 ct, cq = self._detect_chords(tr)
                 if ct:
                     ct = np.array(ct, dtype=np.int64)
-                    cid = self.chord0 + np.array(cq, dtype=np.int64)
-                    neg = -np.ones_like(ct)
-                    times.append(ct), ends.append(ct), kinds.append(np.full(len(ct), 2, np.int8))
-                    id_rows.append(np.stack([np.full_like(ct, prog), cid, neg, neg], 1))
-            base = self.drum0 - self.config.drums_pitch_range[0] if tr["program"] == -1 else self.pitch0 - self.config.pitch_range[0]
-            m = len(tr["time"])
-            times.append(tr["time"]), ends.append(tr["end"]), kinds.append(np.full(m, 3, np.int8))
-            id_rows.append(np.stack([np.full(m, prog), base + tr["pitch"], self.vel0 + tr["vel_idx"],
-                                     self.dur0 + tr["dur_idx"]], 1))
+                    add(ct, ct, 2, np.full_like(ct, prog), self.chord0 + np.array(cq, dtype=np.int64))
+            if tr["program"] == -1:
+                base = self.drum0 - self.config.drums_pitch_range[0]
+            else:
+                base = self.pitch0 - self.config.pitch_range[0]
+            add(tr["time"], tr["end"], 3, np.full(len(tr["time"]), prog), base + tr["pitch"],
+                self.vel0 + tr["vel_idx"], self.dur0 + tr["dur_idx"])
         times = np.concatenate(times)
-        ends = np.concatenate(ends)
-        kinds = np.concatenate(kinds)
-        rows = np.concatenate(id_rows)
         order = np.argsort(times, kind="stable")
-        times, ends, kinds, rows = times[order], ends[order], kinds[order], rows[order]
-        lens = (rows >= 0).sum(1)
+        return times[order], np.concatenate(ends)[order], np.concatenate(kinds)[order], np.concatenate(id_rows)[order]
 
-        # group by tick; the time tokens (Rest, Bar, TimeSig recall, Position) go before each group
+    def _with_time_tokens(self, tpq, ts_list, times, ends, kinds, rows):
+        """remi-spec §5: the event ids with Rest, Bar, TimeSig recall and Position tokens before each tick;
+        (ids, tick of each token, highest Bar_<n> past the vocabulary or -1)."""
+        lens = (rows >= 0).sum(1)
         starts = np.flatnonzero(np.r_[True, times[1:] != times[:-1]])
         stops = np.r_[starts[1:], len(times)]
         end_before = np.r_[0, np.maximum.accumulate(np.maximum.reduceat(ends, starts))[:-1]]
@@ -414,13 +440,7 @@ class REMI:
             lo, hi = item_off[a], item_off[b]
             out += flat_ids[lo:hi]
             ticks += [t] * (hi - lo)
-        ids, ticks = np.array(out, dtype=np.int64), np.array(ticks, dtype=np.int64)
-        if st.overflow >= 0:
-            raise MidiError(
-                f"{_label(midi)}: the piece needs Bar_{st.overflow} but the vocabulary stops at "
-                f"Bar_{self.config.max_bar_embedding - 1} (max_bar_embedding={self.config.max_bar_embedding})"
-            )
-        return ids, ticks, self._bar_ticks(ts_list, tpq, int(ticks.max()) if len(ticks) else 0)
+        return np.array(out, dtype=np.int64), np.array(ticks, dtype=np.int64), st.overflow
 
     def _bar_ticks(self, ts_list, tpq: int, last_tick: int) -> np.ndarray:
         lines = []
@@ -481,7 +501,7 @@ class REMI:
                 ids = self.bpe.decode(ids[~bad])
         bad = (ids < 0) | (ids >= len(self.vocab))
         skipped += int(bad.sum())
-        score, n = _Decoder(self).run(ids[~bad])
+        score, n = _Decoder(self, ids[~bad]).run()
         return score, skipped + n
 
     # ------------------------------------------------------------------------------------------------
@@ -494,16 +514,12 @@ class REMI:
         return d
 
     def save(self, path: str | os.PathLike) -> None:
-        from midistral.io import atomic_write_json
-
         atomic_write_json(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "tokenizer") -> "REMI":
         tok = cls(REMIConfig(**d.get("config", {})))
         if d.get("bpe"):
-            from midistral.tokenize.bpe import BPE
-
             tok.bpe = BPE.from_dict(d["bpe"], source)
         return tok
 
@@ -517,8 +533,7 @@ class REMI:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "REMI":
-        from midistral.io import read_tokenizer_json
-
+        """Our tokenizer JSON (`save`) or MidiTok's (`from_miditok`)."""
         path = Path(path)
         d = read_tokenizer_json(path)
         if "miditok_version" in d:
@@ -527,33 +542,54 @@ class REMI:
             raise CheckpointError(f"{path}: field 'tokenizer' is {d.get('tokenizer')!r}, expected 'midistral.REMI'")
         return cls.from_dict(d, str(path))
 
-    # thin wrappers: the BPE layer lives in bpe.py
-    def train_bpe(self, files_or_token_lists, vocab_size: int, workers: int | None = None):
-        from midistral.tokenize import bpe
-
-        return bpe.train_bpe(self, files_or_token_lists, vocab_size, workers=workers)
-
-    def base_ids(self, bpe_ids) -> np.ndarray:
-        from midistral.tokenize import bpe
-
-        return bpe.base_ids(self, bpe_ids)
-
-    def encode_many(self, paths, workers: int | None = None):
-        from midistral.tokenize import bpe
-
-        return bpe.encode_many(self, paths, workers=workers)
-
     @classmethod
     def from_miditok(cls, path) -> "REMI":
-        from midistral.tokenize import bpe
+        """A REMI tokenizer from a MidiTok 3.1 tokenizer JSON (`tokenizer.save`), with its BPE model if trained."""
+        config, vocab_base, hf = read_miditok(path)
+        tok = cls(config)
+        if vocab_base is not None and vocab_base != tok.vocab:
+            raise CheckpointError(f"{path}: field '_vocab_base' differs from the vocabulary its config gives")
+        if hf is not None:
+            tok.bpe = BPE(hf, len(tok.vocab))
+        return tok
 
-        return bpe.from_miditok(path)
+    # ------------------------------------------------------------------------------------------------
+    # BPE and many files (training.py, parallel.py)
+
+    def train_bpe(self, files_or_token_lists, vocab_size: int, workers: int | None = None):
+        """Learn BPE merges on MIDI files or token lists (replacing any); returns the (item, error) skipped."""
+        return train_bpe(self, files_or_token_lists, vocab_size, workers=workers)
+
+    def base_ids(self, ids) -> np.ndarray:
+        """Base ids of model ids (the BPE expansion; base ids unchanged without BPE)."""
+        return np.asarray(ids, dtype=np.int64) if self.bpe is None else self.bpe.decode(ids)
+
+    def encode_many(self, paths, workers: int | None = None) -> list[EncodeResult]:
+        """Encode many files in parallel processes; each file's failure is reported, not raised."""
+        return encode_many(self, paths, workers=workers)
 
 
 _CACHE: dict[str, "REMI"] = {}
 
-_FAMILIES = {"Bar": 1, "Position": 2, "Pitch": 3, "PitchDrum": 4, "Velocity": 5, "Duration": 6, "Program": 7,
-             "Tempo": 8, "TimeSig": 9, "Rest": 10, "Chord": 11}
+class _Timeline:
+    """The preprocessed time frame of a piece: resolution, time signatures and their sections."""
+
+    def __init__(self, tpq: int, factor: float | None, ts_list: list, ts_times: np.ndarray, ts_tpb: np.ndarray):
+        self.tpq, self.factor, self.ts_list, self.ts_times, self.ts_tpb = tpq, factor, ts_list, ts_times, ts_tpb
+        self.grid = None  # (step, section start) per time signature, for pieces with several denominators
+
+    def resample(self, t: np.ndarray) -> np.ndarray:
+        return _round_half_away(t * self.factor)
+
+    def tpb_at(self, t: np.ndarray) -> np.ndarray:
+        return self.ts_tpb[np.searchsorted(self.ts_times, t, side="right") - 1]
+
+    def snap(self, t: np.ndarray) -> np.ndarray:
+        if self.grid is None or len(t) == 0:
+            return t
+        k = np.searchsorted(self.ts_times, t, side="right") - 1
+        step, start = self.grid[0][k], self.grid[1][k]
+        return (np.round((t - start) / step) * step + start).astype(np.int64)
 
 
 def _label(midi) -> str:
@@ -636,110 +672,119 @@ class _Decoder:
     between two time tokens share one tick, so they are found, timed and gathered with numpy.
     """
 
-    def __init__(self, tok: REMI):
-        self.tok = tok
+    TIME_FAMILIES = (Family.BAR, Family.POSITION, Family.TEMPO, Family.TIME_SIG, Family.REST)
 
-    def run(self, ids: np.ndarray):
-        tok, c = self.tok, self.tok.config
-        n = len(ids)
-        fam = tok._family[ids]
-        names = tok.id_to_token
-        ts_of = lambda i: tuple(map(int, names[i].split("_")[1].split("/")))  # noqa: E731
+    def __init__(self, tok: REMI, ids: np.ndarray):
+        self.tok, self.ids = tok, ids
+        self.fam = fam = tok.family[ids]
         # the encoder's resolution: 12 ticks per quarter, 24 if any /8 meter appears; output is tpq 24
-        ts_ids = np.unique(ids[fam == 9]).tolist()
-        max_den = max([ts_of(i)[1] for i in ts_ids] or [4])
-        tpq = int(tok.max_res * max_den / 4)
-        scale = 24 / tpq
+        max_den = max([self._meter(i)[1] for i in np.unique(ids[fam == Family.TIME_SIG]).tolist()] or [4])
+        self.tpq = int(tok.max_res * max_den / 4)
+        self.time_events = np.flatnonzero(np.isin(fam, self.TIME_FAMILIES))
+        self.dur_tables: dict[int, np.ndarray] = {}
+        self.rest_tables: dict[int, list] = {}
+        self.seg_max: dict[int, list] = {}
 
-        # notes: Pitch|PitchDrum followed by Velocity and Duration; anything else of those families is skipped
-        pad = np.zeros(2, dtype=fam.dtype)
-        f1, f2 = np.concatenate([fam, pad])[1:n + 1], np.concatenate([fam, pad])[2:n + 2]
-        note_idx = np.flatnonzero(((fam == 3) | (fam == 4)) & (f1 == 5) & (f2 == 6))
+    def _meter(self, ts_id: int) -> tuple[int, int]:
+        num, den = self.tok.id_to_token[ts_id].split("_")[1].split("/")
+        return int(num), int(den)
+
+    def run(self) -> tuple[symusic.Score, int]:
+        note_idx, skipped = self._find_notes()
+        self.note_idx = note_idx
+        self.dur_idx = self.ids[note_idx + 2] - self.tok.dur0
+        self.seg = np.searchsorted(self.time_events, note_idx)  # notes after time event k-1 form segment k
+        seg_tick, seg_tpb, time_sigs, tempos, bad_positions = self._walk_clock()
+        start = np.asarray(seg_tick, dtype=np.int64)[self.seg]
+        n_tpb = np.asarray(seg_tpb, dtype=np.int64)[self.seg]
+        dur = np.zeros(len(note_idx), dtype=np.int64)
+        for b, table in self.dur_tables.items():
+            m = n_tpb == b
+            dur[m] = table[self.dur_idx[m]]
+        return self._score(start, dur, time_sigs, tempos), skipped + bad_positions
+
+    def _find_notes(self) -> tuple[np.ndarray, int]:
+        """Positions of Pitch|PitchDrum followed by Velocity and Duration; other note-family tokens are skipped."""
+        fam, n = self.fam, len(self.fam)
+        padded = np.concatenate([fam, np.zeros(2, dtype=fam.dtype)])
+        f1, f2 = padded[1:n + 1], padded[2:n + 2]
+        is_pitch = (fam == Family.PITCH) | (fam == Family.PITCH_DRUM)
+        note_idx = np.flatnonzero(is_pitch & (f1 == Family.VELOCITY) & (f2 == Family.DURATION))
         used = np.zeros(n, bool)
         used[note_idx] = used[note_idx + 1] = used[note_idx + 2] = True
-        skipped = int((((fam >= 3) & (fam <= 6)) & ~used).sum())
+        note_family = (fam >= Family.PITCH) & (fam <= Family.DURATION)
+        return note_idx, int((note_family & ~used).sum())
 
-        note_fam = np.flatnonzero((fam >= 3) & (fam <= 6))
-        first_ts = np.flatnonzero(fam == 9)
-        num, den = 4, 4
-        if len(first_ts) and (not len(note_fam) or first_ts[0] < note_fam[0]):
-            num, den = ts_of(int(ids[first_ts[0]]))
+    def _units(self, num: int, den: int) -> tuple[int, int, int]:
+        """(ticks per beat, ticks per bar, ticks per position) of a meter; tables for its tpb on first use."""
+        tpb = self.tpq * 4 // den
+        if tpb not in self.dur_tables:
+            self.dur_tables[tpb] = self.tok._duration_ticks(tpb)
+            self.rest_tables[tpb] = self.tok._rest_ticks(tpb).tolist()
+            m = np.full(len(self.time_events) + 1, -1, dtype=np.int64)
+            np.maximum.at(m, self.seg, self.dur_tables[tpb][self.dur_idx])
+            self.seg_max[tpb] = m.tolist()  # the longest note of each segment, at this tpb
+        return tpb, num * tpb, max(tpb // self.tok.max_res, 1)
 
-        dur_tables, rest_tables = {}, {}
-        dur_idx = ids[note_idx + 2] - tok.dur0
-        time_events = np.flatnonzero((fam == 1) | (fam == 2) | (fam == 8) | (fam == 9) | (fam == 10))
-        seg = np.searchsorted(time_events, note_idx)  # notes after time event k-1 belong to segment k
-        seg_max: dict[int, list] = {}
+    def _first_meter(self) -> tuple[int, int]:
+        """The first TimeSig if it comes before any note-family token, else 4/4."""
+        first_ts = np.flatnonzero(self.fam == Family.TIME_SIG)
+        note_family = np.flatnonzero((self.fam >= Family.PITCH) & (self.fam <= Family.DURATION))
+        if len(first_ts) and (not len(note_family) or first_ts[0] < note_family[0]):
+            return self._meter(int(self.ids[first_ts[0]]))
+        return 4, 4
 
-        def units(num, den):
-            tpb = tpq * 4 // den
-            if tpb not in dur_tables:
-                dur_tables[tpb] = tok._duration_ticks(tpb)
-                rest_tables[tpb] = tok._rest_ticks(tpb).tolist()
-                m = np.full(len(time_events) + 1, -1, dtype=np.int64)
-                np.maximum.at(m, seg, dur_tables[tpb][dur_idx])
-                seg_max[tpb] = m.tolist()  # the longest note of each segment, at this tpb
-            return tpb, num * tpb, max(tpb // tok.max_res, 1)
-
-        tpb, bar_len, tpp = units(num, den)
-        time_sigs = [(0, num, den)]
-        tempos = []
-        seg_tick = [0] * (len(time_events) + 1)
-        seg_tpb = [tpb] * (len(time_events) + 1)
-        cur_tick = tick_at_ts = tick_bar = 0
-        cur_bar, bar_at_ts = -1, 0
-        prev_end = 0
-        fam_l, ids_l = fam[time_events].tolist(), ids[time_events].tolist()
-        for k, (f, tid) in enumerate(zip(fam_l, ids_l)):
-            longest = seg_max[tpb][k]
+    def _walk_clock(self):
+        """The tick of each segment (notes between two time tokens) and the meter and tempo changes."""
+        tok = self.tok
+        num, den = self._first_meter()
+        tpb, bar_len, tpp = self._units(num, den)
+        time_sigs, tempos, bad_positions = [(0, num, den)], [], 0
+        seg_tick = [0] * (len(self.time_events) + 1)
+        seg_tpb = [tpb] * (len(self.time_events) + 1)
+        cur_tick = tick_at_ts = tick_bar = prev_end = bar_at_ts = 0
+        cur_bar = -1
+        events = zip(self.fam[self.time_events].tolist(), self.ids[self.time_events].tolist())
+        for k, (f, tid) in enumerate(events):
+            longest = self.seg_max[tpb][k]
             if longest >= 0:  # the notes just before this token end by then
                 prev_end = max(prev_end, cur_tick + longest)
-            if f == 1:  # Bar
+            if f == Family.BAR:
                 cur_bar += 1
-                tick_bar = tick_at_ts + (cur_bar - bar_at_ts) * bar_len
-                cur_tick = tick_bar
-            elif f == 10:  # Rest
-                cur_tick = max(prev_end, cur_tick) + rest_tables[tpb][tid - tok.rest0]
+                cur_tick = tick_bar = tick_at_ts + (cur_bar - bar_at_ts) * bar_len
+            elif f == Family.REST:
+                cur_bar = max(cur_bar, 0)
+                cur_tick = max(prev_end, cur_tick) + self.rest_tables[tpb][tid - tok.rest0]
                 real_bar = bar_at_ts + (cur_tick - tick_at_ts) // bar_len
                 if real_bar > cur_bar:
-                    if cur_bar == -1:
-                        cur_bar = 0
                     tick_bar += (real_bar - cur_bar) * bar_len
                     cur_bar = real_bar
-            elif f == 2:  # Position
-                if cur_bar == -1:
-                    cur_bar = 0
+            elif f == Family.POSITION:
+                cur_bar = max(cur_bar, 0)
                 pos = tid - tok.pos0
                 if pos * tpp >= bar_len:
-                    skipped += 1
+                    bad_positions += 1
                 else:
                     cur_tick = tick_bar + pos * tpp
-            elif f == 8:  # Tempo
-                tempos.append((cur_tick, float(names[tid].split("_")[1])))
+            elif f == Family.TEMPO:
+                tempos.append((cur_tick, float(tok.id_to_token[tid].split("_")[1])))
                 prev_end = max(prev_end, cur_tick)
-            else:  # TimeSig: a change of meter (a recall of the current one changes nothing)
-                nn, dd = ts_of(tid)
-                if (nn, dd) != (num, den):
-                    if cur_bar == -1:
-                        cur_bar = 0
-                    num, den = nn, dd
-                    time_sigs.append((tick_bar, num, den))
-                    tick_at_ts, bar_at_ts = tick_bar, cur_bar
-                    tpb, bar_len, tpp = units(num, den)
+            elif self._meter(tid) != (num, den):  # TimeSig: a change of meter (a recall changes nothing)
+                num, den = self._meter(tid)
+                cur_bar = max(cur_bar, 0)
+                time_sigs.append((tick_bar, num, den))
+                tick_at_ts, bar_at_ts = tick_bar, cur_bar
+                tpb, bar_len, tpp = self._units(num, den)
             seg_tick[k + 1], seg_tpb[k + 1] = cur_tick, tpb
+        return seg_tick, seg_tpb, time_sigs, tempos, bad_positions
 
-        # notes, all at once
-        start = np.asarray(seg_tick, dtype=np.int64)[seg]
-        n_tpb = np.asarray(seg_tpb, dtype=np.int64)[seg]
-        dur = np.zeros(len(note_idx), dtype=np.int64)
-        for b, table in dur_tables.items():
-            m = n_tpb == b
-            dur[m] = table[dur_idx[m]]
-        is_drum_tok = fam[note_idx] == 4
+    def _score(self, start, dur, time_sigs, tempos) -> symusic.Score:
+        tok, c, ids, note_idx = self.tok, self.tok.config, self.ids, self.note_idx
+        is_drum_tok = self.fam[note_idx] == Family.PITCH_DRUM
         pitch = np.where(is_drum_tok, ids[note_idx] - tok.drum0 + c.drums_pitch_range[0],
                          ids[note_idx] - tok.pitch0 + c.pitch_range[0])
         vel = tok.velocities[ids[note_idx + 1] - tok.vel0]
-        prog_pos = np.flatnonzero(fam == 7)
+        prog_pos = np.flatnonzero(self.fam == Family.PROGRAM)
         prog_val = np.array([tok.program_of[i] for i in ids[prog_pos].tolist()], dtype=np.int64)
         k = np.searchsorted(prog_pos, note_idx) - 1
         program = np.where(k >= 0, prog_val[np.maximum(k, 0)] if len(prog_val) else 0, 0)
@@ -750,10 +795,9 @@ class _Decoder:
         same = (start[1:] == start[:-1]) & (program[1:] != program[:-1])
         prec = set(zip(program[:-1][same].tolist(), program[1:][same].tolist()))
 
+        scale = 24 / self.tpq
         score = symusic.Score(24)
-        merged_ts = {}
-        for t, nn, dd in time_sigs:
-            merged_ts[int(round(t * scale))] = (nn, dd)
+        merged_ts = {int(round(t * scale)): (nn, dd) for t, nn, dd in time_sigs}  # the later of one tick wins
         for t, (nn, dd) in sorted(merged_ts.items()):
             score.time_signatures.append(symusic.TimeSignature(t, nn, dd))
         if not tempos or tempos[0][0] != 0:
@@ -767,7 +811,7 @@ class _Decoder:
                 np.round(start[m] * scale).astype(np.int32), np.round(dur[m] * scale).astype(np.int32),
                 pitch[m].astype(np.int8), vel[m].astype(np.int8), "tick")
             score.tracks.append(tr)
-        return score, skipped
+        return score
 
 
 def _track_order(first_seen: list[int], prec: set[tuple[int, int]]) -> list[int]:

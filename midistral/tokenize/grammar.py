@@ -1,0 +1,278 @@
+"""The REMIPlus grammar as a state machine: what may come next, and a sampling constraint built on it.
+
+The state is the kind of the last base token (Program split by instrument kind), plus two numbers: the
+last Position of the current bar (the next must be larger) and the current meter's numerator (a
+Position must fall inside the bar). What may follow each state (docs/grammar.md has it as a table):
+
+    START (nothing, BOS, PAD)  -> Bar
+    Bar                        -> TimeSig
+    TimeSig                    -> Position | Bar | Rest | EOS
+    Position                   -> Program | Tempo
+    Tempo                      -> Program | Position | Bar | Rest | EOS
+    Program (pitched)          -> Pitch | Chord
+    Program_-1 (drums)         -> PitchDrum
+    Chord                      -> Program
+    Pitch, PitchDrum           -> Velocity
+    Velocity                   -> Duration
+    Duration                   -> Program | Position | Bar | Rest | EOS
+    Rest                       -> Rest | Bar | Position | TimeSig | EOS
+    END (after EOS)            -> anything (the generator pads the row)
+
+Bar and Rest reset the last Position (a Rest may cross bar lines without a Bar token: MidiTok's
+`tokens_errors` does not check the Position after a Rest either). EOS may come wherever a Bar may: after
+a complete event. This is the language our encoder writes (every real file passes, tests/test_grammar.py),
+and everything in it decodes with nothing skipped and no MidiTok `tokens_errors`.
+
+BPE: each id expands to a fixed base sequence (`expansions`). An id is legal in a state iff its first
+base token may follow the state, its own inner transitions are legal, its first Position (before any
+Bar or Rest) is above the state's last Position, and its Positions before any TimeSig fit the state's
+meter. Everything but the two numbers is precomputed as a (states x vocabulary) boolean table, so a
+sampling step is one gather and two comparisons over the vocabulary, with no Python loop over it.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+from midistral.tokenize.remi import REMI, Family
+
+
+class State(IntEnum):
+    START = 0
+    BAR = 1
+    TIME_SIG = 2
+    POSITION = 3
+    TEMPO = 4
+    PROGRAM = 5
+    PROGRAM_DRUMS = 6
+    CHORD = 7
+    PITCH = 8  # Pitch or PitchDrum
+    VELOCITY = 9
+    DURATION = 10
+    REST = 11
+    END = 12  # EOS was emitted
+
+
+# The kind of token that may come next, per state; a token's kind is the State it leads to, plus EOS.
+EOS = len(State)
+FOLLOWS = {
+    State.START: {State.BAR},
+    State.BAR: {State.TIME_SIG},
+    State.TIME_SIG: {State.POSITION, State.BAR, State.REST, EOS},
+    State.POSITION: {State.PROGRAM, State.PROGRAM_DRUMS, State.TEMPO},
+    State.TEMPO: {State.PROGRAM, State.PROGRAM_DRUMS, State.POSITION, State.BAR, State.REST, EOS},
+    State.PROGRAM: {State.PITCH, State.CHORD},
+    State.PROGRAM_DRUMS: {State.PITCH},
+    State.CHORD: {State.PROGRAM, State.PROGRAM_DRUMS},
+    State.PITCH: {State.VELOCITY},
+    State.VELOCITY: {State.DURATION},
+    State.DURATION: {State.PROGRAM, State.PROGRAM_DRUMS, State.POSITION, State.BAR, State.REST, EOS},
+    State.REST: {State.REST, State.BAR, State.POSITION, State.TIME_SIG, EOS},
+}
+# States where the piece is complete (every note closed): EOS may come, and a cut there skips nothing.
+COMPLETE = {s for s, nxt in FOLLOWS.items() if EOS in nxt} | {State.END}
+
+NO_POSITION = -2  # the last Position of the bar is unknown/unchanged ...
+FREE = 1 << 30  # ... or an id has no Position that the state constrains
+
+_STATE_OF_FAMILY = {Family.BAR: State.BAR, Family.TIME_SIG: State.TIME_SIG, Family.POSITION: State.POSITION,
+                    Family.TEMPO: State.TEMPO, Family.PROGRAM: State.PROGRAM, Family.CHORD: State.CHORD,
+                    Family.PITCH: State.PITCH, Family.PITCH_DRUM: State.PITCH, Family.VELOCITY: State.VELOCITY,
+                    Family.DURATION: State.DURATION, Family.REST: State.REST}
+
+
+def expansions(tok: REMI) -> list[np.ndarray]:
+    """The base-token ids each model id stands for (itself without BPE; a lone BPE "▁" stands for none)."""
+    if tok.bpe is None:
+        return [np.array([i], dtype=np.int64) for i in range(len(tok.vocab))]
+    return tok.bpe.expansions()
+
+
+class Grammar:
+    """The state machine's tables for one tokenizer (base tokens, then every model id through its expansion)."""
+
+    def __init__(self, tok: REMI):
+        self.tok = tok
+        self.eos_id = tok.eos_id
+        self._base_tables(tok)
+        self._id_tables(expansions(tok))
+
+    def _base_tables(self, tok: REMI) -> None:
+        n = len(tok.vocab)
+        fam = tok.family
+        kind = np.full(n, -1, dtype=np.int64)  # what a base token is, in FOLLOWS' terms (-1: never legal)
+        after = np.full(n, State.START, dtype=np.int64)  # the state after it
+        for f, s in _STATE_OF_FAMILY.items():
+            kind[fam == f] = s
+            after[fam == f] = s
+        drums = tok.program_id.get(-1)
+        if drums is not None:
+            kind[drums] = after[drums] = State.PROGRAM_DRUMS
+        if self.eos_id is not None:
+            kind[self.eos_id], after[self.eos_id] = EOS, State.END
+        self.base_after = after
+        self.base_position = np.where(fam == Family.POSITION, np.arange(n) - tok.pos0, -1)
+        self.base_numerator = np.zeros(n, dtype=np.int64)
+        for (num, _), i in tok.ts_id.items():
+            self.base_numerator[i] = num
+        # follows[s, b]: base token b may come in state s
+        follows = np.zeros((len(State), n), dtype=bool)
+        for s, nxt in FOLLOWS.items():
+            follows[s] = np.isin(kind, list(nxt))
+        # a Pitch only under a pitched Program, a PitchDrum only under Program_-1; chords are never for drums
+        follows[State.PROGRAM] &= (fam == Family.PITCH) | (fam == Family.CHORD)
+        follows[State.PROGRAM_DRUMS] &= fam == Family.PITCH_DRUM
+        follows[State.END] = True
+        self.base_follows = follows
+        self.positions_per_beat = tok.max_res
+
+    def _id_tables(self, exps: list[np.ndarray]) -> None:
+        """Run every id's expansion through the machine at once (a loop over expansion positions only)."""
+        V = len(exps)
+        lens = np.array([len(e) for e in exps], dtype=np.int64)
+        E = np.full((V, max(int(lens.max()), 1)), -1, dtype=np.int64)
+        E[np.arange(V).repeat(lens), np.concatenate([np.arange(k) for k in lens])] = np.concatenate(exps)
+        state = np.full(V, -1, dtype=np.int64)  # state after the tokens so far (-1: none yet)
+        ok = np.ones(V, dtype=bool)
+        last_pos = np.full(V, NO_POSITION, dtype=np.int64)  # last Position since a reset, within the id
+        first_pos = np.full(V, FREE, dtype=np.int64)  # first Position before any Bar/Rest
+        pre_meter_pos = np.full(V, -1, dtype=np.int64)  # largest Position before any TimeSig
+        numerator = np.zeros(V, dtype=np.int64)  # the last TimeSig's numerator (0: none)
+        fam = self.tok.family
+        for j in range(E.shape[1]):
+            b = E[:, j]
+            live = b >= 0
+            bb = np.maximum(b, 0)
+            inner = live & (state >= 0)
+            ok &= ~inner | self.base_follows[np.maximum(state, 0), bb]
+            pos = np.where(live, self.base_position[bb], -1)
+            is_pos = pos >= 0
+            ok &= ~(is_pos & (last_pos > NO_POSITION)) | (pos > last_pos)
+            ok &= ~(is_pos & (numerator > 0)) | (pos < numerator * self.positions_per_beat)
+            first_pos = np.where(is_pos & (last_pos == NO_POSITION), pos, first_pos)
+            pre_meter_pos = np.where(is_pos & (numerator == 0), np.maximum(pre_meter_pos, pos), pre_meter_pos)
+            reset = live & ((fam[bb] == Family.BAR) | (fam[bb] == Family.REST))
+            last_pos = np.where(is_pos, pos, np.where(reset, -1, last_pos))
+            numerator = np.where(live & (self.base_numerator[bb] > 0), self.base_numerator[bb], numerator)
+            state = np.where(live, self.base_after[bb], state)
+        first = np.where(lens > 0, E[:, 0], -1)
+        table = np.where(first >= 0, self.base_follows[:, np.maximum(first, 0)], True) & ok
+        table[State.END] = True
+        self.table = table  # (states, V): legal by kinds (and inner positions)
+        self.first_pos, self.pre_meter_pos = first_pos, pre_meter_pos
+        self.end_state, self.end_last_pos, self.end_numerator = state, last_pos, numerator
+        dist = self._steps_to_complete()
+        self.max_steps_to_complete = int(dist[dist < FREE].max())
+        self.to_complete = np.where(state >= 0, dist[np.maximum(state, 0)], FREE)  # an empty id brings no end
+
+    def _steps_to_complete(self) -> np.ndarray:
+        """Fewest base tokens from each state to a complete one (COMPLETE)."""
+        dist = np.full(len(State), FREE, dtype=np.int64)
+        dist[list(COMPLETE)] = 0
+        for _ in range(len(State)):
+            via = np.where(self.base_follows, dist[self.base_after][None, :] + 1, FREE).min(1)
+            dist = np.minimum(dist, via)
+        return dist
+
+    def step(self, state: tuple[int, int, int], token: int) -> tuple[int, int, int]:
+        """(state, last Position, numerator) after model id `token`."""
+        s, last_pos, num = state
+        if s == State.END:
+            return state
+        if token == self.eos_id:
+            return State.END, NO_POSITION, num
+        if not 0 <= token < len(self.end_state):
+            return s, last_pos, num
+        end = int(self.end_state[token])
+        if end < 0:  # an empty id changes nothing
+            return state
+        new_pos = int(self.end_last_pos[token])
+        new_num = int(self.end_numerator[token])
+        return end, new_pos if new_pos != NO_POSITION else last_pos, new_num or num
+
+    def run(self, ids) -> tuple[int, int, int]:
+        state = (State.START, -1, 4)
+        for t in ids:
+            state = self.step(state, int(t))
+        return state
+
+    def legal(self, state: tuple[int, int, int], token: int) -> bool:
+        """Whether model id `token` may come in `state` (one entry of `allowed`)."""
+        s, last_pos, num = state
+        if not 0 <= token < self.table.shape[1] or not self.table[s, token]:
+            return False
+        return s == State.END or bool(self.first_pos[token] > last_pos
+                                      and self.pre_meter_pos[token] < num * self.positions_per_beat)
+
+    def allowed(self, state: tuple[int, int, int]) -> np.ndarray:
+        """Boolean mask over model ids legal in `state` (numpy; the constraint does this in torch per batch)."""
+        s, last_pos, num = state
+        m = self.table[s].copy()
+        if s != State.END:
+            m &= (self.first_pos > last_pos) & (self.pre_meter_pos < num * self.positions_per_beat)
+        return m
+
+
+def complete_length(grammar: Grammar, ids) -> int:
+    """Length of the longest prefix of `ids` that ends with every note closed (decodes with nothing skipped)."""
+    state, best = (State.START, -1, 4), 0
+    for i, t in enumerate(ids):
+        state = grammar.step(state, int(t))
+        if state[0] in COMPLETE:
+            best = i + 1
+    return best
+
+
+class GrammarConstraint:
+    """A `generate` constraint: only ids that keep the REMIPlus grammar (see the module docstring).
+
+        ids = generate(model, prompt, 512, eos_id=tok.eos_id, constraints=[GrammarConstraint(tok, 512)])
+
+    With `max_new_tokens` the last steps also close the open note, so a piece cut by the token budget
+    decodes with nothing skipped too. Rows that emitted EOS are finished: every id is allowed there.
+    """
+
+    def __init__(self, tok: REMI, max_new_tokens: int | None = None, grammar: Grammar | None = None):
+        self.grammar = g = grammar or Grammar(tok)
+        self.max_new_tokens = max_new_tokens
+        self._table = torch.from_numpy(g.table)
+        self._first_pos = torch.from_numpy(g.first_pos)
+        self._pre_meter_pos = torch.from_numpy(g.pre_meter_pos)
+        self._to_complete = torch.from_numpy(g.to_complete)
+        self.states: list[tuple[int, int, int]] = []
+        self.n_new = 0
+
+    def start(self, prompt_ids: torch.Tensor) -> None:
+        self.states = [self.grammar.run(row) for row in prompt_ids.tolist()]
+        self.n_new = 0
+        device = prompt_ids.device
+        if self._table.device != device:
+            self._table, self._first_pos, self._pre_meter_pos, self._to_complete = (
+                t.to(device) for t in (self._table, self._first_pos, self._pre_meter_pos, self._to_complete))
+
+    def allowed(self) -> torch.Tensor:
+        """(B, V) boolean: the ids each row may take next."""
+        s, last_pos, num = (torch.tensor(x, device=self._table.device) for x in zip(*self.states))
+        finished = s == State.END
+        last_pos = last_pos.masked_fill(finished, NO_POSITION)
+        limit = (num * self.grammar.positions_per_beat).masked_fill(finished, FREE)
+        ok = self._table[s] & (self._first_pos > last_pos[:, None]) & (self._pre_meter_pos < limit[:, None])
+        if self.max_new_tokens is not None:
+            left = self.max_new_tokens - self.n_new - 1  # tokens after this one
+            if left < self.grammar.max_steps_to_complete:
+                closing = ok & (self._to_complete <= left)
+                ok = torch.where(closing.any(-1, keepdim=True), closing, ok)  # unreachable: keep going
+        return ok
+
+    def mask(self, logits: torch.Tensor) -> None:
+        ok = self.allowed()
+        V = ok.shape[1]
+        logits[:, :V].masked_fill_(~ok, float("-inf"))
+        logits[:, V:] = float("-inf")  # ids the tokenizer does not have
+
+    def push(self, tokens: torch.Tensor) -> None:
+        self.states = [self.grammar.step(s, t) for s, t in zip(self.states, tokens.tolist())]
+        self.n_new += 1
