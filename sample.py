@@ -92,7 +92,7 @@ def programs_value(text: str) -> list[int]:
 
 def program_value(text: str) -> int:
     try:
-        return Sampler.parse_program(int(text) if text.lstrip("-").isdigit() else text)
+        return Sampler.parse_program(text)
     except MidistralError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

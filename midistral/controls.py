@@ -226,7 +226,9 @@ class _Clock:
         self.history: tuple = ()  # base tokens before the first TimeSig (it may set the initial meter)
 
     def copy(self) -> "_Clock":
-        return copy.copy(self)
+        c = _Clock.__new__(_Clock)
+        c.__dict__.update(self.__dict__)
+        return c
 
     def _enter(self) -> None:
         if self.cur_bar == -1:
@@ -299,7 +301,8 @@ class BarsConstraint:
     no Bar token), through meter changes, inside BPE ids. A new bar is one the clock enters after the
     prompt (the bar the prompt ends in is not new). An id that would skip the last bar, leave it empty,
     or put a note past it is masked, so the decoded continuation spans exactly n_bars bars: its last note
-    starts in the n-th. A piece must open with [Bar] TimeSig (as every encoded piece does). Meters with a
+    starts in the n-th. A piece must open with [Bar] TimeSig and a TimeSig must follow a Bar (as in
+    every encoded piece: a meter change mid-bar would move notes already written). Meters with a
     larger denominator than the prompt's (a /8 after /4 only) are masked: they would change the decoder's
     time resolution for the whole piece. Pass it after the grammar constraint: when it forces EOS it
     overrides the other masks.
@@ -319,8 +322,12 @@ class BarsConstraint:
         self._nbar = np.array([f.count(BAR) for f in fams])
         self._rest_beats = np.array([sum(rest_beats[x - tok.rest0] for x in e if fam[x] == REST) for e in self.exp])
         self._has_ts = np.array([TIMESIG in f for f in fams])
-        self._has_note = np.array([any(PITCH <= x <= DURATION for x in f) for f in fams])
+        self._clockwise = np.array([any(x in (POSITION, PITCH, DRUM, VELOCITY, DURATION) for x in f) for f in fams])
         self._early = [np.array([_early_ok(f, had_bar) for f in fams]) for had_bar in (False, True)]
+        # a TimeSig only right after a Bar (a meter change mid-bar would move notes already written)
+        self._ts_inside_bad = torch.tensor([any(f[j] == TIMESIG and f[j - 1] != BAR for j in range(1, len(f)))
+                                            for f in fams])
+        self._ts_first = torch.tensor([len(f) > 0 and f[0] == TIMESIG for f in fams])
         self._eos = tok.eos_id
 
     def start(self, prompt_ids: torch.Tensor) -> None:
@@ -354,10 +361,10 @@ class BarsConstraint:
             return row["cache"][key]
         ahead = max(clock.prev_end, clock.cur_tick) - clock.tick_bar
         bar_len = np.where(self._has_ts, row["min_bar"], clock.bar_len)
-        bound = self._nbar + (ahead + self._rest_beats * clock.tpb) // bar_len + 2
-        cand = entered + bound >= self.n + 1
-        if clock.cur_bar == -1:
-            cand |= self._has_note
+        rests = np.where(self._rest_beats > 0, (ahead + self._rest_beats * clock.tpb) // bar_len + 1, 0)
+        cand = entered + self._nbar + rests + self._has_ts >= self.n + 1
+        if clock.cur_bar == -1:  # a Position or a note enters bar 0 too
+            cand |= self._clockwise
         status = np.zeros(len(self.exp), dtype=np.int8)
         for i in np.flatnonzero(cand).tolist():
             status[i] = self._simulate(clock, self.exp[i], row["start"])
@@ -385,9 +392,11 @@ class BarsConstraint:
                 if self._eos is not None:
                     logits[r, self._eos] = 0.0
                 continue
-            bad = row["banned"] | torch.from_numpy(self._status(row) == FORBIDDEN)
-            logits[r].masked_fill_(bad.to(logits.device), float("-inf"))
             clock = row["clock"]
+            bad = row["banned"] | torch.from_numpy(self._status(row) == FORBIDDEN)
+            if clock.seen_ts or clock.seen_note:
+                bad |= self._ts_inside_bad | (self._ts_first if clock.fam1 != BAR else False)
+            logits[r].masked_fill_(bad.to(logits.device), float("-inf"))
             if self._eos is not None and not (clock.cur_bar - row["start"] == self.n and clock.note_in_bar):
                 logits[r, self._eos] = float("-inf")
 
@@ -418,3 +427,379 @@ def bars_token_budget(model, prompt_len: int) -> int:
     """max_new_tokens for a BarsConstraint run: all the room the model's positions leave after the prompt.
     Generation ends when the constraint forces EOS; `BarsConstraint.complete` says if the room ran out."""
     return max(model_config(model).max_position_embeddings - int(prompt_len), 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Accompaniment: add (or rewrite) one instrument's track over an existing piece
+
+
+def parse_bar_range(spec) -> tuple[int, int | None]:
+    """"5:12" -> (5, 12): bars 5 to 12, counted from 1, both included; "5:" to the end, ":12" from the start."""
+    if isinstance(spec, (tuple, list)):
+        a, b = spec
+    else:
+        m = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", str(spec))
+        if not m or not (m.group(1) or m.group(2)):
+            raise MidistralError(f"bars: {spec!r} is not a bar range such as 5:12, 5: or :12")
+        a, b = (int(m.group(1)) if m.group(1) else 1), (int(m.group(2)) if m.group(2) else None)
+    if a is None:
+        a = 1
+    if int(a) < 1 or (b is not None and int(b) < int(a)):
+        raise MidistralError(f"bars: {spec!r} is not a range of bars counted from 1 (first <= last)")
+    return int(a), None if b is None else int(b)
+
+
+def accompany(model, tok, score_or_path, program, *, bars=None, replace=False, temperature=0.5, top_k=6,
+              no_repeat_ngram_size=6, seed=None, grammar=True, precision="fp32",
+              max_notes_per_tick=6) -> symusic.Score:
+    """The piece with its notes unchanged plus one new track for `program` (a number or a name), written by
+    the model over the whole piece or over `bars` (a:b, counted from 1). replace=True first drops the
+    notes of that program and writes new ones in their place.
+
+    The model walks the piece's token stream in time: the existing tokens are forced, and after each of
+    them it may write notes of the new program at that tick or at a new tick before the next existing
+    one. Time tokens (rests, bar lines, positions) are recomputed as the encoder would write them for the
+    piece with the new notes, so the stream the model reads stays a valid encoding. The walk's own
+    automaton only offers ids that keep the stream valid (so every id decodes; `grammar` is accepted for
+    the common signature). `precision` other than "fp32" is left to the model's own decode path.
+    """
+    score = load_score(score_or_path)
+    label = str(score_or_path) if not isinstance(score_or_path, symusic.Score) else "the piece"
+    program = parse_program(program, "replace-track" if replace else "add-track")
+    if score.note_num() == 0:
+        raise MidiError(f"{label}: has no notes to accompany")
+    playing = {-1 if t.is_drum else t.program for t in score.tracks if len(t.notes)}
+    if program in playing and not replace:
+        raise MidistralError(f"add-track: {program_name(program)} (program {program}) already plays in {label}; "
+                             f"use --replace-track {program} to rewrite it")
+    keep = [t for t in score.tracks if not ((-1 if t.is_drum else t.program) == program)]
+    context = symusic.Score(score.tpq)
+    context.tempos, context.time_signatures = score.tempos, score.time_signatures
+    for t in keep:
+        context.tracks.append(t.copy())
+    if context.note_num() == 0:
+        raise MidiError(f"{label}: has no notes besides {program_name(program)}'s to accompany")
+    walk = _Walk(model, tok, context, program, parse_bar_range(bars) if bars is not None else None,
+                 temperature, top_k, no_repeat_ngram_size, seed, max_notes_per_tick)
+    new = walk.run()
+    out = score.copy()
+    if replace:
+        out.tracks = [t.copy() for t in keep]
+    out.tracks.append(_new_track(tok, new, program, score.tpq))
+    return out
+
+
+def _new_track(tok, base_ids: list[int], program: int, tpq: int) -> symusic.Track:
+    """The notes of `program` in the walked stream, as a named track at the piece's resolution."""
+    decoded = tok.decode(np.array(base_ids, dtype=np.int64))
+    track = symusic.Track(name=program_name(program), program=max(program, 0), is_drum=program == -1)
+    for t in decoded.tracks:
+        if (-1 if t.is_drum else t.program) == program:
+            n = t.notes.numpy()
+            f = tpq / decoded.tpq
+            track.notes = symusic.Note.from_numpy(
+                np.round(n["time"] * f).astype(np.int32), np.maximum(np.round(n["duration"] * f), 1).astype(np.int32),
+                n["pitch"], n["velocity"], "tick")
+    return track
+
+
+class _Feeder:
+    """Runs the model over the ids of the walk with one rolling KV cache: forced runs as chunks, single ids
+    with the model's decode step. Past the model's positions it re-reads the last window at position 0."""
+
+    def __init__(self, model):
+        self.model = model
+        cfg = model_config(model)
+        self.max_pos = cfg.max_position_embeddings
+        self.cache = RollingKVCache.for_model(model, 1)
+        self.window = self.cache.window
+        self.step = model.decoder(self.cache) if hasattr(model, "decoder") else None
+        self.history: list[int] = []
+        self.pos = 0
+
+    def feed(self, ids: list[int]) -> torch.Tensor:
+        """Logits (V,) after the last of `ids`."""
+        if self.pos + len(ids) > self.max_pos:  # restart the positions with the last window re-read
+            tail = self.history[-(self.window - 1):] if self.window > 1 else []
+            self.cache.reset()
+            self.history, self.pos = [], 0
+            ids = tail + ids
+        self.history += ids
+        if len(self.history) > 4 * self.window:
+            del self.history[:-self.window]
+        if len(ids) == 1 and self.step is not None:
+            logits = self.step(torch.tensor(ids), self.pos)[0]
+            self.pos += 1
+            return logits
+        for s in range(0, len(ids), self.window):
+            chunk = torch.tensor([ids[s:s + self.window]])
+            logits = self.model(chunk, cache=self.cache, start_pos=self.pos)[0, -1]
+            self.pos += chunk.shape[1]
+        return logits
+
+
+class _Node:
+    __slots__ = ("kids", "leaf")
+
+    def __init__(self):
+        self.kids: dict[int, _Node] = {}
+        self.leaf = None  # ("note", tick) after time tokens + Program, ("group",), ("end",)
+
+
+class _Walk:
+    """The accompaniment walk: existing groups of tokens (one per tick) forced, new notes sampled between."""
+
+    def __init__(self, model, tok, context, program, bar_range, temperature, top_k, ngram, seed, max_per_tick):
+        self.model, self.tok, self.program = model, tok, program
+        self.temperature, self.top_k, self.max_per_tick = temperature, top_k, max_per_tick
+        self.fam = tok._family.tolist()
+        self.prog_tok = tok.program_id[program]
+        self.pitch_fam = DRUM if program == -1 else PITCH
+        tpq, ts_list, tracks, _, _ = tok._preprocess(context)
+        ids, ticks, _ = tok._encode(context)
+        self.tpq, self.ts_list = tpq, ts_list
+        self.groups = self._groups(ids.tolist(), ticks.tolist(), tracks)
+        max_end = max(g[3] for g in self.groups)
+        lines = tok._bar_ticks(ts_list, tpq, max_end + 16 * tpq * 4)
+        self.t_end = int(lines[np.searchsorted(lines, max_end, side="left")])
+        lo, hi = 0, self.t_end
+        if bar_range is not None:
+            a, b = bar_range
+            lo = int(lines[a - 1]) if a - 1 < len(lines) else self.t_end
+            hi = min(int(lines[b]) if b is not None and b < len(lines) else self.t_end, self.t_end)
+        self.lo, self.hi = lo, hi
+        self.exp = [e.tolist() for e in id_expansions(tok)]
+        by_first: dict[int, list[int]] = {}
+        for i, e in enumerate(self.exp):
+            if e:
+                by_first.setdefault(e[0], []).append(i)
+        self.by_first = by_first
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, (1,)).item()))
+        self.ngram_size = ngram
+
+    def _groups(self, ids, ticks, tracks):
+        """(tick, TimeSig change id or None, item ids, max end) per tick of the encoded piece, in order."""
+        fam = self.fam
+        change_ticks = {t for t, _, _ in self.ts_list}
+        ends: dict[int, int] = {}
+        for tr in tracks:
+            for t, e in zip(tr["time"].tolist(), tr["end"].tolist()):
+                ends[t] = max(ends.get(t, t), e)
+        groups, cur = [], None
+        for x, t in zip(ids, ticks):
+            f = fam[x]
+            if f in (BAR, POSITION, REST) or (f == TIMESIG and t not in change_ticks):
+                continue
+            if cur is None or cur[0] != t:
+                cur = [t, None, [], max(ends.get(t, t), t)]
+                groups.append(cur)
+            if f == TIMESIG:
+                cur[1] = x
+            else:
+                cur[2].append(x)
+        return groups
+
+    # -- the encoder's time tokens, on a copy of its clock
+
+    def _group_tokens(self, st, g) -> list[int]:
+        """The tokens the encoder writes for group g (time tokens, meter change, items); advances `st`."""
+        t, ts_tok, items, _ = g
+        prev_end = self.prev_end
+        toks: list[int] = []
+        if ts_tok is not None:
+            st.advance(t, prev_end, True, toks, [])
+            toks.append(ts_tok)
+            n, d = self.tok.id_to_token[ts_tok].split("_")[1].split("/")
+            st.change_ts(t, (t, int(n), int(d)))
+            prev_end = max(prev_end, t)
+        if items:
+            st.advance(t, prev_end, False, toks, [])
+            toks += items
+        return toks
+
+    def _trie(self) -> _Node | None:
+        """Every way on from the current tick: a note here, a note at a later tick before the next existing
+        group (its time tokens, then Program), or the next group itself; None when the walk is over."""
+        root = _Node()
+        t, nxt = self.t_cur, self.gi + 1
+        t_next = self.groups[nxt][0] if nxt < len(self.groups) else self.t_end
+        if self.lo <= t < self.hi and len(self.here) < self.max_per_tick:
+            self._add(root, [self.prog_tok], ("note", t))
+        stop = min(t_next, self.hi, t + self.st.bar_len + 1)
+        for t2 in range(max(t + 1, self.lo), stop, self.st.tpp):
+            st = copy.copy(self.st)
+            toks: list[int] = []
+            st.advance(t2, self.prev_end, False, toks, [])
+            self._add(root, toks + [self.prog_tok], ("note", t2))
+        if nxt < len(self.groups):
+            if t_next >= self.hi and not root.kids:
+                return None
+            toks = self._group_tokens(copy.copy(self.st), self.groups[nxt])
+            self._add(root, toks, ("group",) if t_next < self.hi else ("stop",))
+        elif self.tok.eos_id is not None and root.kids:
+            self._add(root, [self.tok.eos_id], ("end",))
+        else:
+            return None
+        return root
+
+    @staticmethod
+    def _add(root: _Node, toks: list[int], leaf) -> None:
+        node = root
+        for x in toks:
+            node = node.kids.setdefault(x, _Node())
+        node.leaf = leaf
+
+    # -- ids the model may choose, and what they do
+
+    def _consume(self, node: _Node, k: int, expansion: list[int]):
+        """Follow `expansion` from a trie node (k = -1) or from inside a note (k = 0 Pitch, 1 Velocity,
+        2 Duration): (node, k, leaf passed, note finished), or None if the id does not fit."""
+        leaf, fam = None, self.fam
+        for x in expansion:
+            if k < 0:
+                if node.leaf is not None:  # nothing follows a group, the end, or a stop inside one id
+                    return None
+                node = node.kids.get(x)
+                if node is None:
+                    return None
+                if node.leaf is not None:
+                    leaf = node.leaf
+                    if leaf[0] == "note":
+                        k = 0
+            elif k == 3:
+                return None
+            else:
+                want = (self.pitch_fam, VELOCITY, DURATION)[k]
+                if fam[x] != want or (k == 0 and x in self.here):
+                    return None
+                k += 1
+        return node, k, leaf
+
+    def _allowed(self, node: _Node, k: int) -> list[int]:
+        firsts = node.kids if k < 0 else self.first_of[k]
+        return [i for f in firsts for i in self.by_first.get(f, ())
+                if self._consume(node, k, self.exp[i]) is not None]
+
+    def _forced_ids(self, toks: list[int]) -> list[int]:
+        """BPE ids for forced base tokens: split at bar lines (a bar starts a BPE word, with its "▁")."""
+        if self.tok.bpe is None or not toks:
+            return list(toks)
+        from midistral.tokenize.bpe import CHR_OFFSET, METASPACE
+
+        cuts = [i for i, x in enumerate(toks) if self.fam[x] == BAR or self.fam[x] == 0] + [len(toks)]
+        cuts = sorted(set([0] + cuts))
+        out: list[int] = []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            seg = toks[a:b]
+            if self.fam[seg[0]] == 0:  # special tokens are never merged
+                out.append(seg[0])
+                seg = seg[1:]
+                if not seg:
+                    continue
+            s = "".join(chr(x + CHR_OFFSET) for x in seg)
+            if self.fam[seg[0]] == BAR:
+                s = METASPACE + s
+            out += [t.id for t in self.tok.bpe.hf.model.tokenize(s)]
+        return out
+
+    # -- the walk
+
+    def run(self) -> list[int]:
+        """Walk the piece; returns the base ids of the whole stream (existing and new notes)."""
+        tok = self.tok
+        fam_ids = {f: [i for i in range(len(tok.vocab)) if self.fam[i] == f] for f in (self.pitch_fam, VELOCITY, DURATION)}
+        self.first_of = [fam_ids[self.pitch_fam], fam_ids[VELOCITY], fam_ids[DURATION]]
+        self.st = _TimeState(tok, self.tpq, self.ts_list[0])
+        self.prev_end, self.gi, self.here = 0, 0, set()
+        bos = [tok.bos_id] if tok.bos_id is not None else []
+        first = self._group_tokens(self.st, self.groups[0])
+        self.prev_end = max(self.prev_end, self.groups[0][3])
+        self.t_cur = self.groups[0][0]
+        self.base = bos + first
+        self.pending = self._forced_ids(bos + first)
+        self.feeder = _Feeder(self.model)
+        self.ngram = NoRepeatNGram(self.ngram_size, torch.tensor([[0]])) if self.ngram_size else None
+        self.n_sampled = 0
+        node = self._trie()
+        while node is not None:
+            node = self._advance(node)
+        return self.base
+
+    def _advance(self, node: _Node) -> _Node | None:
+        """From the start of a decision (a fresh trie), sample until its leaf is reached and a note (if any)
+        is complete; returns the next trie or None at the end."""
+        k, leaf = -1, None
+        while True:
+            if k < 0 and leaf is None and _n_leaves(node) == 1:  # one way on: force it
+                toks, leaf = _only_path(node)
+                self.base += toks
+                self.pending += self._forced_ids(toks)
+                if leaf[0] == "note":
+                    k = 0
+                node = None
+            else:
+                i = self._sample(node, k)
+                node, k, passed = self._consume(node, k, self.exp[i])
+                self.base += self.exp[i]
+                self.pending.append(i)
+                leaf = leaf or passed
+            if leaf is not None and leaf[0] == "note" and leaf[1] != self.t_cur:
+                self.st.advance(leaf[1], self.prev_end, False, [], [])
+                self.t_cur, self.here = leaf[1], set()
+                leaf = ("note", self.t_cur)
+            if leaf is not None and leaf[0] != "note":
+                return self._after(leaf)
+            if k == 3:
+                return self._note_done()
+
+    def _sample(self, node: _Node, k: int) -> int:
+        logits = self._logits()
+        allowed = self._allowed(node, k)
+        masked = torch.full_like(logits, float("-inf"))
+        masked[allowed] = logits[allowed].float()
+        if self.ngram is not None:
+            keep = masked.clone()
+            self.ngram.apply(masked[None])
+            if torch.isinf(masked).all():
+                masked = keep
+        i = int(sample_next(masked[None], self.temperature, self.top_k, None, self.generator)[0])
+        self.n_sampled += 1
+        return i
+
+    def _logits(self) -> torch.Tensor:
+        ids, self.pending = self.pending, []
+        if self.ngram is not None:
+            for x in ids:
+                self.ngram.push([x])
+        return self.feeder.feed(ids)
+
+    def _after(self, leaf) -> _Node | None:
+        if leaf[0] != "group":
+            return None
+        self.gi += 1
+        g = self.groups[self.gi]
+        self._group_tokens(self.st, g)
+        self.prev_end = max(self.prev_end, g[3])
+        self.t_cur, self.here = g[0], set()
+        return self._trie()
+
+    def _note_done(self) -> _Node | None:
+        """The note just written (Pitch, Velocity, Duration at the end of the stream) joins the piece."""
+        pitch, dur = self.base[-3], self.base[-1]
+        self.here.add(pitch)
+        ticks = self.tok._duration_ticks(self.st.tpb)[dur - self.tok.dur0]
+        self.prev_end = max(self.prev_end, self.t_cur + int(ticks))
+        return self._trie()
+
+
+def _n_leaves(node: _Node) -> int:
+    return (node.leaf is not None) + sum(_n_leaves(c) for c in node.kids.values())
+
+
+def _only_path(node: _Node):
+    toks = []
+    while node.leaf is None:
+        (x, node), = node.kids.items()
+        toks.append(x)
+    return toks, node.leaf

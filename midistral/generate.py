@@ -4,9 +4,8 @@
                    no_repeat_ngram_size=6, eos_id=tok.eos_id, seed=0)
 
 Three pieces, each small:
-- `RollingKVCache`: per layer a ring of W = sliding_window slots; absolute position p lives in slot
-  p mod W. A sliding-window model never looks further back than W tokens, so memory stays flat however
-  long the piece grows. The model calls `cache.update(layer, k, v, start_pos)` (protocol in the README).
+- `RollingKVCache` (midistral/model/cache.py): per layer a ring of W = sliding_window slots, so memory stays
+  flat however long the piece grows; the model in the sampling precision (model/precision.py) runs on it.
 - `NoRepeatNGram`: transformers' no-repeat-n-gram ban (any (n-1)-gram seen anywhere so far, prompt
   included, bans the tokens that followed it), kept as an incremental table updated once per new token
   instead of rescanning the history at every step.
@@ -27,85 +26,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-# ----------------------------------------------------------------------------------------------------
-# Rolling KV cache
-
-
-class RollingKVCache:
-    """Per-layer ring buffers of `window` slots for keys and values; position p is stored at slot p % window.
-
-    `update(layer_idx, k, v, start_pos)` receives the new keys/values (B, Hkv, n, D) of positions
-    start_pos..start_pos+n-1 (already rotated) and returns what the queries of that chunk may attend to,
-    `(k_all, v_all, k_pos)`, with k_pos the absolute position of each returned key (-1 = empty slot).
-    The model masks by position (query p sees key s iff s >= 0 and p - W < s <= p), so the ring's order
-    does not matter. Everything is preallocated: no tensor grows with the length of the piece.
-    """
-
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, window: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.window = int(window)
-        shape = (n_layers, batch_size, n_kv_heads, self.window, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        # Positions are per layer: in a prefill chunk layer i must still see the positions that were
-        # cached before layer 0 of this chunk wrote into its own ring.
-        self.pos = torch.full((n_layers, self.window), -1, dtype=torch.long, device=device)
-        self.n_seen = [0] * n_layers  # tokens stored so far per layer (= next position to write)
-        self._arange = torch.arange(self.window, device=device)
-
-    @classmethod
-    def for_model(cls, model, batch_size: int) -> "RollingKVCache":
-        """A cache shaped for `model` (its config: layers, KV heads, head dim, sliding window)."""
-        cfg = model_config(model)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        window = cfg.sliding_window or cfg.max_position_embeddings
-        p = next(model.parameters())
-        return cls(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, head_dim, window,
-                   dtype=p.dtype, device=p.device)
-
-    def reset(self) -> None:
-        self.pos.fill_(-1)
-        self.n_seen = [0] * len(self.n_seen)
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, start_pos: int):
-        W = self.window
-        n = k.shape[2]
-        k_buf, v_buf, pos = self.k[layer_idx], self.v[layer_idx], self.pos[layer_idx]
-        if n == 1:  # decode step: write one slot, attend to the ring in place (no copy)
-            slot = start_pos % W
-            k_buf[:, :, slot] = k[:, :, 0]
-            v_buf[:, :, slot] = v[:, :, 0]
-            pos[slot] = start_pos
-            self.n_seen[layer_idx] = start_pos + 1
-            if start_pos < W:  # ring not yet full: slots 0..start_pos hold positions 0..start_pos, in order
-                m = start_pos + 1
-                return k_buf[:, :, :m], v_buf[:, :, :m], pos[:m]
-            return k_buf, v_buf, pos
-
-        new_pos = torch.arange(start_pos, start_pos + n, device=k.device)
-        if self.n_seen[layer_idx] == 0:  # nothing cached yet: the chunk attends to itself only
-            k_all, v_all, k_pos = k, v, new_pos
-        else:  # copies (torch.cat), so overwriting the ring below does not change what we return
-            k_all = torch.cat([k_buf, k], dim=2)
-            v_all = torch.cat([v_buf, v], dim=2)
-            k_pos = torch.cat([pos, new_pos])
-        # Store the last min(n, W) entries of the chunk into their slots.
-        keep = min(n, W)
-        slots = new_pos[n - keep:] % W
-        k_buf[:, :, slots] = k[:, :, n - keep:]
-        v_buf[:, :, slots] = v[:, :, n - keep:]
-        pos[slots] = new_pos[n - keep:]
-        self.n_seen[layer_idx] = start_pos + n
-        return k_all, v_all, k_pos
-
-
-def model_config(model):
-    """The model's config object (ModelConfig, MistralConfig field names)."""
-    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
-    if cfg is None:
-        raise TypeError(f"{type(model).__name__} has no .cfg/.config")
-    return cfg
-
+from midistral.model import RollingKVCache, prepare_for_decode
 
 # ----------------------------------------------------------------------------------------------------
 # No-repeat-n-gram ban, incremental
@@ -225,7 +146,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
              top_k: int | None = 6, top_p: float | None = None, no_repeat_ngram_size: int | None = 6,
              min_new_tokens: int = 0, eos_id: int | None = None, pad_id: int | None = None,
              seed: int | None = None, prefill_chunk: int | None = None, progress: bool = False,
-             constraints: Sequence = ()) -> torch.Tensor:
+             constraints: Sequence = (), precision: str = "fp32") -> torch.Tensor:
     """Continue `prompt_ids` (B, N) by up to `max_new_tokens` tokens; returns (B, N + new) LongTensor.
 
     Defaults are the report's best setting (temperature 0.5, top-k 6, no-repeat-6-gram).
@@ -241,6 +162,8 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
       controls). Each has `start(prompt_ids)`, `mask(logits)` (sets forbidden ids of (B, V) logits to
       -inf, in place) and `push(tokens)` (the ids just chosen, one per row). They apply after the n-gram
       ban and before temperature/top-k; where the n-gram ban leaves a row no allowed id, the ban yields.
+    - `precision`: "fp32" (exact), "bf16" or "int8" weights and KV ring, among
+      `midistral.model.available_precisions()`; the converted weights are built once per model.
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be (B, N) with N >= 1, got shape {tuple(prompt_ids.shape)}")
@@ -249,13 +172,13 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
     try:
         return _generate(model, prompt_ids.long(), max_new_tokens, temperature, top_k, top_p,
                          no_repeat_ngram_size, min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress,
-                         list(constraints))
+                         list(constraints), precision)
     finally:
         model.train(was_training)
 
 
 def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_repeat_ngram_size,
-              min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress, constraints):
+              min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress, constraints, precision):
     B, N = prompt_ids.shape
     device = prompt_ids.device
     out = torch.empty(B, N + max_new_tokens, dtype=torch.long, device=device)
@@ -265,16 +188,15 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, (1,)).item()))
 
-    cache = RollingKVCache.for_model(model, B)
+    runner = prepare_for_decode(model, precision)  # the model in `precision`, built once per model
+    cache = RollingKVCache.for_model(runner, B)
     chunk = prefill_chunk or cache.window
     for s in range(0, N, chunk):  # prefill: only the last chunk's last position matters
-        logits = model(prompt_ids[:, s:s + chunk], cache=cache, start_pos=s)
+        logits = runner(prompt_ids[:, s:s + chunk], cache=cache, start_pos=s)
     logits = logits[:, -1]
-    if hasattr(model, "decoder"):  # our Transformer: a step written for speed (model.DecodeStep)
-        decode = model.decoder(cache)
-    else:  # any model speaking the cache protocol
-        def decode(tok, pos):
-            return model(tok[:, None], cache=cache, start_pos=pos)[:, -1]
+
+    def decode(tok, pos):
+        return runner(tok[:, None], cache=cache, start_pos=pos)[:, -1]
 
     ngram = NoRepeatNGram(no_repeat_ngram_size, prompt_ids) if no_repeat_ngram_size else None
     for c in constraints:

@@ -26,7 +26,7 @@ import numpy as np
 import symusic
 import torch
 
-from midistral import music
+from midistral import controls, music
 from midistral.checkpoint import load_model_and_tokenizer, resolve_checkpoint
 from midistral.errors import ConfigError, MidistralError
 from midistral.generate import generate, model_config
@@ -34,10 +34,6 @@ from midistral.metrics import failure_modes
 from midistral.tokenize import load_score
 from midistral.tokenize.grammar import Grammar, GrammarConstraint
 
-try:  # instrument, length and accompaniment controls (branch `controls`): the sampler works without them
-    from midistral import controls
-except ImportError:
-    controls = None
 try:  # bf16 / int8 sampling (branch `model`)
     from midistral.model.precision import available_precisions, default_precision
 except ImportError:
@@ -167,8 +163,6 @@ class Sampler:
     @staticmethod
     def _steering(programs, bars) -> tuple[list[int] | None, int | None]:
         """`programs` as GM numbers and `bars` checked; MidistralError naming a bad value."""
-        if (programs is not None or bars is not None) and controls is None:
-            raise MidistralError("programs= and bars= need midistral.controls, which this build does not have")
         if programs is not None:
             programs = Sampler.parse_programs(programs)
         if bars is not None and (isinstance(bars, bool) or not isinstance(bars, int) or bars < 1):
@@ -253,8 +247,8 @@ class Sampler:
 
         Sample.new_track is the new track's index; its metrics describe the new track (silent_share:
         bars of the piece in which it plays nothing)."""
-        if controls is None:
-            raise MidistralError("adding a track needs midistral.controls, which this build does not have")
+        if not hasattr(controls, "accompany"):  # the walk over the piece lands with branch `controls`
+            raise MidistralError("adding a track needs controls.accompany, which this build does not have")
         if num_samples < 1:
             raise MidistralError(f"num_samples must be >= 1, got {num_samples}")
         program = self.parse_program(program)
@@ -281,25 +275,12 @@ class Sampler:
     @staticmethod
     def parse_programs(programs) -> list[int]:
         """GM program numbers (-1 = drums) from "0,33,-1", "piano,bass,drums" or a list of them."""
-        if isinstance(programs, str):
-            if controls is None:
-                raise MidistralError(f"--programs {programs!r} needs midistral.controls, which this build does not have")
-            return controls.parse_programs(programs)
-        return [Sampler.parse_program(p) for p in programs]
+        return controls.parse_programs(programs)
 
     @staticmethod
     def parse_program(program) -> int:
-        """A GM program number (-1 = drums) from an int or a name/number string; MidistralError otherwise."""
-        if isinstance(program, str):
-            if controls is None:
-                raise MidistralError(f"instrument names ({program!r}) need midistral.controls")
-            found = controls.parse_programs(program)
-            if len(found) != 1:
-                raise MidistralError(f"{program!r}: name one instrument, got {len(found)}")
-            return found[0]
-        if isinstance(program, bool) or not isinstance(program, int) or not -1 <= program <= 127:
-            raise MidistralError(f"program {program!r}: expected 0..127 or -1 (drums)")
-        return program
+        """One GM program number (-1 = drums) from a number or a name such as "bass"."""
+        return controls.parse_program(program)
 
     def _finish_accompaniment(self, score: symusic.Score, source: symusic.Score, program: int) -> Sample:
         score = music.keep_prompt_meta(music.name_tracks(score), source)
@@ -329,6 +310,10 @@ class Sampler:
         dt = time.perf_counter() - t0
         n_new = out.shape[1] - len(ids)
         self.log(f"generated {n_new} tokens x {batch} in {dt:.1f}s ({n_new * batch / max(dt, 1e-9):.0f} tok/s)")
+        for c in constraints:
+            if isinstance(c, controls.BarsConstraint) and not all(c.complete):
+                short = len(c.complete) - sum(c.complete)
+                self.log(f"note: the model's context ran out before {settings['bars']} bars in {short} sample(s)")
         return [row[len(ids):] for row in out.tolist()]
 
     def _constraints(self, settings: dict) -> list:
@@ -357,6 +342,7 @@ class Sampler:
         metrics = failure_modes(score, p.start_tick, p.programs)
         return Sample(score, p.start_tick, n_tokens, skipped, metrics,
                       summary_line(score, n_tokens, ended, skipped, metrics), ended=ended)
+
 
 def continuation_report(score: symusic.Score, start_tick: int, metrics: dict, limits: dict | None = None,
                         rejected=()) -> str:

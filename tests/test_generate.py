@@ -94,15 +94,34 @@ def test_rolling_cache_protocol_model(prompt_len):
         cached_logits_match_full(model, ids, chunks)
 
 
-def test_cache_memory_is_flat():
-    model = ProtocolModel(window=8)
-    cache = RollingKVCache.for_model(model, 3)
-    ptrs = (cache.k.data_ptr(), cache.v.data_ptr())
-    with torch.no_grad():
-        generate(model, torch.zeros(3, 4, dtype=torch.long), 100, temperature=1.0, top_k=None,
-                 no_repeat_ngram_size=None, seed=0)
-    assert cache.k.shape == (2, 3, 2, 8, 8)
-    assert ptrs == (cache.k.data_ptr(), cache.v.data_ptr())
+@pytest.mark.parametrize("ours", [False, True])
+def test_cache_memory_is_flat(ours, monkeypatch):
+    """The cache generate() really uses (recorded at every update) is one preallocated ring of W slots that
+    is never reallocated, and a decode step attends to it in place (no copy grows with the piece)."""
+    import midistral.generate as gen
+    from midistral.model import ModelConfig, Transformer
+
+    calls = []
+
+    class RecordingCache(RollingKVCache):
+        def update(self, layer_idx, k, v, start_pos):
+            out = super().update(layer_idx, k, v, start_pos)
+            calls.append((self.k.data_ptr(), self.v.data_ptr(), tuple(self.k.shape), start_pos, k.shape[2],
+                          out[0].data_ptr() == self.k[layer_idx].data_ptr()))
+            return out
+
+    monkeypatch.setattr(gen, "RollingKVCache", RecordingCache)
+    if ours:
+        model = Transformer(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8))
+    else:
+        model = ProtocolModel(window=8)
+    generate(model, torch.zeros(3, 4, dtype=torch.long), 100, temperature=1.0, top_k=None,
+             no_repeat_ngram_size=None, seed=0)
+    assert len(calls) == 2 * 100  # 2 layers x (1 prefill + 99 decode steps)
+    assert {c[:3] for c in calls} == {(calls[0][0], calls[0][1], (2, 3, 2, 8, 8))}
+    assert max(c[3] for c in calls) == 4 + 98
+    assert all(in_place for *_, n, in_place in calls if n == 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -249,9 +268,10 @@ def test_rolling_cache_our_transformer(prompt_len, tmp_path):
 
 @pytest.mark.parametrize("prepacked", [True, False])
 def test_decode_step_equals_full_forward(prepacked, tmp_path, monkeypatch):
-    """The fast one-token step (model.DecodeStep, what generate() uses) gives the logits of a full re-run
-    without cache, before and after the ring wraps, with oneDNN-prepacked weights and without."""
-    from midistral.model import from_hf
+    """The fp32 decode step generate() runs (the model prepared for decoding, its linears prepacked for
+    oneDNN where the build has it) gives the logits of a full re-run without cache, before and after the
+    ring wraps."""
+    from midistral.model import from_hf, prepare_for_decode
 
     if not prepacked:
         monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
@@ -259,12 +279,13 @@ def test_decode_step_equals_full_forward(prepacked, tmp_path, monkeypatch):
     model = from_hf(folder).eval()
     ids = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        cache = RollingKVCache.for_model(model, 2)
-        model(ids[:, :5], cache=cache, start_pos=0)
-        step = model.decoder(cache)
-        assert (step.head.packed is not None) == (prepacked and torch.backends.mkldnn.is_available())
+        runner = prepare_for_decode(model, "fp32")
+        cache = RollingKVCache.for_model(runner, 2)
+        runner(ids[:, :5], cache=cache, start_pos=0)
+        if runner is not model:
+            assert (runner.lm_head.packed is not None) == (prepacked and torch.backends.mkldnn.is_available())
         for pos in range(5, 30):  # window 8: the ring wraps three times
-            got = step(ids[:, pos], pos)
+            got = runner(ids[:, pos, None], cache=cache, start_pos=pos)[:, -1]
             want = model(ids[:, :pos + 1])[:, -1]
             assert torch.allclose(got, want, atol=1e-5, rtol=0), (pos, (got - want).abs().max())
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from midistral.kernels import sliding_window_attention
+from midistral.model.attention import sliding_window_attention
 from midistral.kernels import attention as A
 
 

@@ -6,7 +6,7 @@ import symusic
 import torch
 
 from midistral import sampler as sampler_module
-from midistral.errors import CheckpointError, MidiError
+from midistral.errors import CheckpointError, MidiError, MidistralError
 from midistral.metrics import failure_modes
 from midistral.sampler import SAMPLE_DEFAULTS, Sampler, rejection_reasons
 
@@ -101,6 +101,25 @@ def test_grammar_on_by_default_nothing_skipped(smp, prompt_path):
     for prompt in (None, prompt_path):
         for seed in range(3):
             assert [s.skipped for s in smp.sample(prompt, num_samples=4, max_new_tokens=60, seed=seed)] == [0] * 4
+
+
+def test_programs_and_bars(smp, prompt_path):
+    """Only the asked instruments in the continuation; exactly the asked number of new bars."""
+    for seed in range(2):
+        for s in smp.sample(None, num_samples=3, max_new_tokens=80, seed=seed, programs="bass,drums"):
+            assert {(t.program, t.is_drum) for t in s.score.tracks if len(t.notes)} <= {(33, False), (0, True)}
+    # the prompt fills 3 bars: the last note starts in bar 3 + n_bars. A random model at temperature 1
+    # reaches bar lines by chance; a row that runs out of context first is not counted, but most must end.
+    for n_bars in (1, 2):
+        samples = smp.sample(prompt_path, num_samples=4, bars=n_bars, seed=1, temperature=1.0, top_k=0)
+        assert sum(s.ended for s in samples) >= 2
+        for s in (s for s in samples if s.ended):
+            last_onset = max(n.time for t in s.score.tracks for n in t.notes)
+            assert int((s.score.get_downbeats() <= last_onset).sum()) == 3 + n_bars
+    with pytest.raises(MidistralError, match="unknown instrument 'banjoo'"):
+        smp.sample(None, programs="piano,banjoo")
+    with pytest.raises(MidistralError, match="bars 0"):
+        smp.sample(None, bars=0)
 
 
 def test_no_prompt_and_empty_prompt(smp):

@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -344,8 +343,3 @@ def sliding_window_attention_triton(q, k, v, window: int):
         raise RuntimeError("Triton attention on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
     return SlidingWindowAttention.apply(q, k, v, int(window))
 
-
-def attention_with_lse(q, k, v, window: int, cfg=None):
-    """Forward only, returning (O, LSE) with LSE (B, Hq, N) fp32 natural log (tests and debugging)."""
-    _check(q, k, v, window)
-    return _forward(q.contiguous(), k.contiguous(), v.contiguous(), int(window), cfg)

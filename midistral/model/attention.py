@@ -1,4 +1,10 @@
-"""Sliding-window attention in plain PyTorch: the CPU path, and the reference the Triton kernel is tested against.
+"""Attention: the one place that picks a backend and the one function generation attends through.
+
+- `sliding_window_attention(q, k, v, window, backend)`: full-sequence attention (training, a fresh prefill).
+  "auto" runs the Triton kernel (midistral/kernels/, imported lazily) on CUDA tensors and the plain PyTorch
+  path below otherwise; the PyTorch path is also the reference the kernel is tested against.
+- `attention_at_positions(q, k, v, q_pos, k_pos, window)`: attention against a KV cache, masked by the
+  absolute positions the cache returns, so the cache's slot order never matters.
 
 Semantics (transformers 5.x Mistral): query i attends keys j with i - W < j <= i, i.e. W keys
 including itself.
@@ -82,21 +88,36 @@ def sliding_window_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return out[:, :, :N]
 
 
+BACKENDS = ("auto", "torch", "triton")
+
+
+def sliding_window_attention(q, k, v, window: int, backend: str = "auto") -> torch.Tensor:
+    """Causal sliding-window GQA attention, q (B, Hq, N, D), k/v (B, Hkv, N, D) -> (B, Hq, N, D)."""
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        from midistral.kernels.attention import sliding_window_attention_triton  # imports triton
+
+        return sliding_window_attention_triton(q, k, v, window)
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    return sliding_window_attention_torch(q, k, v, window)
+
+
 def attention_at_positions(q, k, v, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
     """Attention for cached generation: q (B, Hq, n, D) at absolute positions q_pos (n,); k, v (B, Hkv, M, D)
-    at k_pos (M,) in any order (-1 = empty slot). Query p sees key s iff s >= 0 and p - W < s <= p."""
+    at k_pos (M,) in any order (-1 = empty slot). Query p sees key s iff s >= 0 and p - W < s <= p.
+    k/v may be narrower than q (a bf16 ring): the products run in their dtype, the result in q's."""
+    dtype, q = q.dtype, q.to(k.dtype)
     Hq, Hkv = q.shape[1], k.shape[1]
     n, M = q.shape[2], k.shape[2]
-    if n == M and bool((k_pos == q_pos).all()):  # a fresh prefill: keys are the queries' own positions
-        return sliding_window_attention_torch(q, k, v, window)
+    if n > 16 and n == M and bool((k_pos == q_pos).all()):  # a fresh prefill: the chunk sees itself only
+        return sliding_window_attention_torch(q, k, v, window).to(dtype)
     p, s = q_pos[:, None], k_pos[None, :]
-    mask = (s >= 0) & (s <= p) & (s > p - window)
-    if n <= 16:
-        # Decode steps: a few queries against the ring. Plain matmuls with the query group folded into
-        # rows (K/V read once per KV head, never repeated); on CPU SDPA's fused path is much slower here.
-        B, D, G = q.shape[0], q.shape[-1], Hq // Hkv
-        qg = q.reshape(B, Hkv, G * n, D)
-        scores = (qg @ k.transpose(-1, -2)) * D**-0.5
-        scores = scores.masked_fill(~mask.repeat(G, 1), float("-inf"))
-        return (scores.softmax(-1) @ v).view(B, Hq, n, D)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != Hkv)
+    visible = (s >= 0) & (s <= p) & (s > p - window)
+    if n > 16:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=Hq != Hkv).to(dtype)
+    # Decode steps: a few queries against the ring. Plain matmuls with the query group folded into rows
+    # (K/V read once per KV head, never repeated); on CPU SDPA's fused path is slower here.
+    B, D, G = q.shape[0], q.shape[-1], Hq // Hkv
+    scores = (q.reshape(B, Hkv, G * n, D) @ k.transpose(-1, -2)).float() * D**-0.5  # softmax in fp32
+    scores = scores.masked_fill_(~visible.repeat(G, 1), float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v).view(B, Hq, n, D).to(dtype)

@@ -1,0 +1,80 @@
+"""The rolling KV cache generation attends through: per layer a ring of W = sliding_window slots.
+
+Absolute position p lives in slot p mod W. A sliding-window model never looks further back than W tokens,
+so memory stays flat however long the piece grows. Protocol (what the model calls, any model may speak it):
+
+    k_all, v_all, k_pos = cache.update(layer_idx, k, v, start_pos)
+
+with k, v (B, Hkv, n, D) the new, already rotated keys/values of positions start_pos .. start_pos + n - 1,
+and k_pos the absolute position of every returned key (-1 = empty slot), in any order: the model masks by
+position (query p sees key s iff s >= 0 and p - W < s <= p), never by slot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def model_config(model):
+    """The model's config object (ModelConfig, or anything with MistralConfig's field names)."""
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    if cfg is None:
+        raise TypeError(f"{type(model).__name__} has no .cfg/.config")
+    return cfg
+
+
+class RollingKVCache:
+    """Per-layer ring buffers of `window` slots for keys and values, preallocated: nothing grows with the
+    length of the piece. The ring may hold a narrower dtype than the model (a bf16 ring halves the bytes
+    every decode step reads); `update` stores into it and returns keys/values in the ring's dtype."""
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, window: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.window = int(window)
+        shape = (n_layers, batch_size, n_kv_heads, self.window, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Positions are per layer: in a prefill chunk layer i must still see the positions that were
+        # cached before layer 0 of this chunk wrote into its own ring.
+        self.pos = torch.full((n_layers, self.window), -1, dtype=torch.long, device=device)
+        self.n_seen = [0] * n_layers  # tokens stored so far per layer (= next position to write)
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, dtype: torch.dtype | None = None) -> "RollingKVCache":
+        """A cache shaped for `model` (layers, KV heads, head dim, window); dtype: the model's
+        `kv_cache_dtype` if it has one, else its parameters' dtype."""
+        cfg = model_config(model)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        window = cfg.sliding_window or cfg.max_position_embeddings
+        p = next(model.parameters())
+        dtype = dtype or getattr(model, "kv_cache_dtype", None) or p.dtype
+        return cls(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, head_dim, window,
+                   dtype=dtype, device=p.device)
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, start_pos: int):
+        W = self.window
+        n = k.shape[2]
+        k_buf, v_buf, pos = self.k[layer_idx], self.v[layer_idx], self.pos[layer_idx]
+        if n == 1:  # decode step: write one slot, attend to the filled part of the ring in place (no copy)
+            slot = start_pos % W
+            k_buf[:, :, slot] = k[:, :, 0]
+            v_buf[:, :, slot] = v[:, :, 0]
+            pos[slot] = start_pos
+            self.n_seen[layer_idx] = start_pos + 1
+            m = min(start_pos + 1, W)  # slots 0..m-1 are filled (the ring fills from slot 0)
+            return k_buf[:, :, :m], v_buf[:, :, :m], pos[:m]
+
+        new_pos = torch.arange(start_pos, start_pos + n, device=k.device)
+        if self.n_seen[layer_idx] == 0:  # nothing cached yet: the chunk attends to itself only
+            k_all, v_all, k_pos = k.to(k_buf.dtype), v.to(v_buf.dtype), new_pos
+        else:  # copies (torch.cat), so overwriting the ring below does not change what we return
+            k_all = torch.cat([k_buf, k.to(k_buf.dtype)], dim=2)
+            v_all = torch.cat([v_buf, v.to(v_buf.dtype)], dim=2)
+            k_pos = torch.cat([pos, new_pos])
+        keep = min(n, W)  # store the last min(n, W) entries of the chunk into their slots
+        slots = new_pos[n - keep:] % W
+        k_buf[:, :, slots] = k[:, :, n - keep:].to(k_buf.dtype)
+        v_buf[:, :, slots] = v[:, :, n - keep:].to(v_buf.dtype)
+        pos[slots] = new_pos[n - keep:]
+        self.n_seen[layer_idx] = start_pos + n
+        return k_all, v_all, k_pos

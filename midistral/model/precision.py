@@ -1,0 +1,164 @@
+"""Sampling precisions: the model with its linear layers (and LM head) in the layout and dtype a decode step
+reads fastest, built once per (model, precision) and reused by every generate call.
+
+    fp32  the exact path: the same weights (on CPU prepacked for oneDNN), logits equal to transformers'
+    bf16  bf16 weights and a bf16 KV ring; the residual stream, norms and softmax stay fp32
+    int8  int8 weights with one scale per output channel (weight-only, symmetric), bf16 activations into
+          the products, a bf16 KV ring
+
+`prepare_for_decode(model, precision)` returns a copy of the model that shares every tensor it does not
+convert (embedding, norms, RoPE tables) and runs the model's own forward; only its nn.Linear modules are
+swapped. The copy is rebuilt when any parameter of the model changed in place since (training).
+Which precisions run where is the one table `LINEARS` below (chosen by measuring, bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from midistral.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, in) -> (int8 (out, in), bf16 scales (out,)) with w ~ q * scale, |w - q * scale| <= scale / 2.
+    The scale is rounded up to bf16 (the dtype the int8 kernel takes) before rounding w, so the bound holds
+    for the scale the kernel really uses and no value needs clamping."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    s16 = scale.to(torch.bfloat16)
+    s16 = torch.where(s16.float() < scale, torch.nextafter(s16, torch.tensor(float("inf"), dtype=s16.dtype)), s16)
+    q = (w / s16.float()[:, None]).round().clamp_(-127, 127).to(torch.int8)
+    return q, s16
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+class OneDNNLinear(nn.Module):
+    """fp32 y = x W^T with W prepacked once for oneDNN (the op torch.compile emits for CPU linears): at
+    batch 8 about 1.9x faster than MKL on the plain weight here, at batch 1 about 1.1x (bench/RESULTS.md)."""
+
+    def __init__(self, linear: nn.Linear, batch_size: int = 8):
+        super().__init__()
+        w = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_size) if torch.backends.mkldnn.is_available() else None
+        self.weight = w if self.packed is None else None  # builds without oneDNN: the plain product
+
+    def forward(self, x):
+        if self.packed is None:
+            return F.linear(x, self.weight)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+class BF16Linear(nn.Module):
+    """bf16 weight, bf16 product, fp32 in and out (the residual stream keeps fp32)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight.detach().to(torch.bfloat16)
+
+    def forward(self, x):
+        return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 with per-output-channel scales. On CPU torch's `_weight_int8pack_mm` (gpt-fast's CPU
+    path; it wants bf16 activations); elsewhere the weight is dequantized to bf16 in the product."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight, self.scale = quantize_per_channel(linear.weight)
+        self.weight, self.scale = self.weight.to(linear.weight.device), self.scale.to(linear.weight.device)
+
+    def forward(self, x):
+        shape, x16 = x.shape, x.to(torch.bfloat16).reshape(-1, x.shape[-1])
+        if x.device.type == "cpu":
+            y = torch._weight_int8pack_mm(x16, self.weight, self.scale)
+        else:
+            y = F.linear(x16, self.weight.to(torch.bfloat16)) * self.scale
+        return y.to(x.dtype).view(*shape[:-1], -1)
+
+
+# What runs where: device kind (CPU capability from torch.backends.cpu.get_cpu_capability(), or "cuda") ->
+# precision -> (linear layer, KV ring dtype). None = the model's own nn.Linear. Measured per machine in
+# bench/generate.py; a precision missing from a row is not offered there (too slow, or it misses the quality
+# guard: NLL within 0.5% (bf16) / 1.5% (int8) of fp32, argmax agreement >= 99% / 97%).
+LINEARS = {
+    "AVX2": {"fp32": (OneDNNLinear, torch.float32), "int8": (Int8Linear, torch.bfloat16)},
+    "AVX512": {"fp32": (OneDNNLinear, torch.float32), "bf16": (BF16Linear, torch.bfloat16),
+               "int8": (Int8Linear, torch.bfloat16)},
+    "cuda": {"fp32": (None, torch.float32), "bf16": (BF16Linear, torch.bfloat16), "int8": (Int8Linear, torch.bfloat16)},
+    "other": {"fp32": (None, torch.float32)},
+}
+# The default: the fastest precision that passes the guard, per device kind.
+DEFAULTS = {"AVX2": "int8", "AVX512": "int8", "cuda": "bf16", "other": "fp32"}
+
+
+def device_kind(device: torch.device | str = "cpu") -> str:
+    if torch.device(device).type == "cuda":
+        return "cuda"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return "AVX512"
+    return capability if capability in LINEARS else "other"
+
+
+def available_precisions(device: torch.device | str = "cpu") -> list[str]:
+    """The precisions sampling can run in on this machine (`device`), fp32 first."""
+    return [p for p in PRECISIONS if p in LINEARS[device_kind(device)]]
+
+
+def default_precision(device: torch.device | str = "cpu") -> str:
+    return DEFAULTS[device_kind(device)]
+
+
+def check_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    can = available_precisions(device)
+    if precision not in can:
+        raise ConfigError(f"precision={precision!r} cannot run on this machine ({device_kind(device)}): "
+                          f"choose one of {', '.join(can)}")
+    return precision
+
+
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {precision: (versions, copy)}
+
+
+def prepare_for_decode(model: nn.Module, precision: str = "fp32") -> nn.Module:
+    """The model to sample with in `precision`: a copy with converted linear layers, cached per model and
+    precision (rebuilt when a parameter changed in place). A model that is not ours runs as is in fp32."""
+    device = next(model.parameters()).device
+    check_precision(precision, device)
+    if not hasattr(model, "layers"):  # any model speaking the cache protocol: no layers to convert
+        if precision != "fp32":
+            raise ConfigError(f"precision={precision!r} needs a midistral Transformer, got {type(model).__name__}")
+        return model
+    versions = tuple(p._version for p in model.parameters())
+    per_model = _PREPARED.setdefault(model, {})
+    if precision not in per_model or per_model[precision][0] != versions:
+        per_model[precision] = (versions, _convert(model, *LINEARS[device_kind(device)][precision]))
+    return per_model[precision][1]
+
+
+def _convert(model: nn.Module, linear_cls, kv_dtype: torch.dtype) -> nn.Module:
+    if linear_cls is None and kv_dtype == next(model.parameters()).dtype:
+        return model
+    # a copy of the module tree that shares every tensor (no parameter is copied)
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    memo.update({id(t): t for pair in model.rope._tables.values() for t in pair})
+    out = copy.deepcopy(model, memo)
+    out.requires_grad_(False).eval()
+    if linear_cls is not None:
+        for parent in list(out.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, linear_cls(child))
+    out.kv_cache_dtype = kv_dtype
+    return out
