@@ -8,7 +8,6 @@ and its audio the first time the page asks for it. The studio keeps the last few
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import secrets
 import shutil
@@ -23,7 +22,7 @@ from pathlib import Path
 from midistral import music
 from midistral.errors import MidistralError
 from midistral.io import atomic_write_bytes
-from midistral.sampler import SAMPLE_DEFAULTS, Sampler, rejection_reasons
+from midistral.sampler import SAMPLE_DEFAULTS, Sampler, controls, rejection_reasons
 from midistral.studio.settings import MODES, Request
 
 log = logging.getLogger("midistral.studio")
@@ -92,10 +91,11 @@ class Studio:
                 raise MidistralError("fluidsynth not found: install the fluidsynth package to hear the results")
         except MidistralError as e:
             self.soundfont, self.audio_problem = None, str(e)
-        self.modes = ["generate", "continue"] + (["add", "replace"] if hasattr(sampler, "accompany") else [])
-        # bars and instruments steer generation only when the controls (constraints) are installed
-        self.has_controls = importlib.util.find_spec("midistral.controls") is not None
+        # instruments, length in bars and accompaniment need the controls; without them the page
+        # offers Generate and Continue with a length in tokens
+        self.has_controls = controls is not None
         self.length_in_bars = self.has_controls
+        self.modes = ["generate", "continue"] + (["add", "replace"] if hasattr(controls, "accompany") else [])
         self.folder = Path(tempfile.mkdtemp(prefix="midistral-studio-"))
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.jobs_lock = threading.Lock()

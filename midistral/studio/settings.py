@@ -14,7 +14,8 @@ from pathlib import PurePath
 import symusic
 
 from midistral.errors import MidistralError
-from midistral.music import DRUMS, n_bars, track_program
+from midistral.metrics import DRUM_PROGRAM
+from midistral.music import n_bars, track_program
 from midistral.tokenize import GM_NAMES, load_score
 
 MODES = {
@@ -45,7 +46,7 @@ class UploadTooLarge(MidistralError):
 
 def instruments() -> list[dict]:
     """The General MIDI instruments the page offers, drums first (program -1)."""
-    kit = [{"program": DRUMS, "name": "Drums", "family": "Drums"}]
+    kit = [{"program": DRUM_PROGRAM, "name": "Drums", "family": "Drums"}]
     return kit + [{"program": p, "name": GM_NAMES[p], "family": FAMILIES[p // 8]} for p in range(128)]
 
 
@@ -93,7 +94,7 @@ def program(raw: str, label: str) -> int:
         value = int(str(raw).strip())
     except ValueError:
         raise MidistralError(f"{label}: {raw!r} is not an instrument number (-1 = drums, 0..127)") from None
-    if not DRUMS <= value <= 127:
+    if not DRUM_PROGRAM <= value <= 127:
         raise MidistralError(f"{label}: {value} is not an instrument number (-1 = drums, 0..127)")
     return value
 

@@ -155,8 +155,14 @@ function showProgress(job, started) {
     $("status").textContent = job.queue > 0
       ? `Waiting: ${job.queue} generation(s) before yours · ${seconds} s` : `Starting · ${seconds} s`;
     $("progress").removeAttribute("value");
-  } else if (job.total > 0) {
-    $("progress").value = job.step / job.total;
+  } else if (job.mode === "add" || job.mode === "replace") {
+    $("progress").value = job.total ? job.step / job.total : 0;
+    $("status").textContent = `Writing the track: ${job.step} of ${job.total || "?"} variations done · ${seconds} s`;
+  } else if (state.info.length_unit === "bars") {
+    $("progress").removeAttribute("value");  // the tokens a bar takes are not known in advance
+    $("status").textContent = `Writing music: ${job.step} tokens · ${seconds} s`;
+  } else {
+    $("progress").value = job.total ? job.step / job.total : 0;
     $("status").textContent = `Writing music: ${job.step} of up to ${job.total} tokens · ${seconds} s`;
   }
 }
