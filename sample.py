@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from midistral.errors import MidistralError
 from midistral.music import write_midi, write_piano_roll
-from midistral.sampler import PRECISIONS, SAMPLE_DEFAULTS, Sampler
+from midistral.model.precision import PRECISIONS
+from midistral.sampler import SAMPLE_DEFAULTS, Sampler
 from midistral.tokenize import load_score
 
 D = SAMPLE_DEFAULTS
@@ -57,7 +58,8 @@ def parse_args(argv=None):
                    help="continue with only these instruments: GM numbers or names, -1 = drums "
                         "(e.g. 0,33,-1 or piano,bass,drums)")
     c.add_argument("--bars", type=bars_value, default=None,
-                   help="continue for exactly N bars; with --add-track/--replace-track, N or A:B (bars A..B-1)")
+                   help="continue for exactly N bars; with --add-track/--replace-track, the bars A:B to write "
+                        "(counted from 1, both included; A: or :B)")
     c.add_argument("--add-track", type=program_value, default=None, metavar="PROGRAM",
                    help="add a track for this instrument to the prompt, keeping its notes exactly")
     c.add_argument("--replace-track", type=program_value, default=None, metavar="PROGRAM",
@@ -97,19 +99,18 @@ def program_value(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def bars_value(text: str) -> int | tuple[int, int]:
-    """N, or A:B (a span of the piece, for --add-track / --replace-track)."""
-    parts = text.split(":")
-    if len(parts) > 2 or not all(x.isdigit() for x in parts):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of bars N or a span A:B")
-    if len(parts) == 1:
-        if int(text) < 1:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
-        return int(text)
-    a, b = map(int, parts)
-    if a >= b:
-        raise argparse.ArgumentTypeError(f"{text!r}: the span A:B needs A < B")
-    return a, b
+def bars_value(text: str) -> int | str:
+    """N (bars to continue), or a span A:B, A: or :B of the piece, counted from 1 (--add-track / --replace-track)."""
+    if ":" in text:
+        span = text.split(":")
+        a, b = (int(x) if x.isdigit() else None for x in span) if len(span) == 2 else (None, None)
+        if len(span) != 2 or not any(span) or any(x and not x.isdigit() for x in span) \
+                or (a is not None and a < 1) or (a is not None and b is not None and b < a):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a span of bars A:B, A: or :B, counted from 1, A <= B")
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of bars >= 1 (or a span A:B with --add-track)")
+    return int(text)
 
 
 def check_numbers(p: argparse.ArgumentParser, args) -> None:
@@ -138,8 +139,10 @@ def check_numbers(p: argparse.ArgumentParser, args) -> None:
         p.error(f"{track} writes one instrument: --programs does not apply")
     if track and (args.prompt_bars is not None or args.min_new_tokens or args.max_new_tokens is not None):
         p.error(f"{track} walks the whole piece: --prompt-bars, --min-new-tokens and --max-new-tokens do not apply")
-    if not track and isinstance(args.bars, tuple):
+    if not track and isinstance(args.bars, str):
         p.error("--bars A:B (a span of the piece) is for --add-track / --replace-track; continue with --bars N")
+    if track and isinstance(args.bars, int):
+        p.error(f"{track} writes over a span of the piece: --bars A:B (bars A to B, from 1), A: or :B")
 
 
 def log(msg: str) -> None:

@@ -26,24 +26,21 @@ import numpy as np
 import symusic
 import torch
 
-from midistral import controls, music
+from midistral import music
 from midistral.checkpoint import load_model_and_tokenizer, resolve_checkpoint
-from midistral.errors import ConfigError, MidistralError
-from midistral.generate import generate, model_config
+from midistral.errors import MidistralError
+from midistral.generate import generate
 from midistral.metrics import failure_modes
+from midistral.model.cache import model_config
+from midistral.model.precision import check_precision, default_precision
 from midistral.tokenize import load_score
 from midistral.tokenize.grammar import Grammar, GrammarConstraint
 
-try:  # bf16 / int8 sampling (branch `model`)
-    from midistral.model.precision import available_precisions, default_precision
-except ImportError:
-    def available_precisions() -> list[str]:
-        return ["fp32"]
+try:  # instruments, length in bars, accompaniment (branch `controls`): sampling works without them
+    from midistral import controls
+except ImportError as e:
+    controls, CONTROLS_MISSING = None, f"midistral.controls cannot be imported ({e})"
 
-    def default_precision() -> str:
-        return "fp32"
-
-PRECISIONS = ("fp32", "bf16", "int8")
 
 # The [sample] defaults: the report's sampling setting and the rejection thresholds (sample.py flags
 # override each one).
@@ -118,11 +115,7 @@ class Sampler:
              log: Callable[[str], None] | None = None) -> "Sampler":
         """From a run folder (best/, else last/) or a checkpoint folder; CheckpointError if unusable."""
         path = resolve_checkpoint(ckpt)
-        if precision is None:
-            precision = default_precision()
-        elif precision not in available_precisions():
-            raise ConfigError(f"precision {precision!r} cannot run here; this machine runs "
-                              f"{', '.join(available_precisions())}")
+        precision = default_precision(device) if precision is None else check_precision(precision, device)
         model, tok = load_model_and_tokenizer(path, device=device)
         return cls(model, tok, path, device, precision, log)
 
@@ -165,8 +158,10 @@ class Sampler:
         """`programs` as GM numbers and `bars` checked; MidistralError naming a bad value."""
         if programs is not None:
             programs = Sampler.parse_programs(programs)
-        if bars is not None and (isinstance(bars, bool) or not isinstance(bars, int) or bars < 1):
-            raise MidistralError(f"bars {bars!r}: expected a whole number >= 1")
+        if bars is not None:
+            _need_controls("a length in bars")
+            if isinstance(bars, bool) or not isinstance(bars, int) or bars < 1:
+                raise MidistralError(f"bars {bars!r}: expected a whole number >= 1")
         return programs, bars
 
     def _token_budget(self, max_new_tokens: int | None, bars: int | None = None) -> int:
@@ -243,12 +238,12 @@ class Sampler:
                   prompt_name: str | None = None,
                   on_progress: Callable[[int, int], None] | None = None) -> list[Sample]:
         """Add a track for `program` (GM number, -1 = drums, or a name such as "bass") to the piece
-        `prompt`, keeping its notes exactly; `replace=True` first drops that instrument's notes.
+        `prompt`, keeping its notes exactly; `replace=True` first drops that instrument's notes. `bars`:
+        the span to write, "A:B" (counted from 1, both included), "A:" or ":B"; None: the whole piece.
 
         Sample.new_track is the new track's index; its metrics describe the new track (silent_share:
         bars of the piece in which it plays nothing)."""
-        if not hasattr(controls, "accompany"):  # the walk over the piece lands with branch `controls`
-            raise MidistralError("adding a track needs controls.accompany, which this build does not have")
+        _need_controls("adding a track")
         if num_samples < 1:
             raise MidistralError(f"num_samples must be >= 1, got {num_samples}")
         program = self.parse_program(program)
@@ -275,11 +270,13 @@ class Sampler:
     @staticmethod
     def parse_programs(programs) -> list[int]:
         """GM program numbers (-1 = drums) from "0,33,-1", "piano,bass,drums" or a list of them."""
+        _need_controls("choosing instruments")
         return controls.parse_programs(programs)
 
     @staticmethod
     def parse_program(program) -> int:
         """One GM program number (-1 = drums) from a number or a name such as "bass"."""
+        _need_controls("choosing an instrument")
         return controls.parse_program(program)
 
     def _finish_accompaniment(self, score: symusic.Score, source: symusic.Score, program: int) -> Sample:
@@ -330,8 +327,8 @@ class Sampler:
         return constraints
 
     def _precision_option(self) -> dict:
-        """generate()'s precision argument; fp32 is its default (the exact path)."""
-        return {} if self.precision in (None, "fp32") else {"precision": self.precision}
+        """The precision argument of generate / controls.accompany (None: their exact fp32 default)."""
+        return {} if self.precision is None else {"precision": self.precision}
 
     def _finish(self, new: list[int], p: _Prompt) -> Sample:
         eos = self.tok.eos_id
@@ -342,6 +339,11 @@ class Sampler:
         metrics = failure_modes(score, p.start_tick, p.programs)
         return Sample(score, p.start_tick, n_tokens, skipped, metrics,
                       summary_line(score, n_tokens, ended, skipped, metrics), ended=ended)
+
+
+def _need_controls(what: str) -> None:
+    if controls is None:
+        raise MidistralError(f"{what} needs {CONTROLS_MISSING}")
 
 
 def continuation_report(score: symusic.Score, start_tick: int, metrics: dict, limits: dict | None = None,

@@ -6,7 +6,7 @@ import symusic
 import torch
 
 from midistral import sampler as sampler_module
-from midistral.errors import CheckpointError, MidiError, MidistralError
+from midistral.errors import CheckpointError, ConfigError, MidiError, MidistralError
 from midistral.metrics import failure_modes
 from midistral.sampler import SAMPLE_DEFAULTS, Sampler, rejection_reasons
 
@@ -58,6 +58,19 @@ def test_load_resolves_run_folder_once(smp, run_dir):
     assert smp.ckpt == run_dir / "best" and smp.context == 256
     with pytest.raises(CheckpointError, match="no_such_run"):
         Sampler.load(run_dir / "no_such_run")
+
+
+def test_precision_choice(smp, run_dir, prompt_path):
+    from midistral.model.precision import available_precisions, default_precision
+
+    assert smp.precision == default_precision()
+    with pytest.raises(ConfigError, match="'fp16'") as e:
+        Sampler.load(run_dir, precision="fp16")
+    assert "\n" not in str(e.value)
+    for precision in available_precisions():
+        other = Sampler(smp.model, smp.tok, precision=precision)
+        a, b = (other.sample(prompt_path, max_new_tokens=16, seed=2)[0] for _ in range(2))
+        assert a.midi_bytes() == b.midi_bytes() and a.skipped == 0
 
 
 def test_same_seed_same_output_for_path_bytes_and_score(smp, prompt_path):
@@ -120,6 +133,40 @@ def test_programs_and_bars(smp, prompt_path):
         smp.sample(None, programs="piano,banjoo")
     with pytest.raises(MidistralError, match="bars 0"):
         smp.sample(None, bars=0)
+
+
+def notes_of(score, skip_program=None):
+    """(program, is_drum, onset, pitch, duration, velocity) of every note, in ticks at 480 per quarter."""
+    f = 480 / score.tpq
+    return sorted((t.program, t.is_drum, round(n.time * f), n.pitch, round(n.duration * f), n.velocity)
+                  for t in score.tracks if (-1 if t.is_drum else t.program) != skip_program for n in t.notes)
+
+
+def test_accompany_adds_one_track_and_keeps_every_note(smp, prompt_path):
+    want = notes_of(symusic.Score(str(prompt_path)))
+    runs = [smp.accompany(prompt_path, "bass", num_samples=2, seed=4) for _ in range(2)]
+    assert [s.midi_bytes() for s in runs[0]] == [s.midi_bytes() for s in runs[1]]
+    for s in runs[0]:
+        new = s.score.tracks[s.new_track]
+        assert (new.program, new.is_drum, new.name) == (33, False, "Electric Bass (finger)")
+        assert notes_of(s.score, skip_program=33) == want
+        assert set(s.metrics) == {"silent_share", "loop_score", "out_of_key"} and s.start_tick == 0
+        assert s.report.startswith(f"new track: Electric Bass (finger) {len(new.notes)} notes")
+        assert s.piano_roll_png("acc")[:4] == b"\x89PNG"
+    (r,) = smp.accompany(prompt_path, 0, replace=True, seed=4, bars="2:3")
+    assert notes_of(r.score, skip_program=0) == [] and r.score.tracks[r.new_track].program == 0
+
+
+def test_accompany_mistakes(smp, prompt_path, tmp_path):
+    with pytest.raises(MidistralError, match="already plays") as e:
+        smp.accompany(prompt_path, "piano")
+    assert "\n" not in str(e.value)
+    with pytest.raises(MidistralError, match="unknown instrument 'banjoo'"):
+        smp.accompany(prompt_path, "banjoo")
+    with pytest.raises(MidistralError, match="empty.mid: has no notes"):
+        smp.accompany(symusic.Score(480), 33, prompt_name="empty.mid")
+    with pytest.raises(MidiError, match="nope.mid: no such file"):
+        smp.accompany(tmp_path / "nope.mid", 33)
 
 
 def test_no_prompt_and_empty_prompt(smp):
