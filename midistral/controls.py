@@ -23,6 +23,8 @@ import torch
 from midistral.errors import MidistralError, MidiError
 from midistral.generate import NoRepeatNGram, RollingKVCache, model_config, sample_next
 from midistral.tokenize import GM_NAMES, load_score
+from midistral.tokenize.bpe import CHR_OFFSET, METASPACE
+from midistral.tokenize.grammar import expansions
 from midistral.tokenize.remi import _TimeState
 
 # token families (midistral.tokenize.remi._FAMILIES)
@@ -93,9 +95,7 @@ def parse_programs(spec) -> list[int]:
 
 def id_expansions(tok) -> list[np.ndarray]:
     """For each id of `tok` (BPE ids once BPE is trained), the base ids it stands for."""
-    if tok.bpe is None:
-        return [np.array([i], dtype=np.int64) for i in range(len(tok))]
-    return [tok.bpe.decode([i]) for i in range(len(tok))]
+    return expansions(tok)
 
 
 def _expansion_matrix(tok) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +109,7 @@ def _expansion_matrix(tok) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _family_matrix(tok, mat: np.ndarray) -> np.ndarray:
-    return np.where(mat >= 0, tok._family[np.maximum(mat, 0)], -1)
+    return np.where(mat >= 0, tok.family[np.maximum(mat, 0)], -1)
 
 
 def _row_finished(tokens: list[int], done: list[bool], eos_id) -> None:
@@ -196,7 +196,7 @@ class _Tables:
 
     def __init__(self, tok, tpq: int):
         self.tok, self.tpq = tok, tpq
-        self.fam = tok._family.tolist()
+        self.fam = tok.family.tolist()
         self.meter = {i: ts for ts, i in tok.ts_id.items()}
         self.dur0, self.rest0, self.pos0 = tok.dur0, tok.rest0, tok.pos0
         self.durs: dict[int, list[int]] = {}
@@ -313,7 +313,7 @@ class BarsConstraint:
             raise MidistralError(f"bars: {n_bars} must be >= 1")
         self.tok, self.n = tok, int(n_bars)
         self.exp = [e.tolist() for e in id_expansions(tok)]
-        fam = tok._family.tolist()
+        fam = tok.family.tolist()
         fams = [[fam[x] for x in e] for e in self.exp]
         meter = {i: ts for ts, i in tok.ts_id.items()}
         self._den = np.array([max([meter[x][1] for x in e if x in meter] or [0]) for e in self.exp])
@@ -552,7 +552,7 @@ class _Walk:
     def __init__(self, model, tok, context, program, bar_range, temperature, top_k, ngram, seed, max_per_tick):
         self.model, self.tok, self.program = model, tok, program
         self.temperature, self.top_k, self.max_per_tick = temperature, top_k, max_per_tick
-        self.fam = tok._family.tolist()
+        self.fam = tok.family.tolist()
         self.prog_tok = tok.program_id[program]
         self.pitch_fam = DRUM if program == -1 else PITCH
         tpq, ts_list, tracks, _, _ = tok._preprocess(context)
@@ -685,8 +685,6 @@ class _Walk:
         """BPE ids for forced base tokens: split at bar lines (a bar starts a BPE word, with its "▁")."""
         if self.tok.bpe is None or not toks:
             return list(toks)
-        from midistral.tokenize.bpe import CHR_OFFSET, METASPACE
-
         cuts = [i for i, x in enumerate(toks) if self.fam[x] == BAR or self.fam[x] == 0] + [len(toks)]
         cuts = sorted(set([0] + cuts))
         out: list[int] = []

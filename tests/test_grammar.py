@@ -217,13 +217,15 @@ def test_random_model_unconstrained_samples_break_the_grammar(name, base_tok, bp
     assert sum(miditok_errors(miditok_oracle, tok, ids) for ids in rows if ids) > 0
 
 
-def test_budget_closes_the_last_note(base_tok):
+@pytest.mark.parametrize("name", ["base", "bpe"])
+def test_budget_closes_the_last_note(name, base_tok, bpe_tok):
     """A piece cut by max_new_tokens still ends complete (the last steps close the open note)."""
+    tok = _tokenizer(name, base_tok, bpe_tok)
+    g = Grammar(tok)
     for seed in range(4):
-        for ids in sample(base_tok, seed, constrained=True, new=23, temperature=1.0, top_k=None):
-            g = Grammar(base_tok)
+        for ids in sample(tok, seed, constrained=True, new=23 + seed, temperature=1.0, top_k=None):
             assert complete_length(g, ids) == len(ids)
-            assert base_tok.decode_with_report(ids)[1] == 0
+            assert tok.decode_with_report(ids)[1] == 0
 
 
 def test_ngram_ban_yields_to_the_grammar(base_tok):

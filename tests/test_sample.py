@@ -74,6 +74,7 @@ def mido_notes(path):
     return sorted(notes), mid
 
 
+@pytest.mark.slow
 def test_sample_writes_midi_and_png(ckpt, prompt, tmp_path):
     out = tmp_path / "out"
     r = run_sample(prompt, "--ckpt", ckpt, "--out", out, "--num-samples", 2, "--max-new-tokens", 60,
@@ -107,6 +108,7 @@ def test_sample_writes_midi_and_png(ckpt, prompt, tmp_path):
         assert [x for x in notes if x[0] < want[-1][0]] == [x for x in want if x[0] < want[-1][0]]
 
 
+@pytest.mark.slow
 def test_sample_same_seed_same_file(ckpt, prompt, tmp_path):
     a = run_sample(prompt, "--ckpt", ckpt, "--out", tmp_path / "a", "--max-new-tokens", 40, "--seed", 3)
     b = run_sample(prompt, "--ckpt", ckpt / "best", "--out", tmp_path / "b", "--max-new-tokens", 40,
@@ -115,6 +117,7 @@ def test_sample_same_seed_same_file(ckpt, prompt, tmp_path):
     assert (tmp_path / "a" / "tune.mid").read_bytes() == (tmp_path / "b" / "tune.mid").read_bytes()
 
 
+@pytest.mark.slow
 def test_no_prompt_long_prompt_and_prompt_bars(ckpt, prompt, tmp_path):
     r = run_sample("--ckpt", ckpt, "--out", tmp_path, "--max-new-tokens", 30, "--seed", 1)
     assert r.returncode == 0, r.stderr
@@ -181,6 +184,7 @@ def test_bad_input_one_line_exit_1(case, ckpt, prompt, tmp_path):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+@pytest.mark.slow
 def test_empty_prompt_falls_back_to_bos(ckpt, tmp_path):
     s = symusic.Score(480)
     s.tempos.append(symusic.Tempo(0, 90.0))
@@ -193,3 +197,66 @@ def test_empty_prompt_falls_back_to_bos(ckpt, tmp_path):
     assert (tmp_path / "o" / "empty.mid").is_file()
     r = run_sample(path, "--ckpt", ckpt, "--out", tmp_path / "o", "--max-new-tokens", 20, "--prompt-bars", 2)
     assert "has no notes; generating from BOS" in r.stderr, r.stderr  # not "in its first 2 bars": none at all
+
+
+def test_broken_and_empty_midi_files_one_line_or_sample(ckpt, broken_midi_files, tmp_path, capsys):
+    """Every broken file from the collection either samples or fails with one `error:` line (no traceback)."""
+    import sample
+
+    empty = tmp_path / "zero.mid"
+    empty.write_bytes(b"")
+    for path in [*broken_midi_files, empty]:
+        code = sample.main([str(path), "--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--max-new-tokens", "4"])
+        err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+        assert code in (0, 1) and len(err) == (code == 1), (path, err)
+        if code == 1:
+            assert path.name in err[0]
+    assert sample.main([str(empty), "--ckpt", str(ckpt), "--out", str(tmp_path / "o")]) == 1
+
+
+@pytest.mark.parametrize("what", ["weights", "config", "tokenizer"])
+def test_corrupt_checkpoint_one_line(ckpt, tmp_path, capsys, what):
+    import shutil
+
+    import sample
+
+    bad = tmp_path / "run"
+    shutil.copytree(ckpt, bad)
+    name = {"weights": "model.safetensors", "config": "config.json", "tokenizer": "tokenizer.json"}[what]
+    path = bad / "best" / name
+    path.write_bytes(path.read_bytes()[:40])
+    assert sample.main(["--ckpt", str(bad), "--out", str(tmp_path / "o"), "--max-new-tokens", "4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and name in err[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens must be >= 1"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--temperature", "inf"], "--temperature must be finite"),
+    (["--top-k", "-1"], "--top-k must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (["--prompt-bars", "0"], "--prompt-bars must be >= 1"),
+    (["--precision", "fp16"], "argument --precision: 'fp16': expected one of fp32, bf16, int8"),
+    (["--bars", "0"], "argument --bars: '0': expected a number of bars >= 1"),
+    (["--bars", "x"], "argument --bars: 'x'"),
+    (["--bars", "3:2"], "argument --bars: '3:2': expected a span"),
+    (["--bars", "2:5"], "--bars A:B (a span of the piece) is for --add-track"),
+    (["--add-track", "200", "p.mid"], "argument --add-track: program: 200 is outside -1..127"),
+    (["--add-track", "33"], "--add-track needs a prompt"),
+    (["--add-track", "33", "--replace-track", "0", "p.mid"], "do not go together"),
+    (["--add-track", "33", "--bars", "4", "p.mid"], "--bars A:B"),
+    (["--add-track", "33", "--programs", "0", "p.mid"], "--programs does not apply"),
+    (["--programs", "piano,banjoo"], "unknown instrument 'banjoo'"),
+    (["--reject-tries", "0"], "--reject-tries must be >= 1"),
+    (["--max-loop-score", "1.5"], "--max-loop-score must be in [0, 1]"),
+])
+def test_bad_flags_one_line_exit_2(args, message, capsys):
+    import sample
+
+    with pytest.raises(SystemExit) as e:
+        sample.parse_args(["--ckpt", "run", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err

@@ -60,6 +60,7 @@ def test_load_resolves_run_folder_once(smp, run_dir):
         Sampler.load(run_dir / "no_such_run")
 
 
+@pytest.mark.slow
 def test_precision_choice(smp, run_dir, prompt_path):
     from midistral.model.precision import available_precisions, default_precision
 
@@ -73,6 +74,7 @@ def test_precision_choice(smp, run_dir, prompt_path):
         assert a.midi_bytes() == b.midi_bytes() and a.skipped == 0
 
 
+@pytest.mark.slow
 def test_same_seed_same_output_for_path_bytes_and_score(smp, prompt_path):
     kw = dict(num_samples=2, max_new_tokens=24, seed=7)
     by_path = smp.sample(prompt_path, **kw)
@@ -106,6 +108,7 @@ def test_sample_fields(smp, prompt_path):
     assert s.piano_roll_png("t")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_grammar_on_by_default_nothing_skipped(smp, prompt_path):
     """The grammar mask leaves the decoder nothing to skip, even on a random model; without it, tokens are
     skipped (the random model writes ungrammatical sequences)."""
@@ -116,6 +119,7 @@ def test_grammar_on_by_default_nothing_skipped(smp, prompt_path):
             assert [s.skipped for s in smp.sample(prompt, num_samples=4, max_new_tokens=60, seed=seed)] == [0] * 4
 
 
+@pytest.mark.slow
 def test_programs_and_bars(smp, prompt_path):
     """Only the asked instruments in the continuation; exactly the asked number of new bars."""
     for seed in range(2):
@@ -142,6 +146,7 @@ def notes_of(score, skip_program=None):
                   for t in score.tracks if (-1 if t.is_drum else t.program) != skip_program for n in t.notes)
 
 
+@pytest.mark.slow
 def test_accompany_adds_one_track_and_keeps_every_note(smp, prompt_path):
     want = notes_of(symusic.Score(str(prompt_path)))
     runs = [smp.accompany(prompt_path, "bass", num_samples=2, seed=4) for _ in range(2)]

@@ -105,19 +105,16 @@ def sliding_window_attention(q, k, v, window: int, backend: str = "auto") -> tor
 def attention_at_positions(q, k, v, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
     """Attention for cached generation: q (B, Hq, n, D) at absolute positions q_pos (n,); k, v (B, Hkv, M, D)
     at k_pos (M,) in any order (-1 = empty slot). Query p sees key s iff s >= 0 and p - W < s <= p.
-    k/v may be narrower than q (a bf16 ring): the products run in their dtype, the result in q's."""
+    k/v may be narrower than q (a bf16 ring): the products run in their dtype, the result is q's."""
     dtype, q = q.dtype, q.to(k.dtype)
-    Hq, Hkv = q.shape[1], k.shape[1]
-    n, M = q.shape[2], k.shape[2]
+    B, Hq, n, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
     if n > 16 and n == M and bool((k_pos == q_pos).all()):  # a fresh prefill: the chunk sees itself only
         return sliding_window_attention_torch(q, k, v, window).to(dtype)
-    p, s = q_pos[:, None], k_pos[None, :]
-    visible = (s >= 0) & (s <= p) & (s > p - window)
-    if n > 16:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=Hq != Hkv).to(dtype)
-    # Decode steps: a few queries against the ring. Plain matmuls with the query group folded into rows
-    # (K/V read once per KV head, never repeated); on CPU SDPA's fused path is slower here.
-    B, D, G = q.shape[0], q.shape[-1], Hq // Hkv
-    scores = (q.reshape(B, Hkv, G * n, D) @ k.transpose(-1, -2)).float() * D**-0.5  # softmax in fp32
-    scores = scores.masked_fill_(~visible.repeat(G, 1), float("-inf"))
-    return (scores.softmax(-1).to(v.dtype) @ v).view(B, Hq, n, D).to(dtype)
+    p = q_pos[:, None]
+    visible = (k_pos >= 0) & (k_pos <= p) & (k_pos > p - window)  # (n, M)
+    # The query group of each KV head folded into rows: K/V are read once per KV head, never repeated
+    # (a decode step is bound by reading the ring), and one mask row per query serves the whole group.
+    G = Hq // Hkv
+    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, G * n, D), k, v, attn_mask=visible.repeat(G, 1))
+    return y.view(B, Hq, n, D).to(dtype)

@@ -37,7 +37,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # the statistics in fp32, as transformers does, whatever the activations' dtype
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):

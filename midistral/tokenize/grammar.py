@@ -26,8 +26,9 @@ and everything in it decodes with nothing skipped and no MidiTok `tokens_errors`
 BPE: each id expands to a fixed base sequence (`expansions`). An id is legal in a state iff its first
 base token may follow the state, its own inner transitions are legal, its first Position (before any
 Bar or Rest) is above the state's last Position, and its Positions before any TimeSig fit the state's
-meter. Everything but the two numbers is precomputed as a (states x vocabulary) boolean table, so a
-sampling step is one gather and two comparisons over the vocabulary, with no Python loop over it.
+meter. Everything but the two numbers is precomputed as a (states x vocabulary) boolean table; the mask
+of a full state is then one table row and two comparisons over the vocabulary (no Python loop over it),
+built the first time the state is met and kept, so a sampling step is a lookup and one masked_fill.
 """
 
 from __future__ import annotations
@@ -233,45 +234,56 @@ class GrammarConstraint:
 
     With `max_new_tokens` the last steps also close the open note, so a piece cut by the token budget
     decodes with nothing skipped too. Rows that emitted EOS are finished: every id is allowed there.
+    The mask of each state met is built once (vectorised over the vocabulary) and kept: a step looks
+    up one boolean row per batch row and fills the logits with one `masked_fill_`.
     """
 
+    CACHE_SIZE = 4096  # states kept (a piece meets a few hundred: kinds x positions x meters)
+
     def __init__(self, tok: REMI, max_new_tokens: int | None = None, grammar: Grammar | None = None):
-        self.grammar = g = grammar or Grammar(tok)
+        self.grammar = grammar or Grammar(tok)
         self.max_new_tokens = max_new_tokens
-        self._table = torch.from_numpy(g.table)
-        self._first_pos = torch.from_numpy(g.first_pos)
-        self._pre_meter_pos = torch.from_numpy(g.pre_meter_pos)
-        self._to_complete = torch.from_numpy(g.to_complete)
         self.states: list[tuple[int, int, int]] = []
         self.n_new = 0
+        self.device = torch.device("cpu")
+        self._forbidden: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._closing = torch.from_numpy(self.grammar.to_complete)
 
     def start(self, prompt_ids: torch.Tensor) -> None:
         self.states = [self.grammar.run(row) for row in prompt_ids.tolist()]
         self.n_new = 0
-        device = prompt_ids.device
-        if self._table.device != device:
-            self._table, self._first_pos, self._pre_meter_pos, self._to_complete = (
-                t.to(device) for t in (self._table, self._first_pos, self._pre_meter_pos, self._to_complete))
+        if prompt_ids.device != self.device:
+            self.device = prompt_ids.device
+            self._forbidden.clear()
+
+    def _forbidden_in(self, state: tuple[int, int, int]) -> torch.Tensor:
+        f = self._forbidden.get(state)
+        if f is None:
+            if len(self._forbidden) >= self.CACHE_SIZE:
+                self._forbidden.clear()
+            f = self._forbidden[state] = torch.from_numpy(~self.grammar.allowed(state)).to(self.device)
+        return f
+
+    def forbidden(self) -> torch.Tensor:
+        """(B, V) boolean: the ids each row may not take next."""
+        rows = [self._forbidden_in(s) for s in self.states]
+        if self.max_new_tokens is not None:
+            left = self.max_new_tokens - self.n_new - 1  # tokens after this one
+            if left < self.grammar.max_steps_to_complete:  # the last steps: close the open note
+                too_far = (self._closing > left).to(self.device)
+                rows = [f | too_far if not bool((f | too_far).all()) else f for f in rows]
+        return rows[0][None] if len(rows) == 1 else torch.stack(rows)
 
     def allowed(self) -> torch.Tensor:
         """(B, V) boolean: the ids each row may take next."""
-        s, last_pos, num = (torch.tensor(x, device=self._table.device) for x in zip(*self.states))
-        finished = s == State.END
-        last_pos = last_pos.masked_fill(finished, NO_POSITION)
-        limit = (num * self.grammar.positions_per_beat).masked_fill(finished, FREE)
-        ok = self._table[s] & (self._first_pos > last_pos[:, None]) & (self._pre_meter_pos < limit[:, None])
-        if self.max_new_tokens is not None:
-            left = self.max_new_tokens - self.n_new - 1  # tokens after this one
-            if left < self.grammar.max_steps_to_complete:
-                closing = ok & (self._to_complete <= left)
-                ok = torch.where(closing.any(-1, keepdim=True), closing, ok)  # unreachable: keep going
-        return ok
+        return ~self.forbidden()
 
     def mask(self, logits: torch.Tensor) -> None:
-        ok = self.allowed()
-        V = ok.shape[1]
-        logits[:, :V].masked_fill_(~ok, float("-inf"))
-        logits[:, V:] = float("-inf")  # ids the tokenizer does not have
+        forbidden = self.forbidden()
+        V = forbidden.shape[1]
+        logits[:, :V].masked_fill_(forbidden, float("-inf"))
+        if logits.shape[1] > V:
+            logits[:, V:] = float("-inf")  # ids the tokenizer does not have
 
     def push(self, tokens: torch.Tensor) -> None:
         self.states = [self.grammar.step(s, t) for s, t in zip(self.states, tokens.tolist())]

@@ -1,0 +1,318 @@
+"""Tests for midistral/controls.py: instruments, length in bars, accompaniment.
+
+Oracles: the tokenizer's own decoder (notes, programs, bar lines of the decoded piece, via symusic's
+downbeats), the encoder (the walked stream must be exactly the encoding of the piece with its new notes),
+and the input file itself (its notes must come back unchanged).
+"""
+
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import symusic
+import torch
+import torch.nn as nn
+
+from midistral.controls import (BarsConstraint, ProgramsConstraint, _Walk, accompany, bars_token_budget,
+                                parse_bar_range, parse_programs, program_name)
+from midistral.errors import MidistralError
+from midistral.generate import generate
+from midistral.model import ModelConfig, Transformer
+from midistral.tokenize import REMI, load_score
+from midistral.tokenize.grammar import GrammarConstraint
+from midistral.tokenize.remi import Family
+
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# models and tokenizers
+
+
+class RandomLogits(nn.Module):
+    """A 'model' drawing seeded random logits (plus a bias per token family): cheap, any length."""
+
+    def __init__(self, tok, seed=0, bias=None):
+        super().__init__()
+        self.cfg = SimpleNamespace(num_hidden_layers=1, num_key_value_heads=1, head_dim=1, hidden_size=1,
+                                   num_attention_heads=1, sliding_window=4, max_position_embeddings=1 << 20)
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.g = torch.Generator().manual_seed(seed)
+        self.bias = torch.zeros(len(tok))
+        base_fam = torch.from_numpy(tok.family.astype(np.int64))
+        fam = base_fam[torch.from_numpy(np.array([e[0] if len(e) else 0 for e in _exp(tok)]))]
+        for f, b in (bias or {}).items():
+            self.bias[fam == f] = b
+
+    def forward(self, ids, cache=None, start_pos=0):
+        return torch.randn(ids.shape[0], ids.shape[1], len(self.bias), generator=self.g) * 2 + self.bias
+
+
+def _exp(tok):
+    from midistral.controls import id_expansions
+
+    return id_expansions(tok)
+
+
+BAR_BIAS = {Family.BAR: 4.0, Family.REST: 4.0, Family.TIME_SIG: 3.0, Family.POSITION: 2.0, Family.PROGRAM: 2.0,
+            Family.PITCH: 1.0, Family.VELOCITY: 3.0, Family.DURATION: 3.0}
+
+
+def tiny_transformer(vocab, seed=0, max_pos=4096):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, sliding_window=64, max_position_embeddings=max_pos)
+    return Transformer(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return REMI()
+
+
+@pytest.fixture(scope="module")
+def bpe_tok(dev_midi_files):
+    t = REMI()
+    small = [f for f in dev_midi_files if f.stat().st_size < 20000][:12]
+    t.train_bpe(small, vocab_size=len(t.vocab) + 300, workers=1)
+    return t
+
+
+def manifest(dev_midi_files):
+    path = dev_midi_files[0].parent.parent / "MANIFEST.tsv"
+    rows = list(csv.DictReader(path.open(), delimiter="\t"))
+    return {Path(r["file"]).name: r for r in rows}
+
+
+def pick(dev_midi_files, cond):
+    """The smallest dev file (by notes) whose MANIFEST row satisfies cond."""
+    m = manifest(dev_midi_files)
+    ok = [f for f in dev_midi_files if f.name in m and int(m[f.name]["notes"] or 0) > 0 and cond(m[f.name])]
+    return min(ok, key=lambda f: int(m[f.name]["notes"]))
+
+
+def decoded_bar_of_notes(score):
+    """Bar index of every note onset, from the decoded piece's own time signatures (symusic's downbeats)."""
+    downbeats = score.get_downbeats()
+    ons = np.concatenate([t.notes.numpy()["time"] for t in score.tracks]) if score.tracks else np.zeros(0, int)
+    return np.searchsorted(downbeats, ons, side="right") - 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# instruments
+
+
+def test_parse_programs_numbers_and_names():
+    assert parse_programs("0,33,-1") == [0, 33, -1]
+    assert parse_programs("piano, bass ,drums") == [0, 33, -1]
+    assert parse_programs("Acoustic Guitar (nylon),violin,Cello") == [24, 40, 42]
+    assert parse_programs(["strings", 73, "flute"]) == [48, 73]
+    assert program_name(-1) == "Drums" and program_name(33) == "Electric Bass (finger)"
+
+
+@pytest.mark.parametrize("spec, named", [("piano,banjoo", "banjoo"), ("128", "128"), ("0,-2", "-2"),
+                                         ("kazooka", "kazooka"), ("", "''")])
+def test_parse_programs_errors_name_the_value(spec, named):
+    with pytest.raises(MidistralError) as e:
+        parse_programs(spec)
+    assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def _programs_of_new_notes(tok, prompt_ids, out_row):
+    """Programs of the notes the continuation added (decoded; prompt notes removed by count per program)."""
+    full = tok.decode(out_row)
+    before = tok.decode(prompt_ids) if len(prompt_ids) > 1 else symusic.Score(24)
+    count = {(-1 if t.is_drum else t.program): len(t.notes) for t in before.tracks}
+    return {(-1 if t.is_drum else t.program) for t in full.tracks
+            if len(t.notes) > count.get(-1 if t.is_drum else t.program, 0)}
+
+
+@pytest.mark.parametrize("use_bpe", [False, True])
+@pytest.mark.parametrize("use_grammar", [False, True])
+def test_programs_mask_is_exact(tok, bpe_tok, use_bpe, use_grammar):
+    t = bpe_tok if use_bpe else tok
+    model = tiny_transformer(len(t), seed=1)
+    allowed = parse_programs("piano,bass,drums")
+    n_notes = 0
+    for seed in range(13):  # 13 seeds x 4 rows = 52 samples
+        prompt = torch.tensor([[t.bos_id]] * 4)
+        cons = ([GrammarConstraint(t, 120)] if use_grammar else []) + [ProgramsConstraint(t, allowed)]
+        out = generate(model, prompt, 120, temperature=1.5, top_k=None, eos_id=t.eos_id, seed=seed, constraints=cons)
+        for row in out.numpy():
+            score = t.decode(row)
+            progs = {(-1 if tr.is_drum else tr.program) for tr in score.tracks}
+            n_notes += score.note_num()
+            assert progs <= set(allowed), (seed, progs)
+    assert n_notes > 50
+
+
+def test_programs_keep_the_prompt_unless_excluded(tok, dev_midi_files):
+    path = pick(dev_midi_files, lambda r: r["programs"] == "0" and int(r["nonempty_tracks"]) == 1)
+    score = load_score(path)
+    score = score.clip(0, score.tpq * 16, clip_end=True)
+    prompt_ids = np.concatenate([[tok.bos_id], tok.encode(score)])
+    model = RandomLogits(tok, seed=3, bias={Family.PROGRAM: 3.0})
+    prompt = torch.tensor([prompt_ids] * 4)
+    for cons, expect in ((ProgramsConstraint(tok, [33]), {0, 33}),
+                         (ProgramsConstraint(tok, [33], exclude=["piano"]), {33}),
+                         (ProgramsConstraint(tok, [40], keep_prompt=False), {40})):
+        out = generate(model, prompt, 200, temperature=1.0, top_k=None, eos_id=tok.eos_id, seed=0,
+                       constraints=[cons])
+        for row in out.numpy():
+            assert _programs_of_new_notes(tok, prompt_ids, row) <= expect
+
+
+# ----------------------------------------------------------------------------------------------------
+# length in bars
+
+
+def test_bars_exact_for_1_to_64(tok):
+    """N new bars, counted in the decoded piece: the last note starts in bar N, none after (random logits)."""
+    bos = torch.tensor([[tok.bos_id]] * 2)
+    for n in range(1, 65):
+        model = RandomLogits(tok, seed=n, bias=BAR_BIAS)
+        con = BarsConstraint(tok, n)
+        out = generate(model, bos, bars_token_budget(model, 1), temperature=1.0, top_k=None, eos_id=tok.eos_id,
+                       seed=n, constraints=[con])
+        assert all(con.complete)
+        for row in out.numpy():
+            bars = decoded_bar_of_notes(tok.decode(row))
+            assert bars.max() + 1 == n, (n, bars.max() + 1)
+
+
+@pytest.mark.parametrize("use_bpe", [False, True])
+def test_bars_exact_after_a_real_prompt_with_grammar(tok, bpe_tok, dev_midi_files, use_bpe):
+    t = bpe_tok if use_bpe else tok
+    path = pick(dev_midi_files, lambda r: int(r["time_sig_changes"]) > 0 and int(r["nonempty_tracks"]) >= 2)
+    score = load_score(path)
+    prompt_ids = np.concatenate([[t.bos_id], t.encode(score.clip(0, score.tpq * 12, clip_end=True))])
+    prompt_bar = decoded_bar_of_notes(t.decode(prompt_ids)).max()
+    model = tiny_transformer(len(t), seed=2)
+    for n in (1, 3, 8):
+        con = BarsConstraint(t, n)
+        prompt = torch.tensor([prompt_ids] * 3)
+        out = generate(model, prompt, 3000, temperature=1.2, top_k=None, eos_id=t.eos_id, seed=n,
+                       constraints=[GrammarConstraint(t), con])
+        for row, done in zip(out.numpy(), con.complete):
+            if done:  # a random model may not reach n bars in the token budget; complete says so
+                assert decoded_bar_of_notes(t.decode(row)).max() - prompt_bar == n
+
+
+def test_bars_refuses_zero(tok):
+    with pytest.raises(MidistralError, match="bars: 0"):
+        BarsConstraint(tok, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# accompaniment
+
+
+def note_table(track):
+    n = track.notes.numpy()
+    return np.stack([n["time"], n["duration"], n["pitch"], n["velocity"]], 1)
+
+
+def assert_unchanged(original, out, dropped=None):
+    kept = [t for t in original.tracks if (-1 if t.is_drum else t.program) != dropped]
+    assert len(out.tracks) == len(kept) + 1
+    for a, b in zip(kept, out.tracks):
+        assert (a.program, a.is_drum, a.name) == (b.program, b.is_drum, b.name)
+        assert np.array_equal(note_table(a), note_table(b))
+    assert out.tpq == original.tpq
+    assert [(x.time, x.numerator, x.denominator) for x in out.time_signatures] == \
+        [(x.time, x.numerator, x.denominator) for x in original.time_signatures]
+
+
+def short(score, bars=8):
+    return score.clip(0, score.tpq * 4 * bars, clip_end=True)
+
+
+CASES = {
+    "single-track": lambda r: int(r["nonempty_tracks"]) == 1 and r["programs"] == "0",
+    "multi-track with drums": lambda r: r["has_drums"] == "1" and int(r["nonempty_tracks"]) >= 4,
+    "tempo and meter changes": lambda r: int(r["tempo_changes"]) > 0 and int(r["time_sig_changes"]) > 0,
+    "compound meter": lambda r: "/8" in r["time_signatures"],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_add_track_keeps_every_note(tok, dev_midi_files, case):
+    path = pick(dev_midi_files, CASES[case])
+    original = load_score(path)
+    if case != "tempo and meter changes":
+        original = short(original)
+    model = tiny_transformer(len(tok), seed=3, max_pos=512)  # short positions: the walk restarts them
+    playing = {-1 if t.is_drum else t.program for t in original.tracks}
+    program = next(p for p in (33, 48, -1, 73) if p not in playing)
+    out = accompany(model, tok, original, program, seed=0)
+    assert_unchanged(original, out)
+    new = out.tracks[-1]
+    assert new.name == program_name(program) and new.is_drum == (program == -1)
+    assert len(new.notes) > 0
+
+
+@pytest.mark.parametrize("use_bpe", [False, True])
+def test_walked_stream_is_the_encoding_of_the_result(tok, bpe_tok, dev_midi_files, use_bpe):
+    """The time tokens the walk writes (rests, bar lines, positions) are those the encoder writes for the
+    piece with its new notes: re-encoding the decoded stream gives the stream back (chords of the new
+    track aside: the walk does not write Chord tokens)."""
+    t = bpe_tok if use_bpe else tok
+    for case in ("multi-track with drums", "tempo and meter changes"):
+        score = load_score(pick(dev_midi_files, CASES[case]))
+        model = tiny_transformer(len(t), seed=4)
+        program = 33 if case.startswith("tempo") else 40
+        for seed in range(2):
+            walk = _Walk(model, t, score, program, None, 1.0, None, 6, seed, 6)
+            base = [x for x in walk.run() if t.family[x] != Family.SPECIAL]
+            again = t.encode_base(t.decode(np.array(base))).tolist()
+            p = t.program_id[program]
+            again = [x for i, x in enumerate(again)
+                     if not (x == p and i + 1 < len(again) and t.family[again[i + 1]] == Family.CHORD)
+                     and not (t.family[x] == Family.CHORD and again[i - 1] == p)]
+            assert again == base
+
+
+def test_add_track_in_a_bar_range(tok, dev_midi_files):
+    original = short(load_score(pick(dev_midi_files, CASES["single-track"])), 12)
+    out = accompany(tiny_transformer(len(tok), seed=5), tok, original, "bass", bars="3:5", seed=1)
+    assert_unchanged(original, out)
+    downbeats = out.get_downbeats()
+    on = out.tracks[-1].notes.numpy()["time"]
+    assert len(on) and on.min() >= downbeats[2] and on.max() < downbeats[5]
+
+
+def test_replace_track_rewrites_only_that_program(tok, dev_midi_files):
+    original = short(load_score(pick(dev_midi_files, CASES["multi-track with drums"])))
+    out = accompany(tiny_transformer(len(tok), seed=6), tok, original, "drums", replace=True, seed=2)
+    assert_unchanged(original, out, dropped=-1)
+    assert out.tracks[-1].is_drum and out.tracks[-1].name == "Drums"
+
+
+def test_accompany_errors_are_one_line(tok, dev_midi_files, tmp_path):
+    path = pick(dev_midi_files, CASES["single-track"])
+    model = tiny_transformer(len(tok), seed=7)
+    with pytest.raises(MidistralError, match="already plays.*--replace-track 0"):
+        accompany(model, tok, path, "piano")
+    with pytest.raises(MidistralError, match="unknown instrument 'basss'"):
+        accompany(model, tok, path, "basss")
+    with pytest.raises(MidistralError, match="130 is outside"):
+        accompany(model, tok, path, 130)
+    with pytest.raises(MidistralError, match="bars: '5:2'"):
+        accompany(model, tok, path, "bass", bars="5:2")
+    empty = symusic.Score(480)
+    empty.tracks.append(symusic.Track(name="x", program=0))
+    empty.dump_midi(tmp_path / "empty.mid")
+    with pytest.raises(MidistralError, match="empty.mid: has no notes"):
+        accompany(model, tok, tmp_path / "empty.mid", "bass")
+    with pytest.raises(MidistralError, match="no notes besides"):
+        accompany(model, tok, path, "piano", replace=True)
+
+
+def test_parse_bar_range():
+    assert parse_bar_range("3:5") == (3, 5) and parse_bar_range("4:") == (4, None)
+    assert parse_bar_range(":6") == (1, 6) and parse_bar_range((2, 2)) == (2, 2)
+    for bad in ("0:3", "x", ":", "5:2"):
+        with pytest.raises(MidistralError):
+            parse_bar_range(bad)
