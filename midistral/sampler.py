@@ -317,7 +317,10 @@ class Sampler:
         """Fresh constraint objects for one generate call: grammar, instruments, length, progress."""
         constraints = []
         if settings["grammar"]:
-            constraints.append(GrammarConstraint(self.tok, settings["max_new"], grammar=self.grammar))
+            # the grammar closes the last note as the token budget ends; with a length in bars the budget
+            # is the whole context and the bars decide the end (closing early would fight their EOS mask)
+            budget = None if settings["bars"] is not None else settings["max_new"]
+            constraints.append(GrammarConstraint(self.tok, budget, grammar=self.grammar))
         if settings["programs"] is not None:
             constraints.append(controls.ProgramsConstraint(self.tok, settings["programs"]))
         if settings["bars"] is not None:
