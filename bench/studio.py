@@ -29,7 +29,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True)
     p.add_argument("--prompt", default=None, help="MIDI prompt (default: from nothing)")
-    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--bars", type=int, default=4, help="the length, when the studio asks for bars")
+    p.add_argument("--tokens", type=int, default=256, help="the length, when it asks for tokens (no controls)")
     p.add_argument("--variations", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3)
@@ -37,9 +38,13 @@ def parse_args():
     return p.parse_args()
 
 
+def length_flags(args) -> list[str]:
+    return ["--bars", str(args.bars)] if args.unit == "bars" else ["--max-new-tokens", str(args.tokens)]
+
+
 def time_sample_py(args, out: Path) -> tuple[float, float]:
     cmd = [sys.executable, str(ROOT / "sample.py"), *([args.prompt] if args.prompt else []), "--ckpt", args.ckpt,
-           "--out", str(out), "--num-samples", str(args.variations), "--max-new-tokens", str(args.tokens),
+           "--out", str(out), "--num-samples", str(args.variations), *length_flags(args),
            "--seed", str(args.seed)]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -67,7 +72,8 @@ def press_generate(page, args) -> tuple[float, float]:
     if args.prompt:
         page.set_input_files("#prompt-file", args.prompt)
         page.wait_for_function("document.getElementById('prompt-info').textContent.includes('bars')")
-    for selector, value in (("#variations", args.variations), ("#length", args.tokens), ("#seed", args.seed)):
+    length = args.bars if args.unit == "bars" else args.tokens
+    for selector, value in (("#variations", args.variations), ("#length", length), ("#seed", args.seed)):
         page.eval_on_selector(selector, "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }",
                               str(value))
     page.evaluate("document.getElementById('results').replaceChildren()")
@@ -96,13 +102,16 @@ def main() -> None:
             page.set_default_timeout(1_800_000)
             page.goto(url)
             page.wait_for_selector("#mode-buttons button")
+            args.unit = page.evaluate("fetch('/api/info').then(r => r.json()).then(i => i.length_unit)")
+            print(f"length: {args.bars if args.unit == 'bars' else args.tokens} {args.unit}", flush=True)
             for i in range(args.repeats):
                 wall, gen = time_sample_py(args, Path(tmp) / str(i))
                 shown, rolls = press_generate(page, args)
                 rows.append((wall, gen, shown, rolls))
                 print(f"run {i}: sample.py {wall:.2f}s (generation {gen:.2f}s)  studio: variations shown "
                       f"{shown:.2f}s, piano rolls {rolls:.2f}s", flush=True)
-            if args.screenshot:
+            if args.screenshot:  # with the audio players loaded
+                page.wait_for_function("[...document.querySelectorAll('#results audio')].every(a => a.duration > 0)")
                 page.screenshot(path=args.screenshot, full_page=True)
             browser.close()
     finally:

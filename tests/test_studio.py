@@ -205,6 +205,29 @@ def test_generate_from_nothing_with_chosen_instruments(page, info, tmp_path):
         assert max(n.time for t in score.tracks for n in t.notes) < 3 * 4 * score.tpq
 
 
+def test_add_a_track_keeps_the_piece(page, info, prompt, tmp_path):
+    if "add" not in info["modes"]:  # a sampler without the accompaniment: the page offers what it has
+        assert page.query_selector("#mode-buttons button[data-mode=add]") is None
+        assert page.query_selector_all("#mode-buttons button[data-mode=continue]")
+        return
+    page.click("#mode-buttons button[data-mode=replace]")
+    page.set_input_files("#prompt-file", str(prompt))
+    page.wait_for_function("document.getElementById('prompt-info').textContent.includes('4 bars')")
+    # a track to replace is one the piece has
+    assert page.eval_on_selector_all("#track-program option", "os => os.map(o => o.value)") == ["0", "33"]
+    page.click("#mode-buttons button[data-mode=add]")
+    page.select_option("#track-program", "48")  # String Ensemble 1
+    set_value(page, "#variations", 1)
+    page.click("#generate")
+    wait_for_variations(page, 1)
+    with page.expect_download() as d:
+        page.click("#results a.download")
+    d.value.save_as(tmp_path / "added.mid")
+    got = symusic_notes(tmp_path / "added.mid")
+    assert [n for n in got if n[3] != 48] == symusic_notes(prompt)  # the piece's notes, unchanged
+    assert {n[3] for n in got} <= {0, 33, 48}
+
+
 def test_non_midi_upload_shows_a_message(page, tmp_path):
     page.click("#mode-buttons button[data-mode=continue]")
     page.click("#generate")

@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import symusic
+
 from midistral import music
 from midistral.errors import MidistralError
 from midistral.io import atomic_write_bytes
@@ -45,7 +47,7 @@ class Variation:
     folder: Path
     index: int
     quality: dict
-    score: object                       # the symusic Score, kept to render its audio on demand
+    score: symusic.Score                # kept to render its audio on demand
     audio_lock: threading.Lock = field(default_factory=threading.Lock)
     roll_ready: threading.Event = field(default_factory=threading.Event)
 
@@ -100,6 +102,8 @@ class Studio:
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.jobs_lock = threading.Lock()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="studio-generate")
+        # importing matplotlib and drawing a first figure takes seconds: done now, not after the first Generate
+        self.worker.submit(music.piano_roll_png, symusic.Score(480), "")
 
     def info(self) -> dict:
         return {"model": self.name, "modes": {m: MODES[m] for m in self.modes},
