@@ -251,13 +251,14 @@ class Sampler:
         if source.note_num() == 0:
             label = prompt_name or (str(prompt) if isinstance(prompt, (str, os.PathLike)) else "the piece")
             raise MidistralError(f"{label}: has no notes to accompany")
+        piece = prompt if isinstance(prompt, (str, os.PathLike)) else source  # a path: its messages name it
         options = dict(bars=bars, replace=replace, temperature=temperature, top_k=top_k,
                        no_repeat_ngram_size=no_repeat_ngram, grammar=grammar, **self._precision_option())
 
         def make(n: int, seed_: int | None) -> list[Sample]:
             out = []
             for i in range(n):
-                score = controls.accompany(self.model, self.tok, source, program,
+                score = controls.accompany(self.model, self.tok, piece, program,
                                            seed=None if seed_ is None else seed_ + i, **options)
                 out.append(self._finish_accompaniment(score, source, program))
                 if on_progress is not None:

@@ -174,8 +174,14 @@ def test_accompany_adds_one_track_and_keeps_every_note(smp, prompt_path):
         assert set(s.metrics) == {"silent_share", "loop_score", "out_of_key"} and s.start_tick == 0
         assert s.report.startswith(f"new track: Electric Bass (finger) {len(new.notes)} notes")
         assert s.piano_roll_png("acc")[:4] == b"\x89PNG"
-    (r,) = smp.accompany(prompt_path, 0, replace=True, seed=4, bars="2:3")
-    assert notes_of(r.score, skip_program=0) == [] and r.score.tracks[r.new_track].program == 0
+    duet = symusic.Score(str(prompt_path))
+    bass = symusic.Track("", 33, False)
+    for b in range(3):
+        bass.notes.append(symusic.Note(b * BAR, BAR, 36 + b, 70))
+    duet.tracks.append(bass)
+    (r,) = smp.accompany(duet.dumps_midi(), 33, replace=True, seed=4, bars="2:3", prompt_name="duet.mid")
+    assert notes_of(r.score, skip_program=33) == want and r.score.tracks[r.new_track].program == 33
+    assert all(BAR * r.score.tpq // 480 <= n.time for n in r.score.tracks[r.new_track].notes)  # bars 2-3 only
 
 
 def test_accompany_mistakes(smp, prompt_path, tmp_path):
