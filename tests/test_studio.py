@@ -63,15 +63,21 @@ def prompt(tmp_path_factory):
     return path
 
 
+SERVER_LOG = []  # the studio's terminal output (its stderr file), shown when the page reports an error
+
+
 @pytest.fixture(scope="module")
-def server(ckpt):
+def server(ckpt, tmp_path_factory):
     """The studio as a user starts it, on a free port; its URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "midistral.studio", "--ckpt", str(ckpt), "--port", "0"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path_factory.mktemp("studio") / "stderr.txt"
+    SERVER_LOG[:] = [log]
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "midistral.studio", "--ckpt", str(ckpt), "--port", "0"],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         line = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+/", line)
-        assert url, f"no URL printed: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
+        assert url, f"no URL printed: {line!r} {log.read_text()}"
         yield url.group(0)
     finally:
         proc.terminate()
@@ -131,7 +137,7 @@ def symusic_notes(path_or_score):
 def wait_for_variations(page, n):
     page.wait_for_function(f"document.querySelectorAll('#results .variation').length === {n} || "
                            "!document.getElementById('error').hidden")
-    assert page.is_hidden("#error"), page.text_content("#error")
+    assert page.is_hidden("#error"), page.text_content("#error") + "\n" + SERVER_LOG[0].read_text()[-3000:]
 
 
 def test_continue_two_variations_play_and_download(page, info, prompt, ckpt, tmp_path):
