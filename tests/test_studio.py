@@ -247,7 +247,7 @@ def test_non_midi_upload_shows_a_message(page, tmp_path):
     assert page.query_selector_all("#results .variation") == []
 
 
-def test_api_refuses_bad_requests(browser, server, prompt):
+def test_api_refuses_bad_requests(browser, server, info, prompt):
     api = browser.new_context().request
     big = api.post(server + "api/inspect", multipart={
         "prompt": {"name": "big.mid", "mimeType": "audio/midi", "buffer": b"MThd" + bytes(6 * 2**20)}})
@@ -255,8 +255,10 @@ def test_api_refuses_bad_requests(browser, server, prompt):
     broken = api.post(server + "api/inspect", multipart={
         "prompt": {"name": "cut.mid", "mimeType": "audio/midi", "buffer": prompt.read_bytes()[:60]}})
     assert broken.status == 400 and "cut.mid" in broken.json()["error"]
+    unit = info["length_unit"]  # bars, or tokens when the sampler has no controls
+    low, too_long = info["bounds"][unit]["min"], info["bounds"][unit]["max"] + 1
     for field, value, words in (("temperature", "5", "between 0.0 and 2.0"), ("variations", "100", "between 1 and 8"),
-                                ("bars", "many", "not an integer"), ("bars", "65", "between 1 and 64"),
+                                (unit, "many", "not an integer"), (unit, str(too_long), f"between {low} and"),
                                 ("programs", "0,200", "not an instrument number"), ("mode", "remix", "not available")):
         r = api.post(server + "api/generate", multipart={field: value})
         assert r.status == 400 and words in r.json()["error"], (field, r.text())

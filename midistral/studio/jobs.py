@@ -109,8 +109,7 @@ class Studio:
         return {"model": self.name, "modes": {m: MODES[m] for m in self.modes},
                 "length_unit": "bars" if self.length_in_bars else "tokens", "instruments_steer": self.has_controls,
                 "audio": self.soundfont.name if self.soundfont else None, "audio_problem": self.audio_problem,
-                "defaults": {k: SAMPLE_DEFAULTS.get(k, v) for k, v in
-                             (("temperature", 0.5), ("top_k", 6), ("no_repeat_ngram", 6))},
+                "defaults": {k: SAMPLE_DEFAULTS[k] for k in ("temperature", "top_k", "no_repeat_ngram")},
                 "context": self.sampler.context}
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ import symusic
 from midistral.errors import MidistralError
 from midistral.metrics import DRUM_PROGRAM
 from midistral.music import n_bars, track_program
+from midistral.sampler import SAMPLE_DEFAULTS
 from midistral.tokenize import GM_NAMES, load_score
 
 MODES = {
@@ -31,9 +32,9 @@ BOUNDS = {
     "variations": ("Variations", 1, 8, 2),
     "bars": ("Length in bars", 1, 64, 8),
     "tokens": ("Length in tokens", 16, 2048, 512),
-    "temperature": ("Temperature", 0.0, 2.0, 0.5),
-    "top_k": ("Top-k", 0, 200, 6),
-    "no_repeat_ngram": ("No-repeat n-gram", 0, 32, 6),
+    "temperature": ("Temperature", 0.0, 2.0, SAMPLE_DEFAULTS["temperature"]),
+    "top_k": ("Top-k", 0, 200, SAMPLE_DEFAULTS["top_k"]),
+    "no_repeat_ngram": ("No-repeat n-gram", 0, 32, SAMPLE_DEFAULTS["no_repeat_ngram"]),
     "seed": ("Seed", 0, 2**31 - 1, None),
 }
 FAMILIES = ("Piano", "Chromatic Percussion", "Organ", "Guitar", "Bass", "Strings", "Ensemble", "Brass", "Reed",
