@@ -9,6 +9,7 @@ import argparse
 import logging
 import socket
 import sys
+from pathlib import Path
 
 import uvicorn
 
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
         studio = Studio(sampler, args.soundfont, name=str(sampler.ckpt))
     except MidistralError as e:
         print(f"error: {e}", file=sys.stderr)
+        if not Path(args.ckpt).exists():
+            print("note: the studio needs a trained model; `python train.py --config configs/chorales.toml` "
+                  "makes runs/chorales in about 10 minutes", file=sys.stderr)
         return 1
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
