@@ -260,7 +260,7 @@ class Sampler:
             for i in range(n):
                 score = controls.accompany(self.model, self.tok, piece, program,
                                            seed=None if seed_ is None else seed_ + i, **options)
-                out.append(self._finish_accompaniment(score, source, program))
+                out.append(self._finish_accompaniment(score, source, program, bars))
                 if on_progress is not None:
                     on_progress(i + 1, n)
             return out
@@ -280,14 +280,17 @@ class Sampler:
         _need_controls("choosing an instrument")
         return controls.parse_program(program)
 
-    def _finish_accompaniment(self, score: symusic.Score, source: symusic.Score, program: int) -> Sample:
+    def _finish_accompaniment(self, score: symusic.Score, source: symusic.Score, program: int, bars) -> Sample:
+        """A Sample whose metrics describe the new track over the bars it was written for."""
         score = music.keep_prompt_meta(music.name_tracks(score), source)
         new_track = next(i for i in reversed(range(len(score.tracks)))
                          if music.track_program(score.tracks[i]) == program)
         alone = score.copy()
         alone.tracks = [score.tracks[new_track].copy()]
         n_tokens = len(self.tok.encode(alone)) if alone.note_num() else 0
-        whole, track = failure_modes(score, 0, [program]), failure_modes(alone, 0, [])
+        start, end = _bar_span(score, bars)
+        whole = failure_modes(score.clip(start, end), start, [program])  # clip keeps the ticks: bars from start
+        track = failure_modes(alone.clip(start, end), start, [])
         metrics = {"silent_share": whole["silent_share"], "loop_score": track["loop_score"],
                    "out_of_key": track["out_of_key"]}
         return Sample(score, 0, n_tokens, 0, metrics, summary_line(score, n_tokens, False, 0, metrics),
@@ -343,6 +346,18 @@ class Sampler:
         metrics = failure_modes(score, p.start_tick, p.programs)
         return Sample(score, p.start_tick, n_tokens, skipped, metrics,
                       summary_line(score, n_tokens, ended, skipped, metrics), ended=ended)
+
+
+def _bar_span(score: symusic.Score, bars) -> tuple[int, int]:
+    """Ticks [start, end) of the bars "A:B" (counted from 1, both included; None: the whole piece)."""
+    end = score.end() + 1
+    if bars is None:
+        return 0, end
+    first, last = controls.parse_bar_range(bars)
+    downbeats = score.get_downbeats()
+    start = int(downbeats[first - 1]) if first - 1 < len(downbeats) else end
+    stop = int(downbeats[last]) if last is not None and last < len(downbeats) else end
+    return start, max(stop, start)
 
 
 def _need_controls(what: str) -> None:
