@@ -311,10 +311,11 @@ class Sampler:
         dt = time.perf_counter() - t0
         n_new = out.shape[1] - len(ids)
         self.log(f"generated {n_new} tokens x {batch} in {dt:.1f}s ({n_new * batch / max(dt, 1e-9):.0f} tok/s)")
-        for c in constraints:
-            if isinstance(c, controls.BarsConstraint) and not all(c.complete):
-                short = len(c.complete) - sum(c.complete)
-                self.log(f"note: the model's context ran out before {settings['bars']} bars in {short} sample(s)")
+        if settings["bars"] is not None:  # then controls is there (checked with the arguments)
+            complete = next(c.complete for c in constraints if isinstance(c, controls.BarsConstraint))
+            if not all(complete):
+                self.log(f"note: the model's context ran out before {settings['bars']} bars in "
+                         f"{complete.count(False)} sample(s)")
         return [row[len(ids):] for row in out.tolist()]
 
     def _constraints(self, settings: dict) -> list:
