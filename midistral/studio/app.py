@@ -1,0 +1,125 @@
+"""The studio's web app (FastAPI): the page, its static files and a small JSON API.
+
+    GET  /                              the page (static/index.html; no asset from the internet)
+    GET  /api/info                      model, modes, limits, instruments, whether audio works
+    POST /api/inspect                   an uploaded MIDI file's instruments and bars, or why it is unusable
+    POST /api/generate                  form fields + optional MIDI file -> {"job": id}; queued
+    GET  /api/jobs/{id}                 state, place in the queue, progress, the variations once done
+    GET  /api/jobs/{id}/{k}/roll.png    piano roll of variation k
+    GET  /api/jobs/{id}/{k}/audio.wav   variation k played with a General MIDI SoundFont (rendered once)
+    GET  /api/jobs/{id}/{k}/midi        variation k as a MIDI file (a download)
+
+A user's mistake answers 400 (413 for a too large upload) with {"error": "<one line>"}; the page
+shows that line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from midistral.errors import MidistralError
+from midistral.studio.jobs import AudioUnavailable, Job, Missing, Studio, Variation
+from midistral.studio.settings import (BOUNDS, MAX_UPLOAD_BYTES, UploadTooLarge, describe_prompt, instruments,
+                                       parse_request, read_prompt)
+
+STATIC = Path(__file__).parent / "static"
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the other fields, beside the file itself
+
+
+async def read_form(request: Request):
+    """The posted form and its file (bytes, name); a MidistralError for a too large or missing body."""
+    length = request.headers.get("content-length")
+    if length is None or not length.isdigit():
+        raise MidistralError("the upload has no Content-Length")
+    if int(length) > MAX_UPLOAD_BYTES + FORM_OVERHEAD:
+        raise UploadTooLarge(f"the file is {int(length) / 2**20:.1f} MB; a prompt may have at most "
+                             f"{MAX_UPLOAD_BYTES // 2**20} MB")
+    form = await request.form(max_files=1, max_fields=32)
+    upload = form.get("prompt")
+    if upload is None or isinstance(upload, str) or not upload.filename:
+        return form, None, ""
+    return form, await upload.read(), upload.filename
+
+
+def job_status(studio: Studio, job: Job) -> dict:
+    base = f"/api/jobs/{job.id}"
+    variations = [{**v.quality, "roll": f"{base}/{v.index}/roll.png", "audio": f"{base}/{v.index}/audio.wav",
+                   "midi": f"{base}/{v.index}/midi"} for v in job.variations]
+    return {"id": job.id, "state": job.state, "queue": studio.place_in_queue(job), "step": job.step,
+            "total": job.total, "seconds": job.seconds, "error": job.error, "seed": job.request.seed,
+            "mode": job.request.mode, "variations": variations}
+
+
+# the HTTP status of each kind of mistake; any other MidistralError is a 400
+STATUS = ((UploadTooLarge, 413), (Missing, 404), (AudioUnavailable, 503))
+
+
+def create_app(studio: Studio) -> FastAPI:
+    app = FastAPI(title="midistral studio", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.exception_handler(MidistralError)
+    def user_mistake(request: Request, e: MidistralError) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=next((s for cls, s in STATUS if isinstance(e, cls)), 400))
+
+    @app.get("/")
+    def page():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/info")
+    def info():
+        bounds = {k: {"label": label, "min": lo, "max": hi, "default": default}
+                  for k, (label, lo, hi, default) in BOUNDS.items()}
+        return {**studio.info(), "bounds": bounds, "max_upload_mb": MAX_UPLOAD_BYTES // 2**20,
+                "instruments": instruments()}
+
+    @app.post("/api/inspect")
+    async def inspect(request: Request):
+        _, data, name = await read_form(request)
+        if data is None:
+            raise MidistralError("no file was sent")
+        return describe_prompt(await run_in_threadpool(read_prompt, data, name), name)
+
+    @app.post("/api/generate")
+    async def generate(request: Request):
+        form, data, name = await read_form(request)
+        # reading the prompt takes a moment for a large file: off the event loop
+        req = await run_in_threadpool(parse_request, form, data, name, studio.modes, studio.length_in_bars)
+        return JSONResponse(job_status(studio, studio.submit(req)), status_code=202)
+
+    def find(job_id: str) -> Job:
+        job = studio.job(job_id)
+        if job is None:
+            raise Missing("this generation is no longer kept; press Generate again")
+        return job
+
+    def variation(job_id: str, k: int) -> Variation:
+        job = find(job_id)
+        if not 0 <= k < len(job.variations):
+            raise Missing(f"variation {k + 1} does not exist")
+        return job.variations[k]
+
+    @app.get("/api/jobs/{job_id}")
+    def status(job_id: str):
+        return job_status(studio, find(job_id))
+
+    @app.get("/api/jobs/{job_id}/{k}/roll.png")
+    def roll(job_id: str, k: int):
+        return FileResponse(studio.piano_roll(variation(job_id, k)), media_type="image/png")
+
+    @app.get("/api/jobs/{job_id}/{k}/audio.wav")
+    def audio(job_id: str, k: int):
+        return FileResponse(studio.audio(variation(job_id, k)), media_type="audio/wav")
+
+    @app.get("/api/jobs/{job_id}/{k}/midi")
+    def midi(job_id: str, k: int):
+        r = find(job_id).request
+        return FileResponse(variation(job_id, k).path(".mid"), media_type="audio/midi",
+                            filename=f"{r.stem}-{r.mode}-{k + 1}.mid")
+
+    return app

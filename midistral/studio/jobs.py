@@ -1,0 +1,219 @@
+"""Generation jobs: the model is loaded once and runs one job at a time, on one worker thread.
+
+A press of Generate becomes a Job in a queue; the page polls it for its place in the queue, the tokens
+generated so far and, once done, its variations. Each variation's MIDI file is written to the studio's
+temporary folder when the job ends, its piano roll right after (the page shows the variation before),
+and its audio the first time the page asks for it. The studio keeps the last few jobs and deletes the oldest's files.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import symusic
+
+from midistral import music
+from midistral.errors import MidistralError
+from midistral.io import atomic_write_bytes
+from midistral.sampler import SAMPLE_DEFAULTS, Sampler, controls, rejection_reasons
+from midistral.studio.settings import MODES, Request
+
+log = logging.getLogger("midistral.studio")
+KEEP_JOBS = 12      # finished jobs whose files stay available
+MAX_WAITING = 4     # jobs waiting behind the running one before Generate is refused
+AUDIO_RATE = 32000  # Hz: enough for a General MIDI preview, a third less to render than 44.1 kHz
+ROLL_WAIT = 300     # seconds a request for a piano roll waits for it to be drawn
+
+
+class Missing(MidistralError):
+    """A job, variation or file the studio does not have (any more)."""
+
+
+class AudioUnavailable(MidistralError):
+    """No SoundFont or no fluidsynth on this machine: the page plays nothing but shows the rest."""
+
+
+@dataclass
+class Variation:
+    folder: Path
+    index: int
+    quality: dict
+    score: symusic.Score                # kept to render its audio on demand
+    audio_lock: threading.Lock = field(default_factory=threading.Lock)
+    roll_ready: threading.Event = field(default_factory=threading.Event)
+
+    def path(self, suffix: str) -> Path:
+        return self.folder / f"{self.index}{suffix}"
+
+
+@dataclass
+class Job:
+    id: str
+    request: Request
+    state: str = "queued"               # queued | running | done | failed
+    step: int = 0                       # tokens generated so far (of `total`, an upper bound)
+    total: int = 0
+    error: str | None = None
+    created: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    seconds: float | None = None        # from start to the end of the job
+    variations: list[Variation] = field(default_factory=list)
+
+
+def quality(sample) -> dict:
+    """The quality line of one variation: instruments, bars, loops, out-of-key, silent prompt instruments."""
+    score, m = sample.score, sample.metrics
+    return {
+        "instruments": [t.name for t in score.tracks if len(t.notes)],
+        "bars": music.n_bars(score), "notes": score.note_num(), "seconds": round(score.to("second").end(), 1),
+        "loops": round(m["loop_score"], 3), "out_of_key": round(m["out_of_key"], 3),
+        "silent": round(m["silent_share"], 3), "warnings": rejection_reasons(m), "line": sample.line,
+        "report": sample.report,
+    }
+
+
+class Studio:
+    """A Sampler behind a one-thread queue, with the jobs' files in a temporary folder."""
+
+    def __init__(self, sampler: Sampler, soundfont: str | None = None, name: str = ""):
+        self.sampler, self.name = sampler, name
+        self.audio_problem = None
+        try:
+            self.soundfont = music.find_soundfont(soundfont)
+            if shutil.which("fluidsynth") is None:
+                raise MidistralError("fluidsynth not found: install the fluidsynth package to hear the results")
+        except MidistralError as e:
+            self.soundfont, self.audio_problem = None, str(e)
+        # instruments, length in bars and accompaniment need the controls; without them the page
+        # offers Generate and Continue with a length in tokens
+        self.has_controls = controls is not None
+        self.length_in_bars = self.has_controls
+        self.modes = ["generate", "continue"] + (["add", "replace"] if hasattr(controls, "accompany") else [])
+        self.folder = Path(tempfile.mkdtemp(prefix="midistral-studio-"))
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.jobs_lock = threading.Lock()
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="studio-generate")
+        # importing matplotlib and drawing a first figure takes seconds: done now, not after the first Generate
+        self.worker.submit(music.piano_roll_png, symusic.Score(480), "")
+
+    def info(self) -> dict:
+        return {"model": self.name, "modes": {m: MODES[m] for m in self.modes},
+                "length_unit": "bars" if self.length_in_bars else "tokens", "instruments_steer": self.has_controls,
+                "audio": self.soundfont.name if self.soundfont else None, "audio_problem": self.audio_problem,
+                "defaults": {k: SAMPLE_DEFAULTS[k] for k in ("temperature", "top_k", "no_repeat_ngram")},
+                "context": self.sampler.context}
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------------
+    # The queue
+
+    def submit(self, request: Request) -> Job:
+        with self.jobs_lock:
+            waiting = sum(j.state == "queued" for j in self.jobs.values())
+            if waiting >= MAX_WAITING:
+                raise MidistralError(f"{waiting} generations are already waiting; try again when one is done")
+            job = Job(secrets.token_hex(8), request)
+            self.jobs[job.id] = job
+            self._forget_old_jobs()
+        self.worker.submit(self._run, job)
+        return job
+
+    def job(self, job_id: str) -> Job | None:
+        with self.jobs_lock:
+            return self.jobs.get(job_id)
+
+    def place_in_queue(self, job: Job) -> int:
+        """How many jobs run or wait before this one (0 once it runs)."""
+        if job.state != "queued":
+            return 0
+        with self.jobs_lock:
+            return sum(j.state in ("queued", "running") and j.created < job.created for j in self.jobs.values())
+
+    def _forget_old_jobs(self) -> None:
+        finished = [j for j in self.jobs.values() if j.state in ("done", "failed")]
+        for j in finished[:max(len(finished) - KEEP_JOBS, 0)]:
+            del self.jobs[j.id]
+            shutil.rmtree(self.folder / j.id, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------------
+    # Running a job (on the worker thread: one at a time)
+
+    def _run(self, job: Job) -> None:
+        job.state, job.started = "running", time.monotonic()
+        samples = []
+        try:
+            samples = self._sample(job)
+            folder = self.folder / job.id
+            folder.mkdir()
+            job.variations = [self._save_midi(folder, k, s) for k, s in enumerate(samples)]
+            job.state = "done"
+        except MidistralError as e:
+            job.error, job.state = str(e), "failed"
+        except Exception:  # our bug: the page says so, the terminal keeps the traceback
+            log.exception("generation %s failed", job.id)
+            job.error, job.state = "internal error: the studio's terminal shows what went wrong", "failed"
+        job.seconds = time.monotonic() - job.started
+        # the page shows the variations now; their piano rolls follow, drawn on this thread because
+        # matplotlib is not thread-safe
+        self._draw_rolls(job, samples)
+
+    def _sample(self, job: Job) -> list:
+        r = job.request
+
+        def progress(step: int, total: int) -> None:
+            job.step, job.total = step, total
+
+        common = dict(num_samples=r.variations, temperature=r.temperature, top_k=r.top_k or None,
+                      no_repeat_ngram=r.no_repeat_ngram or None, seed=r.seed, on_progress=progress)
+        if r.mode in ("add", "replace"):
+            return self.sampler.accompany(r.prompt, r.track_program, replace=r.mode == "replace",
+                                          prompt_name=r.prompt_name, **common)
+        steer = dict(bars=r.bars, programs=r.programs) if self.has_controls else {}
+        return self.sampler.sample(r.prompt, prompt_name=r.prompt_name or None, max_new_tokens=r.max_new_tokens,
+                                   **steer, **common)
+
+    def _save_midi(self, folder: Path, k: int, sample) -> Variation:
+        v = Variation(folder, k, quality(sample), sample.score)
+        atomic_write_bytes(v.path(".mid"), sample.midi_bytes())
+        return v
+
+    def _draw_rolls(self, job: Job, samples: list) -> None:
+        name = job.request.prompt_name
+        for v, sample in zip(job.variations, samples):
+            try:
+                title = f"Variation {v.index + 1}" + (f" of {name}" if name else "")
+                atomic_write_bytes(v.path(".png"), sample.piano_roll_png(title))
+            except Exception:
+                log.exception("piano roll of %s/%d failed", job.id, v.index)
+            finally:
+                v.roll_ready.set()
+
+    def piano_roll(self, v: Variation) -> Path:
+        """The variation's piano roll, once drawn."""
+        if not v.roll_ready.wait(ROLL_WAIT) or not v.path(".png").is_file():
+            raise Missing(f"the piano roll of variation {v.index + 1} could not be drawn")
+        return v.path(".png")
+
+    # ------------------------------------------------------------------------------------------------
+    # Audio, on demand (request threads; one render per variation)
+
+    def audio(self, v: Variation) -> Path:
+        if self.soundfont is None:
+            raise AudioUnavailable(self.audio_problem)
+        with v.audio_lock:
+            wav = v.path(".wav")
+            if not wav.is_file():
+                atomic_write_bytes(wav, music.render_wav(v.score, self.soundfont, sample_rate=AUDIO_RATE))
+            return wav

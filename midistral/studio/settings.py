@@ -1,0 +1,143 @@
+"""What one press of Generate asks for, read from the page's form and checked against the studio's limits.
+
+Every value a user can type is bounded here (lengths, variations, sampling settings, upload size), and
+a wrong one is a MidistralError whose one-line message the page shows as is.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import PurePath
+
+import symusic
+
+from midistral.errors import MidistralError
+from midistral.metrics import DRUM_PROGRAM
+from midistral.music import n_bars, track_program
+from midistral.sampler import SAMPLE_DEFAULTS
+from midistral.tokenize import GM_NAMES, load_score
+
+MODES = {
+    "generate": "Generate (from nothing)",
+    "continue": "Continue a MIDI file",
+    "add": "Add a track",
+    "replace": "Replace a track",
+}
+NEEDS_PROMPT = ("continue", "add", "replace")
+MAX_UPLOAD_BYTES = 5 * 2**20
+# (label on the page, lowest, highest, default); 0 turns top-k and the n-gram ban off
+BOUNDS = {
+    "variations": ("Variations", 1, 8, 2),
+    "bars": ("Length in bars", 1, 64, 8),
+    "tokens": ("Length in tokens", 16, 2048, 512),
+    "temperature": ("Temperature", 0.0, 2.0, SAMPLE_DEFAULTS["temperature"]),
+    "top_k": ("Top-k", 0, 200, SAMPLE_DEFAULTS["top_k"]),
+    "no_repeat_ngram": ("No-repeat n-gram", 0, 32, SAMPLE_DEFAULTS["no_repeat_ngram"]),
+    "seed": ("Seed", 0, 2**31 - 1, None),
+}
+FAMILIES = ("Piano", "Chromatic Percussion", "Organ", "Guitar", "Bass", "Strings", "Ensemble", "Brass", "Reed",
+            "Pipe", "Synth Lead", "Synth Pad", "Synth Effects", "Ethnic", "Percussive", "Sound Effects")
+
+
+class UploadTooLarge(MidistralError):
+    """An upload over MAX_UPLOAD_BYTES."""
+
+
+def instruments() -> list[dict]:
+    """The General MIDI instruments the page offers, drums first (program -1)."""
+    kit = [{"program": DRUM_PROGRAM, "name": "Drums", "family": "Drums"}]
+    return kit + [{"program": p, "name": GM_NAMES[p], "family": FAMILIES[p // 8]} for p in range(128)]
+
+
+@dataclass
+class Request:
+    """One generation, checked: the sampler is called with exactly these values."""
+
+    mode: str
+    prompt: bytes | None        # the uploaded MIDI file (None: from nothing)
+    prompt_name: str            # the upload's file name, for messages and download names
+    programs: list[int] | None  # instruments the new music may use (None: the model chooses)
+    track_program: int | None   # the instrument of the added / replaced track
+    bars: int | None            # length in bars (when the sampler takes bars)
+    max_new_tokens: int | None  # length in tokens (when it does not)
+    temperature: float
+    top_k: int
+    no_repeat_ngram: int
+    variations: int
+    seed: int
+
+    @property
+    def stem(self) -> str:
+        """A safe base name for downloads: the prompt's name (letters, digits, - and _) or 'midistral'."""
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", PurePath(self.prompt_name).stem).strip("_")[:40]
+        return stem or "midistral"
+
+
+def number(form, key: str, kind=int):
+    """The form's value for `key` within BOUNDS (its default when left empty)."""
+    label, lo, hi, default = BOUNDS[key]
+    raw = str(form.get(key) or "").strip()
+    if raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise MidistralError(f"{label}: {raw!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if not lo <= value <= hi:
+        raise MidistralError(f"{label} must be between {lo} and {hi}, got {raw}")
+    return value
+
+
+def program(raw: str, label: str) -> int:
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise MidistralError(f"{label}: {raw!r} is not an instrument number (-1 = drums, 0..127)") from None
+    if not DRUM_PROGRAM <= value <= 127:
+        raise MidistralError(f"{label}: {value} is not an instrument number (-1 = drums, 0..127)")
+    return value
+
+
+def read_prompt(data: bytes, name: str) -> symusic.Score:
+    """The uploaded file as a Score, or a MidiError saying why it is not a usable MIDI file."""
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise UploadTooLarge(f"{name}: {len(data) / 2**20:.1f} MB is more than the "
+                             f"{MAX_UPLOAD_BYTES // 2**20} MB a prompt may have")
+    return load_score(data, name)
+
+
+def describe_prompt(score: symusic.Score, name: str) -> dict:
+    """What the page shows about an uploaded prompt: its instruments, bars and length."""
+    tracks = [{"name": "Drums" if t.is_drum else GM_NAMES[t.program], "program": track_program(t),
+               "notes": len(t.notes)} for t in score.tracks if len(t.notes)]
+    return {"name": name, "tracks": tracks, "bars": n_bars(score), "notes": score.note_num(),
+            "seconds": round(score.to("second").end(), 1)}
+
+
+def parse_request(form, prompt: bytes | None, prompt_name: str, modes: list[str], length_in_bars: bool) -> Request:
+    """A Request from the page's form fields (strings) and the uploaded file, or a MidistralError."""
+    mode = str(form.get("mode") or "generate")
+    if mode not in modes:
+        raise MidistralError(f"mode {mode!r} is not available here (available: {', '.join(modes)})")
+    if mode in NEEDS_PROMPT:
+        if not prompt:
+            raise MidistralError(f"{MODES[mode]} needs a MIDI file: choose one, or pick Generate to start from nothing")
+        read_prompt(prompt, prompt_name)
+    else:
+        prompt, prompt_name = None, ""
+    raw_programs = [p for p in str(form.get("programs") or "").split(",") if p.strip()]
+    track = form.get("track_program")
+    if mode in ("add", "replace") and not str(track or "").strip():
+        raise MidistralError(f"{MODES[mode]}: choose the instrument of the track")
+    seed = number(form, "seed")
+    return Request(
+        mode=mode, prompt=prompt, prompt_name=prompt_name,
+        programs=[program(p, "Instruments") for p in raw_programs] or None,
+        track_program=program(track, "Track instrument") if mode in ("add", "replace") else None,
+        bars=number(form, "bars") if length_in_bars and mode not in ("add", "replace") else None,
+        max_new_tokens=None if length_in_bars else number(form, "tokens"),
+        temperature=number(form, "temperature", float), top_k=number(form, "top_k"),
+        no_repeat_ngram=number(form, "no_repeat_ngram"), variations=number(form, "variations"),
+        seed=secrets.randbelow(2**31) if seed is None else seed)
