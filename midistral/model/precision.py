@@ -92,7 +92,8 @@ class Int8Linear(nn.Module):
 # bench/generate.py; a precision missing from a row is not offered there (too slow, or it misses the quality
 # guard: NLL within 0.5% (bf16) / 1.5% (int8) of fp32, argmax agreement >= 99% / 97%).
 LINEARS = {
-    "AVX2": {"fp32": (OneDNNLinear, torch.float32), "int8": (Int8Linear, torch.bfloat16)},
+    "AVX2": {"fp32": (OneDNNLinear, torch.float32), "bf16": (BF16Linear, torch.bfloat16),
+             "int8": (Int8Linear, torch.bfloat16)},
     "AVX512": {"fp32": (OneDNNLinear, torch.float32), "bf16": (BF16Linear, torch.bfloat16),
                "int8": (Int8Linear, torch.bfloat16)},
     "cuda": {"fp32": (None, torch.float32), "bf16": (BF16Linear, torch.bfloat16), "int8": (Int8Linear, torch.bfloat16)},
