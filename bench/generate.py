@@ -212,13 +212,14 @@ def main():
     ap.add_argument("--precision", nargs="+", help="per-precision table (fp32 must be among them)")
     ap.add_argument("--ckpt", type=Path, help="a trained run (best/ and data/) for the quality guard")
     ap.add_argument("--new", type=int, default=1024, help="new tokens per precision measurement")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with other jobs)")
     ap.add_argument("--memory-child", nargs=4, metavar=("FOLDER", "NEW", "PRECISION", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         f, n, p, b = args.memory_child
         return memory_child(f, int(n), p, int(b))
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}")
     hf = hf_model()
     with tempfile.TemporaryDirectory() as tmp:
