@@ -2,6 +2,7 @@
 
     python bench/generate.py                  # speed at batch 1 and 8, floor, memory (about 10 minutes)
     python bench/generate.py --quick          # fewer tokens
+    python bench/generate.py --precision fp32 bf16 int8 --ckpt runs/chorales   # per-precision table + guard
 
 The reference model of the report (24M parameters: vocab 5000, hidden 512, intermediate 1024, 8 layers,
 4 heads, 2 KV heads, sliding window 512, 8192 positions) with random weights, built once as a transformers
@@ -15,6 +16,12 @@ through a matrix-vector product, measured here; no decoder can beat it at batch 
 Memory: peak resident set (resource.getrusage ru_maxrss) of a fresh subprocess per measurement that
 loads the model and generates N new tokens with ours, for N = 2,048 and 16,384. Both subprocesses use a
 config with 32,768 positions so the lengths fit and the RoPE tables are the same size in both.
+
+Precisions (`--precision`): per precision, ms/step at batch 1 and 8 and the ratio to transformers' fp32
+generate of the same run, peak RSS of a fresh process sampling at batch 8, and the quality guard: mean
+teacher-forced NLL per token and argmax agreement with fp32, through the decode path itself (one token per
+step against the ring), on real sequences of a trained checkpoint (`--ckpt`: its data/test split and its
+held-in train split).
 """
 
 from __future__ import annotations
@@ -81,15 +88,15 @@ def floor_ms(model) -> tuple[float, float]:
         return timed(stream, repeat=5) / 20 * 1e3, mb
 
 
-def speed(ours, hf, batch: int, prompt_len: int, new: int) -> dict:
+def speed(ours, hf, batch: int, prompt_len: int, new: int, precision: str = "fp32") -> dict:
     from midistral.generate import generate
 
     g = torch.Generator().manual_seed(batch)
     prompt = torch.randint(3, REF["vocab_size"], (batch, prompt_len), generator=g)
     res = {}
     with torch.inference_mode():
-        generate(ours, prompt[:, :16], 8, seed=0, **SETTINGS)  # warm up
-        t = timed(lambda: generate(ours, prompt, new, seed=0, **SETTINGS))
+        generate(ours, prompt[:, :16], 8, seed=0, precision=precision, **SETTINGS)  # warm up, converts weights
+        t = timed(lambda: generate(ours, prompt, new, seed=0, precision=precision, **SETTINGS))
         res["ours_tok_s"] = batch * new / t
         res["ours_ms_step"] = t / new * 1e3
         hf_kw = dict(do_sample=True, top_k=6, temperature=0.5, no_repeat_ngram_size=6, max_new_tokens=new,
@@ -101,33 +108,118 @@ def speed(ours, hf, batch: int, prompt_len: int, new: int) -> dict:
     return res
 
 
-def memory_child(folder: str, new: int) -> None:
-    """Run in a fresh process: load ours, generate `new` tokens at batch 1, print peak RSS as JSON."""
+def memory_child(folder: str, new: int, precision: str = "fp32", batch: int = 1) -> None:
+    """Run in a fresh process: load ours, generate `new` tokens, print peak RSS as JSON."""
     from midistral.generate import generate
     from midistral.model import from_hf
 
     torch.set_num_threads(2)
     model = from_hf(folder).eval()
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    prompt = torch.randint(3, REF["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(3, REF["vocab_size"], (batch, 64), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
-    out = generate(model, prompt, new, seed=0, **SETTINGS)
+    out = generate(model, prompt, new, seed=0, precision=precision, **SETTINGS)
     dt = time.perf_counter() - t0
     assert out.shape[1] == 64 + new
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"new": new, "peak_mb": rss / 1024, "loaded_mb": rss_loaded / 1024, "seconds": dt}))
 
 
+def teacher_forced(runner, ids: torch.Tensor):
+    """Logits (B, N, V) of every next token, fed one token per step through the decode path."""
+    from midistral.model import RollingKVCache
+
+    cache = RollingKVCache.for_model(runner, ids.shape[0])
+    out = [runner(ids[:, :1], cache=cache, start_pos=0)[:, -1]]
+    for pos in range(1, ids.shape[1]):
+        out.append(runner(ids[:, pos, None], cache=cache, start_pos=pos)[:, -1])
+    return torch.stack(out, 1).float()
+
+
+def quality(ckpt: Path, precisions, n_seq: int = 8) -> dict:
+    """Per split and precision: mean NLL per token, relative delta to fp32, argmax agreement with fp32."""
+    from midistral.data.dataset import TokenChunks
+    from midistral.model import Transformer
+    from midistral.model.precision import convert
+
+    model = Transformer.load(ckpt / "best").eval()
+    cfg = model.config
+    res = {}
+    for split in ("test", "train"):  # the chorales' test split; held-in files (the training split)
+        chunks = TokenChunks(ckpt / "data", split, 64, 512, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)
+        # the longest chunks: past the sliding window, so the ring wraps
+        order = sorted(range(len(chunks)), key=lambda i: -chunks.chunk_len[i])[:n_seq]
+        x, y = chunks.batch(order)
+        real = y != -100
+        with torch.inference_mode():
+            logits = {p: teacher_forced(convert(model, p), x) for p in precisions}
+        ref = logits["fp32"].argmax(-1)
+        for p, lg in logits.items():
+            nll = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), y.reshape(-1)).item()
+            agree = (lg.argmax(-1) == ref)[real].float().mean().item()
+            res[split, p] = dict(nll=nll, agree=agree, tokens=int(real.sum()))
+        for p in precisions:
+            res[split, p]["delta"] = res[split, p]["nll"] / res[split, "fp32"]["nll"] - 1
+    return res
+
+
+def precision_table(ours, hf, precisions, folder: Path, ckpt: Path | None, new: int) -> None:
+    """Speed and memory for the precisions offered here; the quality guard for every one asked for."""
+    from midistral.model import available_precisions
+    from midistral.model.precision import device_kind
+
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()} ({device_kind()}); flags: {cpu_flags()}")
+    q = quality(ckpt, precisions) if ckpt else {}
+    for p in precisions:
+        if p not in available_precisions():
+            print(f"{p}: not offered here; " + "; ".join(
+                f"{s} NLL {q[s, p]['nll']:.4f} ({100 * q[s, p]['delta']:+.2f}%), argmax agreement {100 * q[s, p]['agree']:.1f}%"
+                for s in ("test", "train") if (s, p) in q), flush=True)
+            continue
+        line = f"{p}:"
+        for batch in (1, 8):
+            r = speed(ours, hf, batch, prompt_len=128, new=new, precision=p)
+            line += (f" batch {batch} {r['ours_ms_step']:.2f} ms/step (transformers {r['hf_ms_step']:.2f}, "
+                     f"{r['hf_ms_step'] / r['ours_ms_step']:.2f}x);")
+        m = memory(folder, 256, p, 8)
+        line += f" peak RSS b8 {m['peak_mb']:.0f} MB (+{m['peak_mb'] - m['loaded_mb']:.0f} MB after load)"
+        for split in ("test", "train"):
+            if (split, p) in q:
+                g = q[split, p]
+                line += (f"; {split} NLL {g['nll']:.4f} ({100 * g['delta']:+.2f}%), argmax agreement "
+                         f"{100 * g['agree']:.1f}% of {g['tokens']}")
+        print(line, flush=True)
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
+
+
+def memory(folder: Path, new: int, precision: str = "fp32", batch: int = 1) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", str(folder), str(new), precision, str(batch)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--memory-child", nargs=2, metavar=("FOLDER", "NEW"), help=argparse.SUPPRESS)
+    ap.add_argument("--precision", nargs="+", help="per-precision table (fp32 must be among them)")
+    ap.add_argument("--ckpt", type=Path, help="a trained run (best/ and data/) for the quality guard")
+    ap.add_argument("--new", type=int, default=1024, help="new tokens per precision measurement")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with other jobs)")
+    ap.add_argument("--memory-child", nargs=4, metavar=("FOLDER", "NEW", "PRECISION", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
-        return memory_child(args.memory_child[0], int(args.memory_child[1]))
+        f, n, p, b = args.memory_child
+        return memory_child(f, int(n), p, int(b))
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}")
     hf = hf_model()
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,6 +228,8 @@ def main():
         print(f"model: {n_params / 1e6:.1f}M parameters, {n_params * 4 / 2**20:.0f} MB fp32")
         fl, mb = floor_ms(ours)
         print(f"floor: streaming {mb:.0f} MB of decode-step weights through matvec = {fl:.2f} ms/token")
+        if args.precision:
+            return precision_table(ours, hf, args.precision, Path(tmp) / "ref", args.ckpt, args.new)
 
         # 1,024 new tokens is sample.py's default; 256 shows a short piece (transformers' per-step cost grows
         # with the length: its n-gram ban rescans the whole sequence every step).
@@ -154,9 +248,7 @@ def main():
             long_hf.load_state_dict(hf.state_dict())
             long_hf.save_pretrained(Path(tmp) / "long")
             for n in ((256, 2048) if args.quick else (2048, 16384)):
-                out = subprocess.run([sys.executable, __file__, "--memory-child", str(Path(tmp) / "long"), str(n)],
-                                     capture_output=True, text=True, check=True)
-                m = json.loads(out.stdout.strip().splitlines()[-1])
+                m = memory(Path(tmp) / "long", n)
                 print(f"memory, {m['new']:>6} new tokens (batch 1, fresh process): peak RSS {m['peak_mb']:.0f} MB "
                       f"(after load {m['loaded_mb']:.0f} MB, +{m['peak_mb'] - m['loaded_mb']:.0f} MB while "
                       f"generating; {m['new'] / m['seconds']:.0f} tok/s)", flush=True)

@@ -1,7 +1,8 @@
 """Load a transformers `MistralForCausalLM.save_pretrained` folder without importing transformers.
 
 The folder holds config.json and model.safetensors (or shards listed in model.safetensors.index.json).
-Our parameter names are transformers' without the leading "model.", so the mapping is one line.
+Our checkpoint names are transformers' without the leading "model." (model.py fuses q/k/v and gate/up on
+load), so the mapping is one line.
 """
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from midistral.errors import CheckpointError
 from midistral.model.config import ModelConfig
 from midistral.model.model import Transformer
 
 
 def from_hf(path: str | Path, device: str | None = None) -> Transformer:
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: missing config.json (not a save_pretrained folder)")

@@ -9,7 +9,7 @@ reads fastest, built once per (model, precision) and reused by every generate ca
 `prepare_for_decode(model, precision)` returns a copy of the model that shares every tensor it does not
 convert (embedding, norms, RoPE tables) and runs the model's own forward; only its nn.Linear modules are
 swapped. The copy is rebuilt when any parameter of the model changed in place since (training).
-Which precisions run where is the one table `LINEARS` below (chosen by measuring, bench/RESULTS.md).
+Which precisions run where is the one table `OFFERED` below (chosen by measuring, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -87,19 +87,18 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).view(*shape[:-1], -1)
 
 
-# What runs where: device kind (CPU capability from torch.backends.cpu.get_cpu_capability(), or "cuda") ->
-# precision -> (linear layer, KV ring dtype). None = the model's own nn.Linear. Measured per machine in
-# bench/generate.py; a precision missing from a row is not offered there (too slow, or it misses the quality
-# guard: NLL within 0.5% (bf16) / 1.5% (int8) of fp32, argmax agreement >= 99% / 97%).
-LINEARS = {
-    "AVX2": {"fp32": (OneDNNLinear, torch.float32), "int8": (Int8Linear, torch.bfloat16)},
-    "AVX512": {"fp32": (OneDNNLinear, torch.float32), "bf16": (BF16Linear, torch.bfloat16),
-               "int8": (Int8Linear, torch.bfloat16)},
-    "cuda": {"fp32": (None, torch.float32), "bf16": (BF16Linear, torch.bfloat16), "int8": (Int8Linear, torch.bfloat16)},
-    "other": {"fp32": (None, torch.float32)},
-}
-# The default: the fastest precision that passes the guard, per device kind.
-DEFAULTS = {"AVX2": "int8", "AVX512": "int8", "cuda": "bf16", "other": "fp32"}
+# How each precision is built: (linear layer, KV ring dtype); None = the model's own nn.Linear. On CPU fp32 uses
+# the oneDNN-prepacked layer where the build has oneDNN (OneDNNLinear falls back to the plain product).
+BUILD = {"fp32": (OneDNNLinear, torch.float32), "bf16": (BF16Linear, torch.bfloat16), "int8": (Int8Linear, torch.bfloat16)}
+BUILD_CUDA = {"fp32": (None, torch.float32), "bf16": (BF16Linear, torch.bfloat16), "int8": (Int8Linear, torch.bfloat16)}
+
+# What runs where, default first: device kind (CPU capability from torch.backends.cpu.get_cpu_capability(),
+# or "cuda") -> precisions offered. Measured with bench/generate.py --precision (bench/RESULTS.md): a
+# precision is offered where it is faster than fp32 and passes the quality guard (teacher-forced NLL within
+# 0.5% (bf16) / 1.5% (int8) of fp32, argmax agreement >= 99% / 97%). bf16 missed the argmax guard
+# (98.4-98.8%) on the chorales checkpoint measured, so it is offered nowhere yet; AVX-512 and CUDA rows are
+# unmeasured (no such machine here) and follow AVX2's.
+OFFERED = {"AVX2": ("int8", "fp32"), "AVX512": ("int8", "fp32"), "cuda": ("fp32", "int8"), "other": ("fp32",)}
 
 
 def device_kind(device: torch.device | str = "cpu") -> str:
@@ -108,16 +107,17 @@ def device_kind(device: torch.device | str = "cpu") -> str:
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):
         return "AVX512"
-    return capability if capability in LINEARS else "other"
+    return capability if capability in OFFERED else "other"
 
 
 def available_precisions(device: torch.device | str = "cpu") -> list[str]:
     """The precisions sampling can run in on this machine (`device`), fp32 first."""
-    return [p for p in PRECISIONS if p in LINEARS[device_kind(device)]]
+    return [p for p in PRECISIONS if p in OFFERED[device_kind(device)]]
 
 
 def default_precision(device: torch.device | str = "cpu") -> str:
-    return DEFAULTS[device_kind(device)]
+    """The fastest precision that passes the quality guard here."""
+    return OFFERED[device_kind(device)][0]
 
 
 def check_precision(precision: str, device: torch.device | str = "cpu") -> str:
@@ -143,11 +143,13 @@ def prepare_for_decode(model: nn.Module, precision: str = "fp32") -> nn.Module:
     versions = tuple(p._version for p in model.parameters())
     per_model = _PREPARED.setdefault(model, {})
     if precision not in per_model or per_model[precision][0] != versions:
-        per_model[precision] = (versions, _convert(model, *LINEARS[device_kind(device)][precision]))
+        per_model[precision] = (versions, convert(model, precision))
     return per_model[precision][1]
 
 
-def _convert(model: nn.Module, linear_cls, kv_dtype: torch.dtype) -> nn.Module:
+def convert(model: nn.Module, precision: str) -> nn.Module:
+    """The copy of `model` in `precision` (not cached, not checked against OFFERED: for measuring)."""
+    linear_cls, kv_dtype = (BUILD_CUDA if next(model.parameters()).is_cuda else BUILD)[precision]
     if linear_cls is None and kv_dtype == next(model.parameters()).dtype:
         return model
     # a copy of the module tree that shares every tensor (no parameter is copied)

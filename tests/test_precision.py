@@ -1,0 +1,94 @@
+"""Sampling precisions (midistral/model/precision.py): int8 per-channel quantization bounds, the bf16/int8 decode
+step against the exact fp32 model across the ring's wrap-around, reproducibility, and the error for a
+precision this machine cannot run."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from midistral.errors import MidistralError
+from midistral.generate import generate
+from midistral.model import ModelConfig, RollingKVCache, Transformer, available_precisions, default_precision, prepare_for_decode
+from midistral.model.precision import Int8Linear, dequantize, quantize_per_channel
+
+# Stated tolerances of a decode step's logits against the fp32 model's, relative to the largest |logit|.
+TOLERANCE = {"fp32": 1e-5, "bf16": 0.03, "int8": 0.06}
+
+
+def small_model(seed=0, window=8):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, sliding_window=window, max_position_embeddings=256, initializer_range=0.1)
+    return Transformer(cfg).eval()
+
+
+def test_quantize_round_trip_bounds_per_channel():
+    g = torch.Generator().manual_seed(0)
+    # rows of very different magnitudes (one scale per output channel must follow each), one all-zero row
+    w = torch.randn(48, 96, generator=g) * torch.logspace(-4, 1, 48)[:, None]
+    w[7] = 0
+    q, scale = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.bfloat16 and scale.shape == (48,)
+    assert int(q.abs().max()) <= 127
+    err = (w - dequantize(q, scale)).abs().amax(dim=1)
+    row_max = w.abs().amax(dim=1)
+    s = scale.float()
+    assert (err <= s / 2 * (1 + 1e-6)).all()  # rounding to the nearest step, never clamped
+    assert (s >= row_max / 127).all() and (s <= row_max / 127 * (1 + 2**-7) + 1e-11).all()  # the row's own range
+    assert (err[7] == 0) and (q[7] == 0).all()
+
+
+def test_int8_linear_equals_product_with_dequantized_weight():
+    g = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(64, 40, bias=False)
+    x = torch.randn(3, 5, 64, generator=g)
+    layer = Int8Linear(lin)
+    want = F.linear(x.bfloat16().float(), dequantize(layer.weight, layer.scale))
+    got = layer(x)
+    assert got.shape == (3, 5, 40) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0.02 * want.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("precision", available_precisions())
+def test_decode_step_close_to_fp32_across_ring_wrap(precision):
+    model = small_model()
+    ids = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(2))
+    runner = prepare_for_decode(model, precision)
+    agree = 0
+    with torch.inference_mode():
+        cache = RollingKVCache.for_model(runner, 2)
+        runner(ids[:, :5], cache=cache, start_pos=0)
+        for pos in range(5, 30):  # window 8: the ring wraps three times
+            got = runner(ids[:, pos, None], cache=cache, start_pos=pos)[:, -1]
+            want = model(ids[:, :pos + 1])[:, -1]
+            assert (got - want).abs().max() <= TOLERANCE[precision] * want.abs().max(), (precision, pos)
+            agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+    assert agree >= 0.9 * 2 * 25
+
+
+def test_same_seed_same_precision_same_output():
+    model = small_model()
+    prompt = torch.randint(3, 61, (2, 6), generator=torch.Generator().manual_seed(3))
+    for precision in available_precisions():
+        a = generate(model, prompt, 40, seed=7, precision=precision)
+        b = generate(model, prompt, 40, seed=7, precision=precision)
+        assert torch.equal(a, b), precision
+
+
+def test_converted_weights_are_built_once_and_follow_training():
+    model = small_model()
+    precision = available_precisions()[-1]
+    first = prepare_for_decode(model, precision)
+    assert prepare_for_decode(model, precision) is first  # cached per (model, precision)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)  # an optimizer step changes parameters in place
+    assert prepare_for_decode(model, precision) is not first
+
+
+def test_precision_the_machine_cannot_run_is_one_line_error():
+    model = small_model()
+    with pytest.raises(MidistralError) as e:
+        generate(model, torch.zeros(1, 3, dtype=torch.long), 4, precision="fp8")
+    msg = str(e.value)
+    assert "\n" not in msg and "'fp8'" in msg and all(p in msg for p in available_precisions())
+    assert default_precision() in available_precisions() and available_precisions()[0] == "fp32"
