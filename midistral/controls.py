@@ -21,7 +21,9 @@ import symusic
 import torch
 
 from midistral.errors import MidistralError, MidiError
-from midistral.generate import NoRepeatNGram, RollingKVCache, model_config, sample_next
+from midistral.generate import NoRepeatNGram, sample_next
+from midistral.model import RollingKVCache, prepare_for_decode
+from midistral.model.cache import model_config
 from midistral.tokenize import GM_NAMES, load_score
 from midistral.tokenize.bpe import CHR_OFFSET, METASPACE
 from midistral.tokenize.grammar import expansions
@@ -465,10 +467,8 @@ def accompany(model, tok, score_or_path, program, *, bars=None, replace=False, t
     them for the piece with its new notes, so the stream the model reads stays an exact encoding. The
     walk offers only ids that keep the stream valid, so every id decodes: `grammar` is accepted for the
     common signature and changes nothing. At most `max_notes_per_tick` new notes start together.
-    Only precision="fp32" is supported here (a one-line error otherwise).
+    `precision` is the decode path's, as in generate() (midistral.model.precision).
     """
-    if precision != "fp32":
-        raise MidistralError(f"accompany: precision {precision!r} is not supported (fp32 only)")
     score = load_score(score_or_path)
     label = str(score_or_path) if not isinstance(score_or_path, symusic.Score) else "the piece"
     program = parse_program(program, "replace-track" if replace else "add-track")
@@ -486,7 +486,7 @@ def accompany(model, tok, score_or_path, program, *, bars=None, replace=False, t
     if context.note_num() == 0:
         raise MidiError(f"{label}: has no notes besides {program_name(program)}'s to accompany")
     walk = _Walk(model, tok, context, program, parse_bar_range(bars) if bars is not None else None,
-                 temperature, top_k, no_repeat_ngram_size, seed, max_notes_per_tick)
+                 temperature, top_k, no_repeat_ngram_size, seed, max_notes_per_tick, precision)
     new = walk.run()
     out = score.copy()
     if replace:
@@ -513,13 +513,11 @@ class _Feeder:
     """Runs the model over the ids of the walk with one rolling KV cache: forced runs as chunks, single ids
     with the model's decode step. Past the model's positions it re-reads the last window at position 0."""
 
-    def __init__(self, model):
-        self.model = model
-        cfg = model_config(model)
-        self.max_pos = cfg.max_position_embeddings
-        self.cache = RollingKVCache.for_model(model, 1)
+    def __init__(self, model, precision: str = "fp32"):
+        self.model = prepare_for_decode(model, precision)  # the decode path generate() uses, built once
+        self.max_pos = model_config(model).max_position_embeddings
+        self.cache = RollingKVCache.for_model(self.model, 1)
         self.window = self.cache.window
-        self.step = model.decoder(self.cache) if hasattr(model, "decoder") else None
         self.history: list[int] = []
         self.pos = 0
 
@@ -527,16 +525,12 @@ class _Feeder:
         """Logits (V,) after the last of `ids`."""
         if self.pos + len(ids) > self.max_pos:  # restart the positions with the last window re-read
             tail = self.history[-(self.window - 1):] if self.window > 1 else []
-            self.cache.reset()
+            self.cache = RollingKVCache.for_model(self.model, 1)
             self.history, self.pos = [], 0
             ids = tail + ids
         self.history += ids
         if len(self.history) > 4 * self.window:
             del self.history[:-self.window]
-        if len(ids) == 1 and self.step is not None:
-            logits = self.step(torch.tensor(ids), self.pos)[0]
-            self.pos += 1
-            return logits
         for s in range(0, len(ids), self.window):
             chunk = torch.tensor([ids[s:s + self.window]])
             logits = self.model(chunk, cache=self.cache, start_pos=self.pos)[0, -1]
@@ -555,8 +549,9 @@ class _Node:
 class _Walk:
     """The accompaniment walk: existing groups of tokens (one per tick) forced, new notes sampled between."""
 
-    def __init__(self, model, tok, context, program, bar_range, temperature, top_k, ngram, seed, max_per_tick):
-        self.model, self.tok, self.program = model, tok, program
+    def __init__(self, model, tok, context, program, bar_range, temperature, top_k, ngram, seed, max_per_tick,
+                 precision="fp32"):
+        self.model, self.tok, self.program, self.precision = model, tok, program, precision
         self.temperature, self.top_k, self.max_per_tick = temperature, top_k, max_per_tick
         self.fam = tok.family.tolist()
         self.prog_tok = tok.program_id[program]
@@ -745,7 +740,7 @@ class _Walk:
         self.t_cur = self.groups[0][0]
         self.base, self.pending, self.held = [], [], []
         self._force(bos + first, hold=True)
-        self.feeder = _Feeder(self.model)
+        self.feeder = _Feeder(self.model, self.precision)
         self.ngram = NoRepeatNGram(self.ngram_size, torch.tensor([[0]])) if self.ngram_size else None
         self.n_sampled = 0
         self.note_allowed: dict = {}
