@@ -357,7 +357,7 @@ class BarsConstraint:
         """Per id: OK, CLOSES (reaches the bar line after the last bar, properly) or FORBIDDEN."""
         clock, entered = row["clock"], row["clock"].cur_bar - row["start"]
         if not clock.seen_ts and not clock.seen_note:  # the stream must open with [Bar] TimeSig
-            return np.where(self._early[len(clock.history) > 0], OK, FORBIDDEN).astype(np.int8)
+            return np.where(self._early[clock.cur_bar >= 0], OK, FORBIDDEN).astype(np.int8)  # a Bar was read
         key = clock.key() + (self.n - entered,)
         if key in row["cache"]:
             return row["cache"][key]

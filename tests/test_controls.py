@@ -208,6 +208,22 @@ def test_bars_exact_after_a_real_prompt_with_grammar(tok, bpe_tok, dev_midi_file
     assert checked >= 3
 
 
+def test_bars_from_nothing_with_grammar_and_programs(tok):
+    """From BOS alone the stream opens with a Bar (the grammar asks for one): the three constraints together
+    always leave an id to sample, and the decoded piece has exactly n bars in the chosen programs."""
+    model = tiny_transformer(len(tok), seed=0)
+    bos = torch.tensor([[tok.bos_id]] * 2)
+    for seed in range(6):
+        con = BarsConstraint(tok, 3)
+        out = generate(model, bos, bars_token_budget(model, 1), temperature=0.8, top_k=20, no_repeat_ngram_size=4,
+                       eos_id=tok.eos_id, seed=seed,
+                       constraints=[GrammarConstraint(tok), ProgramsConstraint(tok, [-1, 33]), con])
+        for row, done in zip(out.numpy(), con.complete):
+            assert done
+            assert decoded_bar_of_notes(tok.decode(row)).max() + 1 == 3
+            assert set(_programs_of_new_notes(tok, bos[:1], row)) <= {-1, 33}
+
+
 def test_bars_refuses_zero(tok):
     with pytest.raises(MidistralError, match="bars: 0"):
         BarsConstraint(tok, 0)
