@@ -42,6 +42,8 @@ from midistral.tokenize.remi import REMI, Family
 
 
 class State(IntEnum):
+    """The kind of the last base token: the grammar's state (with the bar's last Position and the meter)."""
+
     START = 0
     BAR = 1
     TIME_SIG = 2

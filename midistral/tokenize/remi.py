@@ -153,8 +153,34 @@ class REMI:
         self.default_tempo_idx = int(np.argmin(np.abs(self.tempos - 120)))
         self.time_sigs = [(num, den) for den, nums in c.time_signature_range.items() for num in nums]
         self.programs = list(set(c.programs))  # CPython's set order, as MidiTok iterates it
-        max_num = max(num for num, _ in self.time_sigs)
+        self.id_to_token = tokens = self._base_tokens()
+        self.vocab = {t: i for i, t in enumerate(tokens)}
 
+        v = self.vocab
+        special = {t: v.get(f"{t}_None") for t in ("PAD", "BOS", "EOS", "MASK")}
+        self.pad_id, self.bos_id, self.eos_id, self.mask_id = (special[k] for k in ("PAD", "BOS", "EOS", "MASK"))
+        self.special_ids = [v[f"{t}_None"] for t in c.special_tokens]
+        self.bar0 = v["Bar_None"] if c.max_bar_embedding is None else v["Bar_0"]
+        self.pitch0 = v[f"Pitch_{c.pitch_range[0]}"]
+        self.drum0 = v[f"PitchDrum_{c.drums_pitch_range[0]}"]
+        self.vel0 = v[f"Velocity_{self.velocities[0]}"]
+        self.dur0 = v["Duration_{}.{}.{}".format(*self.durations[0])]
+        self.pos0 = v["Position_0"]
+        self.rest0 = v["Rest_{}.{}.{}".format(*self.rests[0])]
+        self.tempo0 = v[f"Tempo_{float(self.tempos[0])}"] if c.use_tempos else None
+        self.chord0 = v[f"Chord_{next(iter(c.chord_maps))}"] if c.use_chords else None
+        self.program_id = {p: v[f"Program_{p}"] for p in self.programs}
+        self.program_of = {i: p for p, i in self.program_id.items()}
+        self.ts_id = {ts: v[f"TimeSig_{ts[0]}/{ts[1]}"] for ts in self.time_sigs}
+        self.chord_qualities = {tuple(m): i for i, m in reversed(list(enumerate(c.chord_maps.values())))}
+        # the family of each base id (Family values)
+        self.family = np.array([_FAMILY_OF_PREFIX.get(t.split("_", 1)[0], Family.SPECIAL) for t in tokens],
+                               dtype=np.int8)
+
+    def _base_tokens(self) -> list[str]:
+        """The base vocabulary in MidiTok's order (remi-spec §1)."""
+        c = self.config
+        max_num = max(num for num, _ in self.time_sigs)
         tokens = [f"{t}_None" for t in c.special_tokens]
         if c.max_bar_embedding is None:
             tokens.append("Bar_None")
@@ -172,29 +198,7 @@ class REMI:
             tokens += [f"Tempo_{float(t)}" for t in self.tempos]
         tokens += [f"Program_{p}" for p in self.programs]
         tokens += [f"TimeSig_{n}/{d}" for n, d in self.time_sigs]
-        self.id_to_token = tokens
-        self.vocab = {t: i for i, t in enumerate(tokens)}
-
-        v = self.vocab
-        special = {t: v.get(f"{t}_None") for t in ("PAD", "BOS", "EOS", "MASK")}
-        self.pad_id, self.bos_id, self.eos_id, self.mask_id = (special[k] for k in ("PAD", "BOS", "EOS", "MASK"))
-        self.special_ids = {v[f"{t}_None"] for t in c.special_tokens}
-        self.bar_ids = (v["Bar_None"],) if c.max_bar_embedding is None else (v["Bar_0"],)  # first id of the family
-        self.pitch0 = v[f"Pitch_{c.pitch_range[0]}"]
-        self.drum0 = v[f"PitchDrum_{c.drums_pitch_range[0]}"]
-        self.vel0 = v[f"Velocity_{self.velocities[0]}"]
-        self.dur0 = v["Duration_{}.{}.{}".format(*self.durations[0])]
-        self.pos0 = v["Position_0"]
-        self.rest0 = v["Rest_{}.{}.{}".format(*self.rests[0])]
-        self.tempo0 = v[f"Tempo_{float(self.tempos[0])}"] if c.use_tempos else None
-        self.chord0 = v[f"Chord_{next(iter(c.chord_maps))}"] if c.use_chords else None
-        self.program_id = {p: v[f"Program_{p}"] for p in self.programs}
-        self.program_of = {i: p for p, i in self.program_id.items()}
-        self.ts_id = {ts: v[f"TimeSig_{ts[0]}/{ts[1]}"] for ts in self.time_sigs}
-        self.chord_qualities = {tuple(m): i for i, m in reversed(list(enumerate(c.chord_maps.values())))}
-        # the family of each base id (Family values)
-        self.family = np.array([_FAMILY_OF_PREFIX.get(t.split("_", 1)[0], Family.SPECIAL) for t in tokens],
-                               dtype=np.int8)
+        return tokens
 
     # ------------------------------------------------------------------------------------------------
     # time units
@@ -619,7 +623,7 @@ class _TimeState:
         self.ts_token = self.tok.ts_id[(self.num, self.den)]
 
     def bar_token(self, bar: int) -> int:
-        first, limit = self.tok.bar_ids[0], self.tok.config.max_bar_embedding
+        first, limit = self.tok.bar0, self.tok.config.max_bar_embedding
         if limit is None:
             return first
         if bar >= limit:  # reported by _encode once the piece is done

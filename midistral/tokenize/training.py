@@ -16,7 +16,6 @@ def train_bpe(tok, files_or_token_lists, vocab_size: int, workers: int | None = 
     pieces = [bars for bars, err in results if err is None]
     if not pieces:
         raise MidistralError("BPE training: no readable piece among the inputs")
-    special_ids = [tok.vocab[f"{s}_None"] for s in tok.config.special_tokens]
-    tok.bpe = BPE.train(pieces, len(tok.vocab), vocab_size, special_ids=special_ids,
+    tok.bpe = BPE.train(pieces, len(tok.vocab), vocab_size, special_ids=tok.special_ids,
                         show_progress=progress and len(pieces) >= 200, length=len(pieces))
     return skipped
