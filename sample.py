@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from midistral.errors import MidistralError
+from midistral.errors import ArgumentParser, MidistralError
 from midistral.music import write_midi, write_piano_roll
 from midistral.model.precision import PRECISIONS
 from midistral.sampler import SAMPLE_DEFAULTS, Sampler
@@ -25,15 +25,8 @@ from midistral.tokenize import load_score
 D = SAMPLE_DEFAULTS
 
 
-class OneLineErrors(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one `error: ...` line (exit 2), without the usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (python sample.py --help lists the options)\n")
-
-
 def parse_args(argv=None):
-    p = OneLineErrors(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompt", nargs="?", help="MIDI file to continue (omit to start from BOS)")
     p.add_argument("--ckpt", required=True, help="run folder (best/, else last/) or checkpoint folder")
     p.add_argument("--out", default="samples", help="output folder")
@@ -114,12 +107,12 @@ def bars_value(text: str) -> int | str:
 
 
 def check_numbers(p: argparse.ArgumentParser, args) -> None:
-    """One-line argparse errors (exit 2) for values out of range and flags that do not go together."""
+    """One-line errors (exit 1) for values out of range and flags that do not go together."""
     for name in ("num_samples", "max_new_tokens", "reject_tries"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("min_new_tokens", "top_k", "no_repeat_ngram", "temperature"):
-        if not getattr(args, name) >= 0:  # `not >=` also catches nan
+    for name in ("min_new_tokens", "top_k", "no_repeat_ngram", "temperature", "seed"):
+        if getattr(args, name) is not None and not getattr(args, name) >= 0:  # `not >=` also catches nan
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.temperature == float("inf"):
         p.error("--temperature must be finite")
@@ -159,8 +152,13 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    # a bad prompt is reported before any work on the model
+    # a bad prompt or output folder is reported before any work on the model
     prompt = load_score(args.prompt) if args.prompt is not None else None
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MidistralError(f"{out}: cannot be the output folder (--out): {e.strerror}") from None
     sampler = Sampler.load(args.ckpt, device=args.device, precision=args.precision, log=log)
     log(f"checkpoint {sampler.ckpt}; {args.num_samples} sample(s)")
     limits = {k: getattr(args, k) for k in ("reject_tries", "max_silent_share", "max_loop_score", "max_out_of_key")}

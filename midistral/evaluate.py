@@ -13,7 +13,6 @@ split, as listed in its data manifest, is the reference.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from midistral.errors import MidistralError
+from midistral.errors import ArgumentParser, MidistralError
 from midistral.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from midistral.metrics import METRICS, collect_notes, piece_metrics
 from midistral.tokenize import load_score
@@ -229,7 +228,7 @@ def distributions_png(real: PieceSet, gen: PieceSet, result: dict) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m midistral.evaluate", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m midistral.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("generated", help="a folder of generated .mid files (searched recursively)")
     ap.add_argument("--reference", required=True, help="a folder of real MIDI files, or a run folder (its test split)")
     ap.add_argument("--out", help="where report.md, metrics.json and distributions.png go (default GENERATED/evaluation)")

@@ -28,7 +28,7 @@ import torch
 
 from midistral import music
 from midistral.checkpoint import load_model_and_tokenizer, resolve_checkpoint
-from midistral.errors import MidistralError
+from midistral.errors import ConfigError, MidistralError
 from midistral.generate import generate
 from midistral.metrics import failure_modes
 from midistral.model.cache import model_config
@@ -95,6 +95,18 @@ class _Prompt:
     programs: list[int]         # instruments of the (decoded) prompt
 
 
+def check_device(device: str) -> None:
+    """A device this torch can run on, or a one-line ConfigError naming it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}: this torch has no CUDA device; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r}: expected cpu or cuda")
+
+
 class Sampler:
     """A model and its tokenizer, loaded once; `sample` and `accompany` return `Sample`s."""
 
@@ -115,6 +127,7 @@ class Sampler:
              log: Callable[[str], None] | None = None) -> "Sampler":
         """From a run folder (best/, else last/) or a checkpoint folder; CheckpointError if unusable."""
         path = resolve_checkpoint(ckpt)
+        check_device(device)
         precision = default_precision(device) if precision is None else check_precision(precision, device)
         model, tok = load_model_and_tokenizer(path, device=device)
         return cls(model, tok, path, device, precision, log)

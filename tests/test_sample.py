@@ -253,10 +253,10 @@ def test_corrupt_checkpoint_one_line(ckpt, tmp_path, capsys, what):
     (["--reject-tries", "0"], "--reject-tries must be >= 1"),
     (["--max-loop-score", "1.5"], "--max-loop-score must be in [0, 1]"),
 ])
-def test_bad_flags_one_line_exit_2(args, message, capsys):
+def test_bad_flags_one_line_exit_1(args, message, capsys):
     import sample
 
     with pytest.raises(SystemExit) as e:
         sample.parse_args(["--ckpt", "run", *args])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err

@@ -28,7 +28,6 @@ from midistral.config import tokenizer_params
 from midistral.data.dataset import DATA_FORMAT, read_manifest
 from midistral.errors import ConfigError, DataError, MidistralError
 from midistral.io import RunLock, atomic_path, atomic_write_bytes, atomic_write_json, remove_stale_temps
-from midistral.limits import check_midi_size, check_score
 from midistral.tokenize import REMI, REMIConfig, load_score
 
 SPLITS = ("train", "val", "test")
@@ -47,9 +46,7 @@ def _read_piece(args):
     path, tok_dict, filters, shifts = args
     try:
         tok = REMI.from_dict_cached(tok_dict)
-        check_midi_size(Path(path).stat().st_size, path)
-        score = load_score(path)
-        check_score(score, path)
+        score = load_score(path)  # size, note and track bounds checked there (midistral.limits)
         if filters["only_4_4"] and any((t.numerator, t.denominator) != (4, 4) for t in score.time_signatures):
             return path, None, "not 4/4 throughout"
         n_notes = score.note_num()

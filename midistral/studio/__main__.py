@@ -13,14 +13,14 @@ from pathlib import Path
 
 import uvicorn
 
-from midistral.errors import MidistralError
+from midistral.errors import ArgumentParser, MidistralError
 from midistral.sampler import Sampler
 from midistral.studio.app import create_app
 from midistral.studio.jobs import Studio
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m midistral.studio", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m midistral.studio", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run folder (best/, else last/) or checkpoint folder")
     p.add_argument("--port", type=int, default=8765, help="0 = any free port")

@@ -1,15 +1,14 @@
 """`python -m midistral.tokenize FILE...`: print each file's tokens, or a one-line error; exit 1 if any failed."""
 
-import argparse
 import sys
 import warnings
 
-from midistral.errors import MidistralError
+from midistral.errors import ArgumentParser, MidistralError
 from midistral.tokenize import REMI, REMIConfig, REPORT_PARAMS
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m midistral.tokenize", description=__doc__)
+    ap = ArgumentParser(prog="python -m midistral.tokenize", description=__doc__)
     ap.add_argument("files", nargs="+")
     ap.add_argument("--tokenizer", help="a tokenizer JSON (ours or MidiTok's); default: midistral's default config")
     ap.add_argument("--report-config", action="store_true", help="the report's config (numbered Bar_<n> tokens)")

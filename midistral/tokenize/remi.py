@@ -28,6 +28,7 @@ import symusic
 
 from midistral.errors import CheckpointError, MidiError
 from midistral.io import atomic_write_json, read_tokenizer_json
+from midistral.limits import check_midi_size, check_score
 from midistral.tokenize.bpe import BPE
 from midistral.tokenize.config import DEFAULT_PARAMS, REMIConfig
 from midistral.tokenize.miditok_json import read_miditok
@@ -91,6 +92,8 @@ def load_score(midi, name: str | None = None) -> symusic.Score:
     elif isinstance(midi, (str, os.PathLike)):
         label = str(midi)
         try:
+            if Path(midi).is_file():
+                check_midi_size(Path(midi).stat().st_size, label)  # before reading it all
             data = Path(midi).read_bytes()
         except FileNotFoundError:
             raise MidiError(f"{label}: no such file") from None
@@ -102,14 +105,17 @@ def load_score(midi, name: str | None = None) -> symusic.Score:
         raise MidiError(f"{name or midi!r}: expected a path, MIDI bytes or a symusic.Score, got {type(midi).__name__}")
     if len(data) == 0:
         raise MidiError(f"{label}: empty file")
+    check_midi_size(len(data), label)
     if data[:4] != b"MThd":
         what = "a RIFF MIDI" if data[:4] == b"RIFF" else "not a MIDI file"
         raise MidiError(f"{label}: {what} (no MThd header)")
     try:
-        return symusic.Score.from_midi(data)
+        score = symusic.Score.from_midi(data)
     except Exception as e:  # symusic raises RuntimeError/ValueError with a short reason
         reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise MidiError(f"{label}: unreadable MIDI ({reason})") from None
+    check_score(score, label)  # too many notes or tracks to encode in bounded time and memory
+    return score
 
 
 def _round_half_away(x: np.ndarray) -> np.ndarray:
@@ -258,6 +264,8 @@ class REMI:
         dbins = {tpb: self._duration_ticks(tpb) for tpb in set(tl.ts_tpb.tolist())}
         tracks = []
         for key, group in groups.items():
+            if key not in self.program_id:  # a program the config leaves out: its track is dropped (spec 3.5.2)
+                continue
             arrays = [tr.notes.numpy() for tr in group]
             n = {k: np.concatenate([a[k] for a in arrays]).astype(np.int64) for k in ("time", "duration", "pitch", "velocity")}
             if tl.factor is not None:
