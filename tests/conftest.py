@@ -54,3 +54,37 @@ def dev_midi_files() -> list[Path]:
 @pytest.fixture(scope="session")
 def broken_midi_files() -> list[Path]:
     return sorted(shared_midi_dir("broken").glob("*.mid*"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run folder (best/) with a random tiny model and the default tokenizer: what sample.py, the sampler and
+    the studio load in their tests."""
+    import torch
+
+    from midistral.checkpoint import save_checkpoint
+    from midistral.model import ModelConfig, Transformer
+    from midistral.tokenize import REMI
+
+    torch.manual_seed(0)
+    tok = REMI()
+    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                      max_position_embeddings=256)
+    d = tmp_path_factory.mktemp("run")
+    save_checkpoint(d / "best", Transformer(cfg), tok)
+    return d
+
+
+def score_of(tracks, ts=(4, 4), tpq=480):
+    """A Score from {(program, is_drum): [(time, duration, pitch), ...]}."""
+    import symusic
+
+    s = symusic.Score(tpq)
+    s.time_signatures.append(symusic.TimeSignature(0, *ts))
+    for (program, is_drum), notes in tracks.items():
+        t = symusic.Track("", program, is_drum)
+        for time, dur, pitch in notes:
+            t.notes.append(symusic.Note(time, dur, pitch, 80))
+        s.tracks.append(t)
+    return s

@@ -8,19 +8,10 @@ import pytest
 import symusic
 from PIL import Image
 
+from conftest import score_of
 from midistral import music
 
 
-def score_of(tracks, ts=(4, 4), tpq=480):
-    """A Score from {(program, is_drum): [(time, duration, pitch), ...]}."""
-    s = symusic.Score(tpq)
-    s.time_signatures.append(symusic.TimeSignature(0, *ts))
-    for (program, is_drum), notes in tracks.items():
-        t = symusic.Track("", program, is_drum)
-        for time, dur, pitch in notes:
-            t.notes.append(symusic.Note(time, dur, pitch, 80))
-        s.tracks.append(t)
-    return s
 
 
 BAR = 1920

@@ -6,6 +6,7 @@ import pytest
 import symusic
 import torch
 
+from conftest import score_of
 from midistral import sampler as sampler_module
 from midistral.errors import CheckpointError, ConfigError, MidiError, MidistralError
 from midistral.metrics import failure_modes
@@ -16,19 +17,8 @@ BAR = 1920
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from midistral.checkpoint import save_checkpoint
-    from midistral.model import ModelConfig, Transformer
-    from midistral.tokenize import REMI
-
-    torch.manual_seed(0)
-    tok = REMI()
-    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
-                      max_position_embeddings=256)
-    d = tmp_path_factory.mktemp("run")
-    save_checkpoint(d / "best", Transformer(cfg), tok)
-    return d
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -237,16 +227,6 @@ def test_bad_prompt_names_the_file(smp, tmp_path):
 # Rejection, and the failure modes it relies on (midistral.metrics) on hand-computed scores
 
 
-def score_of(tracks, ts=(4, 4), tpq=480):
-    """A Score from {(program, is_drum): [(time, duration, pitch), ...]}."""
-    s = symusic.Score(tpq)
-    s.time_signatures.append(symusic.TimeSignature(0, *ts))
-    for (program, is_drum), notes in tracks.items():
-        t = symusic.Track("", program, is_drum)
-        for time, dur, pitch in notes:
-            t.notes.append(symusic.Note(time, dur, pitch, 80))
-        s.tracks.append(t)
-    return s
 
 
 def test_loop_score_counts_bars_repeating_one_of_the_previous_two():

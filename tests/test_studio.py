@@ -29,21 +29,8 @@ LENGTH = {"bars": 2, "tokens": 48}  # the page asks for bars when the sampler ha
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    import torch
-
-    from midistral.checkpoint import save_checkpoint
-    from midistral.model import ModelConfig, Transformer
-    from midistral.tokenize import REMI
-
-    torch.manual_seed(0)
-    tok = REMI()
-    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
-                      max_position_embeddings=256)
-    d = tmp_path_factory.mktemp("run")
-    save_checkpoint(d / "best", Transformer(cfg), tok)
-    return d
+def ckpt(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
