@@ -153,6 +153,8 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     # a bad prompt or output folder is reported before any work on the model
+    if args.prompt is not None and not Path(args.prompt).exists():
+        raise MidistralError(f"{args.prompt}: no such prompt file")
     prompt = load_score(args.prompt) if args.prompt is not None else None
     out = Path(args.out)
     try:

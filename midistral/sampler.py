@@ -103,6 +103,8 @@ def check_device(device: str) -> None:
         raise ConfigError(f"device={device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r}: this torch has no CUDA device; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device={device!r}: expected cpu or cuda")
 

@@ -155,6 +155,16 @@ CASES = [
     ("sample-ckpt-file", "sample", lambda w, t: ["--ckpt", str(w / "a_file")], "is a file"),
     ("sample-ckpt-not-a-run", "sample", lambda w, t: ["--ckpt", str(w / "nomidi")], "not a checkpoint"),
     ("sample-ckpt-weights-corrupt", "sample", lambda w, t: ["--ckpt", str(damaged_run(w, t, "weights") / "last")], "model.safetensors"),
+    ("sample-no-ckpt", "sample", lambda w, t: [], "--ckpt"),
+    ("sample-num-samples-0", "sample", lambda w, t: ["--ckpt", str(w / "run"), "--num-samples", "0"], "--num-samples"),
+    ("sample-temperature-word", "sample", lambda w, t: ["--ckpt", str(w / "run"), "--temperature", "abc"], "abc"),
+    ("sample-top-p-2", "sample", lambda w, t: ["--ckpt", str(w / "run"), "--top-p", "2"], "--top-p"),
+    ("sample-seed-negative", "sample", lambda w, t: ["--ckpt", str(w / "run"), "--seed", "-1"], "--seed"),
+    ("sample-out-under-a-file", "sample", lambda w, t: ["--ckpt", str(w / "run"), "--out", str(w / "a_file" / "x")], "--out"),
+    ("sample-device-cuda", "sample", lambda w, t: ["--ckpt", str(w / "run"), "--device", "cuda:99"], "cuda:99"),
+    ("sample-precision-unknown", "sample", lambda w, t: ["--ckpt", str(w / "run"), "--precision", "fp8"], "fp8"),
+    ("sample-programs-unknown", "sample", lambda w, t: ["--ckpt", str(w / "run"), "--programs", "banjoo"], "banjoo"),
+    ("sample-add-track-no-prompt", "sample", lambda w, t: ["--ckpt", str(w / "run"), "--add-track", "bass"], "prompt"),
 ]
 
 
