@@ -102,7 +102,10 @@ def test_real_files_follow_the_grammar(name, base_tok, bpe_tok, dev_midi_files):
     g = Grammar(tok)
     checked = 0
     for f in dev_midi_files[:40]:
-        ids = tok.encode(f).tolist()
+        try:
+            ids = tok.encode(f).tolist()
+        except MidiError:  # a file with no notes (tests/data has one)
+            continue
         state = g.run([tok.bos_id])
         for i, t in enumerate(ids):
             assert g.legal(state, t), f"{f.name}: token {i} ({strings(tok, [t])}) refused in state {state}"
