@@ -59,9 +59,10 @@ class ProtocolModel(nn.Module):
             rep = c.num_attention_heads // c.num_key_value_heads
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
             s = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
-            d = q_pos[:, None] - k_pos[None, :]
-            ok = (k_pos[None, :] >= 0) & (d >= 0) & (d < W)
-            s = s.masked_fill(~ok, float("-inf"))
+            if k_pos is not None:  # None: the cache guarantees every returned key is visible
+                d = q_pos[:, None] - k_pos[None, :]
+                ok = (k_pos[None, :] >= 0) & (d >= 0) & (d < W)
+                s = s.masked_fill(~ok, float("-inf"))
             x = x + self.o[i]((s.softmax(-1) @ v).transpose(1, 2).reshape(B, N, -1))
         return self.head(x)
 
@@ -93,6 +94,22 @@ def test_rolling_cache_protocol_model(prompt_len):
                 chunks.append(min(n, left))
                 left -= chunks[-1]
         cached_logits_match_full(model, ids, chunks)
+
+
+def test_cache_one_token_step_returns_exactly_the_visible_keys():
+    """The guarantee a one-token step relies on (k_pos None, no mask): after writing position p, the keys
+    returned are those of positions max(0, p - W + 1) .. p, each once, whatever came before (prefill chunks
+    shorter and longer than the window, wrap-arounds)."""
+    W = 8
+    for prefill in (1, 3, 8, 13, 30):
+        cache = RollingKVCache(1, 1, 1, 1, W)
+        mark = lambda a, b: torch.arange(a, b, dtype=torch.float32).view(1, 1, -1, 1)  # noqa: E731  key = its position
+        cache.update(0, mark(0, prefill), mark(0, prefill), 0)
+        for p in range(prefill, prefill + 3 * W):
+            k, v, k_pos = cache.update(0, mark(p, p + 1), mark(p, p + 1), p)
+            assert k_pos is None
+            assert sorted(k.flatten().tolist()) == list(range(max(0, p - W + 1), p + 1))
+            assert torch.equal(k, v)
 
 
 @pytest.mark.parametrize("ours", [False, True])

@@ -101,7 +101,10 @@ def test_attention_at_positions_ring_order():
     slots = torch.arange(p - W + 1, p + 1) % W
     kr, vr, pos = torch.zeros(1, 2, W + 2, 16, dtype=torch.float64), torch.zeros(1, 2, W + 2, 16, dtype=torch.float64), torch.full((W + 2,), -1)
     kr[:, :, slots], vr[:, :, slots], pos[slots] = k[:, :, p - W + 1:], v[:, :, p - W + 1:], torch.arange(p - W + 1, p + 1)
-    out = attention_at_positions(q[:, :, p:], kr, vr, torch.tensor([p]), pos, W)
+    out = attention_at_positions(q[:, :, p:], kr, vr, p, pos, W)
+    torch.testing.assert_close(out, full[:, :, p:])
+    # k_pos None (what the cache returns for a one-token step): every key given is visible
+    out = attention_at_positions(q[:, :, p:], kr[:, :, :W], vr[:, :, :W], p, None, W)
     torch.testing.assert_close(out, full[:, :, p:])
 
 

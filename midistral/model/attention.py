@@ -3,7 +3,7 @@
 - `sliding_window_attention(q, k, v, window, backend)`: full-sequence attention (training, a fresh prefill).
   "auto" runs the Triton kernel (midistral/kernels/, imported lazily) on CUDA tensors and the plain PyTorch
   path below otherwise; the PyTorch path is also the reference the kernel is tested against.
-- `attention_at_positions(q, k, v, q_pos, k_pos, window)`: attention against a KV cache, masked by the
+- `attention_at_positions(q, k, v, start_pos, k_pos, window)`: attention against a KV cache, masked by the
   absolute positions the cache returns, so the cache's slot order never matters.
 
 Semantics (transformers 5.x Mistral): query i attends keys j with i - W < j <= i, i.e. W keys
@@ -102,19 +102,26 @@ def sliding_window_attention(q, k, v, window: int, backend: str = "auto") -> tor
     return sliding_window_attention_torch(q, k, v, window)
 
 
-def attention_at_positions(q, k, v, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
-    """Attention for cached generation: q (B, Hq, n, D) at absolute positions q_pos (n,); k, v (B, Hkv, M, D)
-    at k_pos (M,) in any order (-1 = empty slot). Query p sees key s iff s >= 0 and p - W < s <= p.
+def attention_at_positions(q, k, v, start_pos: int, k_pos: torch.Tensor | None, window: int) -> torch.Tensor:
+    """Attention for cached generation: q (B, Hq, n, D) at absolute positions start_pos .. start_pos + n - 1;
+    k, v (B, Hkv, M, D) at k_pos (M,) in any order (-1 = empty slot). Query p sees key s iff s >= 0 and
+    p - W < s <= p. k_pos None (a one-token step, model/cache.py): every key is visible, no mask.
     k/v may be narrower than q (a bf16 ring): the products run in their dtype, the result is q's."""
     dtype, q = q.dtype, q.to(k.dtype)
     B, Hq, n, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
-    if n > 16 and n == M and bool((k_pos == q_pos).all()):  # a fresh prefill: the chunk sees itself only
-        return sliding_window_attention_torch(q, k, v, window).to(dtype)
-    p = q_pos[:, None]
-    visible = (k_pos >= 0) & (k_pos <= p) & (k_pos > p - window)  # (n, M)
+    G = Hq // Hkv
     # The query group of each KV head folded into rows: K/V are read once per KV head, never repeated
     # (a decode step is bound by reading the ring), and one mask row per query serves the whole group.
-    G = Hq // Hkv
-    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, G * n, D), k, v, attn_mask=visible.repeat(G, 1))
+    q = q.reshape(B, Hkv, G * n, D)
+    if k_pos is None:
+        if n != 1 or M > window:
+            raise ValueError(f"an unmasked cache read needs one query and at most {window} keys, got {n} and {M}")
+        return F.scaled_dot_product_attention(q, k, v).view(B, Hq, n, D).to(dtype)
+    q_pos = torch.arange(start_pos, start_pos + n, device=q.device)
+    if n > 16 and n == M and bool((k_pos == q_pos).all()):  # a fresh prefill: the chunk sees itself only
+        return sliding_window_attention_torch(q.view(B, Hq, n, D), k, v, window).to(dtype)
+    p = q_pos[:, None]
+    visible = (k_pos >= 0) & (k_pos <= p) & (k_pos > p - window)  # (n, M)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible.repeat(G, 1))
     return y.view(B, Hq, n, D).to(dtype)

@@ -7,7 +7,9 @@ so memory stays flat however long the piece grows. Protocol (what the model call
 
 with k, v (B, Hkv, n, D) the new, already rotated keys/values of positions start_pos .. start_pos + n - 1,
 and k_pos the absolute position of every returned key (-1 = empty slot), in any order: the model masks by
-position (query p sees key s iff s >= 0 and p - W < s <= p), never by slot.
+position (query p sees key s iff s >= 0 and p - W < s <= p), never by slot. For a one-token step k_pos is
+None instead: the returned keys are then exactly the ones position start_pos sees (see `update`), so the
+step attends to all of them with no mask, as Mistral's reference decode does.
 """
 
 from __future__ import annotations
@@ -55,14 +57,17 @@ class RollingKVCache:
         W = self.window
         n = k.shape[2]
         k_buf, v_buf, pos = self.k[layer_idx], self.v[layer_idx], self.pos[layer_idx]
-        if n == 1:  # decode step: write one slot, attend to the filled part of the ring in place (no copy)
+        if n == 1 and start_pos == self.n_seen[layer_idx]:
+            # A decode step right after the cached positions: write one slot and return the filled part of
+            # the ring in place (no copy), k_pos None. Guarantee: the ring then holds positions
+            # max(0, p - W + 1) .. p (slot p mod W was the oldest, p - W), exactly the keys query p sees.
             slot = start_pos % W
             k_buf[:, :, slot] = k[:, :, 0]
             v_buf[:, :, slot] = v[:, :, 0]
             pos[slot] = start_pos
             self.n_seen[layer_idx] = start_pos + 1
             m = min(start_pos + 1, W)  # slots 0..m-1 are filled (the ring fills from slot 0)
-            return k_buf[:, :, :m], v_buf[:, :, :m], pos[:m]
+            return k_buf[:, :, :m], v_buf[:, :, :m], None
 
         new_pos = torch.arange(start_pos, start_pos + n, device=k.device)
         if self.n_seen[layer_idx] == 0:  # nothing cached yet: the chunk attends to itself only

@@ -108,8 +108,7 @@ class Attention(nn.Module):
             y = sliding_window_attention(q, k, v, self.window, backend=self.backend)
         else:
             k_all, v_all, k_pos = cache.update(self.layer_idx, k, v, start_pos)
-            q_pos = torch.arange(start_pos, start_pos + n, device=x.device)
-            y = attention_at_positions(q, k_all, v_all, q_pos, k_pos, self.window)
+            y = attention_at_positions(q, k_all, v_all, start_pos, k_pos, self.window)
         return self.o_proj(y.transpose(1, 2).reshape(B, n, hq * self.head_dim))
 
 
