@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-bars", type=int, default=None, help="keep only the first K bars of the prompt")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", type=precision_value, default=None,
-                   help="weights for sampling: fp32 (exact), bf16 or int8 (default: the fastest at equal "
+                   help="weights for sampling: fp32 (exact), fp16, bf16 or int8 (default: the fastest at equal "
                         "quality on this machine)")
     p.add_argument("--no-grammar", dest="grammar", action="store_false",
                    help="do not mask tokens that break the token grammar")

@@ -2,7 +2,7 @@
 
     python bench/generate.py                  # speed at batch 1 and 8, floor, memory (about 10 minutes)
     python bench/generate.py --quick          # fewer tokens
-    python bench/generate.py --precision fp32 bf16 int8 --ckpt runs/chorales   # per-precision table + guard
+    python bench/generate.py --precision fp32 fp16 bf16 int8 --ckpt runs/chorales   # per-precision table + guard
 
 The reference model of the report (24M parameters: vocab 5000, hidden 512, intermediate 1024, 8 layers,
 4 heads, 2 KV heads, sliding window 512, 8192 positions) with random weights, built once as a transformers
@@ -111,10 +111,10 @@ def speed(ours, hf, batch: int, prompt_len: int, new: int, precision: str = "fp3
 def memory_child(folder: str, new: int, precision: str = "fp32", batch: int = 1) -> None:
     """Run in a fresh process: load ours, generate `new` tokens, print peak RSS as JSON."""
     from midistral.generate import generate
-    from midistral.model import from_hf
+    from midistral.model import from_hf, prepare_for_decode
 
     torch.set_num_threads(2)
-    model = from_hf(folder).eval()
+    model = prepare_for_decode(from_hf(folder).eval(), precision)  # as Sampler.load: only the decode copy kept
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     prompt = torch.randint(3, REF["vocab_size"], (batch, 64), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()

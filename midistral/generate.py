@@ -162,7 +162,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
       controls). Each has `start(prompt_ids)`, `mask(logits)` (sets forbidden ids of (B, V) logits to
       -inf, in place) and `push(tokens)` (the ids just chosen, one per row). They apply after the n-gram
       ban and before temperature/top-k; where the n-gram ban leaves a row no allowed id, the ban yields.
-    - `precision`: "fp32" (exact), "bf16" or "int8" weights and KV ring, among
+    - `precision`: "fp32" (exact), "fp16", "bf16" or "int8" weights and KV ring, among
       `midistral.model.available_precisions()`; the converted weights are built once per model.
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:

@@ -32,7 +32,7 @@ from midistral.errors import ConfigError, MidistralError
 from midistral.generate import generate
 from midistral.metrics import failure_modes
 from midistral.model.cache import model_config
-from midistral.model.precision import check_precision, default_precision
+from midistral.model.precision import check_precision, default_precision, prepare_for_decode
 from midistral.tokenize import load_score
 from midistral.tokenize.grammar import Grammar, GrammarConstraint
 
@@ -132,7 +132,8 @@ class Sampler:
         check_device(device)
         precision = default_precision(device) if precision is None else check_precision(precision, device)
         model, tok = load_model_and_tokenizer(path, device=device)
-        return cls(model, tok, path, device, precision, log)
+        # keep only the decode copy: the checkpoint's fp32 linear weights are freed (peak memory)
+        return cls(prepare_for_decode(model, precision), tok, path, device, precision, log)
 
     # ------------------------------------------------------------------------------------------------
     # Prompt

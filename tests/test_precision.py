@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from midistral.errors import MidistralError
 from midistral.generate import generate
 from midistral.model import ModelConfig, RollingKVCache, Transformer, available_precisions, default_precision, prepare_for_decode
-from midistral.model.precision import Int8Linear, dequantize, quantize_per_channel
+from midistral.model.precision import FP16Linear, Int8Linear, dequantize, quantize_per_channel
 
 # Stated tolerances of a decode step's logits against the fp32 model's, relative to the largest |logit|.
-TOLERANCE = {"fp32": 1e-5, "bf16": 0.03, "int8": 0.06}
+TOLERANCE = {"fp32": 1e-5, "fp16": 0.03, "bf16": 0.03, "int8": 0.06}
 
 
 def small_model(seed=0, window=8):
@@ -47,6 +47,28 @@ def test_int8_linear_equals_product_with_dequantized_weight():
     got = layer(x)
     assert got.shape == (3, 5, 40) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=0.02 * want.abs().max().item(), rtol=0)
+
+
+def test_fp16_linear_equals_product_with_fp16_rounded_weight():
+    g = torch.Generator().manual_seed(4)
+    lin = torch.nn.Linear(64, 40, bias=False)
+    x = torch.randn(3, 5, 64, generator=g)
+    want = F.linear(x, lin.weight.detach().half().float())  # fp32 activations and sums, only the weight rounded
+    got = FP16Linear(lin)(x)
+    assert got.shape == (3, 5, 40) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_decode_copy_is_its_own_decode_copy():
+    """The sampler keeps only the converted copy (the fp32 weights are freed): preparing it again returns it,
+    and asking it for another precision is a one-line error."""
+    model = small_model()
+    precision = available_precisions()[-1]
+    runner = prepare_for_decode(model, precision)
+    assert prepare_for_decode(runner, precision) is runner
+    other = next(p for p in available_precisions() if p != precision)
+    with pytest.raises(MidistralError, match=f"converted to '{precision}'"):
+        prepare_for_decode(runner, other)
 
 
 @pytest.mark.parametrize("precision", available_precisions())

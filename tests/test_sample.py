@@ -226,7 +226,7 @@ def test_corrupt_checkpoint_one_line(ckpt, tmp_path, capsys, what):
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
     (["--prompt-bars", "0"], "--prompt-bars must be >= 1"),
-    (["--precision", "fp16"], "argument --precision: 'fp16': expected one of fp32, bf16, int8"),
+    (["--precision", "fp8"], "argument --precision: 'fp8': expected one of fp32, fp16, bf16, int8"),
     (["--bars", "0"], "argument --bars: '0': expected a number of bars >= 1"),
     (["--bars", "x"], "argument --bars: 'x'"),
     (["--bars", "3:2"], "argument --bars: '3:2': expected a span"),

@@ -57,11 +57,12 @@ def test_precision_choice(smp, run_dir, prompt_path):
     from midistral.model.precision import available_precisions, default_precision
 
     assert smp.precision == default_precision()
-    with pytest.raises(ConfigError, match="'fp16'") as e:
-        Sampler.load(run_dir, precision="fp16")
+    with pytest.raises(ConfigError, match="'fp8'") as e:
+        Sampler.load(run_dir, precision="fp8")
     assert "\n" not in str(e.value)
     for precision in available_precisions():
-        other = Sampler(smp.model, smp.tok, precision=precision)
+        other = Sampler.load(run_dir, precision=precision)
+        assert other.model.decode_precision == precision  # only the decode copy is kept
         a, b = (other.sample(prompt_path, max_new_tokens=16, seed=2)[0] for _ in range(2))
         assert a.midi_bytes() == b.midi_bytes() and a.skipped == 0
 

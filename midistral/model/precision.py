@@ -2,6 +2,8 @@
 reads fastest, built once per (model, precision) and reused by every generate call.
 
     fp32  the exact path: the same weights (on CPU prepacked for oneDNN), logits equal to transformers'
+    fp16  fp16 weights (half the bytes), fp32 activations and sums (on x86 CPUs fbgemm's packed fp16
+          product, F16C), a bf16 KV ring; on CUDA fp16 products
     bf16  bf16 weights and a bf16 KV ring; the residual stream, norms and softmax stay fp32
     int8  int8 weights with one scale per output channel (weight-only, symmetric), bf16 activations into
           the products, a bf16 KV ring
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 
 from midistral.errors import ConfigError
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +60,22 @@ class OneDNNLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
+class FP16Linear(nn.Module):
+    """fp16 weight, fp32 input, output and accumulation. On CPU fbgemm's prepacked fp16 matrix (x86 with
+    F16C): a step reads half the bytes of fp32 and the activations keep fp32's precision."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(w, None) if w.device.type == "cpu" else None
+        self.weight = w.half() if self.packed is None else None
+
+    def forward(self, x):
+        if self.packed is None:
+            return F.linear(x.half(), self.weight).to(x.dtype)
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+
 class BF16Linear(nn.Module):
     """bf16 weight, bf16 product, fp32 in and out (the residual stream keeps fp32)."""
 
@@ -89,8 +107,10 @@ class Int8Linear(nn.Module):
 
 # How each precision is built: (linear layer, KV ring dtype); None = the model's own nn.Linear. On CPU fp32 uses
 # the oneDNN-prepacked layer where the build has oneDNN (OneDNNLinear falls back to the plain product).
-BUILD = {"fp32": (OneDNNLinear, torch.float32), "bf16": (BF16Linear, torch.bfloat16), "int8": (Int8Linear, torch.bfloat16)}
-BUILD_CUDA = {"fp32": (None, torch.float32), "bf16": (BF16Linear, torch.bfloat16), "int8": (Int8Linear, torch.bfloat16)}
+BUILD = {"fp32": (OneDNNLinear, torch.float32), "fp16": (FP16Linear, torch.bfloat16),
+         "bf16": (BF16Linear, torch.bfloat16), "int8": (Int8Linear, torch.bfloat16)}
+BUILD_CUDA = {"fp32": (None, torch.float32), "fp16": (FP16Linear, torch.float16),
+              "bf16": (BF16Linear, torch.bfloat16), "int8": (Int8Linear, torch.bfloat16)}
 
 # What runs where, default first: device kind (CPU capability from torch.backends.cpu.get_cpu_capability(),
 # or "cuda") -> precisions offered. Measured with bench/generate.py --precision (bench/RESULTS.md): a
@@ -98,7 +118,8 @@ BUILD_CUDA = {"fp32": (None, torch.float32), "bf16": (BF16Linear, torch.bfloat16
 # 0.5% (bf16) / 1.5% (int8) of fp32, argmax agreement >= 99% / 97%). bf16 missed the argmax guard
 # (98.4-98.8%) on the chorales checkpoint measured, so it is offered nowhere yet; AVX-512 and CUDA rows are
 # unmeasured (no such machine here) and follow AVX2's.
-OFFERED = {"AVX2": ("int8", "fp32"), "AVX512": ("int8", "fp32"), "cuda": ("fp32", "int8"), "other": ("fp32",)}
+OFFERED = {"AVX2": ("fp16", "int8", "fp32"), "AVX512": ("fp16", "int8", "fp32"), "cuda": ("fp32", "fp16", "int8"),
+           "other": ("fp32",)}
 
 
 def device_kind(device: torch.device | str = "cpu") -> str:
@@ -112,12 +133,16 @@ def device_kind(device: torch.device | str = "cpu") -> str:
 
 def available_precisions(device: torch.device | str = "cpu") -> list[str]:
     """The precisions sampling can run in on this machine (`device`), fp32 first."""
-    return [p for p in PRECISIONS if p in OFFERED[device_kind(device)]]
+    offered = OFFERED[device_kind(device)]
+    if torch.device(device).type == "cpu" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        offered = tuple(p for p in offered if p != "fp16")  # a CPU build without fbgemm has no fp16 product
+    return [p for p in PRECISIONS if p in offered]
 
 
 def default_precision(device: torch.device | str = "cpu") -> str:
     """The fastest precision that passes the quality guard here."""
-    return OFFERED[device_kind(device)][0]
+    can = available_precisions(device)
+    return next(p for p in OFFERED[device_kind(device)] if p in can)
 
 
 def check_precision(precision: str, device: torch.device | str = "cpu") -> str:
@@ -136,6 +161,11 @@ def prepare_for_decode(model: nn.Module, precision: str = "fp32") -> nn.Module:
     precision (rebuilt when a parameter changed in place). A model that is not ours runs as is in fp32."""
     device = next(model.parameters()).device
     check_precision(precision, device)
+    converted = getattr(model, "decode_precision", None)
+    if converted is not None:  # already a decode copy (the sampler keeps only that, to free the fp32 weights)
+        if converted != precision:
+            raise ConfigError(f"precision={precision!r}: this model was converted to {converted!r} for sampling")
+        return model
     if not hasattr(model, "layers"):  # any model speaking the cache protocol: no layers to convert
         if precision != "fp32":
             raise ConfigError(f"precision={precision!r} needs a midistral Transformer, got {type(model).__name__}")
@@ -162,5 +192,5 @@ def convert(model: nn.Module, precision: str) -> nn.Module:
             for name, child in parent.named_children():
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, linear_cls(child))
-    out.kv_cache_dtype = kv_dtype
+    out.kv_cache_dtype, out.decode_precision = kv_dtype, precision
     return out
