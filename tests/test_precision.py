@@ -105,6 +105,7 @@ def test_converted_weights_are_built_once_and_follow_training():
     with torch.no_grad():
         model.lm_head.weight.mul_(2)  # an optimizer step changes parameters in place
     assert prepare_for_decode(model, precision) is not first
+    assert all(p.requires_grad for p in model.parameters())  # the copy shares them: training goes on
 
 
 def test_precision_the_machine_cannot_run_is_one_line_error():

@@ -186,7 +186,7 @@ def convert(model: nn.Module, precision: str) -> nn.Module:
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
     memo.update({id(t): t for pair in model.rope._tables.values() for t in pair})
     out = copy.deepcopy(model, memo)
-    out.requires_grad_(False).eval()
+    out.eval()  # (not requires_grad_(False): the shared parameters are the training model's own)
     if linear_cls is not None:
         for parent in list(out.modules()):
             for name, child in parent.named_children():
