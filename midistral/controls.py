@@ -550,8 +550,8 @@ class _Feeder:
             self.history, self.pos = [], 0
             ids, n = tail + ids, len(tail) + n
         # the draft shares the call's one chunk, so its slots are none of the slots the call's own ids fill
-        room = min(self.window - n, self.max_pos - self.pos - n, int(2 * self.followed) + 4, DRAFT_IDS)
-        spec = draft(room)[:room] if room > 0 else []
+        room = min(self.window - n, self.max_pos - self.pos - n, DRAFT_IDS)
+        spec = draft(min(int(DRAFT_GAIN * self.followed) + DRAFT_MIN, room))[:room] if room > 0 else []
         if spec:
             self._save(self.pos + n, len(spec))
         ids_all = ids + spec
@@ -590,6 +590,7 @@ class _Feeder:
 
 
 DRAFT_IDS = 48  # longest draft the walk hands the model in one call (see _Feeder)
+DRAFT_GAIN, DRAFT_MIN = 2.0, 4  # a draft: this many times the ids the walk tends to follow, plus this
 
 
 class _Node:
@@ -862,21 +863,24 @@ class _Walk:
         return self.feeder.feed(ids, lambda limit: self._draft(node, limit) if k < 0 else [])
 
     def _draft(self, node: _Node, limit: int) -> list[int]:
-        """The ids the walk reads next if the piece goes on without a new note for a few ticks (up to
-        `limit`): from `node` the way to the next group, then the groups after it, segmented as the walk
-        segments forced runs (the last id of each held back for the next choice)."""
+        """The ids the walk reads next if the piece goes on without a new note for a few ticks (whole ticks,
+        at least one, up to about `limit` ids): from `node` the way to the next group, then the groups
+        after it, segmented as the walk segments forced runs (the last id of each held back for the next
+        choice: the walk asks the model at the end of each tick)."""
         path = _group_path(node)
         if path is None:
             return []
         st, prev_end, out, j = copy.copy(self.st), self.prev_end, [], self.gi + 1
         while True:
             ids = self._forced_ids(path)
+            if out and len(out) + len(ids) - 1 > limit:
+                return out
             out += ids[:-1]
             g = self.groups[j]
             self._group_tokens(st, g, prev_end)
             prev_end, j = max(prev_end, g[3]), j + 1
-            if len(out) >= limit or j >= len(self.groups) or self.groups[j][0] >= self.hi:
-                return out[:limit]
+            if j >= len(self.groups) or self.groups[j][0] >= self.hi:
+                return out
             path = self.exp[ids[-1]] + self._group_tokens(copy.copy(st), self.groups[j], prev_end)
 
     def _after(self, leaf) -> _Node | None:
