@@ -832,18 +832,16 @@ class _Walk:
                 return self._note_done()
 
     def _sample(self, node: _Node, k: int) -> int:
+        """One of the ids the walk allows here, drawn from the model's logits over just those (the n-gram
+        ban applies unless it would leave none), with the walk's temperature and top-k."""
         logits = self._logits(node, k)
         allowed = self._allowed(node, k)
-        masked = torch.full_like(logits, float("-inf"))
-        masked[allowed] = logits[allowed].float()
         if self.ngram is not None:
-            keep = masked.clone()
-            self.ngram.apply(masked[None])
-            if torch.isinf(masked).all():
-                masked = keep
-        i = int(sample_next(masked[None], self.temperature, self.top_k, None, self.generator)[0])
+            banned = set(self.ngram.banned()[1])
+            allowed = [i for i in allowed if i not in banned] or allowed
+        choice = sample_next(logits[allowed][None].float(), self.temperature, self.top_k, None, self.generator)
         self.n_sampled += 1
-        return i
+        return allowed[int(choice[0])]
 
     def _force(self, toks: list[int], hold: bool) -> None:
         """Forced base tokens: to the stream as BPE ids; with `hold`, the last id's tokens wait for the next
