@@ -509,6 +509,10 @@ def _new_track(tok, base_ids: list[int], program: int, tpq: int) -> symusic.Trac
     return track
 
 
+DRAFT_IDS = 48  # longest draft the walk hands the model in one call (see _Feeder)
+DRAFT_GAIN, DRAFT_MIN = 2.0, 4  # a draft: this many times the ids the walk tends to follow, plus this
+
+
 class _Feeder:
     """Runs the model over the ids of the walk with one rolling KV cache, speculatively.
 
@@ -587,10 +591,6 @@ class _Feeder:
                 c.pos[:, slots[keep:]] = pos[:, keep:]
             c.n_seen = [self.pos] * len(c.n_seen)
         self.saved, self.draft, self.draft_logits = None, [], None
-
-
-DRAFT_IDS = 48  # longest draft the walk hands the model in one call (see _Feeder)
-DRAFT_GAIN, DRAFT_MIN = 2.0, 4  # a draft: this many times the ids the walk tends to follow, plus this
 
 
 class _Node:
