@@ -1,17 +1,30 @@
 """Accompaniment quality and speed: rewrite the bass of test-split chorales, add a track to a 32-bar piece.
 
     python bench/accompany.py --ckpt RUN_OR_CHECKPOINT [--pieces 8] [--png docs/accompaniment.png]
+    python bench/accompany.py --ckpt RUN --pieces 0 --repeats 5 [--report-size]     # speed only
 
 Quality (per piece, then averaged): the share of bars where the other tracks play in which the new track
 has notes (goal >= 80%), and the share of onsets on the eighth-note grid for the new track and for the
-other tracks (goal: within 10 points). Speed: accompany() on a 32-bar, 4-track piece against generate()
-of the same number of sampled tokens from BOS, side by side in one process.
+other tracks (goal: within 10 points).
+
+Speed, on a 32-bar, 4-track piece (test-split chorales laid end to end): accompany() (adding a cello; and
+rewriting the bass, where the model writes a whole part) against generate() from BOS of the same number of
+new tokens, with the walk's settings (temperature 0.5, top-k 6, no-repeat-6-gram, the same precision) and
+the token grammar (sample.py's default; the walk only offers ids that keep the grammar too), EOS masked so
+the count is exact; the result decoded to a Score in both. Runs alternate (walk, free, walk, free, ...)
+in one process so load on the machine hits both alike (the order flips every repeat); the ratio is the
+median of the per-repeat ratios (wall and CPU time), and the ratio of the best runs. Two
+counts of "the same number of new tokens": the ids the walk sampled (one model decision each: a note's
+tokens or the choice to go on to the next tick of the piece), and the ids the new track adds to the
+piece's encoding (encode(result) - encode(piece)). `--report-size` times the report's 24M model
+(bench/generate.py's shape, random weights, this tokenizer's vocabulary) instead of the checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -20,9 +33,14 @@ import symusic
 import torch
 
 from midistral.checkpoint import load_model_and_tokenizer
-from midistral.controls import _Walk, accompany
+from midistral.controls import _new_track, _Walk, accompany
 from midistral.generate import generate
+from midistral.model import ModelConfig, Transformer
 from midistral.tokenize import load_score
+from midistral.tokenize.grammar import GrammarConstraint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import REF, SETTINGS  # noqa: E402  (bench/generate.py: the report's model and sampling settings)
 
 
 def bars_covered(score, new_idx: int) -> float:
@@ -95,6 +113,9 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="run folder whose data/manifest.json lists the test split")
     ap.add_argument("--pieces", type=int, default=8)
     ap.add_argument("--png", default=None)
+    ap.add_argument("--repeats", type=int, default=5, help="speed: alternating walk/free runs")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--report-size", action="store_true", help="speed of the report's 24M model (random weights)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = load_model_and_tokenizer(args.ckpt)
@@ -114,23 +135,69 @@ def main() -> None:
         if i == 0 and args.png:
             piano_roll(out, new_idx, Path(args.png), f"{Path(path).stem}: a new bass line (red) under the "
                        "other three voices (grey), python bench/accompany.py")
-    cov, g_new, g_old, _ = map(np.nanmean, zip(*rows))
-    print(f"mean over {len(rows)} chorales: bars covered {cov:.1%}, new track on the 8th grid {g_new:.1%}, "
-          f"other tracks {g_old:.1%}")
+    if rows:
+        cov, g_new, g_old, _ = map(np.nanmean, zip(*rows))
+        print(f"mean over {len(rows)} chorales: bars covered {cov:.1%}, new track on the 8th grid {g_new:.1%}, "
+              f"other tracks {g_old:.1%}")
 
     piece = thirty_two_bars(test)
-    walk = _Walk(model, tok, piece, 42, None, 0.5, 6, 6, 0, 6)
-    t0 = time.perf_counter()
-    stream = walk.run()
-    t_walk = time.perf_counter() - t0
-    n = walk.n_sampled
-    bos = torch.tensor([[tok.bos_id]])
-    t0 = time.perf_counter()
-    generate(model, bos, n, min_new_tokens=n, eos_id=tok.eos_id, seed=0)
-    t_free = time.perf_counter() - t0
-    print(f"32-bar 4-track piece, add a cello: {t_walk:.2f} s for {n} sampled ids ({len(stream)} base tokens in "
-          f"the stream); free generation of {n} ids: {t_free:.2f} s; ratio {t_walk / t_free:.2f}")
+    if args.report_size:
+        model = report_size_model(len(tok))
+    for label, program, replace in (("add a cello", 42, False), ("rewrite the bass", 70, True)):
+        speed(model, tok, piece, program, replace, args.repeats, args.precision, label)
 
+
+def report_size_model(vocab: int) -> Transformer:
+    """bench/generate.py's 24M model (random weights, seed 0) with the tokenizer's vocabulary."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**REF, "vocab_size": vocab})
+    model = Transformer(cfg).eval()
+    print(f"report-size model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {cfg}")
+    return model
+
+
+def speed(model, tok, piece, program, replace, repeats, precision, label) -> None:
+    """accompany() vs free generate() of the same number of new tokens, alternating; prints the medians."""
+    context = piece.copy()
+    if replace:
+        context.tracks = [t for t in piece.tracks if t.program != program]
+    with torch.inference_mode():  # the counts, from the same walk accompany() runs (same seed)
+        walk = _Walk(model, tok, context, program, None, 0.5, 6, 6, 0, 6, precision)
+        stream = walk.run()
+    out = context.copy()
+    out.tracks.append(_new_track(tok, stream, program, piece.tpq))
+    counts = {"sampled ids": walk.n_sampled, "new-track ids": len(tok.encode(out)) - len(tok.encode(context))}
+    bos = torch.tensor([[tok.bos_id]])
+
+    def free(n):
+        ids = generate(model, bos, n, min_new_tokens=n, eos_id=tok.eos_id, seed=0, precision=precision,
+                       constraints=[GrammarConstraint(tok, n)], **SETTINGS)
+        return tok.decode(ids[0].numpy())
+
+    def timed(fn):  # (wall, CPU) seconds: the process's CPU time is less sensitive to the other jobs' load
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        return np.array([time.perf_counter() - w0, time.process_time() - c0])
+
+    walk_once = lambda: accompany(model, tok, piece, program, replace=replace, seed=0, precision=precision)
+    free(8)  # warm up both paths (weights converted once per precision)
+    walk_once()
+    times = {"walk": [], **{k: [] for k in counts}}
+    runs = [("walk", walk_once)] + [(k, lambda n=n: free(n)) for k, n in counts.items()]
+    for r in range(repeats):  # the order flips every repeat, so drifting load favours neither side
+        for k, fn in (runs if r % 2 == 0 else runs[::-1]):
+            times[k].append(timed(fn))
+    times = {k: np.array(v) for k, v in times.items()}
+    w, c = np.median(times["walk"], 0)
+    print(f"32-bar 4-track piece, {label}: {len(out.tracks[-1].notes)} new notes, {len(stream)} base tokens in "
+          f"the stream, {walk.feeder.calls} model calls; accompany() median {w:.2f} s wall, {c:.2f} s CPU over "
+          f"{repeats} runs ({precision})")
+    for k, n in counts.items():
+        ratios = times["walk"] / times[k]
+        print(f"  free generation of the same {n} {k}: median {np.median(times[k][:, 0]):.2f} s; ratio per run "
+              f"{', '.join(f'{r:.2f}' for r in ratios[:, 0])}; median ratio {np.median(ratios[:, 0]):.2f} wall, "
+              f"{np.median(ratios[:, 1]):.2f} CPU; best walk / best free {times['walk'][:, 0].min() / times[k][:, 0].min():.2f}",
+              flush=True)
 
 if __name__ == "__main__":
     main()

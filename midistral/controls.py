@@ -509,9 +509,18 @@ def _new_track(tok, base_ids: list[int], program: int, tpq: int) -> symusic.Trac
     return track
 
 
+DRAFT_IDS = 48  # longest draft the walk hands the model in one call (see _Feeder)
+DRAFT_GAIN, DRAFT_MIN = 2.0, 4  # a draft: this many times the ids the walk tends to follow, plus this
+
+
 class _Feeder:
-    """Runs the model over the ids of the walk with one rolling KV cache: forced runs as chunks, single ids
-    with the model's decode step. Past the model's positions it re-reads the last window at position 0."""
+    """Runs the model over the ids of the walk with one rolling KV cache, speculatively.
+
+    A call may carry a draft after the ids it must read: the ids the walk will read next if the piece goes
+    on without a new note for a few ticks. Their logits are kept; while the ids the walk asks about are the
+    draft's next ones, the answer comes from there without a model call. When the walk leaves the draft
+    (it writes a note), the ring slots the rest of the draft overwrote are put back, so the cache holds the
+    walk's own stream only. Past the model's positions it re-reads the last window at position 0."""
 
     def __init__(self, model, precision: str = "fp32"):
         self.model = prepare_for_decode(model, precision)  # the decode path generate() uses, built once
@@ -520,22 +529,68 @@ class _Feeder:
         self.window = self.cache.window
         self.history: list[int] = []
         self.pos = 0
+        self.draft: list[int] = []  # ids read speculatively after self.pos, and the logits after each
+        self.draft_logits = self.last = None
+        self.saved = None  # (first draft position, ring keys, values and positions of its slots before)
+        self.followed = 4.0  # draft ids the walk followed, running mean: sizes the next draft
+        self.calls = 0
 
-    def feed(self, ids: list[int]) -> torch.Tensor:
-        """Logits (V,) after the last of `ids`."""
-        if self.pos + len(ids) > self.max_pos:  # restart the positions with the last window re-read
+    def feed(self, ids: list[int], draft=lambda limit: []) -> torch.Tensor:
+        """Logits (V,) after the last of `ids`; `draft(limit)` gives up to `limit` ids expected next (called
+        on a miss). Drafts are about twice as long as the walk tends to follow them: each id in a call costs
+        a little, a call saved costs a lot."""
+        n = len(ids)
+        if n == 0:
+            return self.last
+        if ids == self.draft[:n]:  # the walk follows the draft: no model call
+            self.last = self.draft_logits[n - 1]
+            self.draft, self.draft_logits = self.draft[n:], self.draft_logits[n:]
+            self._commit(ids)
+            return self.last
+        self._rollback()
+        if self.pos + n > self.max_pos:  # restart the positions with the last window re-read
             tail = self.history[-(self.window - 1):] if self.window > 1 else []
             self.cache = RollingKVCache.for_model(self.model, 1)
             self.history, self.pos = [], 0
-            ids = tail + ids
+            ids, n = tail + ids, len(tail) + n
+        # the draft shares the call's one chunk, so its slots are none of the slots the call's own ids fill
+        room = min(self.window - n, self.max_pos - self.pos - n, DRAFT_IDS)
+        spec = draft(min(int(DRAFT_GAIN * self.followed) + DRAFT_MIN, room))[:room] if room > 0 else []
+        if spec:
+            self._save(self.pos + n, len(spec))
+        ids_all = ids + spec
+        for s in range(0, len(ids_all), self.window):
+            chunk = torch.tensor([ids_all[s:s + self.window]])
+            logits = self.model(chunk, cache=self.cache, start_pos=self.pos + s)[0]
+            self.calls += 1
+        self.last = logits[len(logits) - len(spec) - 1]
+        self.draft, self.draft_logits = spec, logits[len(logits) - len(spec):]
+        self._commit(ids)
+        return self.last
+
+    def _commit(self, ids: list[int]) -> None:
+        self.pos += len(ids)
         self.history += ids
         if len(self.history) > 4 * self.window:
             del self.history[:-self.window]
-        for s in range(0, len(ids), self.window):
-            chunk = torch.tensor([ids[s:s + self.window]])
-            logits = self.model(chunk, cache=self.cache, start_pos=self.pos)[0, -1]
-            self.pos += chunk.shape[1]
-        return logits
+
+    def _save(self, first: int, n: int) -> None:
+        slots = torch.arange(first, first + n) % self.window
+        c = self.cache
+        self.saved = (first, slots, c.k[:, :, :, slots].clone(), c.v[:, :, :, slots].clone(), c.pos[:, slots].clone())
+
+    def _rollback(self) -> None:
+        """Put back the ring slots of the draft positions the walk did not follow."""
+        if self.saved is not None:
+            first, slots, k, v, pos = self.saved
+            c, keep = self.cache, self.pos - first
+            self.followed = 0.8 * self.followed + 0.2 * keep
+            if keep < len(slots):
+                c.k[:, :, :, slots[keep:]] = k[:, :, :, keep:]
+                c.v[:, :, :, slots[keep:]] = v[:, :, :, keep:]
+                c.pos[:, slots[keep:]] = pos[:, keep:]
+            c.n_seen = [self.pos] * len(c.n_seen)
+        self.saved, self.draft, self.draft_logits = None, [], None
 
 
 class _Node:
@@ -607,10 +662,10 @@ class _Walk:
 
     # -- the encoder's time tokens, on a copy of its clock
 
-    def _group_tokens(self, st, g) -> list[int]:
-        """The tokens the encoder writes for group g (time tokens, meter change, items); advances `st`."""
+    def _group_tokens(self, st, g, prev_end: int) -> list[int]:
+        """The tokens the encoder writes for group g (time tokens, meter change, items) after notes that
+        sound until `prev_end`; advances `st`."""
         t, ts_tok, items, _ = g
-        prev_end = self.prev_end
         toks: list[int] = []
         if ts_tok is not None:
             st.advance(t, prev_end, True, toks, [])
@@ -654,7 +709,7 @@ class _Walk:
         if nxt < len(self.groups):
             if t_next >= self.hi and not root.kids:
                 return None
-            toks = self._group_tokens(copy.copy(self.st), self.groups[nxt])
+            toks = self._group_tokens(copy.copy(self.st), self.groups[nxt], self.prev_end)
             self._add(root, toks, ("group",) if t_next < self.hi else ("stop",))
         elif self.tok.eos_id is not None and root.kids:
             self._add(root, [self.tok.eos_id], ("end",))
@@ -727,6 +782,7 @@ class _Walk:
 
     # -- the walk
 
+    @torch.inference_mode()
     def run(self) -> list[int]:
         """Walk the piece; returns the base ids of the whole stream (existing and new notes)."""
         tok = self.tok
@@ -735,7 +791,7 @@ class _Walk:
         self.st = _TimeState(tok, self.tpq, self.ts_list[0])
         self.prev_end, self.gi, self.here = 0, 0, set()
         bos = [tok.bos_id] if tok.bos_id is not None else []
-        first = self._group_tokens(self.st, self.groups[0])
+        first = self._group_tokens(self.st, self.groups[0], self.prev_end)
         self.prev_end = max(self.prev_end, self.groups[0][3])
         self.t_cur = self.groups[0][0]
         self.base, self.pending, self.held = [], [], []
@@ -776,18 +832,16 @@ class _Walk:
                 return self._note_done()
 
     def _sample(self, node: _Node, k: int) -> int:
-        logits = self._logits()
+        """One of the ids the walk allows here, drawn from the model's logits over just those (the n-gram
+        ban applies unless it would leave none), with the walk's temperature and top-k."""
+        logits = self._logits(node, k)
         allowed = self._allowed(node, k)
-        masked = torch.full_like(logits, float("-inf"))
-        masked[allowed] = logits[allowed].float()
         if self.ngram is not None:
-            keep = masked.clone()
-            self.ngram.apply(masked[None])
-            if torch.isinf(masked).all():
-                masked = keep
-        i = int(sample_next(masked[None], self.temperature, self.top_k, None, self.generator)[0])
+            banned = set(self.ngram.banned()[1])
+            allowed = [i for i in allowed if i not in banned] or allowed
+        choice = sample_next(logits[allowed][None].float(), self.temperature, self.top_k, None, self.generator)
         self.n_sampled += 1
-        return i
+        return allowed[int(choice[0])]
 
     def _force(self, toks: list[int], hold: bool) -> None:
         """Forced base tokens: to the stream as BPE ids; with `hold`, the last id's tokens wait for the next
@@ -799,21 +853,40 @@ class _Walk:
         self.base += toks
         self.pending += ids
 
-    def _logits(self) -> torch.Tensor:
+    def _logits(self, node: _Node, k: int) -> torch.Tensor:
         ids, self.pending = self.pending, []
         if self.ngram is not None:
             for x in ids:
                 self.ngram.push([x])
-        if ids:
-            self.last_logits = self.feeder.feed(ids)
-        return self.last_logits
+        return self.feeder.feed(ids, lambda limit: self._draft(node, limit) if k < 0 else [])
+
+    def _draft(self, node: _Node, limit: int) -> list[int]:
+        """The ids the walk reads next if the piece goes on without a new note for a few ticks (whole ticks,
+        at least one, up to about `limit` ids): from `node` the way to the next group, then the groups
+        after it, segmented as the walk segments forced runs (the last id of each held back for the next
+        choice: the walk asks the model at the end of each tick)."""
+        path = _group_path(node)
+        if path is None:
+            return []
+        st, prev_end, out, j = copy.copy(self.st), self.prev_end, [], self.gi + 1
+        while True:
+            ids = self._forced_ids(path)
+            if out and len(out) + len(ids) - 1 > limit:
+                return out
+            out += ids[:-1]
+            g = self.groups[j]
+            self._group_tokens(st, g, prev_end)
+            prev_end, j = max(prev_end, g[3]), j + 1
+            if j >= len(self.groups) or self.groups[j][0] >= self.hi:
+                return out
+            path = self.exp[ids[-1]] + self._group_tokens(copy.copy(st), self.groups[j], prev_end)
 
     def _after(self, leaf) -> _Node | None:
         if leaf[0] != "group":
             return None
         self.gi += 1
         g = self.groups[self.gi]
-        self._group_tokens(self.st, g)
+        self._group_tokens(self.st, g, self.prev_end)
         self.prev_end = max(self.prev_end, g[3])
         self.t_cur, self.here = g[0], set()
         return self._trie()
@@ -835,6 +908,19 @@ def _piece_grid(onsets: list[int], tpq: int, share: float = 0.9) -> int:
         if step >= 1 and len(ons) and np.mean(ons % step == 0) >= share:
             return int(step)
     return 1
+
+
+def _group_path(node: _Node) -> list[int] | None:
+    """The tokens from `node` to the next existing group, None if that is not a way on from here."""
+    for x, kid in node.kids.items():
+        if kid.leaf is not None:
+            if kid.leaf[0] == "group":
+                return [x]
+        else:
+            rest = _group_path(kid)
+            if rest is not None:
+                return [x] + rest
+    return None
 
 
 def _n_leaves(node: _Node) -> int:

@@ -298,6 +298,35 @@ def test_walked_stream_is_the_encoding_of_the_result(tok, bpe_tok, dev_midi_file
             assert again == base
 
 
+@pytest.mark.parametrize("use_bpe", [False, True])
+def test_every_choice_sees_the_logits_of_the_stream_so_far(tok, bpe_tok, dev_midi_files, use_bpe, monkeypatch):
+    """The walk reads the model speculatively (drafts of the piece going on, rolled back when a note is
+    written): each id it samples must still come from the logits a plain full forward pass over the ids
+    read so far gives, with the rolling ring wrapped many times (window 64)."""
+    from midistral import controls
+
+    t = bpe_tok if use_bpe else tok
+    seen, asked = [], []
+    feed = controls._Feeder.feed
+
+    def recording_feed(self, ids, draft=lambda limit: []):
+        seen.extend(ids)
+        logits = feed(self, ids, draft)
+        asked.append((len(seen), logits.clone()))
+        return logits
+
+    monkeypatch.setattr(controls._Feeder, "feed", recording_feed)
+    score = short(load_score(pick(dev_midi_files, CASES["single-track"])))
+    model = tiny_transformer(len(t), seed=8)
+    walk = _Walk(model, t, score, 33, None, 1.0, None, 6, 0, 6)
+    walk.run()
+    assert walk.feeder.calls < walk.n_sampled  # most choices were answered from a draft
+    with torch.inference_mode():
+        full = model(torch.tensor([seen]))[0]
+    for n, logits in asked:
+        torch.testing.assert_close(logits, full[n - 1], atol=1e-4, rtol=1e-4)
+
+
 def test_add_track_in_a_bar_range(tok, dev_midi_files):
     original = short(load_score(pick(dev_midi_files, CASES["single-track"])), 12)
     out = accompany(tiny_transformer(len(tok), seed=5), tok, original, "bass", bars="3:5", seed=1)
