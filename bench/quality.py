@@ -34,6 +34,7 @@ from transformers import MistralConfig, MistralForCausalLM  # noqa: E402
 from midistral.checkpoint import load_model_and_tokenizer  # noqa: E402
 from midistral.config import load_config  # noqa: E402
 from midistral.data import TokenChunks, epoch_order  # noqa: E402
+from midistral.data.dataset import DATA_FORMAT  # noqa: E402
 from midistral.evaluate import SUMMARY_METRICS, compare, measure_set  # noqa: E402
 from midistral.generate import generate  # noqa: E402
 from midistral.sampler import SAMPLE_DEFAULTS, Sampler  # noqa: E402
@@ -76,7 +77,10 @@ def miditok_shards(manifest: dict, folder: Path, vocab: int, shift_range: tuple[
             seqs += [np.asarray(tok.encode(v).ids, np.uint16) for v in versions]
         np.concatenate(seqs).tofile(folder / f"{split}.bin")
         np.save(folder / f"{split}.idx.npy", np.r_[0, np.cumsum([len(s) for s in seqs])].astype(np.int64))
-    (folder / "manifest.json").write_text(json.dumps({"dtype": "uint16"}))
+    # the manifest TokenChunks checks: data format, dtype, vocabulary, shard sizes
+    shards = {p.name: {"bytes": p.stat().st_size} for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
+    (folder / "manifest.json").write_text(json.dumps({**DATA_FORMAT, "dtype": "uint16", "vocab_size": len(tok),
+                                                      "fingerprint": "miditok", "shards": shards}))
     return tok
 
 
