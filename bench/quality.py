@@ -7,7 +7,9 @@ report's: MidiTok REMI (REMIPlus parameters) + MidiTok BPE trained on the same t
           MistralForCausalLM of the same size trained by a plain AdamW loop on the same chunking, batch, lr and
           schedule until it has used the CPU time our train.py used, then transformers' generate.
 Both sample from BOS with the report's settings (temperature 0.5, top-k 6, no-repeat-ngram 6, 256..512 new
-tokens) and are scored with midistral.evaluate against the run's test split: OA per metric, side by side.
+tokens); ours is also sampled as `sample.py` does by default (SAMPLE_DEFAULTS, grammar on). All are scored with
+midistral.evaluate against the run's test split: OA per metric, side by side. Both trainings see the same
+files and the same number of transposed copies (data.transpose, data.transpose_copies).
 """
 
 import argparse
@@ -32,8 +34,10 @@ from transformers import MistralConfig, MistralForCausalLM  # noqa: E402
 from midistral.checkpoint import load_model_and_tokenizer  # noqa: E402
 from midistral.config import load_config  # noqa: E402
 from midistral.data import TokenChunks, epoch_order  # noqa: E402
+from midistral.data.dataset import DATA_FORMAT  # noqa: E402
 from midistral.evaluate import SUMMARY_METRICS, compare, measure_set  # noqa: E402
 from midistral.generate import generate  # noqa: E402
+from midistral.sampler import SAMPLE_DEFAULTS, Sampler  # noqa: E402
 from midistral.tokenize import DEFAULT_PARAMS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +59,9 @@ def train_ours(out: Path, steps: int) -> float:
     return children_cpu_seconds() - before
 
 
-def miditok_shards(manifest: dict, folder: Path, vocab: int, shift_range: tuple[int, int], seed: int):
-    """The report's tokenization of the same split: MidiTok BPE on the train files, shards TokenChunks reads."""
+def miditok_shards(manifest: dict, folder: Path, vocab: int, shift_range: tuple[int, int], copies: int, seed: int):
+    """The report's tokenization of the same split: MidiTok BPE on the train files, shards TokenChunks reads;
+    each train file also `copies` times transposed by distinct random shifts in `shift_range`, as ours."""
     tok = miditok.REMI(miditok.TokenizerConfig(**DEFAULT_PARAMS))
     train_files = manifest["counts"]["train"]["files_list"]
     tok.train(vocab_size=vocab, model="BPE", files_paths=[Path(f) for f in train_files])
@@ -67,11 +72,15 @@ def miditok_shards(manifest: dict, folder: Path, vocab: int, shift_range: tuple[
         seqs = []
         for f in manifest["counts"][split]["files_list"]:
             score = symusic.Score(f)
-            versions = [score] + ([score.shift_pitch(int(rng.choice(shifts)))] if split == "train" and shifts else [])
+            picked = rng.choice(shifts, size=min(copies, len(shifts)), replace=False) if split == "train" and shifts else []
+            versions = [score] + [score.shift_pitch(int(k)) for k in picked]
             seqs += [np.asarray(tok.encode(v).ids, np.uint16) for v in versions]
         np.concatenate(seqs).tofile(folder / f"{split}.bin")
         np.save(folder / f"{split}.idx.npy", np.r_[0, np.cumsum([len(s) for s in seqs])].astype(np.int64))
-    (folder / "manifest.json").write_text(json.dumps({"dtype": "uint16"}))
+    # the manifest TokenChunks checks: data format, dtype, vocabulary, shard sizes
+    shards = {p.name: {"bytes": p.stat().st_size} for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
+    (folder / "manifest.json").write_text(json.dumps({**DATA_FORMAT, "dtype": "uint16", "vocab_size": len(tok),
+                                                      "fingerprint": "miditok", "shards": shards}))
     return tok
 
 
@@ -129,6 +138,14 @@ def sample_ours(run: Path, n: int, max_new: int, min_new: int, seed: int) -> lis
     return [tok.decode([t for t in row if t not in (tok.pad_id, tok.eos_id)]) for row in out[:, 1:].tolist()]
 
 
+def sample_ours_defaults(run: Path, n: int, seed: int) -> list:
+    """What `sample.py --ckpt RUN --num-samples n` writes: its defaults (SAMPLE_DEFAULTS), from BOS."""
+    sampler = Sampler.load(run, device="cpu", log=lambda msg: None)
+    d = SAMPLE_DEFAULTS
+    return [s.score for s in sampler.sample(None, num_samples=n, temperature=d["temperature"], top_k=d["top_k"],
+                                            no_repeat_ngram=d["no_repeat_ngram"], seed=seed)]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=0, help="train.max_steps for ours (0: the config's epochs)")
@@ -146,15 +163,18 @@ def main():
     manifest = json.loads((ours / "data" / "manifest.json").read_text())
     n_train_chunks = len(TokenChunks(ours / "data", "train", cfg["data"]["min_seq"], cfg["data"]["max_seq"], 1, 2, 0))
     schedule = args.steps or cfg["train"]["epochs"] * (n_train_chunks // cfg["train"]["batch_size"])
-    mt = miditok_shards(manifest, out / "report" / "data", cfg["data"]["bpe_vocab_size"], cfg["data"]["transpose"], 0)
+    mt = miditok_shards(manifest, out / "report" / "data", cfg["data"]["bpe_vocab_size"], cfg["data"]["transpose"],
+                        cfg["data"]["transpose_copies"], 0)
     hf, hf_steps, hf_cpu = train_report(mt, out / "report" / "data", cfg, cpu, schedule)
     print(f"training CPU time: ours {cpu:.0f} s, report's {hf_cpu:.0f} s ({hf_steps} of {schedule} steps)")
     real = measure_set(manifest["counts"]["test"]["files_list"])
     results = {}
     for name, scores in (("ours", sample_ours(ours, args.samples, args.max_new, args.min_new, 0)),
-                         ("report's", sample_report(hf, mt, args.samples, args.max_new, args.min_new, 0))):
+                         ("report's", sample_report(hf, mt, args.samples, args.max_new, args.min_new, 0)),
+                         ("ours, sample.py defaults", sample_ours_defaults(ours, args.samples, 0))):
         results[name] = compare(real, measure_set(scores))
-    print("| metric | ours | report's pipeline |\n|---|---|---|")
+    print("| metric | ours, report's settings | report's pipeline, report's settings | ours, sample.py defaults |\n"
+          "|---|---|---|---|")
     rows = {name: {r["metric"]: r["oa"] for r in res["rows"]} for name, res in results.items()}
     for metric in SUMMARY_METRICS:
         print(f"| {metric} | " + " | ".join(f"{r.get(metric, float('nan')):.2f}" for r in rows.values()) + " |")

@@ -43,6 +43,24 @@ def test_oa_of_a_set_with_itself_is_one_and_of_disjoint_sets_zero():
     assert evaluate.overlap_area(np.zeros(5), np.ones(7)) < 1e-3
 
 
+def test_a_constant_set_borrows_the_other_sets_bandwidth():
+    """Real chorales all have empty_beat_rate 0: a constant set. It is smoothed with the generated set's kernel
+    (scipy's, the oracle), so OA is about the share of generated pieces at the constant."""
+    real = np.zeros(41)
+    gen = np.r_[np.zeros(17), 0.02, 0.03, 0.06]
+    kde = stats.gaussian_kde(gen)
+    bw = np.sqrt(kde.covariance[0, 0])
+    x = np.linspace(-0.1, 0.2, 200001)
+    p = np.exp(-0.5 * (x / bw) ** 2) / (bw * np.sqrt(2 * np.pi))
+    q = kde(x)
+    assert evaluate.overlap_area(real, gen) == pytest.approx(np.trapezoid(np.minimum(p, q), x), abs=2e-3)
+    assert evaluate.overlap_area(gen, real) == pytest.approx(evaluate.overlap_area(real, gen), abs=1e-9)
+    assert evaluate.kl_divergence(real, gen) == pytest.approx(np.trapezoid(p * np.log(p / q), x), abs=5e-3)
+    # far outliers: OA is the share of the other set at the constant; all at the constant: 1
+    assert evaluate.overlap_area(np.zeros(41), np.r_[np.zeros(17), 1.0, 1.1, 1.2]) == pytest.approx(0.85, abs=5e-3)
+    assert evaluate.overlap_area(np.zeros(41), np.zeros(20)) == 1.0
+
+
 def write_piece(path, seed, tpq=480, pitch_shift=0):
     """A four-voice chorale-like piece: a bar of 4/4 chords per two seconds, pitches from the seed."""
     rng = np.random.default_rng(seed)
