@@ -2,7 +2,8 @@
 
     python sample.py prompt.mid --ckpt runs/chorales --num-samples 4 --max-new-tokens 1024
 
-Defaults are the report's best setting: temperature 0.5, top-k 6, no-repeat-6-gram. Writes, per sample,
+Defaults: temperature 0.7, top-k 12, no-repeat-6-gram (the report's 0.5 / 6 sample too narrowly: bench/RESULTS.md,
+issue 14); from scratch at least 128 new tokens. Writes, per sample,
 OUT/<name>_<i>.mid (prompt + continuation, one track per program named by General MIDI instrument,
 tempo and time signatures kept) and OUT/<name>_<i>.png (piano roll), and prints one line per file.
 The work is done by midistral.sampler.Sampler (docs/sampling.md); this file is its command line.
@@ -33,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"default {D['max_new_tokens']}; with --bars, as many as the context holds")
-    p.add_argument("--min-new-tokens", type=int, default=0, help="EOS is masked before this many tokens")
+    p.add_argument("--min-new-tokens", type=int, default=None,
+                   help="EOS is masked before this many tokens (default: 128 from scratch without --bars, else 0)")
     p.add_argument("--temperature", type=float, default=D["temperature"], help="0 = greedy")
     p.add_argument("--top-k", type=int, default=D["top_k"], help="0 = off")
     p.add_argument("--top-p", type=float, default=None)

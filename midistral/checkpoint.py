@@ -182,7 +182,7 @@ def read_train_state(path: Path) -> dict:
         reason = (why[0] if why else "unpickling error")[:120]
         raise CheckpointError(f"{path}: refused, holds more than tensors and plain values ({reason}); "
                               "nothing in it was run") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, IndexError, TypeError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt training state ({e.__class__.__name__})") from None
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: not a training state (expected a dict, got {type(saved).__name__})")

@@ -71,7 +71,7 @@ DEFAULTS = {
         "log_every": 1,
         "sample_after": True,      # write a few samples when training ends
     },
-    "sample": {"num_samples": 2, "max_new_tokens": 512, "min_new_tokens": 0, "temperature": 0.5, "top_k": 6,
+    "sample": {"num_samples": 2, "max_new_tokens": 512, "min_new_tokens": 0, "temperature": 0.7, "top_k": 12,
                "no_repeat_ngram": 6, "seed": 0},
 }
 

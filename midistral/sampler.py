@@ -49,6 +49,8 @@ SAMPLE_DEFAULTS = {
     "temperature": 0.7,         # measured on the chorale default (bench/RESULTS.md, issue 14): mean OA 0.79
     "top_k": 12,                # against the test split, 0.75 at the report's 0.5 / top-k 6 (too narrow)
     "no_repeat_ngram": 6,
+    "min_new_from_scratch": 128,  # EOS masked before this many tokens when there is no prompt and no --bars:
+                                  # no 2-5-bar pieces (the shortest chorale is 134 tokens); OA 0.82 vs 0.80
     "reject_tries": 4,          # generations per sample at most, the first included
     "max_silent_share": 0.25,   # share of bars in which a prompt instrument is silent
     "max_loop_score": 0.5,      # share of bars repeating one of the previous two
@@ -194,22 +196,27 @@ class Sampler:
     # Sampling
 
     def sample(self, prompt=None, *, num_samples: int = 1, max_new_tokens: int | None = None,
-               bars: int | None = None, programs=None, temperature: float = 0.5, top_k: int | None = 6,
-               top_p: float | None = None, no_repeat_ngram: int | None = 6, seed: int | None = None,
+               bars: int | None = None, programs=None, temperature: float = SAMPLE_DEFAULTS["temperature"],
+               top_k: int | None = SAMPLE_DEFAULTS["top_k"], top_p: float | None = None,
+               no_repeat_ngram: int | None = SAMPLE_DEFAULTS["no_repeat_ngram"], seed: int | None = None,
                grammar: bool = True, reject: bool = False, prompt_bars: int | None = None,
-               min_new_tokens: int = 0, limits: dict | None = None, prompt_name: str | None = None,
+               min_new_tokens: int | None = None, limits: dict | None = None, prompt_name: str | None = None,
                on_progress: Callable[[int, int], None] | None = None) -> list[Sample]:
         """Continue `prompt` (path, MIDI bytes, Score or None) `num_samples` times, as one batch.
 
         `bars`: continue for exactly that many bars; `programs`: only these instruments ("0,33,-1",
         "piano,bass,drums" or a list of GM numbers, -1 = drums); `grammar`: mask tokens that would break
-        the token grammar. `limits` overrides SAMPLE_DEFAULTS' rejection thresholds and `reject_tries`;
+        the token grammar; `min_new_tokens` (EOS masked before) defaults to SAMPLE_DEFAULTS'
+        `min_new_from_scratch` without a prompt or `bars`, else 0. `limits` overrides SAMPLE_DEFAULTS'
+        rejection thresholds and `reject_tries`;
         `on_progress(step, total)` is called after every generated token."""
         if num_samples < 1:
             raise MidistralError(f"num_samples must be >= 1, got {num_samples}")
         programs, bars = self._steering(programs, bars)
         source = self.read_prompt(prompt, prompt_bars, prompt_name)
         max_new = self._token_budget(max_new_tokens, bars)
+        if min_new_tokens is None:
+            min_new_tokens = SAMPLE_DEFAULTS["min_new_from_scratch"] if source is None and bars is None else 0
         p = self._encode_prompt(source, max_new)
         if len(p.ids) + max_new > self.context:
             max_new = self.context - len(p.ids)
@@ -249,8 +256,9 @@ class Sampler:
     # Accompaniment
 
     def accompany(self, prompt, program, *, bars=None, replace: bool = False, num_samples: int = 1,
-                  temperature: float = 0.5, top_k: int | None = 6, no_repeat_ngram: int | None = 6,
-                  seed: int | None = None, grammar: bool = True, reject: bool = False, limits: dict | None = None,
+                  temperature: float = SAMPLE_DEFAULTS["temperature"], top_k: int | None = SAMPLE_DEFAULTS["top_k"],
+                  no_repeat_ngram: int | None = SAMPLE_DEFAULTS["no_repeat_ngram"], seed: int | None = None,
+                  grammar: bool = True, reject: bool = False, limits: dict | None = None,
                   prompt_name: str | None = None,
                   on_progress: Callable[[int, int], None] | None = None) -> list[Sample]:
         """Add a track for `program` (GM number, -1 = drums, or a name such as "bass") to the piece
