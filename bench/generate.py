@@ -108,21 +108,32 @@ def speed(ours, hf, batch: int, prompt_len: int, new: int, precision: str = "fp3
     return res
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set: VmHWM (ru_maxrss survives exec, so a child started by a big parent
+    would report the parent's peak)."""
+    try:
+        line = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def memory_child(folder: str, new: int, precision: str = "fp32", batch: int = 1) -> None:
     """Run in a fresh process: load ours, generate `new` tokens, print peak RSS as JSON."""
     from midistral.generate import generate
     from midistral.model import from_hf, prepare_for_decode
 
     torch.set_num_threads(2)
+    rss_torch = peak_rss_mb()  # the interpreter and torch, before any model
     model = prepare_for_decode(from_hf(folder).eval(), precision)  # as Sampler.load: only the decode copy kept
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_loaded = peak_rss_mb()
     prompt = torch.randint(3, REF["vocab_size"], (batch, 64), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     out = generate(model, prompt, new, seed=0, precision=precision, **SETTINGS)
     dt = time.perf_counter() - t0
     assert out.shape[1] == 64 + new
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"new": new, "peak_mb": rss / 1024, "loaded_mb": rss_loaded / 1024, "seconds": dt}))
+    print(json.dumps({"new": new, "peak_mb": peak_rss_mb(), "loaded_mb": rss_loaded, "torch_mb": rss_torch,
+                      "seconds": dt}))
 
 
 def teacher_forced(runner, ids: torch.Tensor):
@@ -182,7 +193,8 @@ def precision_table(ours, hf, precisions, folder: Path, ckpt: Path | None, new: 
             line += (f" batch {batch} {r['ours_ms_step']:.2f} ms/step (transformers {r['hf_ms_step']:.2f}, "
                      f"{r['hf_ms_step'] / r['ours_ms_step']:.2f}x);")
         m = memory(folder, 256, p, 8)
-        line += f" peak RSS b8 {m['peak_mb']:.0f} MB (+{m['peak_mb'] - m['loaded_mb']:.0f} MB after load)"
+        line += (f" peak RSS b8 {m['peak_mb']:.0f} MB ({m['peak_mb'] - m['torch_mb']:.0f} MB above python + torch,"
+                 f" +{m['peak_mb'] - m['loaded_mb']:.0f} MB after load)")
         for split in ("test", "train"):
             if (split, p) in q:
                 g = q[split, p]
