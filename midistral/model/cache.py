@@ -40,6 +40,8 @@ class RollingKVCache:
         # cached before layer 0 of this chunk wrote into its own ring.
         self.pos = torch.full((n_layers, self.window), -1, dtype=torch.long, device=device)
         self.n_seen = [0] * n_layers  # tokens stored so far per layer (= next position to write)
+        # per-layer views, made once: a decode step indexes nothing but its slot
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), self.pos.unbind(0)))
 
     @classmethod
     def for_model(cls, model, batch_size: int, dtype: torch.dtype | None = None) -> "RollingKVCache":
@@ -56,18 +58,19 @@ class RollingKVCache:
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, start_pos: int):
         W = self.window
         n = k.shape[2]
-        k_buf, v_buf, pos = self.k[layer_idx], self.v[layer_idx], self.pos[layer_idx]
+        k_buf, v_buf, pos = self._layers[layer_idx]
         if n == 1 and start_pos == self.n_seen[layer_idx]:
             # A decode step right after the cached positions: write one slot and return the filled part of
             # the ring in place (no copy), k_pos None. Guarantee: the ring then holds positions
             # max(0, p - W + 1) .. p (slot p mod W was the oldest, p - W), exactly the keys query p sees.
             slot = start_pos % W
-            k_buf[:, :, slot] = k[:, :, 0]
-            v_buf[:, :, slot] = v[:, :, 0]
+            k_buf.select(2, slot).copy_(k.squeeze(2))
+            v_buf.select(2, slot).copy_(v.squeeze(2))
             pos[slot] = start_pos
             self.n_seen[layer_idx] = start_pos + 1
-            m = min(start_pos + 1, W)  # slots 0..m-1 are filled (the ring fills from slot 0)
-            return k_buf[:, :, :m], v_buf[:, :, :m], None
+            if start_pos + 1 >= W:  # the ring is full: all of it
+                return k_buf, v_buf, None
+            return k_buf[:, :, :start_pos + 1], v_buf[:, :, :start_pos + 1], None  # slots fill from 0
 
         new_pos = torch.arange(start_pos, start_pos + n, device=k.device)
         if self.n_seen[layer_idx] == 0:  # nothing cached yet: the chunk attends to itself only

@@ -34,12 +34,18 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.register_buffer("eps_tensor", torch.tensor(eps), persistent=False)
 
     def forward(self, x):
-        if x.dtype == self.weight.dtype == torch.float32:  # no conversions (they cost as much as the norm at batch 1)
-            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         # the statistics in fp32, as transformers does, whatever the activations' dtype
-        return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps).to(x.dtype)
+        h, w = x.float(), self.weight.float()
+        if torch.is_grad_enabled():  # training: torch's op and its backward
+            return F.rms_norm(h, x.shape[-1:], w, self.eps).to(x.dtype)
+        # Inference: x / sqrt(mean(x^2) + eps) in 5 ops, where F.rms_norm dispatches 24 on CPU (a decode
+        # step runs 17 norms); equal to it within 1 ulp of the norm.
+        norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+        y = (h * torch.addcmul(self.eps_tensor, norm, norm, value=1 / x.shape[-1]).rsqrt_()).mul_(w)
+        return y.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -100,18 +106,18 @@ class Attention(nn.Module):
         self.register_state_dict_post_hook(_split_on_save(names, "qkv_proj", lambda m: (
             m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim, m.n_kv_heads * m.head_dim)))
 
-    def forward(self, x, cos, sin, cache=None, start_pos: int = 0):
-        B, n, _ = x.shape
-        hq, hkv = self.n_heads, self.n_kv_heads
-        qkv = self.qkv_proj(x).view(B, n, hq + 2 * hkv, self.head_dim)
+    def forward(self, x, cos, sin, batch: int, cache=None, start_pos: int = 0):
+        """x (batch * n, C): the tokens of every row as rows of one matrix, so the products see 2-D inputs."""
+        hq, hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).view(batch, -1, hq + 2 * hkv, D)
         qk = rotate(qkv[:, :, :hq + hkv], cos, sin).transpose(1, 2)  # q and k rotated in one pass
-        q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, :, hq + hkv:].transpose(1, 2)
+        q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, :, hq + hkv:].transpose(1, 2)  # (B, heads, n, D) views
         if cache is None:
             y = sliding_window_attention(q, k, v, self.window, backend=self.backend)
         else:
             k_all, v_all, k_pos = cache.update(self.layer_idx, k, v, start_pos)
             y = attention_at_positions(q, k_all, v_all, start_pos, k_pos, self.window)
-        return self.o_proj(y.transpose(1, 2).reshape(B, n, hq * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(x.shape[0], hq * D))
 
 
 class MLP(nn.Module):
@@ -136,8 +142,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, start_pos: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+    def forward(self, x, cos, sin, batch: int, cache=None, start_pos: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache, start_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -192,14 +198,14 @@ class Transformer(nn.Module):
                 f"sequence of {start_pos + N} positions is longer than max_position_embeddings={cfg.max_position_embeddings}"
             )
         if not ids.is_cuda:  # free on CPU; on a GPU it would sync every call (the embedding asserts there)
-            lo, hi = int(ids.min()), int(ids.max())
+            lo, hi = (int(t) for t in torch.aminmax(ids))
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"token id {lo if lo < 0 else hi} is out of range for vocab_size={cfg.vocab_size}")
-        x = self.embed_tokens(ids)
+        x = self.embed_tokens(ids.reshape(B * N))  # (B * N, C): the residual stream is one matrix of rows
         cos, sin = self.rope(start_pos, N, x.device, x.dtype)
         for block in self.layers:
-            x = block(x, cos, sin, cache, start_pos)
-        logits = self.lm_head(self.norm(x))
+            x = block(x, cos, sin, B, cache, start_pos)
+        logits = self.lm_head(self.norm(x)).view(B, N, -1)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
