@@ -27,7 +27,7 @@ from midistral.checkpoint import (append_metrics, check_same_data, load_last, pl
                                   save_best, save_last, truncate_metrics)
 from midistral.config import load_config
 from midistral.data import TokenChunks, epoch_order, load_splits, made_with, prepare, prepared_dir
-from midistral.distributed import init_distributed, rank
+from midistral.distributed import init_distributed, is_master
 from midistral.errors import ArgumentParser, MidistralError
 from midistral.io import RunLock
 from midistral.model import ModelConfig, Transformer
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         run = Path(cfg["out_dir"])
         last = resume_dir(run) if args.resume else None  # before data prep: a typo in out_dir fails at once
-        with RunLock(run) if rank() == 0 else nullcontext():
+        with RunLock(run) if is_master() else nullcontext():
             job = setup(cfg, last)
             train(job)
             if job.ddp:

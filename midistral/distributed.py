@@ -14,15 +14,15 @@ import torch
 from midistral.errors import ConfigError
 
 
-def rank() -> int:
-    """This process's rank (0 without torchrun): rank 0 prepares the data, logs and saves."""
-    return int(os.environ.get("RANK", "0"))
+def is_master() -> bool:
+    """Whether this process is rank 0 (always, without torchrun): rank 0 prepares the data, logs and saves."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device) for train.device = `device_name` ("auto": this process's CUDA device, else
     the CPU); joins the process group (NCCL on CUDA, gloo on CPU) when there is more than one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if device_name == "auto":
         cuda = torch.cuda.is_available()
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
@@ -33,4 +33,4 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
                               f"({torch.cuda.device_count()} found; use 'cpu' or 'auto')")
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank(), world, device
+    return rank, world, device
