@@ -12,9 +12,7 @@ Runs under `torchrun --nproc_per_node N` with DistributedDataParallel (gloo on C
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -25,11 +23,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from midistral.checkpoint import (append_metrics, check_same_data, check_same_tokenizer, plot_metrics, read_train_state,
-                                  read_weights, resume_dir, save_checkpoint, truncate_metrics)
+from midistral.checkpoint import (append_metrics, check_same_data, load_last, plot_metrics, read_train_state, resume_dir,
+                                  save_best, save_last, truncate_metrics)
 from midistral.config import load_config
 from midistral.data import TokenChunks, epoch_order, load_splits, made_with, prepare, prepared_dir
-from midistral.errors import ArgumentParser, CheckpointError, ConfigError, MidistralError
+from midistral.distributed import init_distributed, is_master
+from midistral.errors import ArgumentParser, MidistralError
 from midistral.io import RunLock
 from midistral.model import ModelConfig, Transformer
 from midistral.tokenize import REMI
@@ -157,39 +156,6 @@ def evaluate(job: Job) -> float:
     return float(total / count)
 
 
-def save_last(job: Job) -> None:
-    """RUN/last: weights, tokenizer and everything --resume needs (state.pt, train_config.json)."""
-    def write_state(d: Path):
-        torch.save({**asdict(job.state), "optimizer": job.opt.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "data_fingerprint": job.data_fingerprint}, d / "state.pt")
-        (d / "train_config.json").write_text(json.dumps(job.cfg, indent=2))
-
-    save_checkpoint(job.run / "last", job.raw_model, job.tok, extra=write_state)
-    plot_metrics(job.run)
-
-
-def save_best(job: Job, val: float) -> None:
-    """RUN/best: the weights of the best evaluation so far, whenever it happens (mid-epoch too)."""
-    best = json.dumps({"step": job.state.step, "val_loss": val}) + "\n"
-    save_checkpoint(job.run / "best", job.raw_model, job.tok, extra=lambda d: (d / "best.json").write_text(best))
-
-
-def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); torchrun sets RANK / WORLD_SIZE / LOCAL_RANK."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if device_name == "auto":
-        cuda = torch.cuda.is_available()
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    else:
-        device = torch.device(device_name)
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise ConfigError(f"train.device={device_name!r}: no such CUDA device here "
-                              f"({torch.cuda.device_count()} found; use 'cpu' or 'auto')")
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
 def load_data(cfg: dict, master: bool, ddp: bool) -> tuple[REMI, TokenChunks, TokenChunks]:
     """The prepared data (rank 0 prepares it if needed): tokenizer, train and val chunks."""
     data_dir = prepare(cfg) if master else prepared_dir(cfg)
@@ -200,18 +166,12 @@ def load_data(cfg: dict, master: bool, ddp: bool) -> tuple[REMI, TokenChunks, To
 
 def restore(job: Job, last: Path, saved: dict) -> None:
     """Load RUN/last (or .last.old) into the job: weights, and unless train.restart, optimiser, RNG and state."""
-    tc = job.cfg["train"]
-    check_same_tokenizer(last, job.tok, prepared_dir(job.cfg))
-    job.raw_model.load_weights(read_weights(last / "model.safetensors"), last)
-    if tc["restart"]:  # the report's second cycle: same weights, fresh optimiser and schedule, no warm-up
+    restart = job.cfg["train"]["restart"]
+    load_last(last, saved, job.raw_model, job.opt, job.tok, prepared_dir(job.cfg), weights_only=restart)
+    if restart:  # the report's second cycle: same weights, fresh optimiser and schedule, no warm-up
         job.state = TrainState(step=saved["step"], best_val=saved["best_val"], schedule_start=saved["step"])
-        return
-    try:
-        job.opt.load_state_dict(saved["optimizer"])
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{last / 'state.pt'}: optimizer state does not fit this model ({e})") from None
-    job.state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
-    torch.set_rng_state(saved["torch_rng"])
+    else:
+        job.state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
 
 
 def setup(cfg: dict, last: Path | None) -> Job:
@@ -285,13 +245,14 @@ def train(job: Job) -> None:
             if val < state.best_val:
                 state.best_val, state.improved = val, True
                 if job.master:
-                    save_best(job, val)
+                    save_best(job.run, job.raw_model, job.tok, step, val)
         if epoch_end or step == job.total:
             if epoch_end:
                 state.bad_evals = 0 if state.improved else state.bad_evals + 1
                 state.improved = False
             if job.master:
-                save_last(job)
+                save_last(job.run, job.raw_model, job.tok, asdict(state), job.opt, job.data_fingerprint, job.cfg)
+                plot_metrics(job.run)
             if tc["patience"] and state.bad_evals >= tc["patience"]:
                 if job.master:
                     bar.write(f"early stop at step {step}: no improvement for {tc['patience']} epoch(s)")
@@ -318,7 +279,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         run = Path(cfg["out_dir"])
         last = resume_dir(run) if args.resume else None  # before data prep: a typo in out_dir fails at once
-        with RunLock(run) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+        with RunLock(run) if is_master() else nullcontext():
             job = setup(cfg, last)
             train(job)
             if job.ddp:

@@ -157,7 +157,25 @@ def save_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Run folders: what train.py --resume reads
+# Run folders: what train.py writes (best/, last/, metrics.jsonl) and --resume reads
+
+
+def save_best(run: Path, model, tokenizer, step: int, val_loss: float) -> Path:
+    """RUN/best: the weights of the best evaluation so far, whenever it happens (mid-epoch too); best.json
+    names its step and loss."""
+    best = json.dumps({"step": step, "val_loss": val_loss}) + "\n"
+    return save_checkpoint(run / "best", model, tokenizer, extra=lambda d: (d / "best.json").write_text(best))
+
+
+def save_last(run: Path, model, tokenizer, state: dict, optimizer, data_fingerprint: str, cfg: dict) -> Path:
+    """RUN/last: weights, tokenizer and everything --resume needs: state.pt (`state`, train.py's TrainState as
+    a dict, with the optimiser state, the torch RNG and the data fingerprint) and train_config.json."""
+    def write_state(d: Path):
+        torch.save({**state, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "data_fingerprint": data_fingerprint}, d / "state.pt")
+        (d / "train_config.json").write_text(json.dumps(cfg, indent=2))
+
+    return save_checkpoint(run / "last", model, tokenizer, extra=write_state)
 
 
 def resume_dir(run: Path) -> Path:
@@ -251,6 +269,20 @@ def check_same_tokenizer(last: Path, tok, data_dir: Path) -> None:
     if load_tokenizer(last / TOKENIZER_FILE).to_dict() != tok.to_dict():
         raise CheckpointError(f"{last}: the checkpoint's tokenizer differs from the one in the prepared data "
                               f"({data_dir}): resume with the run's [data] and [tokenizer] settings")
+
+
+def load_last(last: Path, saved: dict, model, optimizer, tokenizer, data_dir: Path, weights_only: bool) -> None:
+    """Load RUN/last (`saved`: its read_train_state) into `model` and, unless `weights_only` (a restart
+    cycle), into `optimizer` and the torch RNG. Refused when its tokenizer is not the prepared data's."""
+    check_same_tokenizer(last, tokenizer, data_dir)
+    model.load_weights(read_weights(last / MODEL_FILE), last)
+    if weights_only:
+        return
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{last / 'state.pt'}: optimizer state does not fit this model ({e})") from None
+    torch.set_rng_state(saved["torch_rng"])
 
 
 def truncate_metrics(path: Path, step: int) -> int:

@@ -55,6 +55,20 @@ def job_status(studio: Studio, job: Job) -> dict:
             "mode": job.request.mode, "variations": variations}
 
 
+def find_job(studio: Studio, job_id: str) -> Job:
+    job = studio.job(job_id)
+    if job is None:
+        raise Missing("this generation is no longer kept; press Generate again")
+    return job
+
+
+def find_variation(studio: Studio, job_id: str, k: int) -> Variation:
+    job = find_job(studio, job_id)
+    if not 0 <= k < len(job.variations):
+        raise Missing(f"variation {k + 1} does not exist")
+    return job.variations[k]
+
+
 # the HTTP status of each kind of mistake; any other MidistralError is a 400
 STATUS = ((UploadTooLarge, 413), (Missing, 404), (AudioUnavailable, 503))
 
@@ -92,34 +106,22 @@ def create_app(studio: Studio) -> FastAPI:
         req = await run_in_threadpool(parse_request, form, data, name, studio.modes, studio.length_in_bars)
         return JSONResponse(job_status(studio, studio.submit(req)), status_code=202)
 
-    def find(job_id: str) -> Job:
-        job = studio.job(job_id)
-        if job is None:
-            raise Missing("this generation is no longer kept; press Generate again")
-        return job
-
-    def variation(job_id: str, k: int) -> Variation:
-        job = find(job_id)
-        if not 0 <= k < len(job.variations):
-            raise Missing(f"variation {k + 1} does not exist")
-        return job.variations[k]
-
     @app.get("/api/jobs/{job_id}")
     def status(job_id: str):
-        return job_status(studio, find(job_id))
+        return job_status(studio, find_job(studio, job_id))
 
     @app.get("/api/jobs/{job_id}/{k}/roll.png")
     def roll(job_id: str, k: int):
-        return FileResponse(studio.piano_roll(variation(job_id, k)), media_type="image/png")
+        return FileResponse(studio.piano_roll(find_variation(studio, job_id, k)), media_type="image/png")
 
     @app.get("/api/jobs/{job_id}/{k}/audio.wav")
     def audio(job_id: str, k: int):
-        return FileResponse(studio.audio(variation(job_id, k)), media_type="audio/wav")
+        return FileResponse(studio.audio(find_variation(studio, job_id, k)), media_type="audio/wav")
 
     @app.get("/api/jobs/{job_id}/{k}/midi")
     def midi(job_id: str, k: int):
-        r = find(job_id).request
-        return FileResponse(variation(job_id, k).path(".mid"), media_type="audio/midi",
+        r = find_job(studio, job_id).request
+        return FileResponse(find_variation(studio, job_id, k).path(".mid"), media_type="audio/midi",
                             filename=f"{r.stem}-{r.mode}-{k + 1}.mid")
 
     return app
