@@ -236,16 +236,28 @@ class Transformer(nn.Module):
 
     def load_weights(self, state: dict, source: str | Path = "checkpoint") -> None:
         """Load a state dict, naming the first missing / unexpected / misshapen tensor."""
-        own = self.state_dict()
         if self.config.tie_word_embeddings:
             state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-            own.pop("lm_head.weight", None)
-        missing = sorted(set(own) - set(state))
-        extra = sorted(set(state) - set(own))
-        if missing or extra:
-            what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
-            raise CheckpointError(f"{source}: {what} ({len(missing)} missing, {len(extra)} unexpected)")
-        for k, v in state.items():
-            if v.shape != own[k].shape:
-                raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        check_tensors(self.checkpoint_shapes(), {k: v.shape for k, v in state.items()}, source)
         self.load_state_dict(state, strict=not self.config.tie_word_embeddings)
+
+    def checkpoint_shapes(self) -> dict[str, tuple]:
+        """name -> shape of the tensors a checkpoint of this model holds (transformers' names; no lm_head
+        when tied). Works on a model built on the meta device."""
+        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            own.pop("lm_head.weight", None)
+        return own
+
+
+def check_tensors(own: dict, state: dict, source) -> None:
+    """A checkpoint's tensors (name -> shape) against the model's: CheckpointError naming the first missing,
+    unexpected or misshapen one."""
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
+        raise CheckpointError(f"{source}: {what} ({len(missing)} missing, {len(extra)} unexpected)")
+    for k, shape in state.items():
+        if tuple(shape) != tuple(own[k]):
+            raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(shape)}, expected {tuple(own[k])}")
