@@ -172,10 +172,14 @@ def read_safetensors_header(path: Path) -> dict[str, tuple]:
 
 
 def iter_safetensors(path: Path, entries: dict[str, tuple]):
-    """(name, tensor) for `entries` (from read_safetensors_header) in file order, each read into a buffer of
-    its own with plain reads: no mmap, whose touched pages would stay resident until the whole file is unmapped."""
-    with open(path, "rb") as f:
-        for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda item: item[1][2]):
+    """(name, tensor) for `entries` (from read_safetensors_header), each read into a buffer of its own with
+    plain reads: no mmap, whose touched pages would stay resident until the whole file is unmapped."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e.__class__.__name__})") from None
+    with f:
+        for name, (dtype, shape, begin, end) in entries.items():
             buf = torch.empty(end - begin, dtype=torch.uint8)
             f.seek(begin)
             if f.readinto(memoryview(buf.numpy())) != end - begin:
@@ -204,37 +208,35 @@ def _weight_files(ckpt: Path):
 def load_decode_model(ckpt: str | os.PathLike, precision: str, device: str = "cpu"):
     """The model `prepare_for_decode(load_model(ckpt, device), precision)` gives, the same to the bit, built
     without ever holding the fp32 state dict or the fp32 linear weights: the model's skeleton on the meta
-    device, then each part (a block, the embedding, the final norm, the LM head) loaded by the model's own
-    load_state_dict (which joins q/k/v and gate/up) as soon as its tensors are read, and its linear layers
-    converted at once with the precision's layer (precision.BUILD); the fp32 tensors are then dropped."""
-    from midistral.model.model import RotaryEmbedding, Transformer, check_tensors
+    device, then part by part (the LM head, each block, the embedding, the final norm) its tensors read,
+    loaded by the part's own load_state_dict (which joins q/k/v and gate/up), its linear layers converted
+    with the precision's layer (precision.BUILD), and the fp32 tensors dropped before the next part."""
+    from midistral.model.model import Transformer, check_tensors
     from midistral.model.precision import BUILD, BUILD_CUDA, check_precision
 
     ckpt = resolve_checkpoint(ckpt)
     check_precision(precision, device)
     cfg, files, prefix, source = _weight_files(ckpt)
-    with torch.device("meta"):
+    with torch.device("meta"), _NoInit():
         model = Transformer(cfg)
     own = model.checkpoint_shapes()
-    headers = {f: {k.removeprefix(prefix): e for k, e in read_safetensors_header(f).items()} for f in files}
+    where = {k.removeprefix(prefix): (f, e) for f in files for k, e in read_safetensors_header(f).items()}
     if cfg.tie_word_embeddings:
-        headers = {f: {k: e for k, e in h.items() if k != "lm_head.weight"} for f, h in headers.items()}
-    check_tensors(own, {k: e[1] for h in headers.values() for k, e in h.items()}, source)
+        where.pop("lm_head.weight", None)
+    check_tensors(own, {k: e[1] for k, (_, e) in where.items()}, source)
     linear_cls, kv_dtype = (BUILD_CUDA if torch.device(device).type == "cuda" else BUILD)[precision]
-    parts = [(f"layers.{i}.", model.layers, str(i)) for i in range(len(model.layers))]
-    parts += [(f"{n}.", model, n) for n, _ in model.named_children() if n not in ("layers", "rope")]
-    parts = {part: [k for k in own if k.startswith(part[0])] for part in parts}  # part -> its tensors' names
-    waiting = {}  # read, their part not complete yet
-    for f, header in headers.items():
-        for name, tensor in iter_safetensors(f, header):
-            waiting[name] = tensor
-            done = [part for part, names in parts.items() if names and all(k in waiting for k in names)]
-            for part in done:
-                _load_part(*part, {k: waiting.pop(k) for k in parts.pop(part)}, device, linear_cls)
+    # the parts that shrink when converted first, the kept ones (embedding, norm) last: the least held at once
+    parts = [(model, "lm_head"), *((model.layers, str(i)) for i in range(len(model.layers))),
+             *((model, n) for n, _ in model.named_children() if n not in ("lm_head", "layers", "rope"))]
+    for parent, attr in parts:
+        start = f"layers.{attr}." if parent is model.layers else f"{attr}."
+        names = [k for k in own if k.startswith(start)]
+        if names:  # (a tied LM head has none: it is the embedding)
+            _load_part(start, parent, attr, _read_tensors({k: where[k] for k in names}), device, linear_cls)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
         _convert(model, "lm_head", linear_cls)
-    model.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings).to(device)
+    model.rope.to(device)  # its inv_freq is built on the CPU, even in a meta skeleton
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     assert not left, f"not loaded: {left}"
     if linear_cls is None and kv_dtype == torch.float32:  # as precision.convert: the model as it is
@@ -242,6 +244,24 @@ def load_decode_model(ckpt: str | os.PathLike, precision: str, device: str = "cp
     model.eval()
     model.kv_cache_dtype, model.decode_precision = kv_dtype, precision
     return model
+
+
+def _read_tensors(where: dict) -> dict:
+    """name -> tensor for `where` (name -> (file, header entry)), read file by file."""
+    out = {}
+    for f in dict.fromkeys(f for f, _ in where.values()):
+        out.update(iter_safetensors(f, {k: e for k, (g, e) in where.items() if g == f}))
+    return {k: out[k] for k in where}
+
+
+class _NoInit(torch.overrides.TorchFunctionMode):
+    """Skips torch.nn.init's functions (the skeleton's weights are all replaced): on the meta device their
+    Python decompositions would import torch._refs and sympy, 150 MB and 3 s (measured)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 def _load_part(prefix: str, parent, attr: str, tensors: dict, device, linear_cls) -> None:
@@ -252,6 +272,25 @@ def _load_part(prefix: str, parent, attr: str, tensors: dict, device, linear_cls
     getattr(parent, attr).load_state_dict(state, assign=True)
     del state
     _convert(parent, attr, linear_cls)
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand the pages of freed buffers back to the OS (glibc's malloc_trim; elsewhere nothing): glibc keeps
+    freed heap memory resident, so a load that frees each part's fp32 tensors would otherwise peak above
+    what it holds."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
 
 
 def _convert(parent, attr: str, linear_cls) -> None:

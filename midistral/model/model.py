@@ -48,7 +48,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, max_positions: int):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.max_positions = max_positions
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
