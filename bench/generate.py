@@ -3,6 +3,7 @@
     python bench/generate.py                  # speed at batch 1 and 8, floor, memory (about 10 minutes)
     python bench/generate.py --quick          # fewer tokens
     python bench/generate.py --precision fp32 fp16 bf16 int8 --ckpt runs/chorales   # per-precision table + guard
+    python bench/generate.py --memory-only    # peak RSS per precision and loader at batch 8 (a few minutes)
 
 The reference model of the report (24M parameters: vocab 5000, hidden 512, intermediate 1024, 8 layers,
 4 heads, 2 KV heads, sliding window 512, 8192 positions) with random weights, built once as a transformers
@@ -13,9 +14,13 @@ max new tokens), so both produce exactly the same number of tokens.
 Floor: the time to stream the weights one decode step reads (every linear layer and the LM head, fp32)
 through a matrix-vector product, measured here; no decoder can beat it at batch 1 on this CPU.
 
-Memory: peak resident set (resource.getrusage ru_maxrss) of a fresh subprocess per measurement that
-loads the model and generates N new tokens with ours, for N = 2,048 and 16,384. Both subprocesses use a
-config with 32,768 positions so the lengths fit and the RoPE tables are the same size in both.
+Memory: peak resident set (VmHWM) of a fresh subprocess per measurement that loads the model and
+generates N new tokens with ours, for N = 2,048 and 16,384. Both subprocesses use a config with 32,768
+positions so the lengths fit and the RoPE tables are the same size in both.
+`--memory-only`: per precision at batch 8 (256 new tokens), for the streaming loader Sampler.load uses
+(checkpoint.load_decode_model) and the plain one (prepare_for_decode(from_hf(folder))): the whole-process
+peak, the RSS right after the imports (python + torch + libraries, the baseline) and the peak above it,
+with the int8/fp32 and fp16/fp32 ratios of both.
 
 Precisions (`--precision`): per precision, ms/step at batch 1 and 8 and the ratio to transformers' fp32
 generate of the same run, peak RSS of a fresh process sampling at batch 8, and the quality guard: mean
