@@ -3,6 +3,7 @@
     python bench/generate.py                  # speed at batch 1 and 8, floor, memory (about 10 minutes)
     python bench/generate.py --quick          # fewer tokens
     python bench/generate.py --precision fp32 fp16 bf16 int8 --ckpt runs/chorales   # per-precision table + guard
+    python bench/generate.py --memory-only    # peak RSS per precision and loader at batch 8 (a few minutes)
 
 The reference model of the report (24M parameters: vocab 5000, hidden 512, intermediate 1024, 8 layers,
 4 heads, 2 KV heads, sliding window 512, 8192 positions) with random weights, built once as a transformers
@@ -13,9 +14,13 @@ max new tokens), so both produce exactly the same number of tokens.
 Floor: the time to stream the weights one decode step reads (every linear layer and the LM head, fp32)
 through a matrix-vector product, measured here; no decoder can beat it at batch 1 on this CPU.
 
-Memory: peak resident set (resource.getrusage ru_maxrss) of a fresh subprocess per measurement that
-loads the model and generates N new tokens with ours, for N = 2,048 and 16,384. Both subprocesses use a
-config with 32,768 positions so the lengths fit and the RoPE tables are the same size in both.
+Memory: peak resident set (VmHWM) of a fresh subprocess per measurement that loads the model and
+generates N new tokens with ours, for N = 2,048 and 16,384. Both subprocesses use a config with 32,768
+positions so the lengths fit and the RoPE tables are the same size in both.
+`--memory-only`: per precision at batch 8 (256 new tokens), for the streaming loader Sampler.load uses
+(checkpoint.load_decode_model) and the plain one (prepare_for_decode(from_hf(folder))): the whole-process
+peak, the RSS right after the imports (python + torch + libraries, the baseline) and the peak above it,
+with the int8/fp32 and fp16/fp32 ratios of both.
 
 Precisions (`--precision`): per precision, ms/step at batch 1 and 8 and the ratio to transformers' fp32
 generate of the same run, peak RSS of a fresh process sampling at batch 8, and the quality guard: mean
@@ -118,14 +123,30 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def memory_child(folder: str, new: int, precision: str = "fp32", batch: int = 1) -> None:
+def rss_mb() -> float:
+    """This process's resident set now (VmRSS)."""
+    try:
+        return int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmRSS:")).split()[1]) / 1024
+    except (OSError, StopIteration):
+        return float("nan")
+
+
+LOADERS = ("stream", "plain")  # Sampler.load's checkpoint.load_decode_model; prepare_for_decode(from_hf(folder))
+
+
+def memory_child(folder: str, new: int, precision: str = "fp32", batch: int = 1, loader: str = "stream") -> None:
     """Run in a fresh process: load ours, generate `new` tokens, print peak RSS as JSON."""
+    from midistral.checkpoint import load_decode_model
     from midistral.generate import generate
     from midistral.model import from_hf, prepare_for_decode
 
     torch.set_num_threads(2)
-    rss_torch = peak_rss_mb()  # the interpreter and torch, before any model
-    model = prepare_for_decode(from_hf(folder).eval(), precision)  # as Sampler.load: only the decode copy kept
+    base = rss_mb()  # the interpreter, torch and the libraries, before any model
+    rss_torch = peak_rss_mb()
+    if loader == "stream":  # as Sampler.load: tensor by tensor, only the decode model is built
+        model = load_decode_model(folder, precision)
+    else:  # the fp32 state dict and model, then the decode copy (only that one kept)
+        model = prepare_for_decode(from_hf(folder).eval(), precision)
     rss_loaded = peak_rss_mb()
     prompt = torch.randint(3, REF["vocab_size"], (batch, 64), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
@@ -133,7 +154,26 @@ def memory_child(folder: str, new: int, precision: str = "fp32", batch: int = 1)
     dt = time.perf_counter() - t0
     assert out.shape[1] == 64 + new
     print(json.dumps({"new": new, "peak_mb": peak_rss_mb(), "loaded_mb": rss_loaded, "torch_mb": rss_torch,
-                      "seconds": dt}))
+                      "base_mb": base, "seconds": dt, "loader": loader}))
+
+
+def memory_table(folder: Path, new: int = 256, batch: int = 8) -> None:
+    """Per precision offered here and per loader: whole-process peak (VmHWM) of a fresh process loading the
+    folder and sampling `new` tokens at `batch`, its RSS after the imports (the baseline), the peak above
+    it; then int8/fp32 and fp16/fp32 of both figures."""
+    from midistral.model import available_precisions
+
+    print(f"memory, batch {batch}, {new} new tokens, a fresh process per row (MB; baseline = VmRSS after imports)")
+    for loader in LOADERS:
+        rows = {p: memory(folder, new, p, batch, loader) for p in available_precisions()}
+        for p, m in rows.items():
+            print(f"  {loader:6s} {p}: peak {m['peak_mb']:.0f}, baseline {m['base_mb']:.0f}, above baseline "
+                  f"{m['peak_mb'] - m['base_mb']:.0f} (after load {m['loaded_mb'] - m['base_mb']:.0f})", flush=True)
+        for p in ("int8", "fp16"):
+            if p in rows:
+                a, b = rows[p], rows["fp32"]
+                print(f"  {loader:6s} {p}/fp32: whole process {a['peak_mb'] / b['peak_mb']:.2f}x, above baseline "
+                      f"{(a['peak_mb'] - a['base_mb']) / (b['peak_mb'] - b['base_mb']):.2f}x", flush=True)
 
 
 def teacher_forced(runner, ids: torch.Tensor):
@@ -211,9 +251,9 @@ def cpu_flags() -> str:
     return " ".join(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
 
 
-def memory(folder: Path, new: int, precision: str = "fp32", batch: int = 1) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--memory-child", str(folder), str(new), precision, str(batch)],
-                         capture_output=True, text=True, check=True)
+def memory(folder: Path, new: int, precision: str = "fp32", batch: int = 1, loader: str = "stream") -> dict:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", str(folder), str(new), precision, str(batch),
+                          loader], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -225,15 +265,22 @@ def main():
     ap.add_argument("--ckpt", type=Path, help="a trained run (best/ and data/) for the quality guard")
     ap.add_argument("--new", type=int, default=1024, help="new tokens per precision measurement")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with other jobs)")
-    ap.add_argument("--memory-child", nargs=4, metavar=("FOLDER", "NEW", "PRECISION", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only the memory table: per precision and loader, peak RSS at batch 8 (fresh processes)")
+    ap.add_argument("--memory-child", nargs=5, metavar=("FOLDER", "NEW", "PRECISION", "BATCH", "LOADER"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
-        f, n, p, b = args.memory_child
-        return memory_child(f, int(n), p, int(b))
+        f, n, p, b, loader = args.memory_child
+        return memory_child(f, int(n), p, int(b), loader)
 
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}")
     hf = hf_model()
+    if args.memory_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            hf.save_pretrained(Path(tmp) / "ref")
+            return memory_table(Path(tmp) / "ref")
     with tempfile.TemporaryDirectory() as tmp:
         ours = save_ours_from_hf(hf, Path(tmp) / "ref")
         n_params = sum(p.numel() for p in ours.parameters())

@@ -12,6 +12,7 @@ file, ours or MidiTok's, for users who trained with the report's pipeline.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -110,15 +111,197 @@ def load_model(ckpt: str | os.PathLike, device: str = "cpu"):
     return model.to(device)
 
 
-def load_model_and_tokenizer(path: str | os.PathLike, device: str = "cpu"):
+def load_model_and_tokenizer(path: str | os.PathLike, device: str = "cpu", precision: str | None = None):
+    """The model (with `precision`: only its decode copy, `load_decode_model`) and the tokenizer."""
     ckpt = resolve_checkpoint(path)
     tok = load_tokenizer(find_tokenizer_file(ckpt))
-    model = load_model(ckpt, device)
+    model = load_model(ckpt, device) if precision is None else load_decode_model(ckpt, precision, device)
     if len(tok) > model.config.vocab_size:
         raise CheckpointError(
             f"{ckpt}: tokenizer has {len(tok)} tokens but the model's vocab_size is {model.config.vocab_size}"
         )
     return model, tok
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streaming load: the decode model of a precision, read tensor by tensor (peak memory)
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple]:
+    """name -> (dtype, shape, first byte, end byte) of a safetensors file's tensors (offsets in the file),
+    reading only its header: 8 bytes little-endian n, n bytes of JSON, then the raw data. A header that does
+    not parse, or a tensor past the end of the file, is a CheckpointError naming the file."""
+    def bad(why: str):
+        raise CheckpointError(f"{path}: cannot be read ({why})")
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                bad(f"truncated: a {size}-byte file cannot hold its {n}-byte header" if size >= 8
+                    else "truncated: shorter than the 8-byte header length")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        bad(e.strerror or e.__class__.__name__)
+    except (ValueError, RecursionError):
+        bad("the header is not JSON")
+    if not isinstance(header, dict):
+        bad("the header is not a JSON object")
+    entries = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(e["dtype"]), e["shape"], e["data_offsets"]
+            ok = all(type(d) is int and d >= 0 for d in (*shape, begin, end)) and begin <= end
+        except (KeyError, TypeError, ValueError):
+            bad(f"bad header entry for {name!r}")
+        if dtype is None:
+            bad(f"tensor {name!r} has dtype {e['dtype']!r}, not one this version reads")
+        if not ok or (end - begin) != math.prod(shape) * dtype.itemsize:
+            bad(f"bad header entry for {name!r}")
+        if 8 + n + end > size:
+            bad(f"truncated: tensor {name!r} ends past the end of the file")
+        entries[name] = (dtype, tuple(shape), 8 + n + begin, 8 + n + end)
+    return entries
+
+
+def iter_safetensors(path: Path, entries: dict[str, tuple]):
+    """(name, tensor) for `entries` (from read_safetensors_header), each read into a buffer of its own with
+    plain reads: no mmap, whose touched pages would stay resident until the whole file is unmapped."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e.__class__.__name__})") from None
+    with f:
+        for name, (dtype, shape, begin, end) in entries.items():
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(begin)
+            if f.readinto(memoryview(buf.numpy())) != end - begin:
+                raise CheckpointError(f"{path}: cannot be read (truncated while reading {name!r})")
+            yield name, buf.view(dtype).reshape(shape)
+
+
+def _weight_files(ckpt: Path):
+    """(model config, weight files, the prefix of their tensor names, the source errors name): our checkpoint
+    folder or a transformers save_pretrained one, with load_model's checks and messages."""
+    from midistral.model.config import ModelConfig
+    from midistral.model.hf import read_hf_folder
+
+    try:
+        cfg = json.loads((ckpt / CONFIG_FILE).read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt / CONFIG_FILE}: not valid JSON ({e})") from None
+    if isinstance(cfg, dict) and "model_type" in cfg:
+        config, shards = read_hf_folder(ckpt)
+        return config, shards, "model.", ckpt
+    if not (ckpt / MODEL_FILE).is_file():
+        raise CheckpointError(f"{ckpt}: checkpoint is missing {MODEL_FILE}")
+    return ModelConfig.from_dict(cfg), [ckpt / MODEL_FILE], "", ckpt / MODEL_FILE
+
+
+def load_decode_model(ckpt: str | os.PathLike, precision: str, device: str = "cpu"):
+    """The model `prepare_for_decode(load_model(ckpt, device), precision)` gives, the same to the bit, built
+    without ever holding the fp32 state dict or the fp32 linear weights: the model's skeleton on the meta
+    device, then part by part (the LM head, each block, the embedding, the final norm) its tensors read,
+    loaded by the part's own load_state_dict (which joins q/k/v and gate/up), its linear layers converted
+    with the precision's layer (precision.BUILD), and the fp32 tensors dropped before the next part."""
+    from midistral.model.model import Transformer, check_tensors
+    from midistral.model.precision import BUILD, BUILD_CUDA, check_precision
+
+    ckpt = resolve_checkpoint(ckpt)
+    check_precision(precision, device)
+    cfg, files, prefix, source = _weight_files(ckpt)
+    with torch.device("meta"), _NoInit():
+        model = Transformer(cfg)
+    own = model.checkpoint_shapes()
+    where = {k.removeprefix(prefix): (f, e) for f in files for k, e in read_safetensors_header(f).items()}
+    if cfg.tie_word_embeddings:
+        where.pop("lm_head.weight", None)
+    check_tensors(own, {k: e[1] for k, (_, e) in where.items()}, source)
+    linear_cls, kv_dtype = (BUILD_CUDA if torch.device(device).type == "cuda" else BUILD)[precision]
+    # the parts that shrink when converted first, the kept ones (embedding, norm) last: the least held at once
+    parts = [(model, "lm_head"), *((model.layers, str(i)) for i in range(len(model.layers))),
+             *((model, n) for n, _ in model.named_children() if n not in ("lm_head", "layers", "rope"))]
+    for parent, attr in parts:
+        start = f"layers.{attr}." if parent is model.layers else f"{attr}."
+        names = [k for k in own if k.startswith(start)]
+        if names:  # (a tied LM head has none: it is the embedding)
+            _load_part(start, parent, attr, _read_tensors({k: where[k] for k in names}), device, linear_cls)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+        _convert(model, "lm_head", linear_cls)
+    model.rope.to(device)  # its inv_freq is built on the CPU, even in a meta skeleton
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    assert not left, f"not loaded: {left}"
+    if linear_cls is None and kv_dtype == torch.float32:  # as precision.convert: the model as it is
+        return model
+    model.eval()
+    model.kv_cache_dtype, model.decode_precision = kv_dtype, precision
+    return model
+
+
+def _read_tensors(where: dict) -> dict:
+    """name -> tensor for `where` (name -> (file, header entry)), read file by file."""
+    out = {}
+    for f in dict.fromkeys(f for f, _ in where.values()):
+        out.update(iter_safetensors(f, {k: e for k, (g, e) in where.items() if g == f}))
+    return {k: out[k] for k in where}
+
+
+class _NoInit(torch.overrides.TorchFunctionMode):
+    """Skips torch.nn.init's functions (the skeleton's weights are all replaced): on the meta device their
+    Python decompositions would import torch._refs and sympy, 150 MB and 3 s (measured)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+def _load_part(prefix: str, parent, attr: str, tensors: dict, device, linear_cls) -> None:
+    """Load the module parent.attr from its checkpoint tensors (fp32 on `device`, as load_state_dict copies
+    them into the model's fp32 parameters), then convert its linear layers."""
+    state = {k.removeprefix(prefix): v.to(device=device, dtype=torch.float32) for k, v in tensors.items()}
+    tensors.clear()
+    getattr(parent, attr).load_state_dict(state, assign=True)
+    del state
+    _convert(parent, attr, linear_cls)
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand the pages of freed buffers back to the OS (glibc's malloc_trim; elsewhere nothing): glibc keeps
+    freed heap memory resident, so a load that frees each part's fp32 tensors would otherwise peak above
+    what it holds."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+def _convert(parent, attr: str, linear_cls) -> None:
+    """Swap parent.attr if it is an nn.Linear (else every nn.Linear within it) for `linear_cls(linear)`,
+    as precision.convert does; linear_cls None keeps them."""
+    module = getattr(parent, attr)
+    if linear_cls is not None and isinstance(module, torch.nn.Linear):
+        setattr(parent, attr, linear_cls(module))
+    elif linear_cls is not None:
+        for name, _ in list(module.named_children()):
+            _convert(module, name, linear_cls)
 
 
 def save_checkpoint(

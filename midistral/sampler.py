@@ -32,7 +32,7 @@ from midistral.errors import ConfigError, MidistralError
 from midistral.generate import generate
 from midistral.metrics import failure_modes
 from midistral.model.cache import model_config
-from midistral.model.precision import check_precision, default_precision, prepare_for_decode
+from midistral.model.precision import check_precision, default_precision
 from midistral.tokenize import load_score
 from midistral.tokenize.grammar import Grammar, GrammarConstraint
 
@@ -133,9 +133,10 @@ class Sampler:
         path = resolve_checkpoint(ckpt)
         check_device(device)
         precision = default_precision(device) if precision is None else check_precision(precision, device)
-        model, tok = load_model_and_tokenizer(path, device=device)
-        # keep only the decode copy: the checkpoint's fp32 linear weights are freed (peak memory)
-        return cls(prepare_for_decode(model, precision), tok, path, device, precision, log)
+        # only the decode model, read tensor by tensor: the fp32 state dict and linear weights never exist
+        # at once (peak memory); the same model as prepare_for_decode of the loaded checkpoint
+        model, tok = load_model_and_tokenizer(path, device=device, precision=precision)
+        return cls(model, tok, path, device, precision, log)
 
     # ------------------------------------------------------------------------------------------------
     # Prompt

@@ -17,7 +17,9 @@ from midistral.model.config import ModelConfig
 from midistral.model.model import Transformer
 
 
-def from_hf(path: str | Path, device: str | None = None) -> Transformer:
+def read_hf_folder(path: str | Path) -> tuple[ModelConfig, list[Path]]:
+    """The config and the weight files (model.safetensors or the shards of its index) of a save_pretrained
+    folder; CheckpointError naming what is missing or malformed."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: missing config.json (not a save_pretrained folder)")
@@ -33,13 +35,23 @@ def from_hf(path: str | Path, device: str | None = None) -> Transformer:
     if (path / "model.safetensors").is_file():
         shards = [path / "model.safetensors"]
     elif index.is_file():
-        shards = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        try:
+            shards = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e.__class__.__name__})") from None
     else:
         raise CheckpointError(f"{path}: missing model.safetensors (only safetensors weights are read)")
-    state = {}
     for shard in shards:
         if not shard.is_file():
             raise CheckpointError(f"{path}: missing weight shard {shard.name}")
+    return cfg, shards
+
+
+def from_hf(path: str | Path, device: str | None = None) -> Transformer:
+    path = Path(path)
+    cfg, shards = read_hf_folder(path)
+    state = {}
+    for shard in shards:
         try:
             state.update(load_file(str(shard), device=device or "cpu"))
         except Exception as e:

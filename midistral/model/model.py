@@ -54,7 +54,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, max_positions: int):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.max_positions = max_positions
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -242,16 +242,28 @@ class Transformer(nn.Module):
 
     def load_weights(self, state: dict, source: str | Path = "checkpoint") -> None:
         """Load a state dict, naming the first missing / unexpected / misshapen tensor."""
-        own = self.state_dict()
         if self.config.tie_word_embeddings:
             state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-            own.pop("lm_head.weight", None)
-        missing = sorted(set(own) - set(state))
-        extra = sorted(set(state) - set(own))
-        if missing or extra:
-            what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
-            raise CheckpointError(f"{source}: {what} ({len(missing)} missing, {len(extra)} unexpected)")
-        for k, v in state.items():
-            if v.shape != own[k].shape:
-                raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        check_tensors(self.checkpoint_shapes(), {k: v.shape for k, v in state.items()}, source)
         self.load_state_dict(state, strict=not self.config.tie_word_embeddings)
+
+    def checkpoint_shapes(self) -> dict[str, tuple]:
+        """name -> shape of the tensors a checkpoint of this model holds (transformers' names; no lm_head
+        when tied). Works on a model built on the meta device."""
+        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            own.pop("lm_head.weight", None)
+        return own
+
+
+def check_tensors(own: dict, state: dict, source) -> None:
+    """A checkpoint's tensors (name -> shape) against the model's: CheckpointError naming the first missing,
+    unexpected or misshapen one."""
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
+        raise CheckpointError(f"{source}: {what} ({len(missing)} missing, {len(extra)} unexpected)")
+    for k, shape in state.items():
+        if tuple(shape) != tuple(own[k]):
+            raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(shape)}, expected {tuple(own[k])}")
