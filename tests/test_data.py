@@ -309,7 +309,7 @@ def test_ensembles_config_key_is_checked():
 
     cfg = load_config(ROOT / "configs" / "tiny.toml")
     assert "ensembles" not in made_with(cfg)[0]["data"]  # off: the fingerprint of a config without the key
-    assert load_config(ROOT / "configs" / "chorales.toml")["data"]["ensembles"] == 1.0
+    assert load_config(ROOT / "configs" / "chorales-ensembles.toml")["data"]["ensembles"] == 1.0
     assert load_config(ROOT / "configs" / "report.toml")["data"]["ensembles"] == 0  # Lakh: the files' own programs
 
 
