@@ -2,6 +2,13 @@
 
     python bench/accompany.py --ckpt RUN_OR_CHECKPOINT [--pieces 8] [--png docs/accompaniment.png]
     python bench/accompany.py --ckpt RUN --pieces 0 --repeats 5 [--report-size]     # speed only
+    python bench/accompany.py --ckpt RUN --pieces 0 --repeats 0 --add 20 --seeds 2 [--png-add samples/add.png]
+
+--add N: a true addition (issue 15). The first N four-voice test-split chorales, each in the ensemble the data
+preparation gives it (data.ensembles; midistral.data.chorales.ensemble_for, copy 0), without their lowest
+voice: Sampler.accompany (sample.py's defaults: temperature 0.7, top-k 12, the default precision) adds a cello
+and a bass ("bass": Electric Bass (finger)) with each seed, skipping an instrument the trio already plays;
+then the same for examples/prompt.mid (four winds, no cello or bass) and examples/trio.mid.
 
 Quality (per piece, then averaged): the share of bars where the other tracks play in which the new track
 has notes (goal >= 80%), and the share of onsets on the eighth-note grid for the new track and for the
@@ -116,11 +123,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="speed: alternating walk/free runs")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--report-size", action="store_true", help="speed of the report's 24M model (random weights)")
+    ap.add_argument("--add", type=int, default=0, help="true addition: this many test chorales without their bass")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--png-add", default=None, help="piano roll of the first true addition")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = load_model_and_tokenizer(args.ckpt)
     manifest = json.loads((Path(args.data or args.ckpt) / "data" / "manifest.json").read_text())
     test = manifest["counts"]["test"]["files_list"]
+    if args.add:
+        true_addition(args.ckpt, test, args.add, args.seeds, args.png_add)
 
     rows = []
     for i, path in enumerate(test[:args.pieces]):
@@ -140,11 +152,63 @@ def main() -> None:
         print(f"mean over {len(rows)} chorales: bars covered {cov:.1%}, new track on the 8th grid {g_new:.1%}, "
               f"other tracks {g_old:.1%}")
 
+    if not args.repeats:
+        return
     piece = thirty_two_bars(test)
     if args.report_size:
         model = report_size_model(len(tok))
     for label, program, replace in (("add a cello", 42, False), ("rewrite the bass", 70, True)):
         speed(model, tok, piece, program, replace, args.repeats, args.precision, label)
+
+
+def trio(path) -> symusic.Score | None:
+    """A four-voice chorale in the ensemble its data preparation gives it, without its lowest voice."""
+    from midistral.data.chorales import ensemble_for
+
+    score = load_score(path)
+    programs = ensemble_for(score, Path(path).name, 0, 1.0)
+    if programs is None or len(score.tracks) != 4:
+        return None
+    for t, p in zip(score.tracks, programs):
+        t.program = p
+    low = min(range(4), key=lambda i: np.mean(score.tracks[i].notes.numpy()["pitch"]))
+    score.tracks = [t for i, t in enumerate(score.tracks) if i != low]
+    return score
+
+
+def true_addition(ckpt, test, n_pieces: int, seeds: int, png) -> None:
+    """Add a cello and a bass to trios (test chorales without their bass) and to the examples, as a user would
+    (Sampler.accompany with sample.py's defaults); per instrument: bars covered, onsets on the 8th grid."""
+    from midistral.sampler import Sampler
+
+    sampler = Sampler.load(ckpt)
+    root = Path(__file__).resolve().parents[1] / "examples"
+    pieces = [(Path(p).name, t) for p in test if (t := trio(p)) is not None][:n_pieces]
+    examples = [(p.name, load_score(p)) for p in (root / "prompt.mid", root / "trio.mid") if p.is_file()]
+    for group, items in (("test-split trios", pieces), ("examples", examples)):
+        for program in (42, 33):
+            rows, skipped = [], 0
+            for name, score in items:
+                if program in {t.program for t in score.tracks}:
+                    skipped += 1
+                    continue
+                for seed in range(seeds):
+                    sample = sampler.accompany(score, program, seed=seed)[0]
+                    out, k = sample.score, sample.new_track
+                    others = [t for i, t in enumerate(out.tracks) if i != k]
+                    rows.append((bars_covered(out, k), on_grid([out.tracks[k]], out.tpq), on_grid(others, out.tpq),
+                                 len(out.tracks[k].notes)))
+                    print(f"  {name} + {out.tracks[k].name} (seed {seed}): bars covered {rows[-1][0]:.0%}, on the 8th "
+                          f"grid {rows[-1][1]:.0%} vs others {rows[-1][2]:.0%}, {rows[-1][3]} notes", flush=True)
+                    if png and group == "test-split trios" and len(rows) == 1:
+                        piano_roll(out, k, Path(png), f"{name} without its bass + a new {out.tracks[k].name} "
+                                   "(red), python bench/accompany.py --add")
+            if rows:
+                cov, g_new, g_old, notes = map(np.nanmean, zip(*rows))
+                empty = sum(r[3] == 0 for r in rows)
+                print(f"{group} + program {program}: {len(rows)} runs ({skipped} pieces skipped: already playing it), "
+                      f"bars covered {cov:.1%} (min {min(r[0] for r in rows):.0%}), new track on the 8th grid "
+                      f"{g_new:.1%} vs others {g_old:.1%}, {notes:.0f} notes per run, {empty} empty", flush=True)
 
 
 def report_size_model(vocab: int) -> Transformer:

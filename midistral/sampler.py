@@ -413,7 +413,7 @@ def accompaniment_report(score: symusic.Score, new_track: int, metrics: dict, li
         gave_up = "; no try passed, kept the last" if warn else ""
         warn.append(f"rejected {' | '.join(rejected)}{gave_up}")
     line = f"new track: {track.name} {len(track.notes)} notes"
-    if not track.notes:  # the usual cause: the model never saw this instrument (the chorale model knows 4 winds)
+    if not track.notes:  # the usual cause: the model never saw this instrument in its training data
         warn.append("the model wrote no note for this instrument: was it in its training data? "
                     "--replace-track with one of the piece's instruments works with any model")
     return line + (f"  [{'; '.join(warn)}]" if warn else "")

@@ -1,6 +1,7 @@
 """Data preparation and batches: skipped files with reasons, exact chunking against a plain-Python reference."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -265,3 +266,96 @@ def test_preparation_killed_anywhere_then_run_again_gives_the_same_shards(tmp_pa
         assert man["shards"] == ref["shards"] and man["fingerprint"] == ref["fingerprint"]
         assert (out / "tokenizer.json").read_bytes() == (tmp_path / "ref" / "tokenizer.json").read_bytes()
         assert not list(out.glob(".*.tmp"))  # a killed writer's temporaries were cleared
+
+
+# Sounding ranges (MIDI pitches) of the General MIDI instruments the voice pools may use, from standard
+# orchestration tables (written independently of midistral/data/chorales.py), and the chorale voices' usual
+# tessitura: every program drawn for a voice must cover it.
+INSTRUMENT_RANGE = {73: (60, 96), 68: (58, 91), 40: (55, 103), 56: (54, 82), 71: (50, 94), 64: (56, 87),
+                    41: (48, 91), 60: (34, 77), 69: (52, 84), 65: (49, 81), 42: (36, 76), 57: (40, 72),
+                    70: (34, 75), 66: (44, 76), 43: (28, 67), 32: (28, 67), 33: (28, 67), 58: (28, 65)}
+TESSITURA = [(62, 77), (57, 72), (50, 67), (40, 62)]  # soprano D4-F5, alto A3-C5, tenor D3-G4, bass E2-D4
+
+
+def test_ensembles_are_deterministic_distinct_and_fit_each_voice():
+    from midistral.data.chorales import VOICE_POOLS, draw_ensemble
+
+    seen = set()
+    for i in range(300):
+        name, copy = f"bwv{i}.{i % 7}.mid", i % 3
+        ens = draw_ensemble(name, copy)
+        assert ens == draw_ensemble(name, copy)  # deterministic in (name, copy, seed)
+        assert len(set(ens)) == 4  # distinct programs: REMIPlus would merge two tracks of one program
+        for program, pool, (lo, hi) in zip(ens, VOICE_POOLS, TESSITURA):
+            assert program in pool
+            assert INSTRUMENT_RANGE[program][0] <= lo and hi <= INSTRUMENT_RANGE[program][1], (program, lo, hi)
+        seen.add(tuple(ens))
+    assert len(seen) > 150  # varied, not one ensemble
+    for voice in range(4):  # every pool member is drawn for its voice
+        assert {e[voice] for e in seen} == set(VOICE_POOLS[voice])
+    assert draw_ensemble("bwv1.6.mid", 0, seed=1) != draw_ensemble("bwv1.6.mid", 0) or \
+        draw_ensemble("bwv1.6.mid", 1, seed=1) != draw_ensemble("bwv1.6.mid", 1)
+
+
+def test_ensembles_config_key_is_checked():
+    for value, msg in [("1.5", "data.ensembles=1.5: expected a number in [0, 1]"),
+                       ("true", "data.ensembles=True: expected a number in [0, 1]"),
+                       ('"all"', "data.ensembles='all': expected a number in [0, 1]")]:
+        with pytest.raises(ConfigError, match=re.escape(msg)):
+            load_config(ROOT / "configs" / "tiny.toml", [f"data.ensembles={value}"])
+    with pytest.raises(ConfigError, match="unknown config key 'data.ensemble'"):
+        load_config(ROOT / "configs" / "tiny.toml", ["data.ensemble=1"])
+    from midistral.data.prepare import made_with
+
+    cfg = load_config(ROOT / "configs" / "tiny.toml")
+    assert "ensembles" not in made_with(cfg)[0]["data"]  # off: the fingerprint of a config without the key
+    assert load_config(ROOT / "configs" / "chorales-ensembles.toml")["data"]["ensembles"] == 1.0
+    assert load_config(ROOT / "configs" / "report.toml")["data"]["ensembles"] == 0  # Lakh: the files' own programs
+
+
+def test_prepare_draws_ensembles_and_transposes_copies(tmp_path):
+    """Four-voice pieces (the example chorale, transposed so the files differ), prepared with ensembles and one
+    transposed copy: every piece decodes to the file's notes shifted by 0 (the piece, every split) or by a
+    nonzero shift in the range (its copy), its tracks playing draw_ensemble's programs from the highest part down."""
+    import symusic
+
+    from midistral.data.chorales import draw_ensemble
+    from midistral.tokenize import REMI
+
+    src = symusic.Score(str(ROOT / "examples" / "prompt.mid"))
+    folder = tmp_path / "midi"
+    folder.mkdir()
+    for k in range(8):
+        s = src.copy()
+        s.tracks = [t.shift_pitch(k - 4) for t in s.tracks]
+        if k % 2:  # tracks in another order than from the top down
+            s.tracks = [s.tracks[i] for i in (2, 0, 3, 1)]
+        s.dump_midi(str(folder / f"piece{k}.mid"))
+    cfg = cfg_for(folder, tmp_path / "run", ensembles=1.0, transpose=[-2, 2], transpose_copies=1)
+    out = prepare(cfg, progress=False)
+    man = json.loads((out / "manifest.json").read_text())
+    tok = REMI.load(out / "tokenizer.json")
+    n_checked = 0
+    for split in ("train", "val", "test"):
+        offs = np.load(out / f"{split}.idx.npy")
+        flat = np.fromfile(out / f"{split}.bin", dtype=np.uint16).astype(np.int64)
+        files = man["counts"][split]["files_list"]
+        copies = 2 if split == "train" else 1
+        assert len(offs) - 1 == copies * len(files)
+        for j in range(len(offs) - 1):
+            f, copy = Path(files[j // copies]), j % copies
+            got = tok.decode(flat[offs[j]:offs[j + 1]])
+            want = tok.decode(tok.encode(f))  # the file's own notes (quantised as the tokenizer does)
+            gp = sorted((n.time, n.pitch) for t in got.tracks for n in t.notes)
+            wp = sorted((n.time, n.pitch) for t in want.tracks for n in t.notes)
+            shifts = {g[1] - w[1] for g, w in zip(gp, wp)}
+            assert len(gp) == len(wp) and len(shifts) == 1 and [g[0] for g in gp] == [w[0] for w in wp]
+            shift = shifts.pop()
+            assert shift == 0 if copy == 0 else shift in (-2, -1, 1, 2)
+            by_height = sorted(got.tracks, key=lambda t: -np.mean([n.pitch for n in t.notes]))
+            assert [t.program for t in by_height] == draw_ensemble(f.name, copy)
+            # the order of the tracks (the order of notes at one tick) stays the file's
+            order = sorted(want.tracks, key=lambda t: -np.mean([n.pitch for n in t.notes]))
+            assert [order.index(want.tracks[i]) for i in range(4)] == [by_height.index(got.tracks[i]) for i in range(4)]
+            n_checked += 1
+    assert not man["skipped"] and n_checked == 8 + man["counts"]["train"]["files"]

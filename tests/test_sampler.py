@@ -175,6 +175,20 @@ def test_accompany_adds_one_track_and_keeps_every_note(smp, prompt_path):
     assert all(BAR * r.score.tpq // 480 <= n.time for n in r.score.tracks[r.new_track].notes)  # bars 2-3 only
 
 
+def test_accompany_adds_an_absent_instrument_to_the_trio_example(smp):
+    """The README's true addition: examples/trio.mid (a chorale's soprano, alto, tenor) + a cello; the trio's
+    notes are kept exactly, note by note, against symusic's reading of the file."""
+    from conftest import ROOT
+
+    path = ROOT / "examples" / "trio.mid"
+    want = notes_of(symusic.Score(str(path)))
+    assert {p for p, *_ in want} == {40, 41, 71}  # violin, viola, clarinet: no cello
+    (s,) = smp.accompany(path, "cello", seed=0)
+    new = s.score.tracks[s.new_track]
+    assert (new.program, new.name) == (42, "Cello") and s.new_track == 3
+    assert notes_of(s.score, skip_program=42) == want
+
+
 def test_accompany_mistakes(smp, prompt_path, tmp_path):
     with pytest.raises(MidistralError, match="already plays") as e:
         smp.accompany(prompt_path, "piano")

@@ -43,7 +43,7 @@ def find_midi_files(folder: Path) -> list[Path]:
 
 def _read_piece(args):
     """Worker: read one file, apply the filters, return (bars of base ids per transposition, stats) or an error."""
-    path, tok_dict, filters, shifts = args
+    path, tok_dict, filters, shifts, ens = args
     try:
         tok = REMI.from_dict_cached(tok_dict)
         score = load_score(path)  # size, note and track bounds checked there (midistral.limits)
@@ -52,15 +52,16 @@ def _read_piece(args):
         n_notes = score.note_num()
         if n_notes < filters["min_notes"]:
             return path, None, f"{n_notes} notes (< min_notes={filters['min_notes']})"
-        bars = tok.base_ids_by_bar(score)
+        bars = tok.base_ids_by_bar(_orchestrated(score, path, 0, ens))
         if filters["max_bars"] and len(bars) > filters["max_bars"]:
             return path, None, f"{len(bars)} bars (> max_bars={filters['max_bars']})"
         versions = [bars]
-        for s in shifts:  # transposed copies; drums never shift
-            t = score.copy()
+        for copy, s in enumerate(shifts, 1):  # transposed copies; drums never shift
+            t = _orchestrated(score, path, copy, ens)
+            t = score.copy() if t is score else t
             for tr in t.tracks:
                 if not tr.is_drum:
-                    tr.shift_pitch(int(s))
+                    tr.shift_pitch(int(s), inplace=True)  # (without inplace symusic returns a copy)
             try:
                 versions.append(tok.base_ids_by_bar(t))
             except MidistralError:
@@ -70,6 +71,19 @@ def _read_piece(args):
         return path, None, str(e).split(": ", 1)[-1] if str(e).startswith(str(path)) else str(e)
     except OSError as e:
         return path, None, f"cannot be read ({e.strerror})"
+
+
+def _orchestrated(score, path: str, copy: int, ens: tuple[float, int]):
+    """`score` itself, or a copy with the ensemble data.ensembles draws for this file and copy."""
+    from midistral.data.chorales import ensemble_for
+
+    programs = ensemble_for(score, Path(path).name, copy, *ens)
+    if programs is None:
+        return score
+    out = score.copy()
+    for tr, p in zip(out.tracks, programs):
+        tr.program = p
+    return out
 
 
 def _stats(score, n_bars: int) -> dict:
@@ -89,7 +103,8 @@ def _quiet_config(params: dict) -> REMIConfig:
 
 def made_with(cfg: dict) -> tuple[dict, str]:
     """What the shards depend on (the data and tokenizer config) and its fingerprint."""
-    want = {"data": {k: v for k, v in cfg["data"].items() if k not in ("workers", "prepared_dir")},
+    want = {"data": {k: v for k, v in cfg["data"].items() if k not in ("workers", "prepared_dir")
+                     and not (k == "ensembles" and v == 0)},  # off: the fingerprints of before the key
             "tokenizer": _quiet_config(tokenizer_params(cfg)).to_dict()}
     want = json.loads(json.dumps(want))  # the JSON form, as the manifest holds it
     return want, hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:16]
@@ -158,7 +173,7 @@ def tokenize_files(files: list[Path], split_of: dict, tok: REMI, d: dict, progre
             choices = [s for s in range(int(lo), int(hi) + 1) if s != 0]
             frng = np.random.default_rng([d["seed"], int(hashlib.sha256(str(f).encode()).hexdigest()[:8], 16)])
             shifts = frng.choice(choices, size=min(d["transpose_copies"], len(choices)), replace=False).tolist()
-        jobs.append((str(f), tok.to_dict(), filters, shifts))
+        jobs.append((str(f), tok.to_dict(), filters, shifts, (d["ensembles"], d["seed"])))
     workers = d["workers"] or os.cpu_count() or 1
     pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) >= 8 else None
     it = pool.map(_read_piece, jobs, chunksize=4) if pool else map(_read_piece, jobs)
