@@ -11,6 +11,7 @@ file, ours or MidiTok's, for users who trained with the report's pipeline.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -22,9 +23,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file
 
+from midistral.config import check_tokenizer_params
 from midistral.errors import CheckpointError, MidistralError
-from midistral.io import atomic_path, atomic_write_text, fix_mode
+from midistral.io import atomic_path, atomic_write_text, fix_mode, read_tokenizer_json
+from midistral.model import Transformer, from_hf
+from midistral.model.config import ModelConfig
+from midistral.model.hf import read_hf_folder
+from midistral.model.model import check_tensors
+from midistral.model.precision import BUILD, BUILD_CUDA, check_precision
+from midistral.tokenize import REMI
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -80,10 +89,6 @@ def find_tokenizer_file(ckpt: Path) -> Path:
 def load_tokenizer(path: str | os.PathLike):
     """Our tokenizer JSON, or one saved by MidiTok 3.1 (`tokenizer.save`): REMI.load reads both. A file
     whose values do not build a tokenizer (tampered, another version) is a CheckpointError naming it."""
-    from midistral.config import check_tokenizer_params
-    from midistral.io import read_tokenizer_json
-    from midistral.tokenize import REMI
-
     d = read_tokenizer_json(Path(path))
     if d.get("tokenizer") == "midistral.REMI":  # bound the vocabulary before building it
         check_tokenizer_params(d.get("config") or {}, f"{path}: ")
@@ -100,8 +105,6 @@ def load_tokenizer(path: str | os.PathLike):
 
 def load_model(ckpt: str | os.PathLike, device: str = "cpu"):
     """Our checkpoint, or a transformers MistralForCausalLM `save_pretrained` folder."""
-    from midistral.model import Transformer, from_hf
-
     ckpt = resolve_checkpoint(ckpt)
     try:
         cfg = json.loads((ckpt / CONFIG_FILE).read_text())
@@ -190,9 +193,6 @@ def iter_safetensors(path: Path, entries: dict[str, tuple]):
 def _weight_files(ckpt: Path):
     """(model config, weight files, the prefix of their tensor names, the source errors name): our checkpoint
     folder or a transformers save_pretrained one, with load_model's checks and messages."""
-    from midistral.model.config import ModelConfig
-    from midistral.model.hf import read_hf_folder
-
     try:
         cfg = json.loads((ckpt / CONFIG_FILE).read_text())
     except ValueError as e:
@@ -211,9 +211,6 @@ def load_decode_model(ckpt: str | os.PathLike, precision: str, device: str = "cp
     device, then part by part (the LM head, each block, the embedding, the final norm) its tensors read,
     loaded by the part's own load_state_dict (which joins q/k/v and gate/up), its linear layers converted
     with the precision's layer (precision.BUILD), and the fp32 tensors dropped before the next part."""
-    from midistral.model.model import Transformer, check_tensors
-    from midistral.model.precision import BUILD, BUILD_CUDA, check_precision
-
     ckpt = resolve_checkpoint(ckpt)
     check_precision(precision, device)
     cfg, files, prefix, source = _weight_files(ckpt)
@@ -236,7 +233,8 @@ def load_decode_model(ckpt: str | os.PathLike, precision: str, device: str = "cp
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
         _convert(model, "lm_head", linear_cls)
-    model.rope.to(device)  # its inv_freq is built on the CPU, even in a meta skeleton
+    for m in model.modules():  # built buffers (RoPE's inv_freq, the norms' eps) are on the CPU even on meta
+        m._buffers.update({n: b.to(device) for n, b in m._buffers.items() if b is not None})
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     assert not left, f"not loaded: {left}"
     if linear_cls is None and kv_dtype == torch.float32:  # as precision.convert: the model as it is
@@ -285,8 +283,6 @@ def release_freed_memory() -> None:
 
 
 def _libc():
-    import ctypes
-
     try:
         return ctypes.CDLL(None)
     except OSError:
@@ -400,8 +396,6 @@ def read_train_state(path: Path) -> dict:
 
 def read_weights(path: Path) -> dict:
     """A safetensors file's tensors, or a CheckpointError naming it."""
-    from safetensors.torch import load_file
-
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: no such weights file")
     try:

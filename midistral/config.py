@@ -16,7 +16,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
+
+import torch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,6 +28,7 @@ else:  # pragma: no cover
 
 from midistral.errors import ConfigError
 from midistral.model.config import ModelConfig
+from midistral.tokenize import REMI, REMIConfig
 from midistral.tokenize.config import DEFAULT_PARAMS
 
 DEFAULTS = {
@@ -195,8 +199,6 @@ def _expected(key: str, v) -> str | None:
 
 
 def _is_device(name: str) -> bool:
-    import torch
-
     try:
         return torch.device(name).type in ("cpu", "cuda", "mps", "xpu")
     except (RuntimeError, ValueError):
@@ -230,10 +232,6 @@ TOKENIZER_BOUNDS = {"num_velocities": (1, 127), "num_tempos": (1, 1000), "max_ba
 def check_tokenizer_params(params: dict, where: str) -> None:
     """Build the tokenizer a [tokenizer] section (or a tokenizer file's "config") describes, or a ConfigError
     naming the key: `where` prefixes it ("tokenizer." or "FILE: ")."""
-    import warnings
-
-    from midistral.tokenize import REMI, REMIConfig
-
     for key, (lo, hi) in TOKENIZER_BOUNDS.items():
         v = params.get(key)
         if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):

@@ -149,7 +149,8 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
              constraints: Sequence = (), precision: str = "fp32") -> torch.Tensor:
     """Continue `prompt_ids` (B, N) by up to `max_new_tokens` tokens; returns (B, N + new) LongTensor.
 
-    Defaults are the report's best setting (temperature 0.5, top-k 6, no-repeat-6-gram).
+    Defaults are the report's best setting (temperature 0.5, top-k 6, no-repeat-6-gram). `model` is our
+    Transformer or any module called as model(ids, cache=, start_pos=, last_only=) -> (B, N or 1, V) logits.
     - Rows run as one batch. A row that emits `eos_id` is finished: its later positions hold `pad_id`
       (or `eos_id` when pad_id is None), as transformers pads them. Generation stops when every row has
       finished or after max_new_tokens; `new` is the number of steps taken.
@@ -177,6 +178,29 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
         model.train(was_training)
 
 
+def _prefill(runner, cache, prompt_ids, chunk):
+    """Run the prompt through the model `chunk` positions at a time; the last position's logits."""
+    for s in range(0, prompt_ids.shape[1], chunk):  # only the last chunk's last position matters
+        logits = runner(prompt_ids[:, s:s + chunk], cache=cache, start_pos=s, last_only=True)
+    return logits[:, -1]
+
+
+def _mask_logits(logits, banned_eos, constraints, ngram):
+    """Mask in place what may not come next: EOS before min_new_tokens, the grammar/controls, repeats."""
+    if banned_eos is not None:
+        logits[:, banned_eos] = float("-inf")
+    for c in constraints:
+        c.mask(logits)
+    allowed = logits.clone() if constraints and ngram is not None else None
+    if ngram is not None:
+        ngram.apply(logits)
+        if allowed is not None:  # the ban yields where it would leave a row no allowed id
+            dead = torch.isinf(logits).all(-1) & ~torch.isinf(allowed).all(-1)
+            if bool(dead.any()):
+                logits[dead] = allowed[dead]
+    return logits
+
+
 def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_repeat_ngram_size,
               min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress, constraints, precision):
     B, N = prompt_ids.shape
@@ -190,14 +214,7 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
 
     runner = prepare_for_decode(model, precision)  # the model in `precision`, built once per model
     cache = RollingKVCache.for_model(runner, B)
-    chunk = prefill_chunk or cache.window
-    for s in range(0, N, chunk):  # prefill: only the last chunk's last position matters
-        logits = runner(prompt_ids[:, s:s + chunk], cache=cache, start_pos=s)
-    logits = logits[:, -1]
-
-    def decode(tok, pos):
-        return runner(tok[:, None], cache=cache, start_pos=pos)[:, -1]
-
+    logits = _prefill(runner, cache, prompt_ids, prefill_chunk or cache.window)
     ngram = NoRepeatNGram(no_repeat_ngram_size, prompt_ids) if no_repeat_ngram_size else None
     for c in constraints:
         c.start(prompt_ids)
@@ -208,19 +225,7 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
         steps = tqdm(steps, desc="generating", unit="tok", leave=False)
     n_new = 0
     for step in steps:
-        logits = logits.float()
-        if eos_id is not None and step < min_new_tokens:
-            logits[:, eos_id] = float("-inf")
-        if constraints:
-            for c in constraints:
-                c.mask(logits)
-            allowed = logits.clone() if ngram is not None else None
-        if ngram is not None:
-            ngram.apply(logits)
-            if constraints:  # the ban yields where it would leave a row no allowed id
-                dead = torch.isinf(logits).all(-1) & ~torch.isinf(allowed).all(-1)
-                if bool(dead.any()):
-                    logits[dead] = allowed[dead]
+        logits = _mask_logits(logits.float(), eos_id if step < min_new_tokens else None, constraints, ngram)
         next_tok = sample_next(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
             next_tok = torch.where(finished, fill, next_tok)
@@ -234,7 +239,7 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
         if eos_id is not None and bool(finished.all()):
             break
         if step + 1 < max_new_tokens:
-            logits = decode(next_tok, N + step)
+            logits = runner(next_tok[:, None], cache=cache, start_pos=N + step)[:, -1]
     if progress:
         steps.close()
     return out[:, :N + n_new]

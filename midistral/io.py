@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from safetensors.torch import save_file
+
 from midistral.errors import CheckpointError, MidistralError
 
 
@@ -76,8 +78,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Save a dict of torch tensors as safetensors, atomically."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -103,7 +103,6 @@ class RunLock:
     a lock left by a killed run is simply taken over. The file names the holder (host and pid) for the
     message a second process gets. With `wait=True` the second process waits instead of being refused.
     """
-
     def __init__(self, folder: str | os.PathLike, wait: bool = False, what: str = "a training"):
         self.folder, self.wait, self.what = Path(folder), wait, what
         self.fd: int | None = None

@@ -26,7 +26,7 @@ import numpy as np
 import symusic
 import torch
 
-from midistral import music
+from midistral import controls, music
 from midistral.checkpoint import load_model_and_tokenizer, resolve_checkpoint
 from midistral.errors import ConfigError, MidistralError
 from midistral.generate import generate
@@ -35,11 +35,6 @@ from midistral.model.cache import model_config
 from midistral.model.precision import check_precision, default_precision
 from midistral.tokenize import load_score
 from midistral.tokenize.grammar import Grammar, GrammarConstraint
-
-try:  # instruments, length in bars, accompaniment (branch `controls`): sampling works without them
-    from midistral import controls
-except ImportError as e:
-    controls, CONTROLS_MISSING = None, f"midistral.controls cannot be imported ({e})"
 
 
 # The [sample] defaults: sampling (the report's no-repeat-6-gram, a warmer temperature and top-k) and the
@@ -178,7 +173,6 @@ class Sampler:
         if programs is not None:
             programs = Sampler.parse_programs(programs)
         if bars is not None:
-            _need_controls("a length in bars")
             if isinstance(bars, bool) or not isinstance(bars, int) or bars < 1:
                 raise MidistralError(f"bars {bars!r}: expected a whole number >= 1")
         return programs, bars
@@ -268,7 +262,6 @@ class Sampler:
 
         Sample.new_track is the new track's index; its metrics describe the new track (silent_share:
         bars of the piece in which it plays nothing)."""
-        _need_controls("adding a track")
         if num_samples < 1:
             raise MidistralError(f"num_samples must be >= 1, got {num_samples}")
         program = self.parse_program(program)
@@ -296,13 +289,11 @@ class Sampler:
     @staticmethod
     def parse_programs(programs) -> list[int]:
         """GM program numbers (-1 = drums) from "0,33,-1", "piano,bass,drums" or a list of them."""
-        _need_controls("choosing instruments")
         return controls.parse_programs(programs)
 
     @staticmethod
     def parse_program(program) -> int:
         """One GM program number (-1 = drums) from a number or a name such as "bass"."""
-        _need_controls("choosing an instrument")
         return controls.parse_program(program)
 
     def _finish_accompaniment(self, score: symusic.Score, source: symusic.Score, program: int, bars) -> Sample:
@@ -384,11 +375,6 @@ def _bar_span(score: symusic.Score, bars) -> tuple[int, int]:
     start = int(downbeats[first - 1]) if first - 1 < len(downbeats) else end
     stop = int(downbeats[last]) if last is not None and last < len(downbeats) else end
     return start, max(stop, start)
-
-
-def _need_controls(what: str) -> None:
-    if controls is None:
-        raise MidistralError(f"{what} needs {CONTROLS_MISSING}")
 
 
 def continuation_report(score: symusic.Score, start_tick: int, metrics: dict, limits: dict | None = None,

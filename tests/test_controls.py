@@ -46,7 +46,7 @@ class RandomLogits(nn.Module):
         for f, b in (bias or {}).items():
             self.bias[fam == f] = b
 
-    def forward(self, ids, cache=None, start_pos=0):
+    def forward(self, ids, cache=None, start_pos=0, last_only=False):  # every row either way: the same stream
         return torch.randn(ids.shape[0], ids.shape[1], len(self.bias), generator=self.g) * 2 + self.bias
 
 

@@ -43,7 +43,7 @@ class ProtocolModel(nn.Module):
         self.o = nn.ModuleList(nn.Linear(n_heads * hd, dim) for _ in range(n_layers))
         self.head = nn.Linear(dim, vocab)
 
-    def forward(self, ids, cache=None, start_pos=0):
+    def forward(self, ids, cache=None, start_pos=0, last_only=False):
         c = self.cfg
         B, N = ids.shape
         hd, W = c.head_dim, c.sliding_window
@@ -64,7 +64,7 @@ class ProtocolModel(nn.Module):
                 ok = (k_pos[None, :] >= 0) & (d >= 0) & (d < W)
                 s = s.masked_fill(~ok, float("-inf"))
             x = x + self.o[i]((s.softmax(-1) @ v).transpose(1, 2).reshape(B, N, -1))
-        return self.head(x)
+        return self.head(x[:, -1:] if last_only else x)
 
 
 def cached_logits_match_full(model, ids, chunks, tol=1e-5):

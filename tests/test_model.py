@@ -174,6 +174,12 @@ def test_kv_cache_decode_equals_full_forward(hf_pair):
             torch.testing.assert_close(out, full[:, p:p + n], atol=1e-4, rtol=0)
             p += n
         assert int(cache.pos[0].min()) >= 0 and p > 3 * (W + 2)  # the ring is full and wrapped
+        # last_only (a prefill's logits): the last position's row of the full forward, and the same cache state
+        cache2 = RingCache(SMALL["num_hidden_layers"], 2, SMALL["num_key_value_heads"], 16, size=W + 2)
+        last = ours(ids[:, :15], cache=cache2, start_pos=0, last_only=True)
+        assert last.shape == (2, 1, SMALL["vocab_size"])
+        torch.testing.assert_close(last, full[:, 14:15], atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours(ids[:, 15:16], cache=cache2, start_pos=15), full[:, 15:16], atol=1e-4, rtol=0)
 
 
 def test_from_hf_sharded_index(tmp_path, hf_pair):

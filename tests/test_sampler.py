@@ -120,8 +120,8 @@ class BarLeaning(torch.nn.Module):
         self.inner, self.config = inner, inner.config
         self.bias = torch.from_numpy((tok.family == Family.BAR).astype(np.float32) * 4.0)
 
-    def forward(self, ids, targets=None, *, cache=None, start_pos=0):
-        logits = self.inner(ids, cache=cache, start_pos=start_pos)
+    def forward(self, ids, targets=None, *, cache=None, start_pos=0, last_only=False):
+        logits = self.inner(ids, cache=cache, start_pos=start_pos, last_only=last_only)
         return logits + self.bias.to(logits.dtype)
 
 

@@ -13,9 +13,17 @@ files keep the winds.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import numpy as np
+import symusic
+from tqdm import tqdm
+
+from midistral.io import atomic_path
 
 VOICE_PROGRAMS = [73, 68, 71, 70]  # flute, oboe, clarinet, bassoon
 
@@ -46,10 +54,6 @@ def draw_ensemble(name: str, copy: int, seed: int = 0, voices: int = 4) -> list[
 
 
 def _rng(name: str, copy: int, seed: int, stream: int):
-    import hashlib
-
-    import numpy as np
-
     h = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
     return np.random.default_rng([seed, h, copy, stream])
 
@@ -78,12 +82,7 @@ def default_cache_dir() -> Path:
 
 def _convert(args) -> str | None:
     src, dst = args
-    import warnings
-
-    import symusic
-    from music21 import corpus
-
-    from midistral.io import atomic_path
+    from music21 import corpus  # optional and heavy: only when converting the corpus
 
     try:
         with warnings.catch_warnings():
@@ -120,8 +119,6 @@ def chorale_midis(cache_dir: str | Path | None = None, max_files: int = 0, worke
     todo = [j for j in jobs if not Path(j[1]).is_file()]
     errors = []
     if todo:
-        from tqdm import tqdm
-
         w = workers or os.cpu_count() or 1
         with ProcessPoolExecutor(w) as ex:
             for err in tqdm(ex.map(_convert, todo, chunksize=4), total=len(todo), desc="chorales -> MIDI",

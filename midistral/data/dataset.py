@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from midistral.checkpoint import load_tokenizer
 from midistral.errors import DataError
 
 DATA_FORMAT = {"format": "midistral.data", "version": 2}  # bumped when the shard layout changes
@@ -105,8 +106,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 def load_splits(folder: Path, min_seq: int, max_seq: int):
     """(tokenizer, train chunks, val chunks) of a prepared folder; a split with no chunk is refused."""
-    from midistral.checkpoint import load_tokenizer
-
     tok = load_tokenizer(Path(folder) / "tokenizer.json")
     splits = [TokenChunks(folder, s, min_seq, max_seq, tok.bos_id, tok.eos_id, tok.pad_id) for s in ("train", "val")]
     for name, chunks in zip(("train", "val"), splits):

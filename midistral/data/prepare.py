@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -25,10 +26,18 @@ import numpy as np
 from tqdm import tqdm
 
 from midistral.config import tokenizer_params
+from midistral.data.chorales import chorale_midis, ensemble_for
 from midistral.data.dataset import DATA_FORMAT, read_manifest
 from midistral.errors import ConfigError, DataError, MidistralError
-from midistral.io import RunLock, atomic_path, atomic_write_bytes, atomic_write_json, remove_stale_temps
+from midistral.io import (
+    RunLock,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    remove_stale_temps,
+)
 from midistral.tokenize import REMI, REMIConfig, load_score
+from midistral.tokenize.bpe import BPE
 
 SPLITS = ("train", "val", "test")
 
@@ -75,8 +84,6 @@ def _read_piece(args):
 
 def _orchestrated(score, path: str, copy: int, ens: tuple[float, int]):
     """`score` itself, or a copy with the ensemble data.ensembles draws for this file and copy."""
-    from midistral.data.chorales import ensemble_for
-
     programs = ensemble_for(score, Path(path).name, copy, *ens)
     if programs is None:
         return score
@@ -94,8 +101,6 @@ def _stats(score, n_bars: int) -> dict:
 
 
 def _quiet_config(params: dict) -> REMIConfig:
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return REMIConfig(**params)
@@ -113,8 +118,6 @@ def made_with(cfg: dict) -> tuple[dict, str]:
 def list_files(d: dict) -> tuple[list[Path], list[dict]]:
     """The corpus' MIDI files (and the chorales that could not be converted)."""
     if d["source"] == "chorales" and not d["dir"]:
-        from midistral.data.chorales import chorale_midis
-
         files, errors = chorale_midis(d["cache_dir"] or None, d["max_files"], d["workers"])
         skipped = [{"file": e.split(":")[0], "reason": e} for e in errors]
     elif d["source"] in ("folder", "chorales"):
@@ -247,8 +250,6 @@ def prepare(cfg: dict, progress: bool = True) -> Path:
         if not pieces["train"]:
             raise DataError(f"data: no usable training piece among {len(files)} files (see the skipped reasons)")
         if d["bpe_vocab_size"]:  # BPE learned on the train split only
-            from midistral.tokenize.bpe import BPE
-
             special = [tok.vocab[f"{s}_None"] for s in tok.config.special_tokens]
             train_bars = [v for _, versions in pieces["train"] for v in versions]
             tok.bpe = BPE.train(train_bars, len(tok.vocab), d["bpe_vocab_size"], special_ids=special,

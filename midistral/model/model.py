@@ -34,7 +34,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.register_buffer("eps_tensor", torch.tensor(eps), persistent=False)
+        # (on the CPU even in a meta skeleton, as RoPE's inv_freq: it is built, never loaded)
+        self.register_buffer("eps_tensor", torch.tensor(eps, device="cpu"), persistent=False)
 
     def forward(self, x):
         # the statistics in fp32, as transformers does, whatever the activations' dtype
@@ -188,9 +189,12 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None, start_pos: int = 0):
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None, start_pos: int = 0,
+                last_only: bool = False):
         """ids (B, N) -> logits (B, N, V); with targets (B, N) (-100 ignored) -> (logits, mean cross-entropy).
-        With a KV cache (model/cache.py), ids are positions start_pos .. start_pos + N - 1 of the sequence."""
+        With a KV cache (model/cache.py), ids are positions start_pos .. start_pos + N - 1 of the sequence.
+        last_only: logits (B, 1, V) of the last position only, all a prefill needs (8 x 2048 x 5000 fp32 would
+        be 330 MB)."""
         B, N = ids.shape
         cfg = self.config
         if start_pos + N > cfg.max_position_embeddings:
@@ -205,6 +209,8 @@ class Transformer(nn.Module):
         cos, sin = self.rope(start_pos, N, x.device, x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, B, cache, start_pos)
+        if last_only:
+            x, N = x.view(B, N, -1)[:, -1], 1
         logits = self.lm_head(self.norm(x)).view(B, N, -1)
         if targets is None:
             return logits
