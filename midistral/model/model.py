@@ -34,8 +34,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        # (on the CPU even in a meta skeleton, as RoPE's inv_freq: it is built, never loaded)
-        self.register_buffer("eps_tensor", torch.tensor(eps, device="cpu"), persistent=False)
+        self.register_buffer("eps_tensor", torch.tensor(eps, device="cpu"), persistent=False)  # built, not loaded
 
     def forward(self, x):
         # the statistics in fp32, as transformers does, whatever the activations' dtype
@@ -192,9 +191,8 @@ class Transformer(nn.Module):
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None, start_pos: int = 0,
                 last_only: bool = False):
         """ids (B, N) -> logits (B, N, V); with targets (B, N) (-100 ignored) -> (logits, mean cross-entropy).
-        With a KV cache (model/cache.py), ids are positions start_pos .. start_pos + N - 1 of the sequence.
-        last_only: logits (B, 1, V) of the last position only, all a prefill needs (8 x 2048 x 5000 fp32 would
-        be 330 MB)."""
+        With a KV cache (model/cache.py), ids are positions start_pos .. start_pos + N - 1 of the sequence;
+        last_only: logits (B, 1, V) of the last position only, all a prefill needs."""
         B, N = ids.shape
         cfg = self.config
         if start_pos + N > cfg.max_position_embeddings:
@@ -209,8 +207,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope(start_pos, N, x.device, x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, B, cache, start_pos)
-        if last_only:
-            x, N = x.view(B, N, -1)[:, -1], 1
+        x, N = (x.view(B, N, -1)[:, -1], 1) if last_only else (x, N)
         logits = self.lm_head(self.norm(x)).view(B, N, -1)
         if targets is None:
             return logits
