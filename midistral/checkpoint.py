@@ -32,7 +32,7 @@ from midistral.model import Transformer, from_hf
 from midistral.model.config import ModelConfig
 from midistral.model.hf import read_hf_folder
 from midistral.model.model import check_tensors
-from midistral.model.precision import BUILD, BUILD_CUDA, check_precision
+from midistral.model.precision import BUILD, BUILD_CUDA, EMBEDDING, check_precision
 from midistral.tokenize import REMI
 
 MODEL_FILE = "model.safetensors"
@@ -213,6 +213,7 @@ def load_decode_model(ckpt: str | os.PathLike, precision: str, device: str = "cp
     with the precision's layer (precision.BUILD), and the fp32 tensors dropped before the next part."""
     ckpt = resolve_checkpoint(ckpt)
     check_precision(precision, device)
+    map_big_buffers()  # a process that samples: freed activations do not stay resident (process-wide)
     cfg, files, prefix, source = _weight_files(ckpt)
     with torch.device("meta"), _NoInit():
         model = Transformer(cfg)
@@ -233,6 +234,9 @@ def load_decode_model(ckpt: str | os.PathLike, precision: str, device: str = "cp
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
         _convert(model, "lm_head", linear_cls)
+    if precision in EMBEDDING:
+        model.embed_tokens = EMBEDDING[precision](model.embed_tokens)
+        release_freed_memory()
     for m in model.modules():  # built buffers (RoPE's inv_freq, the norms' eps) are on the CPU even on meta
         m._buffers.update({n: b.to(device) for n, b in m._buffers.items() if b is not None})
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
@@ -280,6 +284,16 @@ def release_freed_memory() -> None:
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def map_big_buffers() -> None:
+    """Keep every buffer of 256 KiB or more in its own mapping, returned to the OS when freed (glibc's
+    mallopt M_MMAP_THRESHOLD; elsewhere nothing). glibc raises that threshold each time a big buffer is freed,
+    after which buffers of that size come from the heap and stay resident: a batch-8 prefill's activations
+    then added 15-25 MB to sampling's peak that nothing used again (measured, bench/RESULTS.md)."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt(-3, 256 * 1024)  # -3: M_MMAP_THRESHOLD; a fixed value also stops the raising
 
 
 def _libc():

@@ -48,6 +48,7 @@ DEFAULTS = {
         "transpose": [0, 0],       # semitone range of random transpositions of training pieces (drums never shift)
         "transpose_copies": 0,     # how many transposed copies of each training piece
         "ensembles": 0.0,          # share of pieces (and copies) given an ensemble drawn per voice (chorales.py); 0: off
+        "ensemble_copies": 0,      # with ensembles: more copies of each training piece, each in another drawn ensemble
         "min_seq": 256,            # chunks shorter than this are dropped (a piece shorter than it is kept whole)
         "max_seq": 2048,
         "workers": 0,              # 0: every core
@@ -144,6 +145,7 @@ RULES: dict[str, tuple] = {
     "data.max_bars": ("int", 0, INF), "data.min_notes": ("int", 0, INF), "data.split": ("fractions", 3),
     "data.seed": ("int", 0, 2**63 - 1), "data.bpe_vocab_size": ("int", 0, 2**32 - 1),
     "data.transpose": ("range", -60, 60), "data.transpose_copies": ("int", 0, 120), "data.ensembles": ("float", 0, 1),
+    "data.ensemble_copies": ("int", 0, 16),
     "data.min_seq": ("int", 1, INF), "data.max_seq": ("int", 2, INF), "data.workers": ("int", 0, 1024),
     "train.batch_size": ("int", 1, INF), "train.grad_accum": ("int", 1, INF), "train.lr": ("float", 0, 10),
     "train.min_lr_ratio": ("float", 0, 1), "train.warmup_ratio": ("float", 0, 1),

@@ -308,15 +308,17 @@ def test_ensembles_config_key_is_checked():
     from midistral.data.prepare import made_with
 
     cfg = load_config(ROOT / "configs" / "tiny.toml")
-    assert "ensembles" not in made_with(cfg)[0]["data"]  # off: the fingerprint of a config without the key
+    assert not {"ensembles", "ensemble_copies"} & set(made_with(cfg)[0]["data"])  # off: fingerprints as before
     assert load_config(ROOT / "configs" / "chorales-ensembles.toml")["data"]["ensembles"] == 1.0
     assert load_config(ROOT / "configs" / "report.toml")["data"]["ensembles"] == 0  # Lakh: the files' own programs
 
 
-def test_prepare_draws_ensembles_and_transposes_copies(tmp_path):
-    """Four-voice pieces (the example chorale, transposed so the files differ), prepared with ensembles and one
-    transposed copy: every piece decodes to the file's notes shifted by 0 (the piece, every split) or by a
-    nonzero shift in the range (its copy), its tracks playing draw_ensemble's programs from the highest part down."""
+@pytest.mark.parametrize("transpose_copies,ensemble_copies", [(1, 0), (0, 2), (1, 1)])
+def test_prepare_draws_ensembles_and_transposes_copies(tmp_path, transpose_copies, ensemble_copies):
+    """Four-voice pieces (the example chorale, transposed so the files differ), prepared with ensembles, transposed
+    copies and ensemble copies: every piece decodes to the file's notes shifted by 0 (the piece, every split, and
+    its ensemble copies) or by a nonzero shift in the range (a transposed copy), its tracks playing
+    draw_ensemble's programs for that copy from the highest part down."""
     import symusic
 
     from midistral.data.chorales import draw_ensemble
@@ -331,7 +333,8 @@ def test_prepare_draws_ensembles_and_transposes_copies(tmp_path):
         if k % 2:  # tracks in another order than from the top down
             s.tracks = [s.tracks[i] for i in (2, 0, 3, 1)]
         s.dump_midi(str(folder / f"piece{k}.mid"))
-    cfg = cfg_for(folder, tmp_path / "run", ensembles=1.0, transpose=[-2, 2], transpose_copies=1)
+    cfg = cfg_for(folder, tmp_path / "run", ensembles=1.0, transpose=[-2, 2], transpose_copies=transpose_copies,
+                  ensemble_copies=ensemble_copies)
     out = prepare(cfg, progress=False)
     man = json.loads((out / "manifest.json").read_text())
     tok = REMI.load(out / "tokenizer.json")
@@ -340,7 +343,7 @@ def test_prepare_draws_ensembles_and_transposes_copies(tmp_path):
         offs = np.load(out / f"{split}.idx.npy")
         flat = np.fromfile(out / f"{split}.bin", dtype=np.uint16).astype(np.int64)
         files = man["counts"][split]["files_list"]
-        copies = 2 if split == "train" else 1
+        copies = 1 + transpose_copies + ensemble_copies if split == "train" else 1
         assert len(offs) - 1 == copies * len(files)
         for j in range(len(offs) - 1):
             f, copy = Path(files[j // copies]), j % copies
@@ -351,11 +354,11 @@ def test_prepare_draws_ensembles_and_transposes_copies(tmp_path):
             shifts = {g[1] - w[1] for g, w in zip(gp, wp)}
             assert len(gp) == len(wp) and len(shifts) == 1 and [g[0] for g in gp] == [w[0] for w in wp]
             shift = shifts.pop()
-            assert shift == 0 if copy == 0 else shift in (-2, -1, 1, 2)
+            assert shift in ((-2, -1, 1, 2) if 0 < copy <= transpose_copies else (0,))
             by_height = sorted(got.tracks, key=lambda t: -np.mean([n.pitch for n in t.notes]))
             assert [t.program for t in by_height] == draw_ensemble(f.name, copy)
             # the order of the tracks (the order of notes at one tick) stays the file's
             order = sorted(want.tracks, key=lambda t: -np.mean([n.pitch for n in t.notes]))
             assert [order.index(want.tracks[i]) for i in range(4)] == [by_height.index(got.tracks[i]) for i in range(4)]
             n_checked += 1
-    assert not man["skipped"] and n_checked == 8 + man["counts"]["train"]["files"]
+    assert not man["skipped"] and n_checked == 8 + (transpose_copies + ensemble_copies) * man["counts"]["train"]["files"]

@@ -7,6 +7,7 @@ import torch
 
 from midistral.errors import CheckpointError, ConfigError
 from midistral.model import ModelConfig, Transformer, from_hf
+from midistral.model.model import RotaryEmbedding
 from midistral.model.attention import attention_at_positions, sliding_window_attention_torch
 
 transformers = pytest.importorskip("transformers")
@@ -106,6 +107,19 @@ def test_attention_at_positions_ring_order():
     # k_pos None (what the cache returns for a one-token step): every key given is visible
     out = attention_at_positions(q[:, :, p:], kr[:, :, :W], vr[:, :, :W], p, None, W)
     torch.testing.assert_close(out, full[:, :, p:])
+
+
+def test_rope_tables_cover_the_positions_asked_and_equal_one_full_table():
+    """A sampler that stays below position 1,024 holds 1,024 rows, not max_positions (8 MB for the report's
+    model); growing the table later gives exactly the values a full-size table has."""
+    grown, full = RotaryEmbedding(128, 10000.0, 8192), RotaryEmbedding(128, 10000.0, 8192)
+    full(8190, 2, "cpu", torch.float32)  # built once for every position
+    grown(0, 300, "cpu", torch.float32)
+    assert grown._tables[(torch.device("cpu"), torch.float32)][0].shape[0] == 1024
+    for start, n in [(1000, 40), (5000, 7), (8185, 7)]:  # grows to 2,048, then 8,192
+        for a, b in zip(grown(start, n, "cpu", torch.float32), full(start, n, "cpu", torch.float32)):
+            assert a.shape == (n, 1, 128) and torch.equal(a, b)
+    assert grown._tables[(torch.device("cpu"), torch.float32)][0].shape[0] == 8192
 
 
 def test_save_load_roundtrip(tmp_path, hf_pair):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from midistral.errors import MidistralError
 from midistral.generate import generate
 from midistral.model import ModelConfig, RollingKVCache, Transformer, available_precisions, default_precision, prepare_for_decode
-from midistral.model.precision import FP16Linear, Int8Linear, dequantize, quantize_per_channel
+from midistral.model.precision import FP16Linear, Int8Embedding, Int8Linear, dequantize, quantize_per_channel
 
 # Stated tolerances of a decode step's logits against the fp32 model's, relative to the largest |logit|.
 TOLERANCE = {"fp32": 1e-5, "fp16": 0.03, "bf16": 0.03, "int8": 0.06}
@@ -47,6 +47,20 @@ def test_int8_linear_equals_product_with_dequantized_weight():
     got = layer(x)
     assert got.shape == (3, 5, 40) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=0.02 * want.abs().max().item(), rtol=0)
+
+
+def test_int8_embedding_rows_are_the_dequantized_rows():
+    """int8 sampling holds the token table as int8 rows with one scale each: a lookup gives fp32 rows equal to
+    the dequantized table's, within half a step of the fp32 rows."""
+    emb = torch.nn.Embedding(50, 32)
+    layer = Int8Embedding(emb)
+    ids = torch.tensor([[0, 7, 49], [7, 7, 3]])
+    got = layer(ids)
+    assert layer.weight.dtype == torch.int8 and got.dtype == torch.float32 and got.shape == (2, 3, 32)
+    assert torch.equal(got, dequantize(layer.weight, layer.scale)[ids])
+    assert ((got - emb.weight.detach()[ids]).abs() <= layer.scale.float()[ids][..., None] / 2 * (1 + 1e-6)).all()
+    if "int8" in available_precisions():  # (offered on x86 CPUs and CUDA)
+        assert isinstance(prepare_for_decode(small_model(), "int8").embed_tokens, Int8Embedding)
 
 
 def test_fp16_linear_equals_product_with_fp16_rounded_weight():

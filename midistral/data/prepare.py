@@ -65,8 +65,10 @@ def _read_piece(args):
         if filters["max_bars"] and len(bars) > filters["max_bars"]:
             return path, None, f"{len(bars)} bars (> max_bars={filters['max_bars']})"
         versions = [bars]
-        for copy, s in enumerate(shifts, 1):  # transposed copies; drums never shift
+        for copy, s in enumerate(shifts, 1):  # transposed copies (drums never shift), then ensemble copies
             t = _orchestrated(score, path, copy, ens)
+            if t is score and s == 0:  # an ensemble copy that drew no ensemble: the piece again, not kept
+                continue
             t = score.copy() if t is score else t
             for tr in t.tracks:
                 if not tr.is_drum:
@@ -109,7 +111,7 @@ def _quiet_config(params: dict) -> REMIConfig:
 def made_with(cfg: dict) -> tuple[dict, str]:
     """What the shards depend on (the data and tokenizer config) and its fingerprint."""
     want = {"data": {k: v for k, v in cfg["data"].items() if k not in ("workers", "prepared_dir")
-                     and not (k == "ensembles" and v == 0)},  # off: the fingerprints of before the key
+                     and not (k in ("ensembles", "ensemble_copies") and v == 0)},  # off: fingerprints as before
             "tokenizer": _quiet_config(tokenizer_params(cfg)).to_dict()}
     want = json.loads(json.dumps(want))  # the JSON form, as the manifest holds it
     return want, hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:16]
@@ -176,6 +178,8 @@ def tokenize_files(files: list[Path], split_of: dict, tok: REMI, d: dict, progre
             choices = [s for s in range(int(lo), int(hi) + 1) if s != 0]
             frng = np.random.default_rng([d["seed"], int(hashlib.sha256(str(f).encode()).hexdigest()[:8], 16)])
             shifts = frng.choice(choices, size=min(d["transpose_copies"], len(choices)), replace=False).tolist()
+        if split_of[str(f)] == "train" and d["ensembles"]:
+            shifts += [0] * d["ensemble_copies"]  # copies in other drawn ensembles, pitches unchanged
         jobs.append((str(f), tok.to_dict(), filters, shifts, (d["ensembles"], d["seed"])))
     workers = d["workers"] or os.cpu_count() or 1
     pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) >= 8 else None

@@ -49,8 +49,10 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for absolute positions, computed once (in fp32) and sliced per call. The sin table has
-    its first half negated, so that rotate_half(x) * sin == roll(x, D/2) * sin_signed: `rotate` is 3 ops."""
+    """cos/sin tables for absolute positions, computed in fp32 and sliced per call. The sin table has its
+    first half negated, so that rotate_half(x) * sin == roll(x, D/2) * sin_signed: `rotate` is 3 ops. A table
+    covers the positions asked for so far, rounded up to a power of two (at least 1,024, at most
+    max_positions): a sampler that never passes position 320 does not hold 8,192 rows."""
 
     def __init__(self, head_dim: int, theta: float, max_positions: int):
         super().__init__()
@@ -62,11 +64,12 @@ class RotaryEmbedding(nn.Module):
     def forward(self, start: int, n: int, device, dtype):
         """cos, sin_signed (n, 1, D) for positions start .. start + n - 1, to broadcast over (B, n, H, D)."""
         key = (torch.device(device), dtype)
-        if key not in self._tables:
-            pos = torch.arange(self.max_positions, device=device, dtype=torch.float32)
-            freqs = pos[:, None] * self.inv_freq.to(device)[None, :]
-            self._tables[key] = (torch.cat([freqs, freqs], -1).cos().to(dtype)[:, None],
-                                 torch.cat([-freqs.sin(), freqs.sin()], -1).to(dtype)[:, None])
+        if key not in self._tables or self._tables[key][0].shape[0] < start + n:
+            rows = min(self.max_positions, max(1024, 1 << (start + n - 1).bit_length()))
+            freqs = torch.arange(rows, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)
+            cos, sin = freqs.cos(), freqs.sin()
+            self._tables[key] = (torch.cat([cos, cos], -1).to(dtype)[:, None],
+                                 torch.cat([-sin, sin], -1).to(dtype)[:, None])
         cos, sin = self._tables[key]
         return cos[start:start + n], sin[start:start + n]
 

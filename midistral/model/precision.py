@@ -105,12 +105,28 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).view(*shape[:-1], -1)
 
 
+class Int8Embedding(nn.Module):
+    """The token embedding as int8 rows with one scale per row (as Int8Linear's channels): a lookup reads B
+    rows, so it costs nothing, and the table holds a quarter of fp32's bytes (the report's model: 10 MB ->
+    2.6 MB). Rows come out in fp32, the residual stream's dtype."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.weight, self.scale = quantize_per_channel(embedding.weight)
+        self.weight, self.scale = self.weight.to(embedding.weight.device), self.scale.to(embedding.weight.device)
+
+    def forward(self, ids):
+        return self.weight[ids].float() * self.scale[ids].float()[..., None]
+
+
 # How each precision is built: (linear layer, KV ring dtype); None = the model's own nn.Linear. On CPU fp32 uses
 # the oneDNN-prepacked layer where the build has oneDNN (OneDNNLinear falls back to the plain product).
 BUILD = {"fp32": (OneDNNLinear, torch.float32), "fp16": (FP16Linear, torch.bfloat16),
          "bf16": (BF16Linear, torch.bfloat16), "int8": (Int8Linear, torch.bfloat16)}
 BUILD_CUDA = {"fp32": (None, torch.float32), "fp16": (FP16Linear, torch.float16),
               "bf16": (BF16Linear, torch.bfloat16), "int8": (Int8Linear, torch.bfloat16)}
+# The token embedding too, where a precision narrows it (after the linears: a tied LM head reads it in fp32).
+EMBEDDING = {"int8": Int8Embedding}
 
 # What runs where, default first: device kind (CPU capability from torch.backends.cpu.get_cpu_capability(),
 # or "cuda") -> precisions offered. Measured with bench/generate.py --precision (bench/RESULTS.md): a
@@ -194,5 +210,7 @@ def convert(model: nn.Module, precision: str) -> nn.Module:
             for name, child in parent.named_children():
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, linear_cls(child))
+    if precision in EMBEDDING:
+        out.embed_tokens = EMBEDDING[precision](out.embed_tokens)
     out.kv_cache_dtype, out.decode_precision = kv_dtype, precision
     return out
