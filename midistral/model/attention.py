@@ -106,10 +106,9 @@ def attention_at_positions(q, k, v, start_pos: int, k_pos: torch.Tensor | None, 
     """Attention for cached generation: q (B, Hq, n, D) at absolute positions start_pos .. start_pos + n - 1;
     k, v (B, Hkv, M, D) at k_pos (M,) in any order (-1 = empty slot). Query p sees key s iff s >= 0 and
     p - W < s <= p. k_pos None (a one-token step, model/cache.py): every key is visible, no mask.
-    k/v may be narrower than q (a bf16 ring): the products run in their dtype, the result is q's."""
-    dtype = q.dtype
-    if dtype != k.dtype:
-        q = q.to(k.dtype)
+    k/v may be narrower than q (a bf16 ring): the products run in their dtype and so does the result (the
+    output projection takes it as it is: no round trip through fp32)."""
+    q = q.to(k.dtype)
     B, Hq, n, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -119,12 +118,11 @@ def attention_at_positions(q, k, v, start_pos: int, k_pos: torch.Tensor | None, 
     if k_pos is None:
         if n != 1 or M > window:
             raise ValueError(f"an unmasked cache read needs one query and at most {window} keys, got {n} and {M}")
-        y = F.scaled_dot_product_attention(q, k, v).view(B, Hq, n, D)
-        return y if y.dtype == dtype else y.to(dtype)
+        return F.scaled_dot_product_attention(q, k, v).view(B, Hq, n, D)
     q_pos = torch.arange(start_pos, start_pos + n, device=q.device)
     if n > 16 and n == M and bool((k_pos == q_pos).all()):  # a fresh prefill: the chunk sees itself only
-        return sliding_window_attention_torch(q.view(B, Hq, n, D), k, v, window).to(dtype)
+        return sliding_window_attention_torch(q.view(B, Hq, n, D), k, v, window)
     p = q_pos[:, None]
     visible = (k_pos >= 0) & (k_pos <= p) & (k_pos > p - window)  # (n, M)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible.repeat(G, 1))
-    return y.view(B, Hq, n, D).to(dtype)
+    return y.view(B, Hq, n, D)

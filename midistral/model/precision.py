@@ -73,7 +73,7 @@ class FP16Linear(nn.Module):
     def forward(self, x):
         if self.packed is None:
             return F.linear(x.half(), self.weight).to(x.dtype)
-        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed)  # (a bf16 ring's attention output)
 
 
 class BF16Linear(nn.Module):
@@ -89,20 +89,26 @@ class BF16Linear(nn.Module):
 
 class Int8Linear(nn.Module):
     """Weight-only int8 with per-output-channel scales. On CPU torch's `_weight_int8pack_mm` (gpt-fast's CPU
-    path; it wants bf16 activations); elsewhere the weight is dequantized to bf16 in the product."""
+    path; it wants bf16 activations); elsewhere the weight is dequantized to bf16 in the product. The output
+    stays bf16 (the LM head's: out_dtype fp32): the ops after it (residual add, RoPE) promote to the fp32
+    stream exactly as a conversion would, and a decode step skips one conversion per product."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.weight, self.scale = quantize_per_channel(linear.weight)
         self.weight, self.scale = self.weight.to(linear.weight.device), self.scale.to(linear.weight.device)
+        self.out_dtype = out_dtype
 
     def forward(self, x):
-        shape, x16 = x.shape, x.to(torch.bfloat16).reshape(-1, x.shape[-1])
+        return self._product(x).to(self.out_dtype)  # (no op when it is bf16)
+
+    def _product(self, x):
+        x16 = x.to(torch.bfloat16)
+        if x.dim() != 2:  # the model's inputs are already (rows, C)
+            return self._product(x16.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
         if x.device.type == "cpu":
-            y = torch._weight_int8pack_mm(x16, self.weight, self.scale)
-        else:
-            y = F.linear(x16, self.weight.to(torch.bfloat16)) * self.scale
-        return y.to(x.dtype).view(*shape[:-1], -1)
+            return torch._weight_int8pack_mm(x16, self.weight, self.scale)
+        return F.linear(x16, self.weight.to(torch.bfloat16)) * self.scale
 
 
 class Int8Embedding(nn.Module):
@@ -210,6 +216,8 @@ def convert(model: nn.Module, precision: str) -> nn.Module:
             for name, child in parent.named_children():
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, linear_cls(child))
+    if isinstance(out.lm_head, Int8Linear):
+        out.lm_head.out_dtype = torch.float32  # logits leave in fp32, whatever the precision
     if precision in EMBEDDING:
         out.embed_tokens = EMBEDDING[precision](out.embed_tokens)
     out.kv_cache_dtype, out.decode_precision = kv_dtype, precision
