@@ -222,7 +222,7 @@ def load_decode_model(ckpt: str | os.PathLike, precision: str, device: str = "cp
     if cfg.tie_word_embeddings:
         where.pop("lm_head.weight", None)
     check_tensors(own, {k: e[1] for k, (_, e) in where.items()}, source)
-    linear_cls, kv_dtype = (BUILD_CUDA if torch.device(device).type == "cuda" else BUILD)[precision]
+    linear_cls, head_cls, kv_dtype = (BUILD_CUDA if torch.device(device).type == "cuda" else BUILD)[precision]
     # the parts that shrink when converted first, the kept ones (embedding, norm) last: the least held at once
     parts = [(model, "lm_head"), *((model.layers, str(i)) for i in range(len(model.layers))),
              *((model, n) for n, _ in model.named_children() if n not in ("lm_head", "layers", "rope"))]
@@ -230,10 +230,11 @@ def load_decode_model(ckpt: str | os.PathLike, precision: str, device: str = "cp
         start = f"layers.{attr}." if parent is model.layers else f"{attr}."
         names = [k for k in own if k.startswith(start)]
         if names:  # (a tied LM head has none: it is the embedding)
-            _load_part(start, parent, attr, _read_tensors({k: where[k] for k in names}), device, linear_cls)
+            layer = head_cls if attr == "lm_head" else linear_cls
+            _load_part(start, parent, attr, _read_tensors({k: where[k] for k in names}), device, layer)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-        _convert(model, "lm_head", linear_cls)
+        _convert(model, "lm_head", head_cls)
     if precision in EMBEDDING:
         model.embed_tokens = EMBEDDING[precision](model.embed_tokens)
         release_freed_memory()

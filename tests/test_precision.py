@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from midistral.errors import MidistralError
 from midistral.generate import generate
 from midistral.model import ModelConfig, RollingKVCache, Transformer, available_precisions, default_precision, prepare_for_decode
-from midistral.model.precision import FP16Linear, Int8Embedding, Int8Linear, dequantize, quantize_per_channel
+from midistral.model.precision import (BF16Linear, FP16Linear, Int8Embedding, Int8Linear, convert, dequantize, device_kind,
+                                      quantize_per_channel)
 
 # Stated tolerances of a decode step's logits against the fp32 model's, relative to the largest |logit|.
 TOLERANCE = {"fp32": 1e-5, "fp16": 0.03, "bf16": 0.03, "int8": 0.06}
@@ -71,6 +72,39 @@ def test_fp16_linear_equals_product_with_fp16_rounded_weight():
     got = FP16Linear(lin)(x)
     assert got.shape == (3, 5, 40) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_linear_equals_product_of_bf16_rounded_operands():
+    """bf16 weights and inputs, fp32 sums (oneDNN on AVX512-BF16, F.linear elsewhere); the output stays bf16."""
+    g = torch.Generator().manual_seed(5)
+    lin = torch.nn.Linear(64, 40, bias=False)
+    x = torch.randn(6, 64, generator=g)
+    want = F.linear(x.bfloat16().float(), lin.weight.detach().bfloat16().float())
+    got = BF16Linear(lin)(x)
+    assert got.shape == (6, 40) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.01 * want.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "int8"])
+def test_narrow_precisions_give_fp32_logits_from_an_fp16_head(precision):
+    """Logits rounded to bf16 flip near-tied argmaxes (bench/RESULTS.md, session 10): every narrow precision keeps
+    the LM head in fp16 weights with fp32 logits, equal to the product with the fp16-rounded head."""
+    model = small_model()
+    runner = convert(model, precision)
+    assert isinstance(runner.lm_head, FP16Linear)
+    h = torch.randn(3, 64, generator=torch.Generator().manual_seed(6))
+    got = runner.lm_head(h)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, F.linear(h, model.lm_head.weight.detach().half().float()), atol=1e-5, rtol=1e-5)
+
+
+def test_device_kind_tells_avx512_bf16_apart(monkeypatch):
+    """The precision table is keyed by what the CPU offers: AVX2, AVX-512, AVX-512 with BF16."""
+    for capability, bf16, kind in [("AVX2", False, "AVX2"), ("AVX512", False, "AVX512"),
+                                   ("AVX512", True, "AVX512_BF16"), ("DEFAULT", False, "other")]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda b=bf16: b, raising=False)
+        assert device_kind("cpu") == kind
 
 
 def test_a_decode_copy_is_its_own_decode_copy():

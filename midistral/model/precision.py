@@ -67,7 +67,8 @@ class FP16Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         w = linear.weight.detach().float()
-        self.packed = torch.ops.quantized.linear_prepack_fp16(w, None) if w.device.type == "cpu" else None
+        fbgemm = w.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+        self.packed = torch.ops.quantized.linear_prepack_fp16(w, None) if fbgemm else None
         self.weight = w.half() if self.packed is None else None
 
     def forward(self, x):
@@ -77,35 +78,43 @@ class FP16Linear(nn.Module):
 
 
 class BF16Linear(nn.Module):
-    """bf16 weight, bf16 product, fp32 in and out (the residual stream keeps fp32)."""
+    """bf16 weight and product; the output stays bf16 (as Int8Linear's: the residual add promotes it to the
+    fp32 stream). On CPUs with AVX512-BF16 the weight is prepacked for oneDNN, whose bf16 product there
+    reads half of fp32's bytes at full speed (at batch 8 1.6x fp32's oneDNN product, bench/RESULTS.md)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.weight = linear.weight.detach().to(torch.bfloat16)
+        w = linear.weight.detach().to(torch.bfloat16)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 8) if _onednn_bf16(w.device) else None
+        self.weight = w if self.packed is None else None
 
     def forward(self, x):
-        return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        x = x.to(torch.bfloat16)
+        if self.packed is None:
+            return F.linear(x, self.weight)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+def _onednn_bf16(device: torch.device) -> bool:
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class Int8Linear(nn.Module):
     """Weight-only int8 with per-output-channel scales. On CPU torch's `_weight_int8pack_mm` (gpt-fast's CPU
     path; it wants bf16 activations); elsewhere the weight is dequantized to bf16 in the product. The output
-    stays bf16 (the LM head's: out_dtype fp32): the ops after it (residual add, RoPE) promote to the fp32
-    stream exactly as a conversion would, and a decode step skips one conversion per product."""
+    stays bf16: the ops after it (residual add, RoPE) promote to the fp32 stream exactly as a conversion
+    would, and a decode step skips one conversion per product."""
 
-    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, linear: nn.Linear):
         super().__init__()
         self.weight, self.scale = quantize_per_channel(linear.weight)
         self.weight, self.scale = self.weight.to(linear.weight.device), self.scale.to(linear.weight.device)
-        self.out_dtype = out_dtype
 
     def forward(self, x):
-        return self._product(x).to(self.out_dtype)  # (no op when it is bf16)
-
-    def _product(self, x):
         x16 = x.to(torch.bfloat16)
         if x.dim() != 2:  # the model's inputs are already (rows, C)
-            return self._product(x16.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+            return self(x16.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
         if x.device.type == "cpu":
             return torch._weight_int8pack_mm(x16, self.weight, self.scale)
         return F.linear(x16, self.weight.to(torch.bfloat16)) * self.scale
@@ -125,33 +134,40 @@ class Int8Embedding(nn.Module):
         return self.weight[ids].float() * self.scale[ids].float()[..., None]
 
 
-# How each precision is built: (linear layer, KV ring dtype); None = the model's own nn.Linear. On CPU fp32 uses
-# the oneDNN-prepacked layer where the build has oneDNN (OneDNNLinear falls back to the plain product).
-BUILD = {"fp32": (OneDNNLinear, torch.float32), "fp16": (FP16Linear, torch.bfloat16),
-         "bf16": (BF16Linear, torch.bfloat16), "int8": (Int8Linear, torch.bfloat16)}
-BUILD_CUDA = {"fp32": (None, torch.float32), "fp16": (FP16Linear, torch.float16),
-              "bf16": (BF16Linear, torch.bfloat16), "int8": (Int8Linear, torch.bfloat16)}
+# How each precision is built: (linear layers, LM head, KV ring dtype); None = the model's own nn.Linear. On CPU
+# fp32 uses the oneDNN-prepacked layer where the build has oneDNN (OneDNNLinear falls back to the plain product).
+# The LM head keeps fp16's weights and gives fp32 logits in every narrow precision: logits rounded to bf16 (a
+# bf16 or int8 head) changed the argmax on 1.3-1.8% of positions, an fp16 head on 0.3% (bench/RESULTS.md,
+# session 10), for 2.5 MB more than an int8 head.
+BUILD = {"fp32": (OneDNNLinear, OneDNNLinear, torch.float32), "fp16": (FP16Linear, FP16Linear, torch.bfloat16),
+         "bf16": (BF16Linear, FP16Linear, torch.bfloat16), "int8": (Int8Linear, FP16Linear, torch.bfloat16)}
+BUILD_CUDA = {"fp32": (None, None, torch.float32), "fp16": (FP16Linear, FP16Linear, torch.float16),
+              "bf16": (BF16Linear, FP16Linear, torch.bfloat16), "int8": (Int8Linear, FP16Linear, torch.bfloat16)}
 # The token embedding too, where a precision narrows it (after the linears: a tied LM head reads it in fp32).
 EMBEDDING = {"int8": Int8Embedding}
 
-# What runs where, default first: device kind (CPU capability from torch.backends.cpu.get_cpu_capability(),
-# or "cuda") -> precisions offered. Measured with bench/generate.py --precision (bench/RESULTS.md): a
-# precision is offered where it is faster than fp32 and passes the quality guard (teacher-forced NLL within
-# 0.5% (bf16, fp16) / 1.5% (int8) of fp32, argmax agreement >= 99% / 97%). On AVX2, two quiet runs: batch 1
-# int8 6.7 / 7.8 ms/step, fp16 8.3 / 7.3 (a tie within run-to-run noise); batch 8 fp16 13.0 / 14.9, int8
-# 20.0 / 16.5: fp16 is the default (as fast at batch 1, faster at batch 8, and nearly exact). bf16 missed
-# the argmax guard (97.9-98.8%), so it is offered nowhere yet; AVX-512 and CUDA rows are unmeasured (no such
-# machine here) and follow AVX2's.
-OFFERED = {"AVX2": ("fp16", "int8", "fp32"), "AVX512": ("fp16", "int8", "fp32"), "cuda": ("fp32", "fp16", "int8"),
-           "other": ("fp32",)}
+# What runs where, default first: device kind (`device_kind` below: the CPU capability torch picked its
+# kernels for, with AVX512-BF16 told apart, or "cuda") -> precisions offered. Measured with
+# bench/generate.py --precision (bench/RESULTS.md): a precision is offered where it is faster than fp32 and
+# passes the quality guard (teacher-forced NLL within 0.5% (bf16, fp16) / 1.5% (int8) of fp32, argmax
+# agreement >= 99% / 97%).
+# - AVX2 (sessions 5-9): batch 1 int8 and fp16 tie within run-to-run noise, batch 8 fp16 is faster: fp16.
+#   bf16 has no fast product there (oneDNN takes bf16 weights only with AVX512-BF16): not offered.
+# - AVX512_BF16 (session 10, two runs): batch 1 int8 3.1 ms/step, fp16 3.5-3.8, bf16 5.3, fp32 6.7-8.6;
+#   batch 8 fp16 8.3-8.8, int8 8.9-9.8, bf16 9.2, fp32 11.9-13.9: int8 (the fastest at batch 1, where a
+#   laptop samples one piece; a quarter of the bytes), then fp16 (the fastest at batch 8).
+# - AVX512 without BF16: unmeasured (no such machine here), AVX2's row. CUDA: unmeasured (no GPU here), fp32
+#   first (the model's own path with the Triton kernel).
+OFFERED = {"AVX2": ("fp16", "int8", "fp32"), "AVX512": ("fp16", "int8", "fp32"),
+           "AVX512_BF16": ("int8", "fp16", "bf16", "fp32"), "cuda": ("fp32", "fp16", "int8"), "other": ("fp32",)}
 
 
 def device_kind(device: torch.device | str = "cpu") -> str:
     if torch.device(device).type == "cuda":
         return "cuda"
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability.startswith("AVX512"):
-        return "AVX512"
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512", ...: the kernels torch picked
+    if capability.startswith("AVX512"):  # bf16 products at full speed need AVX512-BF16 on top
+        return "AVX512_BF16" if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() else "AVX512"
     return capability if capability in OFFERED else "other"
 
 
@@ -203,7 +219,7 @@ def prepare_for_decode(model: nn.Module, precision: str = "fp32") -> nn.Module:
 
 def convert(model: nn.Module, precision: str) -> nn.Module:
     """The copy of `model` in `precision` (not cached, not checked against OFFERED: for measuring)."""
-    linear_cls, kv_dtype = (BUILD_CUDA if next(model.parameters()).is_cuda else BUILD)[precision]
+    linear_cls, head_cls, kv_dtype = (BUILD_CUDA if next(model.parameters()).is_cuda else BUILD)[precision]
     if linear_cls is None and kv_dtype == next(model.parameters()).dtype:
         return model
     # a copy of the module tree that shares every tensor (no parameter is copied)
@@ -212,12 +228,12 @@ def convert(model: nn.Module, precision: str) -> nn.Module:
     out = copy.deepcopy(model, memo)
     out.eval()  # (not requires_grad_(False): the shared parameters are the training model's own)
     if linear_cls is not None:
-        for parent in list(out.modules()):
+        for parent in list(out.layers.modules()):
             for name, child in parent.named_children():
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, linear_cls(child))
-    if isinstance(out.lm_head, Int8Linear):
-        out.lm_head.out_dtype = torch.float32  # logits leave in fp32, whatever the precision
+    if head_cls is not None:
+        out.lm_head = head_cls(out.lm_head)
     if precision in EMBEDDING:
         out.embed_tokens = EMBEDDING[precision](out.embed_tokens)
     out.kv_cache_dtype, out.decode_precision = kv_dtype, precision
