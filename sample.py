@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", type=precision_value, default=None,
                    help="weights for sampling: fp32 (exact), fp16, bf16 or int8 (default: the fastest at equal "
-                        "quality on this machine)")
+                        "quality on this machine for this model; fp32 for a small model)")
     p.add_argument("--no-grammar", dest="grammar", action="store_false",
                    help="do not mask tokens that break the token grammar")
     c = p.add_argument_group("instruments and length")

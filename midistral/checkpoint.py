@@ -190,6 +190,11 @@ def iter_safetensors(path: Path, entries: dict[str, tuple]):
             yield name, buf.view(dtype).reshape(shape)
 
 
+def read_model_config(ckpt: Path) -> ModelConfig:
+    """The model config of a checkpoint folder (ours or transformers'), without reading its weights."""
+    return _weight_files(ckpt)[0]
+
+
 def _weight_files(ckpt: Path):
     """(model config, weight files, the prefix of their tensor names, the source errors name): our checkpoint
     folder or a transformers save_pretrained one, with load_model's checks and messages."""

@@ -27,7 +27,7 @@ import symusic
 import torch
 
 from midistral import controls, music
-from midistral.checkpoint import load_model_and_tokenizer, resolve_checkpoint
+from midistral.checkpoint import load_model_and_tokenizer, read_model_config, resolve_checkpoint
 from midistral.errors import ConfigError, MidistralError
 from midistral.generate import generate
 from midistral.metrics import failure_modes
@@ -127,7 +127,10 @@ class Sampler:
         """From a run folder (best/, else last/) or a checkpoint folder; CheckpointError if unusable."""
         path = resolve_checkpoint(ckpt)
         check_device(device)
-        precision = default_precision(device) if precision is None else check_precision(precision, device)
+        if precision is None:
+            precision = default_precision(device, read_model_config(path).decode_weights)
+        else:
+            check_precision(precision, device)
         # only the decode model, read tensor by tensor: the fp32 state dict and linear weights never exist
         # at once (peak memory); the same model as prepare_for_decode of the loaded checkpoint
         model, tok = load_model_and_tokenizer(path, device=device, precision=precision)

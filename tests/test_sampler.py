@@ -54,9 +54,12 @@ def test_load_resolves_run_folder_once(smp, run_dir):
 
 @pytest.mark.slow
 def test_precision_choice(smp, run_dir, prompt_path):
-    from midistral.model.precision import available_precisions, default_precision
+    from midistral.model.precision import SMALL_MODEL_WEIGHTS, available_precisions, default_precision
 
-    assert smp.precision == default_precision()
+    # the test run's model is small (its weights stay in cache): it samples in exact fp32 by default
+    assert smp.model.config.decode_weights < SMALL_MODEL_WEIGHTS and smp.precision == "fp32"
+    assert default_precision("cpu", smp.model.config.decode_weights) == "fp32"
+    assert default_precision("cpu", SMALL_MODEL_WEIGHTS) == default_precision() in available_precisions()
     with pytest.raises(ConfigError, match="'fp8'") as e:
         Sampler.load(run_dir, precision="fp8")
     assert "\n" not in str(e.value)

@@ -45,14 +45,19 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class OneDNNLinear(nn.Module):
-    """fp32 y = x W^T with W prepacked once for oneDNN (the op torch.compile emits for CPU linears): at
-    batch 8 about 1.9x faster than MKL on the plain weight here, at batch 1 about 1.1x (bench/RESULTS.md)."""
+    """fp32 y = x W^T with W prepacked once for oneDNN (the op torch.compile emits for CPU linears): for the
+    report's model at batch 8 about 1.9x faster than MKL on the plain weight, at batch 1 about 1.1x. A
+    oneDNN call costs ~10 us more than MKL's, so a weight under MIN_WEIGHTS elements (the embedded default's,
+    128 wide) keeps the plain product: 2-3x faster there at 1 row, as fast at 8 (bench/RESULTS.md, session 10)."""
+
+    MIN_WEIGHTS = 1 << 17
 
     def __init__(self, linear: nn.Linear, batch_size: int = 8):
         super().__init__()
         w = linear.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_size) if torch.backends.mkldnn.is_available() else None
-        self.weight = w if self.packed is None else None  # builds without oneDNN: the plain product
+        onednn = torch.backends.mkldnn.is_available() and w.numel() >= self.MIN_WEIGHTS
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_size) if onednn else None
+        self.weight = w if self.packed is None else None  # small, or a build without oneDNN: the plain product
 
     def forward(self, x):
         if self.packed is None:
@@ -179,9 +184,19 @@ def available_precisions(device: torch.device | str = "cpu") -> list[str]:
     return [p for p in PRECISIONS if p in offered]
 
 
-def default_precision(device: torch.device | str = "cpu") -> str:
-    """The fastest precision that passes the quality guard here."""
+# A model under this many decode weights (16 MB in fp32, half this machine's L3) samples in fp32 on CPU: its
+# weights stay in cache, so narrow weights save no memory traffic, and what a step costs is per-op overhead.
+# The embedded default (0.9M) samples as fast in fp32 as in int8 at batch 1 (0.79 vs 0.80 ms/step) and faster
+# than in fp16 (1.05) or bf16 (1.33) on AVX512-BF16 (bench/RESULTS.md, session 10).
+SMALL_MODEL_WEIGHTS = 4 << 20
+
+
+def default_precision(device: torch.device | str = "cpu", decode_weights: int | None = None) -> str:
+    """The fastest precision that passes the quality guard here, for a model of `decode_weights` weights
+    (ModelConfig.decode_weights; None: a large one)."""
     can = available_precisions(device)
+    if decode_weights is not None and decode_weights < SMALL_MODEL_WEIGHTS and torch.device(device).type == "cpu":
+        return "fp32"
     return next(p for p in OFFERED[device_kind(device)] if p in can)
 
 
