@@ -288,11 +288,14 @@ def test_rolling_cache_our_transformer(prompt_len, tmp_path):
 @pytest.mark.parametrize("prepacked", [True, False])
 def test_decode_step_equals_full_forward(prepacked, tmp_path, monkeypatch):
     """The fp32 decode step generate() runs (the model prepared for decoding, its linears prepacked for
-    oneDNN where the build has it) gives the logits of a full re-run without cache, before and after the
-    ring wraps."""
+    oneDNN where the build has it, or the plain product) gives the logits of a full re-run without cache,
+    before and after the ring wraps."""
     from midistral.model import from_hf, prepare_for_decode
+    from midistral.model.precision import OneDNNLinear
 
-    if not prepacked:
+    if prepacked:  # this model's weights are small: prepack them anyway, to test oneDNN's path
+        monkeypatch.setattr(OneDNNLinear, "MIN_WEIGHTS", 0)
+    else:
         monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     _, folder = small_hf_model(tmp_path)
     model = from_hf(folder).eval()
@@ -307,6 +310,18 @@ def test_decode_step_equals_full_forward(prepacked, tmp_path, monkeypatch):
             got = runner(ids[:, pos, None], cache=cache, start_pos=pos)[:, -1]
             want = model(ids[:, :pos + 1])[:, -1]
             assert torch.allclose(got, want, atol=1e-5, rtol=0), (pos, (got - want).abs().max())
+
+
+def test_small_weights_keep_the_plain_product():
+    """oneDNN's call overhead outweighs its gain below OneDNNLinear.MIN_WEIGHTS: those weights keep MKL's plain
+    product (the same weight tensor, no packed copy); larger ones are prepacked where the build has oneDNN."""
+    from midistral.model.precision import OneDNNLinear
+
+    small, large = torch.nn.Linear(128, 256, bias=False), torch.nn.Linear(512, 1024, bias=False)
+    assert OneDNNLinear(small).packed is None and OneDNNLinear(small).weight is not None
+    assert (OneDNNLinear(large).packed is not None) == torch.backends.mkldnn.is_available()
+    x = torch.randn(3, 512)
+    torch.testing.assert_close(OneDNNLinear(large)(x), x @ large.weight.detach().T, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
