@@ -164,7 +164,7 @@ def run(args) -> int:
     except OSError as e:
         raise MidistralError(f"{out}: cannot be the output folder (--out): {e.strerror}") from None
     sampler = Sampler.load(args.ckpt, device=args.device, precision=args.precision, log=log)
-    log(f"checkpoint {sampler.ckpt}; {args.num_samples} sample(s)")
+    log(f"checkpoint {sampler.ckpt}; {args.num_samples} sample(s); precision {sampler.precision}")
     limits = {k: getattr(args, k) for k in ("reject_tries", "max_silent_share", "max_loop_score", "max_out_of_key")}
     common = dict(num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
                   no_repeat_ngram=args.no_repeat_ngram, seed=args.seed, grammar=args.grammar, reject=args.reject,
