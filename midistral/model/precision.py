@@ -48,7 +48,7 @@ class OneDNNLinear(nn.Module):
     """fp32 y = x W^T with W prepacked once for oneDNN (the op torch.compile emits for CPU linears): for the
     report's model at batch 8 about 1.9x faster than MKL on the plain weight, at batch 1 about 1.1x. A
     oneDNN call costs ~10 us more than MKL's, so a weight under MIN_WEIGHTS elements (the embedded default's,
-    128 wide) keeps the plain product: 2-3x faster there at 1 row, as fast at 8 (bench/RESULTS.md, session 10)."""
+    128 wide) keeps the plain product: 2-5x faster there at 1 row, as fast at 8 (bench/RESULTS.md, session 10)."""
 
     MIN_WEIGHTS = 1 << 17
 
@@ -194,9 +194,9 @@ SMALL_MODEL_WEIGHTS = 4 << 20
 def default_precision(device: torch.device | str = "cpu", decode_weights: int | None = None) -> str:
     """The fastest precision that passes the quality guard here, for a model of `decode_weights` weights
     (ModelConfig.decode_weights; None: a large one)."""
-    can = available_precisions(device)
     if decode_weights is not None and decode_weights < SMALL_MODEL_WEIGHTS and torch.device(device).type == "cpu":
         return "fp32"
+    can = available_precisions(device)
     return next(p for p in OFFERED[device_kind(device)] if p in can)
 
 
