@@ -2,11 +2,11 @@
 
     python sample.py prompt.mid --ckpt runs/chorales --num-samples 4 --max-new-tokens 1024
 
-Defaults: temperature 0.7, top-k 12, no-repeat-6-gram (the report's 0.5 / 6 sample too narrowly: bench/RESULTS.md,
-issue 14); from scratch at least 128 new tokens. Writes, per sample,
-OUT/<name>_<i>.mid (prompt + continuation, one track per program named by General MIDI instrument,
-tempo and time signatures kept) and OUT/<name>_<i>.png (piano roll), and prints one line per file.
-The work is done by midistral.sampler.Sampler (docs/sampling.md); this file is its command line.
+Writes, per sample, OUT/<name>_<i>.mid (prompt + continuation, one track per program named by General MIDI
+instrument, tempo and time signatures kept) and OUT/<name>_<i>.png (piano roll), and prints one line per file.
+Files already there are kept: a run that would overwrite one writes under the next free name
+(OUT/<name>-2_<i>.mid, ...) unless --force. The sampling flags and their defaults are those of
+midistral.sampling.SamplingConfig; the work is done by midistral.sampler.Sampler (docs/sampling.md).
 """
 
 from __future__ import annotations
@@ -17,37 +17,29 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from midistral.errors import ArgumentParser, MidistralError
-from midistral.music import write_midi, write_piano_roll
+from midistral.errors import ArgumentParser, ConfigError, MidistralError
+from midistral.fields import FieldError, add_arguments, flag_name, from_args
 from midistral.model.precision import PRECISIONS
-from midistral.sampler import SAMPLE_DEFAULTS, Sampler
+from midistral.music import write_midi, write_piano_roll
+from midistral.sampler import Sampler
+from midistral.sampling import RejectionLimits, SamplingConfig, check_call
 from midistral.tokenize import load_score
-
-D = SAMPLE_DEFAULTS
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("prompt", nargs="?", help="MIDI file to continue (omit to start from BOS)")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("prompt", nargs="?", help="MIDI file to continue (omit to start from nothing)")
     p.add_argument("--ckpt", required=True, help="run folder (best/, else last/) or checkpoint folder")
-    p.add_argument("--out", default="samples", help="output folder")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"default {D['max_new_tokens']}; with --bars, as many as the context holds")
-    p.add_argument("--min-new-tokens", type=int, default=None,
-                   help="EOS is masked before this many tokens (default: 128 from scratch without --bars, else 0)")
-    p.add_argument("--temperature", type=float, default=D["temperature"], help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=D["top_k"], help="0 = off")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--no-repeat-ngram", type=int, default=D["no_repeat_ngram"], help="0 = off")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--prompt-bars", type=int, default=None, help="keep only the first K bars of the prompt")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="samples", help="output folder (default: samples)")
+    p.add_argument("--force", action="store_true", help="overwrite files of an earlier run with the same names")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N", help="pieces to write, generated as one batch (default: 1)")
+    p.add_argument("--seed", type=int, default=None, metavar="N", help="same seed, same model: same pieces (default: random)")
+    p.add_argument("--prompt-bars", type=int, default=None, metavar="K", help="keep only the first K bars of the prompt")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--precision", type=precision_value, default=None,
                    help="weights for sampling: fp32 (exact), fp16, bf16 or int8 (default: the fastest at equal "
                         "quality on this machine for this model; fp32 for a small model)")
-    p.add_argument("--no-grammar", dest="grammar", action="store_false",
-                   help="do not mask tokens that break the token grammar")
+    add_arguments(p.add_argument_group("sampling"), SamplingConfig)
     c = p.add_argument_group("instruments and length")
     c.add_argument("--programs", type=programs_value, default=None,
                    help="continue with only these instruments: GM numbers or names, -1 = drums "
@@ -62,15 +54,17 @@ def parse_args(argv=None):
     g = p.add_argument_group("rejection of failure modes")
     g.add_argument("--reject", action="store_true",
                    help="generate a sample again (other seed) while a failure mode is over its threshold")
-    g.add_argument("--reject-tries", type=int, default=D["reject_tries"], help="generations per sample at most")
-    g.add_argument("--max-silent-share", type=float, default=D["max_silent_share"],
-                   help="share of bars in which a prompt instrument is silent")
-    g.add_argument("--max-loop-score", type=float, default=D["max_loop_score"],
-                   help="share of bars that repeat one of the previous two")
-    g.add_argument("--max-out-of-key", type=float, default=D["max_out_of_key"],
-                   help="share of pitched notes outside the key")
+    add_arguments(g, RejectionLimits)
     args = p.parse_args(argv)
-    check_numbers(p, args)
+    try:
+        args.sampling = from_args(SamplingConfig, args)
+        args.limits = from_args(RejectionLimits, args)
+        check_call(num_samples=args.num_samples, seed=args.seed, prompt_bars=args.prompt_bars)
+    except FieldError as e:
+        p.error(str(e if e.name.startswith("--") else e.named(flag_name(e.name))))
+    except ConfigError as e:
+        p.error(str(e))
+    check_combinations(p, args)
     return args
 
 
@@ -108,23 +102,8 @@ def bars_value(text: str) -> int | str:
     return int(text)
 
 
-def check_numbers(p: argparse.ArgumentParser, args) -> None:
-    """One-line errors (exit 1) for values out of range and flags that do not go together."""
-    for name in ("num_samples", "max_new_tokens", "reject_tries"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("min_new_tokens", "top_k", "no_repeat_ngram", "temperature", "seed"):
-        if getattr(args, name) is not None and not getattr(args, name) >= 0:  # `not >=` also catches nan
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.temperature == float("inf"):
-        p.error("--temperature must be finite")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.prompt_bars is not None and args.prompt_bars < 1:
-        p.error(f"--prompt-bars must be >= 1, got {args.prompt_bars}")
-    for name in ("max_silent_share", "max_loop_score", "max_out_of_key"):
-        if not 0 <= getattr(args, name) <= 1:
-            p.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+def check_combinations(p, args) -> None:
+    """One-line errors (exit 1) for flags that do not go together."""
     track = "--add-track" if args.add_track is not None else "--replace-track" if args.replace_track is not None else None
     if args.add_track is not None and args.replace_track is not None:
         p.error("--add-track and --replace-track do not go together: choose one")
@@ -132,8 +111,10 @@ def check_numbers(p: argparse.ArgumentParser, args) -> None:
         p.error(f"{track} needs a prompt: the MIDI file to add the track to")
     if track and args.programs is not None:
         p.error(f"{track} writes one instrument: --programs does not apply")
-    if track and (args.prompt_bars is not None or args.min_new_tokens or args.max_new_tokens is not None):
-        p.error(f"{track} walks the whole piece: --prompt-bars, --min-new-tokens and --max-new-tokens do not apply")
+    if track and (args.prompt_bars is not None or args.min_new_tokens or args.max_new_tokens is not None
+                  or args.top_p is not None):
+        p.error(f"{track} walks the whole piece: --prompt-bars, --min-new-tokens, --max-new-tokens and --top-p "
+                "do not apply")
     if not track and isinstance(args.bars, str):
         p.error("--bars A:B (a span of the piece) is for --add-track / --replace-track; continue with --bars N")
     if track and isinstance(args.bars, int):
@@ -163,38 +144,63 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MidistralError(f"{out}: cannot be the output folder (--out): {e.strerror}") from None
+    if not Path(args.ckpt).exists():
+        raise MidistralError(f"{args.ckpt}: no such checkpoint or run folder; train first: {train_command(args.ckpt)}")
     sampler = Sampler.load(args.ckpt, device=args.device, precision=args.precision, log=log)
     log(f"checkpoint {sampler.ckpt}; {args.num_samples} sample(s); precision {sampler.precision}")
-    limits = {k: getattr(args, k) for k in ("reject_tries", "max_silent_share", "max_loop_score", "max_out_of_key")}
-    common = dict(num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
-                  no_repeat_ngram=args.no_repeat_ngram, seed=args.seed, grammar=args.grammar, reject=args.reject,
-                  limits=limits, prompt_name=args.prompt, bars=args.bars)
-    progress = ProgressBar()
+    common = dict(num_samples=args.num_samples, seed=args.seed, reject=args.reject, limits=args.limits,
+                  prompt_name=args.prompt, bars=args.bars)
+    progress = ProgressBar(args.bars if isinstance(args.bars, int) else None)
     try:
         if args.add_track is not None or args.replace_track is not None:
             program = args.add_track if args.add_track is not None else args.replace_track
-            samples = sampler.accompany(prompt, program, replace=args.replace_track is not None,
+            samples = sampler.accompany(prompt, program, args.sampling, replace=args.replace_track is not None,
                                         on_progress=progress, **common)
         else:
-            samples = sampler.sample(prompt, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
-                                     min_new_tokens=args.min_new_tokens, prompt_bars=args.prompt_bars,
-                                     programs=args.programs, on_progress=progress, **common)
+            samples = sampler.sample(prompt, args.sampling, prompt_bars=args.prompt_bars, programs=args.programs,
+                                     on_progress=progress, **common)
     finally:
         progress.close()
-    write_samples(samples, Path(args.out), Path(args.prompt).stem if args.prompt else "sample", sampler.ckpt)
+    stem = Path(args.prompt).stem if args.prompt else "sample"
+    write_samples(samples, out, stem if args.force else free_stem(out, stem, len(samples)), sampler.ckpt)
     return 0
 
 
-class ProgressBar:
-    """on_progress for Sampler.sample: a tqdm bar on stderr per generation (rejection may run several)."""
+def train_command(ckpt: str) -> str:
+    """The command that trains the run `ckpt` names: its shipped config when the folder is named after one."""
+    name = Path(ckpt).name
+    if (Path(__file__).resolve().parent / "configs" / f"{name}.toml").is_file():
+        return f"python train.py --config configs/{name}.toml" + (f" out_dir={ckpt}" if Path(ckpt) != Path("runs", name) else "")
+    return f"python train.py --config configs/chorales.toml out_dir={ckpt}"
 
-    def __init__(self):
-        self.bar = None
+
+def sample_paths(out_dir: Path, stem: str, n: int) -> list[Path]:
+    """OUT/<stem>.mid for one sample, OUT/<stem>_<i>.mid for several."""
+    width = len(str(n - 1))
+    return [out_dir / (f"{stem}_{i:0{width}d}.mid" if n > 1 else f"{stem}.mid") for i in range(n)]
+
+
+def free_stem(out_dir: Path, stem: str, n: int) -> str:
+    """`stem`, else `stem-2`, `stem-3`, ...: the first whose files (MIDI and piano roll) are all new."""
+    k, name = 1, stem
+    while any(p.exists() or p.with_suffix(".png").exists() for p in sample_paths(out_dir, name, n)):
+        k += 1
+        name = f"{stem}-{k}"
+    return name
+
+
+class ProgressBar:
+    """on_progress for Sampler.sample: a tqdm bar on stderr per generation (rejection may run several).
+    With a length in bars the token budget is only a bound: the bar counts tokens without a total."""
+
+    def __init__(self, bars: int | None = None):
+        self.bar, self.bars = None, bars
 
     def __call__(self, step: int, total: int) -> None:
         if step == 1:
             self.close()
-            self.bar = tqdm(total=total, desc="generating", unit="tok", leave=False)
+            desc = f"generating {self.bars} bars" if self.bars else "generating"
+            self.bar = tqdm(total=None if self.bars else total, desc=desc, unit="tok", leave=False)
         self.bar.update(1)
 
     def close(self) -> None:
@@ -205,10 +211,8 @@ class ProgressBar:
 
 def write_samples(samples, out_dir: Path, stem: str, ckpt) -> None:
     """OUT/<stem>_<i>.mid and .png per sample, and its two lines on stdout."""
-    width = len(str(len(samples) - 1))
-    for i, s in enumerate(samples):
-        base = out_dir / (f"{stem}_{i:0{width}d}" if len(samples) > 1 else stem)
-        midi_path, png_path = base.with_suffix(".mid"), base.with_suffix(".png")
+    for s, midi_path in zip(samples, sample_paths(out_dir, stem, len(samples))):
+        png_path = midi_path.with_suffix(".png")
         write_midi(s.score, midi_path)
         write_piano_roll(s.score, png_path, f"{midi_path.name} ({ckpt})", s.start_tick, s.new_track)
         print(f"{midi_path}  {s.line}  (+ {png_path.name})")

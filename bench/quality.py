@@ -7,7 +7,7 @@ report's: MidiTok REMI (REMIPlus parameters) + MidiTok BPE trained on the same t
           MistralForCausalLM of the same size trained by a plain AdamW loop on the same chunking, batch, lr and
           schedule until it has used the CPU time our train.py used, then transformers' generate.
 Both sample from BOS with the report's settings (temperature 0.5, top-k 6, no-repeat-ngram 6, 256..512 new
-tokens); ours is also sampled as `sample.py` does by default (SAMPLE_DEFAULTS, grammar on). All are scored with
+tokens); ours is also sampled as `sample.py` does by default (SamplingConfig(), grammar on). All are scored with
 midistral.evaluate against the run's test split: OA per metric, side by side. Both trainings see the same
 files and the same number of transposed copies (data.transpose, data.transpose_copies).
 """
@@ -37,7 +37,7 @@ from midistral.data import TokenChunks, epoch_order  # noqa: E402
 from midistral.data.dataset import DATA_FORMAT  # noqa: E402
 from midistral.evaluate import SUMMARY_METRICS, compare, measure_set  # noqa: E402
 from midistral.generate import generate  # noqa: E402
-from midistral.sampler import SAMPLE_DEFAULTS, Sampler  # noqa: E402
+from midistral.sampler import Sampler  # noqa: E402
 from midistral.tokenize import DEFAULT_PARAMS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,11 +139,9 @@ def sample_ours(run: Path, n: int, max_new: int, min_new: int, seed: int) -> lis
 
 
 def sample_ours_defaults(run: Path, n: int, seed: int) -> list:
-    """What `sample.py --ckpt RUN --num-samples n` writes: its defaults (SAMPLE_DEFAULTS), from BOS."""
+    """What `sample.py --ckpt RUN --num-samples n` writes: its defaults (SamplingConfig()), from BOS."""
     sampler = Sampler.load(run, device="cpu", log=lambda msg: None)
-    d = SAMPLE_DEFAULTS
-    return [s.score for s in sampler.sample(None, num_samples=n, temperature=d["temperature"], top_k=d["top_k"],
-                                            no_repeat_ngram=d["no_repeat_ngram"], seed=seed)]
+    return [s.score for s in sampler.sample(None, num_samples=n, seed=seed)]
 
 
 def main():

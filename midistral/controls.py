@@ -24,6 +24,7 @@ from midistral.errors import MidistralError, MidiError
 from midistral.generate import NoRepeatNGram, sample_next
 from midistral.model import RollingKVCache, prepare_for_decode
 from midistral.model.cache import model_config
+from midistral.sampling import SAMPLING
 from midistral.tokenize import GM_NAMES, load_score
 from midistral.tokenize.bpe import CHR_OFFSET, METASPACE
 from midistral.tokenize.grammar import expansions
@@ -451,8 +452,9 @@ def parse_bar_range(spec) -> tuple[int, int | None]:
     return int(a), None if b is None else int(b)
 
 
-def accompany(model, tok, score_or_path, program, *, bars=None, replace=False, temperature=0.5, top_k=6,
-              no_repeat_ngram_size=6, seed=None, grammar=True, precision="fp32",
+def accompany(model, tok, score_or_path, program, *, bars=None, replace=False, temperature=SAMPLING.temperature,
+              top_k=SAMPLING.top_k, no_repeat_ngram_size=SAMPLING.no_repeat_ngram_size, seed=None,
+              grammar=SAMPLING.grammar, precision="fp32",
               max_notes_per_tick=6) -> symusic.Score:
     """The piece with its notes unchanged plus one new track for `program` (a number or a name), written by
     the model over the whole piece or over `bars` (a:b, counted from 1). replace=True first drops the

@@ -1,7 +1,9 @@
 """Sampling: prefill the prompt, then decode token by token with a rolling KV cache.
 
-    ids = generate(model, prompt_ids, max_new_tokens=512, temperature=0.5, top_k=6,
+    ids = generate(model, prompt_ids, max_new_tokens=512, temperature=0.7, top_k=12,
                    no_repeat_ngram_size=6, eos_id=tok.eos_id, seed=0)
+
+The sampling defaults are midistral.sampling.SamplingConfig's (one set for every caller).
 
 Three pieces, each small:
 - `RollingKVCache` (midistral/model/cache.py): per layer a ring of W = sliding_window slots, so memory stays
@@ -27,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from midistral.model import RollingKVCache, prepare_for_decode
+from midistral.sampling import SAMPLING
 
 # ----------------------------------------------------------------------------------------------------
 # No-repeat-n-gram ban, incremental
@@ -142,14 +145,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 @torch.inference_mode()
-def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.5,
-             top_k: int | None = 6, top_p: float | None = None, no_repeat_ngram_size: int | None = 6,
+def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = SAMPLING.temperature,
+             top_k: int | None = SAMPLING.top_k, top_p: float | None = SAMPLING.top_p,
+             no_repeat_ngram_size: int | None = SAMPLING.no_repeat_ngram_size,
              min_new_tokens: int = 0, eos_id: int | None = None, pad_id: int | None = None,
              seed: int | None = None, prefill_chunk: int | None = None, progress: bool = False,
              constraints: Sequence = (), precision: str = "fp32") -> torch.Tensor:
     """Continue `prompt_ids` (B, N) by up to `max_new_tokens` tokens; returns (B, N + new) LongTensor.
 
-    Defaults are the report's best setting (temperature 0.5, top-k 6, no-repeat-6-gram). `model` is our
+    Defaults are SamplingConfig's (temperature 0.7, top-k 12, no-repeat-6-gram). `model` is our
     Transformer or any module called as model(ids, cache=, start_pos=, last_only=) -> (B, N or 1, V) logits.
     - Rows run as one batch. A row that emits `eos_id` is finished: its later positions hold `pad_id`
       (or `eos_id` when pad_id is None), as transformers pads them. Generation stops when every row has

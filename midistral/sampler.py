@@ -8,8 +8,11 @@
 A prompt is a path, MIDI bytes (an upload) or a symusic Score; a bad one raises a one-line MidiError
 naming it. `sample.py` and the web studio are thin layers over this module.
 
+How tokens are drawn (temperature, top-k, lengths, ...) is a `SamplingConfig` (midistral/sampling.py), given
+whole or as keyword arguments: `sampler.sample(prompt, top_k=20)`.
+
 Rejection (`reject=True`): a sample whose continuation has a silent prompt instrument, loops, or
-leaves the key more than the thresholds in `SAMPLE_DEFAULTS` allow is generated again with another
+leaves the key more than the thresholds of `RejectionLimits` allow is generated again with another
 seed, up to `reject_tries` times; `Sample.rejected` says what was thrown away and why.
 """
 
@@ -33,33 +36,20 @@ from midistral.generate import generate
 from midistral.metrics import failure_modes
 from midistral.model.cache import model_config
 from midistral.model.precision import check_precision, default_precision
+from midistral.sampling import RejectionLimits, SamplingConfig, check_call
 from midistral.tokenize import load_score
 from midistral.tokenize.grammar import Grammar, GrammarConstraint
 
 
-# The [sample] defaults: sampling (the report's no-repeat-6-gram, a warmer temperature and top-k) and the
-# rejection thresholds (sample.py flags override each one).
-SAMPLE_DEFAULTS = {
-    "max_new_tokens": 1024,
-    "temperature": 0.7,         # measured on the chorale default (bench/RESULTS.md, issue 14): mean OA 0.79
-    "top_k": 12,                # against the test split, 0.75 at the report's 0.5 / top-k 6 (too narrow)
-    "no_repeat_ngram": 6,
-    "min_new_from_scratch": 128,  # EOS masked before this many tokens when there is no prompt and no --bars:
-                                  # no 2-5-bar pieces (the shortest chorale is 134 tokens); OA 0.82 vs 0.80
-    "reject_tries": 4,          # generations per sample at most, the first included
-    "max_silent_share": 0.25,   # share of bars in which a prompt instrument is silent
-    "max_loop_score": 0.5,      # share of bars repeating one of the previous two
-    "max_out_of_key": 0.15,     # share of pitched notes outside the key
-}
 THRESHOLDS = {"silent_share": "max_silent_share", "loop_score": "max_loop_score", "out_of_key": "max_out_of_key"}
 LABELS = {"silent_share": "silent", "loop_score": "loops", "out_of_key": "out-of-key"}
 
 
-def rejection_reasons(metrics: dict[str, float], limits: dict | None = None) -> list[str]:
+def rejection_reasons(metrics: dict[str, float], limits: RejectionLimits | None = None) -> list[str]:
     """Why a sample with these failure-mode metrics is rejected ([] = kept), e.g. ['loops 83% > 50%']."""
-    limits = {**SAMPLE_DEFAULTS, **(limits or {})}
-    return [f"{LABELS[key]} {metrics[key]:.0%} > {limits[limit]:.0%}"
-            for key, limit in THRESHOLDS.items() if metrics[key] > limits[limit]]
+    limits = limits or RejectionLimits()
+    return [f"{LABELS[key]} {metrics[key]:.0%} > {getattr(limits, limit):.0%}"
+            for key, limit in THRESHOLDS.items() if metrics[key] > getattr(limits, limit)]
 
 
 @dataclass
@@ -82,6 +72,18 @@ class Sample:
 
     def piano_roll_png(self, title: str = "") -> bytes:
         return music.piano_roll_png(self.score, title, self.start_tick, self.new_track)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One call's generation: how tokens are drawn, and what this call adds (length, instruments, progress)."""
+
+    config: SamplingConfig
+    max_new: int                # new tokens at most (with bars: what the context leaves)
+    min_new: int                # EOS masked before
+    bars: int | None
+    programs: list[int] | None
+    on_progress: Callable[[int, int], None] | None
 
 
 @dataclass
@@ -170,72 +172,66 @@ class Sampler:
         programs = [music.track_program(t) for t in decoded.tracks if len(t.notes)]
         return _Prompt(ids, score, decoded.end() if decoded.note_num() else 0, programs)
 
-    @staticmethod
-    def _steering(programs, bars) -> tuple[list[int] | None, int | None]:
-        """`programs` as GM numbers and `bars` checked; MidistralError naming a bad value."""
-        if programs is not None:
-            programs = Sampler.parse_programs(programs)
-        if bars is not None:
-            if isinstance(bars, bool) or not isinstance(bars, int) or bars < 1:
-                raise MidistralError(f"bars {bars!r}: expected a whole number >= 1")
-        return programs, bars
-
-    def _token_budget(self, max_new_tokens: int | None, bars: int | None = None) -> int:
-        """New tokens at most: as asked, else the default (with `bars`: as many as the context holds)."""
-        if max_new_tokens is None and bars is not None:
+    def _token_budget(self, config: SamplingConfig, bars: int | None) -> int:
+        """New tokens at most: as asked (or the default) within the context; with `bars` and no length asked,
+        the whole context (a bound, not a length: the bars end the piece)."""
+        want = config.max_new(bars is not None)
+        if want is None:
             return self.context - 1
-        want = max_new_tokens or SAMPLE_DEFAULTS["max_new_tokens"]
         max_new = min(want, self.context - 1)
         if max_new < want:
             self.log(f"note: max_new_tokens {want} exceeds the model's context; using {max_new}")
         return max_new
 
+    @staticmethod
+    def _config(config: SamplingConfig | None, settings: dict) -> SamplingConfig:
+        """`config` (default: SamplingConfig()) with keyword `settings` over it, checked."""
+        config = config or SamplingConfig()
+        return config.replace(**settings) if settings else config
+
     # ------------------------------------------------------------------------------------------------
     # Sampling
 
-    def sample(self, prompt=None, *, num_samples: int = 1, max_new_tokens: int | None = None,
-               bars: int | None = None, programs=None, temperature: float = SAMPLE_DEFAULTS["temperature"],
-               top_k: int | None = SAMPLE_DEFAULTS["top_k"], top_p: float | None = None,
-               no_repeat_ngram: int | None = SAMPLE_DEFAULTS["no_repeat_ngram"], seed: int | None = None,
-               grammar: bool = True, reject: bool = False, prompt_bars: int | None = None,
-               min_new_tokens: int | None = None, limits: dict | None = None, prompt_name: str | None = None,
-               on_progress: Callable[[int, int], None] | None = None) -> list[Sample]:
+    def sample(self, prompt=None, config: SamplingConfig | None = None, *, num_samples: int = 1,
+               seed: int | None = None, bars: int | None = None, programs=None, prompt_bars: int | None = None,
+               reject: bool = False, limits: RejectionLimits | None = None, prompt_name: str | None = None,
+               on_progress: Callable[[int, int], None] | None = None, **settings) -> list[Sample]:
         """Continue `prompt` (path, MIDI bytes, Score or None) `num_samples` times, as one batch.
 
-        `bars`: continue for exactly that many bars; `programs`: only these instruments ("0,33,-1",
-        "piano,bass,drums" or a list of GM numbers, -1 = drums); `grammar`: mask tokens that would break
-        the token grammar; `min_new_tokens` (EOS masked before) defaults to SAMPLE_DEFAULTS'
-        `min_new_from_scratch` without a prompt or `bars`, else 0. `limits` overrides SAMPLE_DEFAULTS'
-        rejection thresholds and `reject_tries`;
+        `config` says how tokens are drawn; keyword `settings` (temperature=, top_k=, max_new_tokens=, ...)
+        override its fields. `bars`: continue for exactly that many bars; `programs`: only these instruments
+        ("0,33,-1", "piano,bass,drums" or a list of GM numbers, -1 = drums); `prompt_bars`: keep only the
+        prompt's first bars. `reject`: generate a sample again while it is over `limits`;
         `on_progress(step, total)` is called after every generated token."""
-        if num_samples < 1:
-            raise MidistralError(f"num_samples must be >= 1, got {num_samples}")
-        programs, bars = self._steering(programs, bars)
+        config = self._config(config, settings)
+        check_call(num_samples=num_samples, seed=seed, bars=bars, prompt_bars=prompt_bars)
+        if programs is not None:
+            programs = self.parse_programs(programs)
         source = self.read_prompt(prompt, prompt_bars, prompt_name)
-        max_new = self._token_budget(max_new_tokens, bars)
-        if min_new_tokens is None:
-            min_new_tokens = SAMPLE_DEFAULTS["min_new_from_scratch"] if source is None and bars is None else 0
+        max_new = self._token_budget(config, bars)
         p = self._encode_prompt(source, max_new)
         if len(p.ids) + max_new > self.context:
             max_new = self.context - len(p.ids)
-            self.log(f"note: prompt + continuation must fit the model's context ({self.context}); "
-                     f"generating {max_new} tokens")
-        settings = dict(max_new=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
-                        no_repeat_ngram=no_repeat_ngram, min_new_tokens=min_new_tokens, grammar=grammar,
-                        bars=bars, programs=programs, on_progress=on_progress)
+            if bars is None:
+                self.log(f"note: prompt + continuation must fit the model's context ({self.context}); "
+                         f"generating at most {max_new} tokens")
+        if bars is not None:  # the bars end the piece; the context is only a bound
+            self.log(f"generating {bars} bars (at most {max_new} tokens: what the model's context leaves)")
+        plan = _Plan(config, max_new, config.min_new(from_scratch=source is None and bars is None), bars, programs,
+                     on_progress)
 
         def make(n: int, seed_: int | None) -> list[Sample]:
-            return [self._finish(row, p) for row in self._generate(p.ids, n, seed_, settings)]
+            return [self._finish(row, p) for row in self._generate(p.ids, n, seed_, plan)]
 
         return self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: continuation_report(
             s.score, s.start_tick, s.metrics, lim, s.rejected))
 
-    def _rejecting(self, make, num_samples: int, seed: int | None, reject: bool, limits: dict | None,
+    def _rejecting(self, make, num_samples: int, seed: int | None, reject: bool, limits: RejectionLimits | None,
                    describe) -> list[Sample]:
         """`make(n, seed)` -> n Samples; with `reject`, those over a threshold are made again (another seed)."""
-        limits = {**SAMPLE_DEFAULTS, **(limits or {})}
+        limits = limits or RejectionLimits()
         samples = make(num_samples, seed)
-        tries = int(limits["reject_tries"]) if reject else 1
+        tries = limits.reject_tries if reject else 1
         for attempt in range(1, tries):
             bad = [i for i, s in enumerate(samples) if rejection_reasons(s.metrics, limits)]
             if not bad:
@@ -253,34 +249,34 @@ class Sampler:
     # ------------------------------------------------------------------------------------------------
     # Accompaniment
 
-    def accompany(self, prompt, program, *, bars=None, replace: bool = False, num_samples: int = 1,
-                  temperature: float = SAMPLE_DEFAULTS["temperature"], top_k: int | None = SAMPLE_DEFAULTS["top_k"],
-                  no_repeat_ngram: int | None = SAMPLE_DEFAULTS["no_repeat_ngram"], seed: int | None = None,
-                  grammar: bool = True, reject: bool = False, limits: dict | None = None,
-                  prompt_name: str | None = None,
-                  on_progress: Callable[[int, int], None] | None = None) -> list[Sample]:
+    def accompany(self, prompt, program, config: SamplingConfig | None = None, *, bars=None, replace: bool = False,
+                  num_samples: int = 1, seed: int | None = None, reject: bool = False,
+                  limits: RejectionLimits | None = None, prompt_name: str | None = None,
+                  on_progress: Callable[[int, int], None] | None = None, **settings) -> list[Sample]:
         """Add a track for `program` (GM number, -1 = drums, or a name such as "bass") to the piece
         `prompt`, keeping its notes exactly; `replace=True` first drops that instrument's notes. `bars`:
         the span to write, "A:B" (counted from 1, both included), "A:" or ":B"; None: the whole piece.
+        Of `config` (and keyword `settings`), temperature, top_k and no_repeat_ngram_size apply: the walk
+        covers the piece, so the lengths do not, and every id it offers keeps the grammar.
 
         Sample.new_track is the new track's index; its metrics describe the new track (silent_share:
         bars of the piece in which it plays nothing)."""
-        if num_samples < 1:
-            raise MidistralError(f"num_samples must be >= 1, got {num_samples}")
+        config = self._config(config, settings)
+        check_call(num_samples=num_samples, seed=seed)
         program = self.parse_program(program)
         source = load_score(prompt, prompt_name)
         if source.note_num() == 0:
             label = prompt_name or (str(prompt) if isinstance(prompt, (str, os.PathLike)) else "the piece")
             raise MidistralError(f"{label}: has no notes to accompany")
         piece = prompt if isinstance(prompt, (str, os.PathLike)) else source  # a path: its messages name it
-        options = dict(bars=bars, replace=replace, temperature=temperature, top_k=top_k,
-                       no_repeat_ngram_size=no_repeat_ngram, grammar=grammar, **self._precision_option())
 
         def make(n: int, seed_: int | None) -> list[Sample]:
             out = []
             for i in range(n):
-                score = controls.accompany(self.model, self.tok, piece, program,
-                                           seed=None if seed_ is None else seed_ + i, **options)
+                score = controls.accompany(self.model, self.tok, piece, program, bars=bars, replace=replace,
+                                           temperature=config.temperature, top_k=config.top_k,
+                                           no_repeat_ngram_size=config.no_repeat_ngram_size, grammar=config.grammar,
+                                           seed=None if seed_ is None else seed_ + i, **self._precision_option())
                 out.append(self._finish_accompaniment(score, source, program, bars))
                 if on_progress is not None:
                     on_progress(i + 1, n)
@@ -318,39 +314,39 @@ class Sampler:
     # ------------------------------------------------------------------------------------------------
     # Generation
 
-    def _generate(self, ids: np.ndarray, batch: int, seed: int | None, settings: dict) -> list[list[int]]:
+    def _generate(self, ids: np.ndarray, batch: int, seed: int | None, plan: "_Plan") -> list[list[int]]:
         prompt = torch.from_numpy(ids)[None].repeat(batch, 1).to(self.device)
-        constraints = self._constraints(settings)
+        constraints = self._constraints(plan)
+        c = plan.config
         t0 = time.perf_counter()
-        out = generate(self.model, prompt, settings["max_new"], temperature=settings["temperature"],
-                       top_k=settings["top_k"] or None, top_p=settings["top_p"],
-                       no_repeat_ngram_size=settings["no_repeat_ngram"] or None,
-                       min_new_tokens=settings["min_new_tokens"], eos_id=self.tok.eos_id, seed=seed,
-                       constraints=constraints, **self._precision_option())
+        out = generate(self.model, prompt, plan.max_new, temperature=c.temperature, top_k=c.top_k or None,
+                       top_p=c.top_p, no_repeat_ngram_size=c.no_repeat_ngram_size or None,
+                       min_new_tokens=plan.min_new, eos_id=self.tok.eos_id, seed=seed, constraints=constraints,
+                       **self._precision_option())
         dt = time.perf_counter() - t0
         n_new = out.shape[1] - len(ids)
         self.log(f"generated {n_new} tokens x {batch} in {dt:.1f}s ({n_new * batch / max(dt, 1e-9):.0f} tok/s)")
-        if settings["bars"] is not None:  # then controls is there (checked with the arguments)
+        if plan.bars is not None:
             complete = next(c.complete for c in constraints if isinstance(c, controls.BarsConstraint))
             if not all(complete):
-                self.log(f"note: the model's context ran out before {settings['bars']} bars in "
+                self.log(f"note: the model's context ran out before {plan.bars} bars in "
                          f"{complete.count(False)} sample(s)")
         return [row[len(ids):] for row in out.tolist()]
 
-    def _constraints(self, settings: dict) -> list:
+    def _constraints(self, plan: "_Plan") -> list:
         """Fresh constraint objects for one generate call: grammar, instruments, length, progress."""
         constraints = []
-        if settings["grammar"]:
+        if plan.config.grammar:
             # the grammar closes the last note as the token budget ends; with a length in bars the budget
             # is the whole context and the bars decide the end (closing early would fight their EOS mask)
-            budget = None if settings["bars"] is not None else settings["max_new"]
+            budget = None if plan.bars is not None else plan.max_new
             constraints.append(GrammarConstraint(self.tok, budget, grammar=self.grammar))
-        if settings["programs"] is not None:
-            constraints.append(controls.ProgramsConstraint(self.tok, settings["programs"]))
-        if settings["bars"] is not None:
-            constraints.append(controls.BarsConstraint(self.tok, settings["bars"]))
-        if settings["on_progress"] is not None:
-            constraints.append(_ProgressReport(settings["on_progress"], settings["max_new"]))
+        if plan.programs is not None:
+            constraints.append(controls.ProgramsConstraint(self.tok, plan.programs))
+        if plan.bars is not None:
+            constraints.append(controls.BarsConstraint(self.tok, plan.bars))
+        if plan.on_progress is not None:
+            constraints.append(_ProgressReport(plan.on_progress, plan.max_new))
         return constraints
 
     def _precision_option(self) -> dict:

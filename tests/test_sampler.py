@@ -10,7 +10,8 @@ from conftest import score_of
 from midistral import sampler as sampler_module
 from midistral.errors import CheckpointError, ConfigError, MidiError, MidistralError
 from midistral.metrics import failure_modes
-from midistral.sampler import SAMPLE_DEFAULTS, Sampler, rejection_reasons
+from midistral.sampler import Sampler, rejection_reasons
+from midistral.sampling import RejectionLimits
 from midistral.tokenize.remi import Family
 
 BAR = 1920
@@ -145,7 +146,7 @@ def test_programs_and_bars(smp, prompt_path):
             assert int((s.score.get_downbeats() <= last_onset).sum()) == 3 + n_bars
     with pytest.raises(MidistralError, match="unknown instrument 'banjoo'"):
         smp.sample(None, programs="piano,banjoo")
-    with pytest.raises(MidistralError, match="bars 0"):
+    with pytest.raises(MidistralError, match="bars=0: expected an integer >= 1"):
         smp.sample(None, bars=0)
 
 
@@ -296,9 +297,9 @@ GOOD = [[C_MAJOR[(b + i * 3) % 8] for i in range(4)] for b in range(8)]  # in C 
 def test_rejection_reasons_on_crafted_scores():
     looping, good = failure_modes(piece(LOOPING)), failure_modes(piece(GOOD))
     assert looping["loop_score"] == pytest.approx(7 / 8) and good["loop_score"] == 0.0
-    assert rejection_reasons(looping) == [f"loops 88% > {SAMPLE_DEFAULTS['max_loop_score']:.0%}"]
+    assert rejection_reasons(looping) == [f"loops 88% > {RejectionLimits().max_loop_score:.0%}"]
     assert rejection_reasons(good) == []
-    assert rejection_reasons(looping, {"max_loop_score": 0.9}) == []
+    assert rejection_reasons(looping, RejectionLimits(max_loop_score=0.9)) == []
     assert rejection_reasons({"silent_share": 0.5, "loop_score": 0, "out_of_key": 0.4}) == [
         "silent 50% > 25%", "out-of-key 40% > 15%"]
 
@@ -335,7 +336,7 @@ def test_without_reject_the_looping_sample_is_kept_and_flagged(smp, monkeypatch)
 def test_reject_gives_up_after_the_tries_and_says_so(smp, monkeypatch):
     fake = ScriptedGenerate(smp.tok, [piece(LOOPING)] * 3)
     monkeypatch.setattr(sampler_module, "generate", fake)
-    (s,) = smp.sample(None, max_new_tokens=200, seed=3, reject=True, limits={"reject_tries": 3})
+    (s,) = smp.sample(None, max_new_tokens=200, seed=3, reject=True, limits=RejectionLimits(reject_tries=3))
     assert len(fake.calls) == 3 and len(set(fake.calls)) == 3 and len(s.rejected) == 2
     assert "no try passed, kept the last" in s.report
 

@@ -24,7 +24,8 @@ import symusic
 from midistral import music
 from midistral.errors import MidistralError
 from midistral.io import atomic_write_bytes
-from midistral.sampler import SAMPLE_DEFAULTS, Sampler, controls, rejection_reasons
+from midistral.sampler import Sampler, controls, rejection_reasons
+from midistral.sampling import SAMPLING
 from midistral.studio.settings import MODES, Request
 
 log = logging.getLogger("midistral.studio")
@@ -109,7 +110,8 @@ class Studio:
         return {"model": self.name, "modes": {m: MODES[m] for m in self.modes},
                 "length_unit": "bars" if self.length_in_bars else "tokens", "instruments_steer": self.has_controls,
                 "audio": self.soundfont.name if self.soundfont else None, "audio_problem": self.audio_problem,
-                "defaults": {k: SAMPLE_DEFAULTS[k] for k in ("temperature", "top_k", "no_repeat_ngram")},
+                "defaults": {"temperature": SAMPLING.temperature, "top_k": SAMPLING.top_k,
+                             "no_repeat_ngram": SAMPLING.no_repeat_ngram_size},
                 "context": self.sampler.context}
 
     def close(self) -> None:
@@ -175,14 +177,12 @@ class Studio:
         def progress(step: int, total: int) -> None:
             job.step, job.total = step, total
 
-        common = dict(num_samples=r.variations, temperature=r.temperature, top_k=r.top_k or None,
-                      no_repeat_ngram=r.no_repeat_ngram or None, seed=r.seed, on_progress=progress)
+        common = dict(num_samples=r.variations, seed=r.seed, on_progress=progress)
         if r.mode in ("add", "replace"):
-            return self.sampler.accompany(r.prompt, r.track_program, replace=r.mode == "replace",
+            return self.sampler.accompany(r.prompt, r.track_program, r.sampling, replace=r.mode == "replace",
                                           prompt_name=r.prompt_name, **common)
         steer = dict(bars=r.bars, programs=r.programs) if self.has_controls else {}
-        return self.sampler.sample(r.prompt, prompt_name=r.prompt_name or None, max_new_tokens=r.max_new_tokens,
-                                   **steer, **common)
+        return self.sampler.sample(r.prompt, r.sampling, prompt_name=r.prompt_name or None, **steer, **common)
 
     def _save_midi(self, folder: Path, k: int, sample) -> Variation:
         v = Variation(folder, k, quality(sample), sample.score)

@@ -16,7 +16,7 @@ import symusic
 from midistral.errors import MidistralError
 from midistral.metrics import DRUM_PROGRAM
 from midistral.music import n_bars, track_program
-from midistral.sampler import SAMPLE_DEFAULTS
+from midistral.sampling import SAMPLING, SamplingConfig
 from midistral.tokenize import GM_NAMES, load_score
 
 MODES = {
@@ -27,14 +27,15 @@ MODES = {
 }
 NEEDS_PROMPT = ("continue", "add", "replace")
 MAX_UPLOAD_BYTES = 5 * 2**20
-# (label on the page, lowest, highest, default); 0 turns top-k and the n-gram ban off
+# What the page offers: (label on the page, lowest, highest, default); 0 turns top-k and the n-gram ban off.
+# The sampling defaults are SamplingConfig's; what a value may be at all, SamplingConfig checks.
 BOUNDS = {
     "variations": ("Variations", 1, 8, 2),
     "bars": ("Length in bars", 1, 64, 8),
     "tokens": ("Length in tokens", 16, 2048, 512),
-    "temperature": ("Temperature", 0.0, 2.0, SAMPLE_DEFAULTS["temperature"]),
-    "top_k": ("Top-k", 0, 200, SAMPLE_DEFAULTS["top_k"]),
-    "no_repeat_ngram": ("No-repeat n-gram", 0, 32, SAMPLE_DEFAULTS["no_repeat_ngram"]),
+    "temperature": ("Temperature", 0.0, 2.0, SAMPLING.temperature),
+    "top_k": ("Top-k", 0, 200, SAMPLING.top_k),
+    "no_repeat_ngram": ("No-repeat n-gram", 0, 32, SAMPLING.no_repeat_ngram_size),
     "seed": ("Seed", 0, 2**31 - 1, None),
 }
 FAMILIES = ("Piano", "Chromatic Percussion", "Organ", "Guitar", "Bass", "Strings", "Ensemble", "Brass", "Reed",
@@ -61,10 +62,7 @@ class Request:
     programs: list[int] | None  # instruments the new music may use (None: the model chooses)
     track_program: int | None   # the instrument of the added / replaced track
     bars: int | None            # length in bars (when the sampler takes bars)
-    max_new_tokens: int | None  # length in tokens (when it does not)
-    temperature: float
-    top_k: int
-    no_repeat_ngram: int
+    sampling: SamplingConfig    # how tokens are drawn; its max_new_tokens: the length when not in bars
     variations: int
     seed: int
 
@@ -137,7 +135,7 @@ def parse_request(form, prompt: bytes | None, prompt_name: str, modes: list[str]
         programs=[program(p, "Instruments") for p in raw_programs] or None,
         track_program=program(track, "Track instrument") if mode in ("add", "replace") else None,
         bars=number(form, "bars") if length_in_bars and mode not in ("add", "replace") else None,
-        max_new_tokens=None if length_in_bars else number(form, "tokens"),
-        temperature=number(form, "temperature", float), top_k=number(form, "top_k"),
-        no_repeat_ngram=number(form, "no_repeat_ngram"), variations=number(form, "variations"),
-        seed=secrets.randbelow(2**31) if seed is None else seed)
+        sampling=SamplingConfig(temperature=number(form, "temperature", float), top_k=number(form, "top_k"),
+                                no_repeat_ngram_size=number(form, "no_repeat_ngram"),
+                                max_new_tokens=None if length_in_bars else number(form, "tokens")),
+        variations=number(form, "variations"), seed=secrets.randbelow(2**31) if seed is None else seed)
