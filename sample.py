@@ -20,8 +20,7 @@ from tqdm.auto import tqdm
 from midistral.errors import ArgumentParser, ConfigError, MidistralError
 from midistral.fields import FieldError, add_arguments, flag_name, from_args
 from midistral.model.precision import PRECISIONS
-from midistral.music import write_midi, write_piano_roll
-from midistral.sampler import Sampler
+from midistral.sampler import Sampler, sample_paths, write_sample_files
 from midistral.sampling import RejectionLimits, SamplingConfig, check_call
 from midistral.tokenize import load_score
 
@@ -162,7 +161,7 @@ def run(args) -> int:
     finally:
         progress.close()
     stem = Path(args.prompt).stem if args.prompt else "sample"
-    write_samples(samples, out, stem if args.force else free_stem(out, stem, len(samples)), sampler.ckpt)
+    write_sample_files(samples, out, stem if args.force else free_stem(out, stem, len(samples)), sampler.ckpt)
     return 0
 
 
@@ -172,12 +171,6 @@ def train_command(ckpt: str) -> str:
     if (Path(__file__).resolve().parent / "configs" / f"{name}.toml").is_file():
         return f"python train.py --config configs/{name}.toml" + (f" out_dir={ckpt}" if Path(ckpt) != Path("runs", name) else "")
     return f"python train.py --config configs/chorales.toml out_dir={ckpt}"
-
-
-def sample_paths(out_dir: Path, stem: str, n: int) -> list[Path]:
-    """OUT/<stem>.mid for one sample, OUT/<stem>_<i>.mid for several."""
-    width = len(str(n - 1))
-    return [out_dir / (f"{stem}_{i:0{width}d}.mid" if n > 1 else f"{stem}.mid") for i in range(n)]
 
 
 def free_stem(out_dir: Path, stem: str, n: int) -> str:
@@ -207,16 +200,6 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def write_samples(samples, out_dir: Path, stem: str, ckpt) -> None:
-    """OUT/<stem>_<i>.mid and .png per sample, and its two lines on stdout."""
-    for s, midi_path in zip(samples, sample_paths(out_dir, stem, len(samples))):
-        png_path = midi_path.with_suffix(".png")
-        write_midi(s.score, midi_path)
-        write_piano_roll(s.score, png_path, f"{midi_path.name} ({ckpt})", s.start_tick, s.new_track)
-        print(f"{midi_path}  {s.line}  (+ {png_path.name})")
-        print(f"    {s.report}")
 
 
 if __name__ == "__main__":

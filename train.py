@@ -12,6 +12,7 @@ Runs under `torchrun --nproc_per_node N` with DistributedDataParallel (gloo on C
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -25,12 +26,13 @@ from tqdm import tqdm
 
 from midistral.checkpoint import (append_metrics, check_same_data, load_last, plot_metrics, read_train_state, resume_dir,
                                   save_best, save_last, truncate_metrics)
-from midistral.config import load_config
+from midistral.config import RunConfig, SampleConfig, TrainConfig, load_config
 from midistral.data import TokenChunks, epoch_order, load_splits, made_with, prepare, prepared_dir
 from midistral.distributed import init_distributed, is_master
 from midistral.errors import ArgumentParser, MidistralError
 from midistral.io import RunLock
-from midistral.model import ModelConfig, Transformer
+from midistral.model import Transformer
+from midistral.sampler import Sampler, write_sample_files
 from midistral.tokenize import REMI
 
 
@@ -50,7 +52,7 @@ class TrainState:
 class Job:
     """Everything the loop needs, built once by `setup`."""
 
-    cfg: dict
+    cfg: RunConfig
     run: Path
     rank: int
     world: int
@@ -88,26 +90,26 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float, min_ratio: fl
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model, tc: dict, device) -> torch.optim.AdamW:
+def make_optimizer(model, tc: TrainConfig, device) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]  # matrices only
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": tc["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc["lr"], betas=tuple(tc["betas"]), fused=(device.type == "cuda") or None)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), fused=(device.type == "cuda") or None)
 
 
 def batch_at(job: Job, step: int, micro: int):
     """This process's share of micro-batch `micro` of `step`: a pure function of (seed, epoch, position)."""
-    tc, global_batch = job.cfg["train"], job.cfg["train"]["batch_size"]
+    tc, global_batch = job.cfg.train, job.cfg.train.batch_size
     epoch, i = divmod(step, job.steps_per_epoch)
-    order = epoch_order(len(job.train_set), tc["seed"], epoch)
-    start = (i * tc["grad_accum"] + micro) * global_batch
+    order = epoch_order(len(job.train_set), tc.seed, epoch)
+    start = (i * tc.grad_accum + micro) * global_batch
     idx = order[np.arange(start, start + global_batch) % len(order)]
     return job.train_set.batch(idx[job.rank::job.world])
 
 
 def train_step(job: Job, step: int) -> tuple[float, int]:
     """One optimiser step (gradient accumulation, clipping); returns (mean loss over processes, tokens)."""
-    tc, accum = job.cfg["train"], job.cfg["train"]["grad_accum"]
+    tc, accum = job.cfg.train, job.cfg.train.grad_accum
     loss_sum, tokens = torch.zeros((), device=job.device), 0
     for micro in range(accum):
         x, y = (t.to(job.device) for t in batch_at(job, step, micro))
@@ -123,8 +125,8 @@ def train_step(job: Job, step: int) -> tuple[float, int]:
             (loss * scale / accum).backward()
         loss_sum += loss.detach() * scale
         tokens += int(n_local) * job.world
-    if tc["grad_clip"]:
-        torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc["grad_clip"])
+    if tc.grad_clip:
+        torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc.grad_clip)
     job.opt.step()
     job.opt.zero_grad(set_to_none=True)
     loss = loss_sum / accum
@@ -137,9 +139,9 @@ def train_step(job: Job, step: int) -> tuple[float, int]:
 @torch.no_grad()
 def evaluate(job: Job) -> float:
     """Mean validation cross-entropy per token over the first train.eval_batches batches."""
-    global_batch = job.cfg["train"]["batch_size"]
+    global_batch = job.cfg.train.batch_size
     job.model.eval()
-    n = min(len(job.val_set), job.cfg["train"]["eval_batches"] * global_batch)
+    n = min(len(job.val_set), job.cfg.train.eval_batches * global_batch)
     total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     for s in range(job.rank * global_batch // job.world, n, global_batch):
         x, y = job.val_set.batch(np.arange(s, min(s + global_batch // job.world, n)))
@@ -156,17 +158,17 @@ def evaluate(job: Job) -> float:
     return float(total / count)
 
 
-def load_data(cfg: dict, master: bool, ddp: bool) -> tuple[REMI, TokenChunks, TokenChunks]:
+def load_data(cfg: RunConfig, master: bool, ddp: bool) -> tuple[REMI, TokenChunks, TokenChunks]:
     """The prepared data (rank 0 prepares it if needed): tokenizer, train and val chunks."""
     data_dir = prepare(cfg) if master else prepared_dir(cfg)
     if ddp:
         torch.distributed.barrier()
-    return load_splits(data_dir, cfg["data"]["min_seq"], cfg["data"]["max_seq"])
+    return load_splits(data_dir, cfg.data.min_seq, cfg.data.max_seq)
 
 
 def restore(job: Job, last: Path, saved: dict) -> None:
     """Load RUN/last (or .last.old) into the job: weights, and unless train.restart, optimiser, RNG and state."""
-    restart = job.cfg["train"]["restart"]
+    restart = job.cfg.train.restart
     load_last(last, saved, job.raw_model, job.opt, job.tok, prepared_dir(job.cfg), weights_only=restart)
     if restart:  # the report's second cycle: same weights, fresh optimiser and schedule, no warm-up
         job.state = TrainState(step=saved["step"], best_val=saved["best_val"], schedule_start=saved["step"])
@@ -174,40 +176,40 @@ def restore(job: Job, last: Path, saved: dict) -> None:
         job.state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
 
 
-def setup(cfg: dict, last: Path | None) -> Job:
+def setup(cfg: RunConfig, last: Path | None) -> Job:
     """Data, model, optimiser and state, restored from `last` when resuming."""
-    tc, run = cfg["train"], Path(cfg["out_dir"])
-    rank, world, device = init_distributed(tc["device"])
+    tc, run = cfg.train, Path(cfg.out_dir)
+    rank, world, device = init_distributed(tc.device)
     saved = read_train_state(last / "state.pt") if last is not None else None
-    if saved is not None and not tc["restart"]:  # before preparing: never overwrite the run's data with other data
+    if saved is not None and not tc.restart:  # before preparing: never overwrite the run's data with other data
         check_same_data(last, saved, made_with(cfg)[1], prepared_dir(cfg))
     tok, train_set, val_set = load_data(cfg, rank == 0, world > 1)
-    mcfg = ModelConfig(**{**cfg["model"], "vocab_size": len(tok), "pad_token_id": tok.pad_id,
-                          "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id})
-    if tc["batch_size"] % world:
-        raise MidistralError(f"train.batch_size={tc['batch_size']} must be divisible by the number of processes ({world})")
-    torch.manual_seed(tc["seed"])
+    mcfg = dataclasses.replace(cfg.model, vocab_size=len(tok), pad_token_id=tok.pad_id, bos_token_id=tok.bos_id,
+                               eos_token_id=tok.eos_id)
+    if tc.batch_size % world:
+        raise MidistralError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes ({world})")
+    torch.manual_seed(tc.seed)
     raw_model = Transformer(mcfg).to(device)
-    steps_per_epoch = max(1, len(train_set) // (tc["batch_size"] * tc["grad_accum"]))
+    steps_per_epoch = max(1, len(train_set) // (tc.batch_size * tc.grad_accum))
     job = Job(cfg, run, rank, world, device, raw_model, raw_model, make_optimizer(raw_model, tc, device), tok,
-              train_set, val_set, steps_per_epoch, tc["epochs"] * steps_per_epoch, 0, train_set.fingerprint,
-              TrainState(warmup_ratio=tc["warmup_ratio"]))
+              train_set, val_set, steps_per_epoch, tc.epochs * steps_per_epoch, 0, train_set.fingerprint,
+              TrainState(warmup_ratio=tc.warmup_ratio))
     if last is not None:
         restore(job, last, saved)
-    job.total = tc["max_steps"] or job.state.schedule_start + job.schedule_len
+    job.total = tc.max_steps or job.state.schedule_start + job.schedule_len
     if job.state.step >= job.total:
         raise MidistralError(f"{run}: already at step {job.state.step} of {job.total}, nothing to train "
                              "(raise train.max_steps or train.epochs)")
     if job.master:
         if last is not None:
             dropped = truncate_metrics(run / "metrics.jsonl", job.state.step)
-            print(f"resumed {run} at step {job.state.step}" + (" (restart cycle)" if tc["restart"] else "")
+            print(f"resumed {run} at step {job.state.step}" + (" (restart cycle)" if tc.restart else "")
                   + (f"; dropped {dropped} metric rows logged after that checkpoint" if dropped else ""))
         elif (run / "metrics.jsonl").exists():
             (run / "metrics.jsonl").unlink()  # a fresh run in an old folder starts a fresh log
         print(f"run {run}: {raw_model.num_params():,} parameters, {len(train_set)} train chunks, {len(val_set)} val "
               f"chunks, {steps_per_epoch} steps/epoch, {job.total} steps, device {device}, {world} process(es)")
-    if tc["compile"]:
+    if tc.compile:
         job.model = torch.compile(job.model)
     if job.ddp:
         job.model = torch.nn.parallel.DistributedDataParallel(job.model, device_ids=[device] if device.type == "cuda" else None)
@@ -216,12 +218,12 @@ def setup(cfg: dict, last: Path | None) -> Job:
 
 def train(job: Job) -> None:
     """The loop: step, log, evaluate (best/), checkpoint (last/) at epoch ends, stop early."""
-    tc, state, metrics = job.cfg["train"], job.state, job.run / "metrics.jsonl"
+    tc, state, metrics = job.cfg.train, job.state, job.run / "metrics.jsonl"
     bar = tqdm(total=job.total, initial=state.step, disable=not job.master, desc="train", dynamic_ncols=True)
     t_last = time.perf_counter()
     job.model.train()
     while state.step < job.total:
-        lr = lr_at(state.step - state.schedule_start, job.schedule_len, tc["lr"], state.warmup_ratio, tc["min_lr_ratio"])
+        lr = lr_at(state.step - state.schedule_start, job.schedule_len, tc.lr, state.warmup_ratio, tc.min_lr_ratio)
         for g in job.opt.param_groups:
             g["lr"] = lr
         loss, tokens = train_step(job, state.step)
@@ -232,12 +234,12 @@ def train(job: Job) -> None:
         if job.master:
             now = time.perf_counter()
             tps, t_last = tokens / max(now - t_last, 1e-9), now
-            if step % tc["log_every"] == 0 or step == job.total:
+            if step % tc.log_every == 0 or step == job.total:
                 append_metrics(metrics, {"step": step, "loss": loss, "lr": lr, "tokens_per_s": round(tps, 1)})
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
             bar.update(1)
         epoch_end = step % job.steps_per_epoch == 0
-        if (tc["eval_every"] and step % tc["eval_every"] == 0) or epoch_end or step == job.total:
+        if (tc.eval_every and step % tc.eval_every == 0) or epoch_end or step == job.total:
             val = evaluate(job)
             if job.master:
                 append_metrics(metrics, {"step": step, "val_loss": val, "epoch": step / job.steps_per_epoch})
@@ -251,22 +253,21 @@ def train(job: Job) -> None:
                 state.bad_evals = 0 if state.improved else state.bad_evals + 1
                 state.improved = False
             if job.master:
-                save_last(job.run, job.raw_model, job.tok, asdict(state), job.opt, job.data_fingerprint, job.cfg)
+                save_last(job.run, job.raw_model, job.tok, asdict(state), job.opt, job.data_fingerprint,
+                          job.cfg.to_dict())
                 plot_metrics(job.run)
-            if tc["patience"] and state.bad_evals >= tc["patience"]:
+            if tc.patience and state.bad_evals >= tc.patience:
                 if job.master:
-                    bar.write(f"early stop at step {step}: no improvement for {tc['patience']} epoch(s)")
+                    bar.write(f"early stop at step {step}: no improvement for {tc.patience} epoch(s)")
                 break
     bar.close()
 
 
-def write_samples(run: Path, sc: dict) -> None:
-    """A few pieces from the trained model, with sample.py (the same code a user runs); [sample] keys are its flags."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import sample
-
-    sample.main(["--ckpt", str(run), "--out", str(run / "samples")]
-                + [arg for key, value in sc.items() for arg in (f"--{key.replace('_', '-')}", str(value))])
+def write_samples(run: Path, sc: SampleConfig) -> None:
+    """A few pieces from the trained model ([sample]), as sample.py writes them, in RUN/samples."""
+    sampler = Sampler.load(run, log=lambda msg: print(msg, file=sys.stderr))
+    samples = sampler.sample(None, sc, num_samples=sc.num_samples, seed=sc.seed)
+    write_sample_files(samples, run / "samples", "sample", sampler.ckpt)
 
 
 def main(argv=None) -> int:
@@ -277,7 +278,7 @@ def main(argv=None) -> int:
     args = ap.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        run = Path(cfg["out_dir"])
+        run = Path(cfg.out_dir)
         last = resume_dir(run) if args.resume else None  # before data prep: a typo in out_dir fails at once
         with RunLock(run) if is_master() else nullcontext():
             job = setup(cfg, last)
@@ -287,8 +288,8 @@ def main(argv=None) -> int:
                 torch.distributed.destroy_process_group()
         if job.master:
             print(f"done: {run} (best val loss {job.state.best_val:.4f}); sample with: python sample.py --ckpt {run}")
-            if cfg["train"]["sample_after"] and cfg["sample"]["num_samples"] > 0:
-                write_samples(run, cfg["sample"])
+            if cfg.train.sample_after and cfg.sample.num_samples > 0:
+                write_samples(run, cfg.sample)
     except MidistralError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

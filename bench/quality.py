@@ -84,32 +84,32 @@ def miditok_shards(manifest: dict, folder: Path, vocab: int, shift_range: tuple[
     return tok
 
 
-def train_report(tok, folder: Path, cfg: dict, cpu_budget: float, schedule_steps: int):
+def train_report(tok, folder: Path, cfg, cpu_budget: float, schedule_steps: int):
     """transformers' Mistral, same size as ours, plain AdamW loop until `cpu_budget` CPU seconds are spent."""
-    m, tc, dc = cfg["model"], cfg["train"], cfg["data"]
+    m, tc, dc = cfg.model, cfg.train, cfg.data
     pad, bos, eos = tok["PAD_None"], tok["BOS_None"], tok["EOS_None"]
     hf = MistralForCausalLM(MistralConfig(
-        vocab_size=len(tok), hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
-        num_hidden_layers=m["num_hidden_layers"], num_attention_heads=m["num_attention_heads"],
-        num_key_value_heads=m["num_key_value_heads"], sliding_window=m["sliding_window"],
-        max_position_embeddings=m["max_position_embeddings"], tie_word_embeddings=False,
+        vocab_size=len(tok), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads, sliding_window=m.sliding_window,
+        max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=False,
         pad_token_id=pad, bos_token_id=bos, eos_token_id=eos, attn_implementation="sdpa"))
-    chunks = TokenChunks(folder, "train", dc["min_seq"], dc["max_seq"], bos, eos, pad)
-    opt = torch.optim.AdamW(hf.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
-    warm = int(tc["warmup_ratio"] * schedule_steps)
-    lr_at = lambda s: tc["lr"] * ((s + 1) / warm if s < warm else  # noqa: E731
+    chunks = TokenChunks(folder, "train", dc.min_seq, dc.max_seq, bos, eos, pad)
+    opt = torch.optim.AdamW(hf.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    warm = int(tc.warmup_ratio * schedule_steps)
+    lr_at = lambda s: tc.lr * ((s + 1) / warm if s < warm else  # noqa: E731
                                   0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, schedule_steps - warm)))))
     start, step, epoch = time.process_time(), 0, 0
     while step < schedule_steps and time.process_time() - start < cpu_budget:
         order = epoch_order(len(chunks), 0, epoch)
-        for i in range(0, len(order) - tc["batch_size"] + 1, tc["batch_size"]):
-            x, y = chunks.batch(order[i:i + tc["batch_size"]])
+        for i in range(0, len(order) - tc.batch_size + 1, tc.batch_size):
+            x, y = chunks.batch(order[i:i + tc.batch_size])
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             logits = hf(x).logits
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(hf.parameters(), tc["grad_clip"] or 1e9)
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), tc.grad_clip or 1e9)
             opt.step(), opt.zero_grad()
             step += 1
             if step >= schedule_steps or time.process_time() - start >= cpu_budget:
@@ -159,10 +159,10 @@ def main():
     cfg = load_config(ROOT / "configs" / "chorales.toml", [f"out_dir={ours}"])
     cpu = args.cpu_seconds if args.ours else train_ours(ours, args.steps)
     manifest = json.loads((ours / "data" / "manifest.json").read_text())
-    n_train_chunks = len(TokenChunks(ours / "data", "train", cfg["data"]["min_seq"], cfg["data"]["max_seq"], 1, 2, 0))
-    schedule = args.steps or cfg["train"]["epochs"] * (n_train_chunks // cfg["train"]["batch_size"])
-    mt = miditok_shards(manifest, out / "report" / "data", cfg["data"]["bpe_vocab_size"], cfg["data"]["transpose"],
-                        cfg["data"]["transpose_copies"], 0)
+    n_train_chunks = len(TokenChunks(ours / "data", "train", cfg.data.min_seq, cfg.data.max_seq, 1, 2, 0))
+    schedule = args.steps or cfg.train.epochs * (n_train_chunks // cfg.train.batch_size)
+    mt = miditok_shards(manifest, out / "report" / "data", cfg.data.bpe_vocab_size, cfg.data.transpose,
+                        cfg.data.transpose_copies, 0)
     hf, hf_steps, hf_cpu = train_report(mt, out / "report" / "data", cfg, cpu, schedule)
     print(f"training CPU time: ours {cpu:.0f} s, report's {hf_cpu:.0f} s ({hf_steps} of {schedule} steps)")
     real = measure_set(manifest["counts"]["test"]["files_list"])

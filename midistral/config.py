@@ -1,25 +1,30 @@
 """Run configuration: a TOML file with sections, plus `section.key=value` overrides on the command line.
 
-    [data]      where the MIDI files are, filters, split, BPE size, chunking, augmentation
+    [data]      DataConfig: where the MIDI files are, filters, split, BPE size, chunking, augmentation
     [tokenizer] MidiTok TokenizerConfig parameter names (optional; default: midistral's REMI+ config)
-    [model]     transformers MistralConfig field names
-    [train]     optimiser, schedule, batches, evaluation, checkpoints
-    [sample]    sampling after training
+    [model]     ModelConfig: transformers MistralConfig field names (the vocabulary's size and ids come
+                from the tokenizer)
+    [train]     TrainConfig: optimiser, schedule, batches, evaluation, checkpoints
+    [sample]    SampleConfig: the pieces written when training ends (midistral.sampling's settings)
     out_dir     the run folder (top level)
 
-Every key must be known (a typo is an error naming it); values on the command line are TOML literals
-(`train.lr=3e-4`, `data.dir="~/lakh"`, bare words are taken as strings).
+    cfg = load_config("configs/chorales.toml", ["train.lr=3e-4"])   # a RunConfig
+    cfg.train.lr, cfg.data.max_seq, cfg.model.hidden_size
+
+Every section is a typed dataclass whose fields carry their check and help (midistral/fields.py): a key
+is one line, e.g. `epochs: int = setting(1, Int(1), "passes over the training data")`. Every key must be
+known (a typo is an error naming it, with a "did you mean"); values on the command line are TOML
+literals (`train.lr=3e-4`, `data.dir="~/lakh"`, bare words are taken as strings).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import re
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,73 +32,156 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from midistral.errors import ConfigError
+from midistral.fields import Bool, Choice, Float, Int, Rule, Str, check_fields, from_dict, refuse_unknown, setting, show
 from midistral.model.config import ModelConfig
+from midistral.sampling import SamplingConfig
 from midistral.tokenize import REMI, REMIConfig
 from midistral.tokenize.config import DEFAULT_PARAMS
 
-DEFAULTS = {
-    "out_dir": "runs/default",
-    "data": {
-        "dir": "",                 # a folder of .mid/.midi files (recursive); "" with source="chorales" uses music21
-        "source": "folder",        # "folder" or "chorales" (music21's Bach chorales, converted once and cached)
-        "prepared_dir": "",        # where shards go; default OUT_DIR/data
-        "cache_dir": "",           # chorale MIDI cache; default ~/.cache/midistral/chorales
-        "max_files": 0,            # 0: all
-        "only_4_4": False,         # the report kept only 4/4 files
-        "max_bars": 0,             # 0: no limit (report: 200)
-        "min_notes": 1,
-        "split": [0.8, 0.1, 0.1],
-        "seed": 0,
-        "bpe_vocab_size": 0,       # 0: no BPE (base tokens); report: 5000
-        "transpose": [0, 0],       # semitone range of random transpositions of training pieces (drums never shift)
-        "transpose_copies": 0,     # how many transposed copies of each training piece
-        "ensembles": 0.0,          # share of pieces (and copies) given an ensemble drawn per voice (chorales.py); 0: off
-        "ensemble_copies": 0,      # with ensembles: more copies of each training piece, each in another drawn ensemble
-        "min_seq": 256,            # chunks shorter than this are dropped (a piece shorter than it is kept whole)
-        "max_seq": 2048,
-        "workers": 0,              # 0: every core
-    },
-    "tokenizer": {},
-    "model": {f.name: f.default for f in dataclasses.fields(ModelConfig)
-              if f.name not in ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")},
-    "train": {
-        "batch_size": 8,
-        "grad_accum": 1,
-        "lr": 1e-3,
-        "min_lr_ratio": 0.0,       # cosine decays to lr * min_lr_ratio
-        "warmup_ratio": 0.3,
-        "weight_decay": 0.01,
-        "betas": [0.9, 0.999],
-        "grad_clip": 1.0,
-        "epochs": 1,
-        "max_steps": 0,            # 0: epochs * steps per epoch; else stop (and checkpoint) there
-        "eval_every": 100,
-        "eval_batches": 50,
-        "patience": 2,             # epochs in which no evaluation improved before stopping; 0: never
-        "seed": 0,
-        "device": "auto",
-        "compile": False,
-        "restart": False,          # with --resume: weights only, a fresh schedule without warm-up
-        "log_every": 1,
-        "sample_after": True,      # write a few samples when training ends
-    },
-    "sample": {"num_samples": 2, "max_new_tokens": 512, "min_new_tokens": 0, "temperature": 0.7, "top_k": 12,
-               "no_repeat_ngram": 6, "seed": 0},
-}
+SEED = Int(0, 2**63 - 1)
 
 
-def _merge(base: dict, new: dict, where: str, source: str) -> None:
-    for k, v in new.items():
-        name = f"{where}.{k}" if where else k
-        if where == "tokenizer":
-            base[k] = v  # checked by REMIConfig, which names unknown keys
-            continue
-        if k not in base:
-            raise ConfigError(f"{source}: unknown config key {name!r}")
-        if isinstance(base[k], dict):
-            if not isinstance(v, dict):
+def _fractions(v) -> bool:
+    return isinstance(v, list) and len(v) == 3 and all(Float(0).expected(x) is None for x in v) and sum(v) > 0
+
+
+def _semitones(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(Int(-60, 60).expected(x) is None for x in v) and v[0] <= v[1]
+
+
+def _betas(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(Float(0, 1).expected(x) is None and x < 1 for x in v)
+
+
+def _device(v) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"auto|(cpu|cuda|mps|xpu)(:\d+)?", v) is not None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = setting("", Str(), "a folder of .mid/.midi files (recursive); '' with source='chorales': music21's")
+    source: str = setting("folder", Choice("folder", "chorales"),
+                          "'folder' or 'chorales' (music21's Bach chorales, converted once and cached)")
+    prepared_dir: str = setting("", Str(), "where the shards go ('': OUT_DIR/data)")
+    cache_dir: str = setting("", Str(), "the chorale MIDI cache ('': ~/.cache/midistral/chorales)")
+    max_files: int = setting(0, Int(0), "files at most; 0: all")
+    only_4_4: bool = setting(False, Bool(), "keep only 4/4 files (the report did)")
+    max_bars: int = setting(0, Int(0), "longest piece in bars; 0: no limit (the report: 200)")
+    min_notes: int = setting(1, Int(0), "fewest notes of a piece")
+    split: list = setting([0.8, 0.1, 0.1], Rule(_fractions, "3 fractions >= 0 with a positive sum, e.g. [0.8, 0.1, 0.1]"),
+                          "train, validation and test shares of the files")
+    seed: int = setting(0, SEED, "seed of the split and the augmentation")
+    bpe_vocab_size: int = setting(0, Int(0, 2**32 - 1), "BPE vocabulary size; 0: base tokens (the report: 5000)")
+    transpose: list = setting([0, 0], Rule(_semitones, "[low, high] integers in [-60, 60] with low <= high"),
+                              "semitone range of random transpositions of training pieces (drums never shift)")
+    transpose_copies: int = setting(0, Int(0, 120), "transposed copies of each training piece")
+    ensembles: float = setting(0.0, Float(0, 1), "share of pieces given an ensemble drawn per voice; 0: off")
+    ensemble_copies: int = setting(0, Int(0, 16), "with ensembles: more copies of each piece, each another ensemble")
+    min_seq: int = setting(256, Int(1), "chunks shorter are dropped (a shorter piece is kept whole)")
+    max_seq: int = setting(2048, Int(2), "longest training chunk in tokens")
+    workers: int = setting(0, Int(0, 1024), "processes for preparation; 0: every core")
+
+    def __post_init__(self):
+        check_fields(self, "data.")
+        if self.min_seq > self.max_seq:
+            raise ConfigError(f"data.min_seq={self.min_seq} > data.max_seq={self.max_seq}: expected min_seq <= max_seq")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = setting(8, Int(1), "chunks per optimiser step and accumulation step, over all processes")
+    grad_accum: int = setting(1, Int(1), "gradient accumulation steps per optimiser step")
+    lr: float = setting(1e-3, Float(0, 10), "peak learning rate")
+    min_lr_ratio: float = setting(0.0, Float(0, 1), "the cosine decays to lr * min_lr_ratio")
+    warmup_ratio: float = setting(0.3, Float(0, 1), "share of the schedule spent warming up")
+    weight_decay: float = setting(0.01, Float(0), "AdamW weight decay (matrices only)")
+    betas: list = setting([0.9, 0.999], Rule(_betas, "two numbers in [0, 1), e.g. [0.9, 0.999]"), "AdamW betas")
+    grad_clip: float = setting(1.0, Float(0), "gradient norm clip; 0: off")
+    epochs: int = setting(1, Int(1), "passes over the training data (the lr schedule spans them)")
+    max_steps: int = setting(0, Int(0), "0: epochs * steps per epoch; else stop (and checkpoint) there")
+    eval_every: int = setting(100, Int(0), "steps between validations; 0: at epoch ends only")
+    eval_batches: int = setting(50, Int(1), "validation batches per evaluation")
+    patience: int = setting(2, Int(0), "epochs without an improved evaluation before stopping; 0: never")
+    seed: int = setting(0, SEED, "seed of the weights and the data order")
+    device: str = setting("auto", Rule(_device, "'auto', 'cpu', 'cuda' or 'cuda:N'"), "where to train")
+    compile: bool = setting(False, Bool(), "torch.compile the model")
+    restart: bool = setting(False, Bool(), "with --resume: weights only, a fresh schedule without warm-up")
+    log_every: int = setting(1, Int(1), "steps between metric rows")
+    sample_after: bool = setting(True, Bool(), "write a few samples when training ends ([sample])")
+
+    def __post_init__(self):
+        check_fields(self, "train.")
+
+
+@dataclass(frozen=True)
+class SampleConfig(SamplingConfig):
+    """The pieces written to RUN/samples when training ends: SamplingConfig's settings, how many, the seed."""
+
+    num_samples: int = setting(2, Int(0, 1024), "pieces written when training ends; 0: none")
+    seed: int = setting(0, SEED, "seed of those pieces")
+
+
+# The model keys a run config does not set: the tokenizer decides them.
+FROM_TOKENIZER = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sample": SampleConfig}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out_dir: str = setting("runs/default", Str("a folder path"), "the run folder")
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: dict = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.model.max_position_embeddings < self.data.max_seq:
+            raise ConfigError(f"model.max_position_embeddings={self.model.max_position_embeddings} < "
+                              f"data.max_seq={self.data.max_seq}: the model must see a whole chunk")
+        if not isinstance(self.tokenizer, dict):
+            raise ConfigError(f"tokenizer={show(self.tokenizer)}: expected a section")
+        check_tokenizer_params(self.tokenizer, "tokenizer.")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str) -> "RunConfig":
+        """From the TOML form (sections as tables): unknown keys refused, every value checked."""
+        check_keys(d, source)
+        sections = {name: from_dict(kind, d[name], source, f"{name}.") for name, kind in SECTIONS.items() if name in d}
+        top = {k: v for k, v in d.items() if k not in SECTIONS}
+        return cls(**top, **sections)
+
+    def to_dict(self) -> dict:
+        """The TOML form (what a run folder's train_config.json holds)."""
+        d = dataclasses.asdict(self)
+        d["model"] = {k: v for k, v in d["model"].items() if k not in FROM_TOKENIZER}
+        return d
+
+    @property
+    def tokenizer_params(self) -> dict:
+        """The [tokenizer] section, else midistral's default REMI+ parameters."""
+        return self.tokenizer or dict(DEFAULT_PARAMS)
+
+
+def check_keys(d: dict, source: str, where: str = "") -> None:
+    """Every key of `d` (a run config in TOML form, or part of one) known, every section a table."""
+    refuse_unknown(RunConfig, d, source, where)
+    for name, value in d.items():
+        if name in SECTIONS or name == "tokenizer":
+            if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {name!r} must be a section")
-            _merge(base[k], v, name, source)
+        if name in SECTIONS:
+            refuse_unknown(SECTIONS[name], value, source, f"{name}.")
+            if name == "model" and set(value) & set(FROM_TOKENIZER):
+                key = next(k for k in value if k in FROM_TOKENIZER)
+                raise ConfigError(f"{source}: model.{key} is set from the tokenizer, not in a run config")
+
+
+def _merge(base: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
         else:
             base[k] = v
 
@@ -105,126 +193,46 @@ def _parse_value(text: str):
         return text  # a bare word: a string
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
-    cfg = copy.deepcopy(DEFAULTS)
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a TOML config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e.__class__.__name__})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """The run config of the TOML file `path` (None: the defaults) with `section.key=value` overrides."""
+    merged: dict = {}
     if path is not None:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{path}: is a folder, not a TOML config file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e.__class__.__name__})") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from None
-        _merge(cfg, data, "", str(path))
+        merged = read_toml(path)
+        check_keys(merged, str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value")
         key, text = item.split("=", 1)
-        parts = key.strip().split(".")
         nested = _parse_value(text.strip())
-        for p in reversed(parts):
+        for p in reversed(key.strip().split(".")):
             nested = {p: nested}
-        _merge(cfg, nested, "", "command line")
-    check_config(cfg)
-    ModelConfig(**cfg["model"])  # fail early on the model's own rules (divisibility, even head_dim)
-    return cfg
+        check_keys(nested, "command line")
+        _merge(merged, nested)
+    return RunConfig.from_dict(merged, "command line" if path is None else str(path))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Types and ranges of every value: (kind, low, high); a value outside is refused naming key, value, rule.
-
-INF = float("inf")
-RULES: dict[str, tuple] = {
-    "out_dir": ("path",),
-    "data.dir": ("str",), "data.source": ("choice", "folder", "chorales"), "data.prepared_dir": ("str",),
-    "data.cache_dir": ("str",), "data.max_files": ("int", 0, INF), "data.only_4_4": ("bool",),
-    "data.max_bars": ("int", 0, INF), "data.min_notes": ("int", 0, INF), "data.split": ("fractions", 3),
-    "data.seed": ("int", 0, 2**63 - 1), "data.bpe_vocab_size": ("int", 0, 2**32 - 1),
-    "data.transpose": ("range", -60, 60), "data.transpose_copies": ("int", 0, 120), "data.ensembles": ("float", 0, 1),
-    "data.ensemble_copies": ("int", 0, 16),
-    "data.min_seq": ("int", 1, INF), "data.max_seq": ("int", 2, INF), "data.workers": ("int", 0, 1024),
-    "train.batch_size": ("int", 1, INF), "train.grad_accum": ("int", 1, INF), "train.lr": ("float", 0, 10),
-    "train.min_lr_ratio": ("float", 0, 1), "train.warmup_ratio": ("float", 0, 1),
-    "train.weight_decay": ("float", 0, INF), "train.betas": ("betas",), "train.grad_clip": ("float", 0, INF),
-    "train.epochs": ("int", 1, INF), "train.max_steps": ("int", 0, INF), "train.eval_every": ("int", 0, INF),
-    "train.eval_batches": ("int", 1, INF), "train.patience": ("int", 0, INF), "train.seed": ("int", 0, 2**63 - 1),
-    "train.device": ("device",), "train.compile": ("bool",), "train.restart": ("bool",),
-    "train.log_every": ("int", 1, INF), "train.sample_after": ("bool",),
-    "sample.num_samples": ("int", 0, 1024), "sample.max_new_tokens": ("int", 1, INF),
-    "sample.min_new_tokens": ("int", 0, INF), "sample.temperature": ("float", 0, INF),
-    "sample.top_k": ("int", 0, INF), "sample.no_repeat_ngram": ("int", 0, INF), "sample.seed": ("int", 0, 2**63 - 1),
-    "model.hidden_size": ("int", 1, INF), "model.intermediate_size": ("int", 1, INF),
-    "model.num_hidden_layers": ("int", 1, INF), "model.num_attention_heads": ("int", 1, INF),
-    "model.num_key_value_heads": ("int", 1, INF), "model.head_dim": ("int", 2, INF),
-    "model.sliding_window": ("int", 1, INF), "model.max_position_embeddings": ("int", 2, INF),
-    "model.rope_theta": ("float", 1e-9, INF), "model.rms_norm_eps": ("float", 0, 1),
-    "model.tie_word_embeddings": ("bool",), "model.initializer_range": ("float", 0, INF),
-}
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != INF
-
-
-def _expected(key: str, v) -> str | None:
-    """What `v` should be, or None when it is fine."""
-    kind, *args = RULES[key]
-    if kind in ("int", "float"):
-        lo, hi = args
-        ok_type = isinstance(v, int) and not isinstance(v, bool) if kind == "int" else _is_num(v)
-        if not ok_type or not lo <= v <= hi:
-            what = "an integer" if kind == "int" else "a number"
-            return what + (f" >= {lo}" if hi == INF else f" in [{lo}, {hi}]")
-    elif kind == "bool" and not isinstance(v, bool):
-        return "true or false"
-    elif kind in ("str", "path", "device") and not isinstance(v, str):
-        return "a string"
-    elif kind == "path" and not v.strip():
-        return "a folder path"
-    elif kind == "device" and v != "auto" and not _is_device(v):
-        return "'auto', 'cpu', 'cuda' or 'cuda:N'"
-    elif kind == "choice" and v not in args:
-        return " or ".join(repr(a) for a in args)
-    elif kind == "fractions" and not (isinstance(v, list) and len(v) == args[0] and all(_is_num(x) and x >= 0 for x in v)
-                                      and sum(v) > 0):
-        return f"{args[0]} fractions >= 0 with a positive sum, e.g. [0.8, 0.1, 0.1]"
-    elif kind == "range" and not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                  and args[0] <= x <= args[1] for x in v) and v[0] <= v[1]):
-        return f"[low, high] integers in [{args[0]}, {args[1]}] with low <= high"
-    elif kind == "betas" and not (isinstance(v, list) and len(v) == 2 and all(_is_num(x) and 0 <= x < 1 for x in v)):
-        return "two numbers in [0, 1), e.g. [0.9, 0.999]"
-    return None
-
-
-def _is_device(name: str) -> bool:
-    try:
-        return torch.device(name).type in ("cpu", "cuda", "mps", "xpu")
-    except (RuntimeError, ValueError):
-        return False
-
-
-def check_config(cfg: dict) -> None:
-    """Every value of a merged config against RULES, then the rules that tie two values together."""
-    for key in RULES:
-        section, _, name = key.rpartition(".")
-        table = cfg[section] if section else cfg
-        if name in table and not (section == "model" and table[name] is None):
-            why = _expected(key, table[name])
-            if why is not None:
-                raise ConfigError(f"{key}={_show(table[name])}: expected {why}")
-    d, m = cfg["data"], cfg["model"]
-    if d["min_seq"] > d["max_seq"]:
-        raise ConfigError(f"data.min_seq={d['min_seq']} > data.max_seq={d['max_seq']}: expected min_seq <= max_seq")
-    if m["max_position_embeddings"] < d["max_seq"]:
-        raise ConfigError(f"model.max_position_embeddings={m['max_position_embeddings']} < data.max_seq={d['max_seq']}: "
-                          "the model must see a whole chunk")
-    if not isinstance(cfg["tokenizer"], dict):
-        raise ConfigError(f"tokenizer={_show(cfg['tokenizer'])}: expected a section")
-    check_tokenizer_params(cfg["tokenizer"], "tokenizer.")
+def default_values() -> dict:
+    """Every key of a run config (`section.key`, or a top-level key) with its default: for tests and docs."""
+    out = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+    for name, kind in SECTIONS.items():
+        for f in dataclasses.fields(kind):
+            if not (name == "model" and f.name in FROM_TOKENIZER):
+                out[f"{name}.{f.name}"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return out
 
 
 # The tokenizer's own config (REMIConfig) checks names and pitch ranges; these bound the vocabulary it builds.
@@ -236,15 +244,15 @@ def check_tokenizer_params(params: dict, where: str) -> None:
     naming the key: `where` prefixes it ("tokenizer." or "FILE: ")."""
     for key, (lo, hi) in TOKENIZER_BOUNDS.items():
         v = params.get(key)
-        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
-            raise ConfigError(f"{where}{key}={_show(v)}: expected an integer in [{lo}, {hi}]")
+        if v is not None and Int(lo, hi).expected(v) is not None:
+            raise ConfigError(f"{where}{key}={show(v)}: expected an integer in [{lo}, {hi}]")
     programs = params.get("programs", [])
     if not isinstance(programs, list) or any(not isinstance(p, int) or not -1 <= p <= 127 for p in programs):
-        raise ConfigError(f"{where}programs={_show(programs)}: expected a list of MIDI programs in [-1, 127]")
+        raise ConfigError(f"{where}programs={show(programs)}: expected a list of MIDI programs in [-1, 127]")
     for key in ("beat_res", "beat_res_rest"):
         values = params.get(key, {}).values() if isinstance(params.get(key), dict) else []
-        if any(not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 128 for v in values):
-            raise ConfigError(f"{where}{key}={_show(params[key])}: expected positions per beat in [1, 128]")
+        if any(Int(1, 128).expected(v) is not None for v in values):
+            raise ConfigError(f"{where}{key}={show(params[key])}: expected positions per beat in [1, 128]")
 
     def build(p: dict) -> None:
         with warnings.catch_warnings():
@@ -259,7 +267,7 @@ def check_tokenizer_params(params: dict, where: str) -> None:
         raise
     except Exception as e:  # noqa: BLE001 - values the tokenizer cannot build from, whatever breaks
         bad = next((k for k in params if not _builds(build, {k: params[k]})), None)
-        shown = f"{bad}={_show(params[bad])}" if bad else "config"
+        shown = f"{bad}={show(params[bad])}" if bad else "config"
         raise ConfigError(f"{where}{shown}: not a valid value ({e.__class__.__name__}: {str(e)[:80]})") from None
 
 
@@ -270,11 +278,3 @@ def _builds(build, params: dict) -> bool:
     except Exception:  # noqa: BLE001
         return False
 
-
-def _show(v) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def tokenizer_params(cfg: dict) -> dict:
-    return cfg["tokenizer"] or dict(DEFAULT_PARAMS)

@@ -73,7 +73,7 @@ class Float(Check):
             return None
         if _is_num(v) and (self.lo < v if self.open_lo else self.lo <= v) and v <= self.hi:
             return None
-        return f"a finite number {_bounds(self.lo, self.hi, self.open_lo)}" + (" (or unset)" if self.unset else "")
+        return f"a number {_bounds(self.lo, self.hi, self.open_lo)}" + (" (or unset)" if self.unset else "")
 
 
 class Bool(Check):

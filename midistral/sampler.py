@@ -428,3 +428,20 @@ class _ProgressReport:
     def push(self, tokens) -> None:
         self.step += 1
         self.on_progress(self.step, self.total)
+
+
+def sample_paths(out_dir: Path, stem: str, n: int) -> list[Path]:
+    """OUT/<stem>.mid for one sample, OUT/<stem>_<i>.mid for several."""
+    width = len(str(n - 1))
+    return [out_dir / (f"{stem}_{i:0{width}d}.mid" if n > 1 else f"{stem}.mid") for i in range(n)]
+
+
+def write_sample_files(samples: list[Sample], out_dir: Path, stem: str, ckpt) -> None:
+    """OUT/<stem>_<i>.mid and .png per sample (the title names `ckpt`), and its two lines on stdout."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for s, midi_path in zip(samples, sample_paths(out_dir, stem, len(samples))):
+        png_path = midi_path.with_suffix(".png")
+        music.write_midi(s.score, midi_path)
+        music.write_piano_roll(s.score, png_path, f"{midi_path.name} ({ckpt})", s.start_tick, s.new_track)
+        print(f"{midi_path}  {s.line}  (+ {png_path.name})")
+        print(f"    {s.report}")

@@ -1,5 +1,6 @@
 """Data preparation and batches: skipped files with reasons, exact chunking against a plain-Python reference."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -40,8 +41,12 @@ def corpus(tmp_path_factory):
 def cfg_for(folder, out, **data):
     cfg = load_config(ROOT / "configs" / "tiny.toml", [f"out_dir={json.dumps(str(out))}", f"data.dir={json.dumps(str(folder))}",
                                                         "data.max_files=0"])
-    cfg["data"].update(data)
-    return cfg
+    return with_data(cfg, **data)
+
+
+def with_data(cfg, **data):
+    """`cfg` with these [data] values (checked as the config loader checks them)."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data))
 
 
 @pytest.mark.slow
@@ -135,7 +140,7 @@ def small_prepared(tmp_path_factory_or_path, **data):
     out = Path(tmp_path_factory_or_path)
     cfg = load_config(ROOT / "configs" / "tiny.toml", [f"out_dir={json.dumps(str(out))}",
                                                         f"data.dir={json.dumps(str(shared_midi_dir('dev')))}"])
-    cfg["data"].update(data)
+    cfg = with_data(cfg, **data)
     return cfg, prepare(cfg, progress=False)
 
 
@@ -164,8 +169,7 @@ def test_damaged_or_foreign_folder_is_refused_or_prepared_again(tmp_path, capsys
         load_splits(out, 16, 128)
     # another data config: detected (fingerprint), prepared again rather than reused
     capsys.readouterr()
-    cfg["data"]["max_files"] = 6
-    prepare(cfg, progress=False)
+    prepare(with_data(cfg, max_files=6), progress=False)
     assert "prepared with another data config" in capsys.readouterr().err
     assert json.loads((out / "manifest.json").read_text())["counts"]["train"]["files"] < man["counts"]["train"]["files"]
 
@@ -309,8 +313,8 @@ def test_ensembles_config_key_is_checked():
 
     cfg = load_config(ROOT / "configs" / "tiny.toml")
     assert not {"ensembles", "ensemble_copies"} & set(made_with(cfg)[0]["data"])  # off: fingerprints as before
-    assert load_config(ROOT / "configs" / "chorales-ensembles.toml")["data"]["ensembles"] == 1.0
-    assert load_config(ROOT / "configs" / "report.toml")["data"]["ensembles"] == 0  # Lakh: the files' own programs
+    assert load_config(ROOT / "configs" / "chorales-ensembles.toml").data.ensembles == 1.0
+    assert load_config(ROOT / "configs" / "report.toml").data.ensembles == 0  # Lakh: the files' own programs
 
 
 @pytest.mark.parametrize("transpose_copies,ensemble_copies", [(1, 0), (0, 2), (1, 1)])

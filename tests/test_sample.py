@@ -220,10 +220,10 @@ def test_corrupt_checkpoint_one_line(ckpt, tmp_path, capsys, what):
 @pytest.mark.parametrize("args, message", [
     (["--num-samples", "0"], "--num-samples=0: expected an integer >= 1"),
     (["--max-new-tokens", "-5"], "--max-new-tokens=-5: expected an integer >= 1"),
-    (["--temperature", "nan"], "--temperature=nan: expected a finite number >= 0"),
-    (["--temperature", "inf"], "--temperature=inf: expected a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature=nan: expected a number >= 0"),
+    (["--temperature", "inf"], "--temperature=inf: expected a number >= 0"),
     (["--top-k", "-1"], "--top-k=-1: expected an integer >= 0"),
-    (["--top-p", "0"], "--top-p=0.0: expected a finite number in (0, 1]"),
+    (["--top-p", "0"], "--top-p=0.0: expected a number in (0, 1]"),
     (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
     (["--prompt-bars", "0"], "--prompt-bars=0: expected an integer >= 1"),
     (["--precision", "fp8"], "argument --precision: 'fp8': expected one of fp32, fp16, bf16, int8"),
@@ -238,7 +238,7 @@ def test_corrupt_checkpoint_one_line(ckpt, tmp_path, capsys, what):
     (["--add-track", "33", "--programs", "0", "p.mid"], "--programs does not apply"),
     (["--programs", "piano,banjoo"], "unknown instrument 'banjoo'"),
     (["--reject-tries", "0"], "--reject-tries=0: expected an integer >= 1"),
-    (["--max-loop-score", "1.5"], "--max-loop-score=1.5: expected a finite number in [0, 1]"),
+    (["--max-loop-score", "1.5"], "--max-loop-score=1.5: expected a number in [0, 1]"),
 ])
 def test_bad_flags_one_line_exit_1(args, message, capsys):
     import sample

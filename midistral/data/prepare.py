@@ -14,6 +14,7 @@ prepares again (the same shards: every step is deterministic) and nothing half-w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from midistral.config import tokenizer_params
+from midistral.config import DataConfig, RunConfig
 from midistral.data.chorales import chorale_midis, ensemble_for
 from midistral.data.dataset import DATA_FORMAT, read_manifest
 from midistral.errors import ConfigError, DataError, MidistralError
@@ -42,8 +43,8 @@ from midistral.tokenize.bpe import BPE
 SPLITS = ("train", "val", "test")
 
 
-def prepared_dir(cfg: dict) -> Path:
-    return Path(cfg["data"]["prepared_dir"] or Path(cfg["out_dir"]) / "data")
+def prepared_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.data.prepared_dir or Path(cfg.out_dir) / "data")
 
 
 def find_midi_files(folder: Path) -> list[Path]:
@@ -108,33 +109,33 @@ def _quiet_config(params: dict) -> REMIConfig:
         return REMIConfig(**params)
 
 
-def made_with(cfg: dict) -> tuple[dict, str]:
+def made_with(cfg: RunConfig) -> tuple[dict, str]:
     """What the shards depend on (the data and tokenizer config) and its fingerprint."""
-    want = {"data": {k: v for k, v in cfg["data"].items() if k not in ("workers", "prepared_dir")
+    want = {"data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("workers", "prepared_dir")
                      and not (k in ("ensembles", "ensemble_copies") and v == 0)},  # off: fingerprints as before
-            "tokenizer": _quiet_config(tokenizer_params(cfg)).to_dict()}
+            "tokenizer": _quiet_config(cfg.tokenizer_params).to_dict()}
     want = json.loads(json.dumps(want))  # the JSON form, as the manifest holds it
     return want, hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def list_files(d: dict) -> tuple[list[Path], list[dict]]:
+def list_files(d: DataConfig) -> tuple[list[Path], list[dict]]:
     """The corpus' MIDI files (and the chorales that could not be converted)."""
-    if d["source"] == "chorales" and not d["dir"]:
-        files, errors = chorale_midis(d["cache_dir"] or None, d["max_files"], d["workers"])
+    if d.source == "chorales" and not d.dir:
+        files, errors = chorale_midis(d.cache_dir or None, d.max_files, d.workers)
         skipped = [{"file": e.split(":")[0], "reason": e} for e in errors]
-    elif d["source"] in ("folder", "chorales"):
-        if not d["dir"]:
+    elif d.source in ("folder", "chorales"):
+        if not d.dir:
             raise ConfigError("data.dir is empty: point it at a folder of MIDI files (or use data.source=\"chorales\")")
-        folder = Path(d["dir"]).expanduser()
+        folder = Path(d.dir).expanduser()
         if not folder.is_dir():
             raise ConfigError(f"data.dir {str(folder)!r}: no such folder")
         files, skipped = find_midi_files(folder), []
-        if d["max_files"]:
-            files = files[: d["max_files"]]
+        if d.max_files:
+            files = files[: d.max_files]
     else:
-        raise ConfigError(f"data.source={d['source']!r}: expected 'folder' or 'chorales'")
+        raise ConfigError(f"data.source={d.source!r}: expected 'folder' or 'chorales'")
     if not files:
-        raise ConfigError(f"data: no .mid/.midi files found (dir={d['dir']!r}, source={d['source']!r})")
+        raise ConfigError(f"data: no .mid/.midi files found (dir={d.dir!r}, source={d.source!r})")
     return files, skipped
 
 
@@ -155,10 +156,10 @@ def drop_duplicates(files: list[Path], skipped: list[dict]) -> list[Path]:
     return unique
 
 
-def split_files(files: list[Path], d: dict) -> dict[str, str]:
+def split_files(files: list[Path], d: DataConfig) -> dict[str, str]:
     """A seeded split by file: path -> "train" | "val" | "test"."""
-    order = np.random.default_rng(d["seed"]).permutation(len(files))
-    fr = np.asarray(d["split"], dtype=float)
+    order = np.random.default_rng(d.seed).permutation(len(files))
+    fr = np.asarray(d.split, dtype=float)
     fr = fr / fr.sum()
     n_val, n_test = int(round(fr[1] * len(files))), int(round(fr[2] * len(files)))
     if len(files) >= 3:
@@ -167,21 +168,21 @@ def split_files(files: list[Path], d: dict) -> dict[str, str]:
             for rank, i in enumerate(order)}
 
 
-def tokenize_files(files: list[Path], split_of: dict, tok: REMI, d: dict, progress: bool):
+def tokenize_files(files: list[Path], split_of: dict, tok: REMI, d: DataConfig, progress: bool):
     """Read, filter and base-tokenize every file in parallel: (pieces per split, stats, skipped)."""
-    filters = {k: d[k] for k in ("only_4_4", "max_bars", "min_notes")}
-    lo, hi = d["transpose"]
+    filters = {k: getattr(d, k) for k in ("only_4_4", "max_bars", "min_notes")}
+    lo, hi = d.transpose
     jobs = []
     for f in files:
         shifts = []
-        if split_of[str(f)] == "train" and d["transpose_copies"] and (lo or hi):
+        if split_of[str(f)] == "train" and d.transpose_copies and (lo or hi):
             choices = [s for s in range(int(lo), int(hi) + 1) if s != 0]
-            frng = np.random.default_rng([d["seed"], int(hashlib.sha256(str(f).encode()).hexdigest()[:8], 16)])
-            shifts = frng.choice(choices, size=min(d["transpose_copies"], len(choices)), replace=False).tolist()
-        if split_of[str(f)] == "train" and d["ensembles"]:
-            shifts += [0] * d["ensemble_copies"]  # copies in other drawn ensembles, pitches unchanged
-        jobs.append((str(f), tok.to_dict(), filters, shifts, (d["ensembles"], d["seed"])))
-    workers = d["workers"] or os.cpu_count() or 1
+            frng = np.random.default_rng([d.seed, int(hashlib.sha256(str(f).encode()).hexdigest()[:8], 16)])
+            shifts = frng.choice(choices, size=min(d.transpose_copies, len(choices)), replace=False).tolist()
+        if split_of[str(f)] == "train" and d.ensembles:
+            shifts += [0] * d.ensemble_copies  # copies in other drawn ensembles, pitches unchanged
+        jobs.append((str(f), tok.to_dict(), filters, shifts, (d.ensembles, d.seed)))
+    workers = d.workers or os.cpu_count() or 1
     pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) >= 8 else None
     it = pool.map(_read_piece, jobs, chunksize=4) if pool else map(_read_piece, jobs)
     pieces, stats, skipped = {s: [] for s in SPLITS}, [], []
@@ -232,9 +233,9 @@ def is_prepared(out: Path, fingerprint: str) -> bool:
                for name, info in man["shards"].items())
 
 
-def prepare(cfg: dict, progress: bool = True) -> Path:
+def prepare(cfg: RunConfig, progress: bool = True) -> Path:
     """Prepare cfg's corpus into prepared_dir(cfg) (or reuse it); returns the folder."""
-    d, out = cfg["data"], prepared_dir(cfg)
+    d, out = cfg.data, prepared_dir(cfg)
     want, fingerprint = made_with(cfg)
     if is_prepared(out, fingerprint):
         return out
@@ -248,15 +249,15 @@ def prepare(cfg: dict, progress: bool = True) -> Path:
         files, skipped = list_files(d)
         unique = drop_duplicates(files, skipped)
         split_of = split_files(unique, d)
-        tok = REMI(_quiet_config(tokenizer_params(cfg)))
+        tok = REMI(_quiet_config(cfg.tokenizer_params))
         pieces, stats, bad = tokenize_files(unique, split_of, tok, d, progress)
         skipped += bad
         if not pieces["train"]:
             raise DataError(f"data: no usable training piece among {len(files)} files (see the skipped reasons)")
-        if d["bpe_vocab_size"]:  # BPE learned on the train split only
+        if d.bpe_vocab_size:  # BPE learned on the train split only
             special = [tok.vocab[f"{s}_None"] for s in tok.config.special_tokens]
             train_bars = [v for _, versions in pieces["train"] for v in versions]
-            tok.bpe = BPE.train(train_bars, len(tok.vocab), d["bpe_vocab_size"], special_ids=special,
+            tok.bpe = BPE.train(train_bars, len(tok.vocab), d.bpe_vocab_size, special_ids=special,
                                 show_progress=progress and len(train_bars) >= 200, length=len(train_bars))
         counts, shards, dtype = write_shards(out, tok, pieces)
         tok.save(out / "tokenizer.json")

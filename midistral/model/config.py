@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from midistral.errors import ConfigError
+from midistral.fields import Bool, Float, Int, check_fields, setting
 
 # Keys a transformers config.json carries that say nothing about the function the model computes.
 _HF_BOOKKEEPING = {
@@ -18,24 +19,27 @@ _HF_BOOKKEEPING = {
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 5000
-    hidden_size: int = 512
-    intermediate_size: int = 1024
-    num_hidden_layers: int = 8
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int | None = None  # None: hidden_size // num_attention_heads
-    sliding_window: int | None = 512  # None: plain causal attention
-    max_position_embeddings: int = 8192
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
-    pad_token_id: int | None = 0
-    bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
+    """The decoder's shape; each field checks its own type and range (a ConfigError naming `model.KEY`)."""
+
+    vocab_size: int = setting(5000, Int(1), "tokens in the vocabulary (set from the tokenizer)", flag=False)
+    hidden_size: int = setting(512, Int(1), "width of the residual stream")
+    intermediate_size: int = setting(1024, Int(1), "width of the SwiGLU feed-forward layer")
+    num_hidden_layers: int = setting(8, Int(1), "decoder blocks")
+    num_attention_heads: int = setting(4, Int(1), "query heads")
+    num_key_value_heads: int = setting(2, Int(1), "key/value heads (grouped-query attention)")
+    head_dim: int | None = setting(None, Int(2, unset=True), "width of a head (unset: hidden_size // heads)")
+    sliding_window: int | None = setting(512, Int(1, unset=True), "attention window (unset: plain causal)")
+    max_position_embeddings: int = setting(8192, Int(2), "longest sequence the model is meant for")
+    rope_theta: float = setting(10000.0, Float(0, open_lo=True), "RoPE base")
+    rms_norm_eps: float = setting(1e-6, Float(0, 1), "RMSNorm epsilon")
+    tie_word_embeddings: bool = setting(False, Bool(), "the LM head shares the embedding matrix")
+    initializer_range: float = setting(0.02, Float(0), "standard deviation of the initial weights")
+    pad_token_id: int | None = setting(0, Int(0, unset=True), "set from the tokenizer", flag=False)
+    bos_token_id: int | None = setting(1, Int(0, unset=True), "set from the tokenizer", flag=False)
+    eos_token_id: int | None = setting(2, Int(0, unset=True), "set from the tokenizer", flag=False)
 
     def __post_init__(self):
+        check_fields(self, "model.")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
@@ -50,11 +54,6 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"model.head_dim={self.head_dim} must be even for RoPE")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 1 (or None)")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "max_position_embeddings"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 1")
 
     @property
     def window(self) -> int:
