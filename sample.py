@@ -31,9 +31,12 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", required=True, help="run folder (best/, else last/) or checkpoint folder")
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
     p.add_argument("--force", action="store_true", help="overwrite files of an earlier run with the same names")
-    p.add_argument("--num-samples", type=int, default=1, metavar="N", help="pieces to write, generated as one batch (default: 1)")
-    p.add_argument("--seed", type=int, default=None, metavar="N", help="same seed, same model: same pieces (default: random)")
-    p.add_argument("--prompt-bars", type=int, default=None, metavar="K", help="keep only the first K bars of the prompt")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N",
+                   help="pieces to write, generated as one batch (default: 1)")
+    p.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="same seed, same model: same pieces (default: random)")
+    p.add_argument("--prompt-bars", type=int, default=None, metavar="K",
+                   help="keep only the first K bars of the prompt")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--precision", type=precision_value, default=None,
                    help="weights for sampling: fp32 (exact), fp16, bf16 or int8 (default: the fastest at equal "
@@ -166,11 +169,12 @@ def run(args) -> int:
 
 
 def train_command(ckpt: str) -> str:
-    """The command that trains the run `ckpt` names: its shipped config when the folder is named after one."""
+    """The command that trains the run `ckpt` names: the shipped config it is named after, else the default's."""
     name = Path(ckpt).name
-    if (Path(__file__).resolve().parent / "configs" / f"{name}.toml").is_file():
-        return f"python train.py --config configs/{name}.toml" + (f" out_dir={ckpt}" if Path(ckpt) != Path("runs", name) else "")
-    return f"python train.py --config configs/chorales.toml out_dir={ckpt}"
+    shipped = Path(__file__).resolve().parent / "configs" / f"{name}.toml"
+    config = f"configs/{name}.toml" if shipped.is_file() else "configs/chorales.toml"
+    same_place = shipped.is_file() and Path(ckpt) == Path("runs", name)
+    return f"python train.py --config {config}" + ("" if same_place else f" out_dir={ckpt}")
 
 
 def free_stem(out_dir: Path, stem: str, n: int) -> str:
@@ -192,7 +196,7 @@ class ProgressBar:
     def __call__(self, step: int, total: int) -> None:
         if step == 1:
             self.close()
-            desc = f"generating {self.bars} bars" if self.bars else "generating"
+            desc = f"generating {self.bars} bar{'s' * (self.bars != 1)}" if self.bars else "generating"
             self.bar = tqdm(total=None if self.bars else total, desc=desc, unit="tok", leave=False)
         self.bar.update(1)
 

@@ -216,7 +216,8 @@ class Sampler:
                 self.log(f"note: prompt + continuation must fit the model's context ({self.context}); "
                          f"generating at most {max_new} tokens")
         if bars is not None:  # the bars end the piece; the context is only a bound
-            self.log(f"generating {bars} bars (at most {max_new} tokens: what the model's context leaves)")
+            self.log(f"generating {bars} bar{'s' * (bars != 1)} (at most {max_new} tokens: what the model's "
+                     "context leaves)")
         plan = _Plan(config, max_new, config.min_new(from_scratch=source is None and bars is None), bars, programs,
                      on_progress)
 

@@ -247,3 +247,38 @@ def test_bad_flags_one_line_exit_1(args, message, capsys):
         sample.parse_args(["--ckpt", "run", *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_a_second_run_keeps_the_first_files_unless_force(ckpt, prompt, tmp_path, capsys):
+    import sample
+
+    out = tmp_path / "o"
+    args = [str(prompt), "--ckpt", str(ckpt), "--out", str(out), "--max-new-tokens", "8", "--seed", "1"]
+    assert sample.main(args) == 0
+    first = (out / "tune.mid").read_bytes()
+    assert sample.main(args + ["--temperature", "1.5"]) == 0
+    assert (out / "tune.mid").read_bytes() == first and (out / "tune-2.mid").is_file() and (out / "tune-2.png").is_file()
+    assert "tune-2.mid" in capsys.readouterr().out  # the printed line names the file written
+    assert sample.main(args + ["--num-samples", "2"]) == 0  # other names (tune_0, tune_1): nothing to keep
+    assert (out / "tune_0.mid").is_file() and not (out / "tune-2_0.mid").exists()
+    assert sample.main(args + ["--force"]) == 0
+    assert (out / "tune.mid").read_bytes() == first and not (out / "tune-3.mid").exists()
+
+
+def test_a_missing_run_says_how_to_train_it(tmp_path, capsys):
+    import sample
+
+    assert sample.main(["--ckpt", "runs/chorales-nowhere"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: runs/chorales-nowhere: no such checkpoint or run folder; train first: "
+                   "python train.py --config configs/chorales.toml out_dir=runs/chorales-nowhere")
+    assert sample.main(["--ckpt", str(tmp_path / "tiny")]) == 1
+    assert f"train first: python train.py --config configs/tiny.toml out_dir={tmp_path / 'tiny'}" in capsys.readouterr().err
+
+
+def test_bars_progress_and_messages_say_what_happens(ckpt, prompt, tmp_path, capsys):
+    import sample
+
+    assert sample.main([str(prompt), "--ckpt", str(ckpt), "--out", str(tmp_path), "--bars", "1", "--seed", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "generating 1 bar (at most" in err and "generating at most" not in err and "must fit" not in err
