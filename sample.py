@@ -25,7 +25,7 @@ from midistral.sampling import RejectionLimits, SamplingConfig, check_call
 from midistral.tokenize import load_score
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("prompt", nargs="?", help="MIDI file to continue (omit to start from nothing)")
     p.add_argument("--ckpt", required=True, help="run folder (best/, else last/) or checkpoint folder")
@@ -57,6 +57,12 @@ def parse_args(argv=None):
     g.add_argument("--reject", action="store_true",
                    help="generate a sample again (other seed) while a failure mode is over its threshold")
     add_arguments(g, RejectionLimits)
+    return p
+
+
+def parse_args(argv=None):
+    """The flags, checked: args.sampling (a SamplingConfig) and args.limits (RejectionLimits) built from them."""
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         args.sampling = from_args(SamplingConfig, args)

@@ -123,6 +123,13 @@ def test_one_set_of_defaults_for_every_caller():
     assert (BOUNDS["temperature"][3], BOUNDS["top_k"][3], BOUNDS["no_repeat_ngram"][3]) == tuple(want.values())
 
 
+def test_every_sample_option_has_help():
+    import sample
+
+    actions = [a for a in sample.build_parser()._actions if a.dest != "help"]
+    assert actions and all(a.help for a in actions), [a.dest for a in actions if not a.help]
+
+
 def test_sample_help_shows_no_empty_defaults():
     r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "--no-grammar" in r.stdout
@@ -146,3 +153,17 @@ def test_the_studio_request_carries_a_sampling_config():
     assert r.sampling == SAMPLING and r.bars == 8
     with pytest.raises(MidistralError, match="Temperature must be between"):
         parse_request({**form, "temperature": "5"}, None, "", ["generate"], length_in_bars=False)
+
+
+def test_train_writes_its_samples_through_the_sampler(tiny_run, tmp_path, capsys):
+    import shutil
+
+    import train
+    from midistral.config import SampleConfig
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    train.write_samples(run, SampleConfig(num_samples=2, max_new_tokens=8, seed=0))
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["sample_0.mid", "sample_0.png", "sample_1.mid",
+                                                                    "sample_1.png"]
+    assert capsys.readouterr().out.count(".mid  bars") == 2  # a line per file, as sample.py prints
