@@ -99,11 +99,10 @@ def program_value(text: str) -> int:
 def bars_value(text: str) -> int | str:
     """N (bars to continue), or a span A:B, A: or :B of the piece, counted from 1 (--add-track / --replace-track)."""
     if ":" in text:
-        span = text.split(":")
-        a, b = (int(x) if x.isdigit() else None for x in span) if len(span) == 2 else (None, None)
-        if len(span) != 2 or not any(span) or any(x and not x.isdigit() for x in span) \
-                or (a is not None and a < 1) or (a is not None and b is not None and b < a):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a span of bars A:B, A: or :B, counted from 1, A <= B")
+        try:
+            Sampler.parse_bar_range(text)
+        except MidistralError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
         return text
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a number of bars >= 1 (or a span A:B with --add-track)")

@@ -292,6 +292,11 @@ class Sampler:
         return controls.parse_programs(programs)
 
     @staticmethod
+    def parse_bar_range(spec) -> tuple[int, int | None]:
+        """"5:12" -> (5, 12): bars counted from 1, both included; "5:" to the end, ":12" from the start."""
+        return controls.parse_bar_range(spec)
+
+    @staticmethod
     def parse_program(program) -> int:
         """One GM program number (-1 = drums) from a number or a name such as "bass"."""
         return controls.parse_program(program)
