@@ -52,6 +52,7 @@ def test_values_from_the_file_and_the_command_line():
     ("sample.temperature=-1", "sample.temperature=-1: expected a number >= 0"),
     ("sample.num_samples=-1", "sample.num_samples=-1"),
     ("tokenizer.num_velocities=0", "tokenizer.num_velocities=0"),
+    ("tokenizer.num_velocity=3", "unknown tokenizer config key 'num_velocity'; did you mean 'num_velocities'?"),
 ])
 def test_mistakes_are_one_line(override, message):
     with pytest.raises(ConfigError) as e:

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 
 from midistral.errors import ConfigError
+from midistral.fields import suggestion
 
 CHORD_MAPS = {  # MidiTok's names and dict order; offsets from the lowest note
     "min": (0, 3, 7), "maj": (0, 4, 7), "dim": (0, 3, 6), "aug": (0, 4, 8), "sus2": (0, 2, 7),
@@ -106,7 +107,7 @@ class REMIConfig:
             elif key in known:
                 setattr(self, key, value)
             else:
-                raise ConfigError(f"unknown tokenizer config key {key!r}")
+                raise ConfigError(f"unknown tokenizer config key {key!r}{suggestion(key, known | set(_FIXED))}")
         self._normalise()
 
     def _normalise(self):
