@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from midistral.errors import ArgumentParser, ConfigError, MidistralError
-from midistral.fields import FieldError, add_arguments, flag_name, from_args
+from midistral.fields import FieldError, add_arguments, from_args
 from midistral.model.precision import PRECISIONS
 from midistral.sampler import Sampler, sample_paths, write_sample_files
 from midistral.sampling import RejectionLimits, SamplingConfig, check_call
@@ -69,7 +69,7 @@ def parse_args(argv=None):
         args.limits = from_args(RejectionLimits, args)
         check_call(num_samples=args.num_samples, seed=args.seed, prompt_bars=args.prompt_bars)
     except FieldError as e:
-        p.error(str(e if e.name.startswith("--") else e.named(flag_name(e.name))))
+        p.error(str(e if e.name.startswith("--") else e.as_flag()))
     except ConfigError as e:
         p.error(str(e))
     check_combinations(p, args)

@@ -122,6 +122,10 @@ class FieldError(ConfigError):
     def named(self, name: str) -> "FieldError":
         return FieldError(name, self.value, self.why)
 
+    def as_flag(self) -> "FieldError":
+        """Named as the command-line flag of the field (where "unset" means leaving the flag out)."""
+        return FieldError(flag_name(self.name), self.value, self.why.replace(" (or unset)", ""))
+
 
 def setting(default, check: Check | None, help: str, *, flag: bool = True, off_help: str | None = None,
             metavar: str | None = None):
@@ -208,4 +212,4 @@ def from_args(cls, args, **extra):
     try:
         return cls(**values, **extra)
     except FieldError as e:
-        raise (e.named(flag_name(e.name)) if e.name in values else e) from None
+        raise (e.as_flag() if e.name in values else e) from None
