@@ -184,8 +184,7 @@ def test_accompany_and_the_sampler_say_when_the_model_never_learned_the_instrume
     (s,) = sampler.accompany(piece, "bass", seed=0)
     assert "never learned Electric Bass (finger)" in s.report and "it knows Acoustic Grand Piano, Oboe" in s.report
     (s,) = sampler.sample(None, programs="piano,banjo", bars=1, seed=0)
-    assert s.report.endswith("; the model never learned Banjo (it may stay silent); "
-                             "it knows Acoustic Grand Piano, Oboe]") or "never learned Banjo" in s.report
+    assert s.report.endswith("[the model never learned Banjo (it may stay silent); it knows Acoustic Grand Piano, Oboe]")
     (s,) = sampler.sample(None, programs="piano", bars=1, seed=0)
     assert "never learned" not in s.report
 
