@@ -17,8 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from midistral.errors import MidistralError
-from midistral.general_midi import (DRUMS, GM_FAMILIES, GM_NAMES, SHORT_NAMES, parse_program,  # noqa: F401
-                                    parse_programs, program_family, program_name)
+from midistral.general_midi import (DRUMS, GM_FAMILIES, GM_NAMES, SHORT_NAMES, parse_program, parse_programs,
+                                    program_family, program_name)
+
+__all__ = ["DRUMS", "GM_FAMILIES", "GM_NAMES", "SHORT_NAMES", "known_programs", "parse_program", "parse_programs",
+           "program_family", "program_name", "unknown_instruments_note"]
 
 MAX_NAMED = 12  # instruments a note lists by name; the rest are counted
 
