@@ -17,8 +17,8 @@ import numpy as np
 import symusic
 import torch
 
-from midistral.controls.constraints import BAR, DRUM, DURATION, PITCH, POSITION, PROGRAM, REST, TIMESIG, VELOCITY, \
-    id_expansions
+from midistral.controls.constraints import (BAR, DRUM, DURATION, PITCH, POSITION, PROGRAM, REST, SPECIAL, TIMESIG,
+                                            VELOCITY, id_expansions)
 from midistral.controls.feeder import Feeder
 from midistral.controls.instruments import unknown_instruments_note
 from midistral.errors import MidiError, MidistralError
@@ -277,12 +277,12 @@ class Walk:
         """BPE ids for forced base tokens: split at bar lines (a bar starts a BPE word, with its "▁")."""
         if self.tok.bpe is None or not toks:
             return list(toks)
-        cuts = [i for i, x in enumerate(toks) if self.fam[x] == BAR or self.fam[x] == 0] + [len(toks)]
+        cuts = [i for i, x in enumerate(toks) if self.fam[x] in (BAR, SPECIAL)] + [len(toks)]
         cuts = sorted(set([0] + cuts))
         out: list[int] = []
         for a, b in zip(cuts[:-1], cuts[1:]):
             seg = toks[a:b]
-            if self.fam[seg[0]] == 0:  # special tokens are never merged
+            if self.fam[seg[0]] == SPECIAL:  # special tokens are never merged
                 out.append(seg[0])
                 seg = seg[1:]
                 if not seg:
@@ -357,7 +357,7 @@ class Walk:
         """Forced base tokens: to the stream as BPE ids; with `hold`, the last id's tokens wait for the next
         choice (so the model may continue them with an id merged across the boundary)."""
         ids = self._forced_ids(toks)
-        if hold and ids and self.fam[self.exp[ids[-1]][0]] != 0:
+        if hold and ids and self.fam[self.exp[ids[-1]][0]] != SPECIAL:
             self.held = self.exp[ids[-1]]
             ids, toks = ids[:-1], toks[:len(toks) - len(self.held)]
         self.base += toks

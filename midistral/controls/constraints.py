@@ -22,9 +22,9 @@ from midistral.tokenize.grammar import expansions
 from midistral.tokenize.remi import Family
 
 # the token families as plain ints (cheaper to compare in the per-token loops)
-BAR, POSITION, PITCH, DRUM, VELOCITY, DURATION, PROGRAM, TEMPO, TIMESIG, REST = (int(f) for f in (
-    Family.BAR, Family.POSITION, Family.PITCH, Family.PITCH_DRUM, Family.VELOCITY, Family.DURATION, Family.PROGRAM,
-    Family.TEMPO, Family.TIME_SIG, Family.REST))
+SPECIAL, BAR, POSITION, PITCH, DRUM, VELOCITY, DURATION, PROGRAM, TEMPO, TIMESIG, REST = (int(f) for f in (
+    Family.SPECIAL, Family.BAR, Family.POSITION, Family.PITCH, Family.PITCH_DRUM, Family.VELOCITY, Family.DURATION,
+    Family.PROGRAM, Family.TEMPO, Family.TIME_SIG, Family.REST))
 
 # ----------------------------------------------------------------------------------------------------
 # Base-token expansion of every id
@@ -343,7 +343,7 @@ def _early_ok(fams: list[int], had_bar: bool) -> bool:
             return True
         if f == BAR and not had_bar:
             had_bar = True
-        elif f != 0:
+        elif f != SPECIAL:
             return False
     return True
 
