@@ -4,6 +4,9 @@ Oracles: symusic's own downbeats of a piece (bar lines through meter changes), a
 The encoder and decoder running on it are checked against MidiTok in tests/test_tokenize_remi.py.
 """
 
+import ast
+from pathlib import Path
+
 import numpy as np
 import symusic
 
@@ -60,3 +63,13 @@ def test_encoder_clock_writes_rests_bars_and_positions():
     assert names[:3] == ["Bar_None", "TimeSig_4/4", "Position_0"]
     assert all(n.startswith("Rest_") for n in names[3:-1]) and names[-1] == "Position_14"
     assert (c.cur_bar, c.tick_bar) == (2, 96) and ticks[-1] == 110
+
+
+def test_the_clock_needs_only_numpy():
+    """The clock is tokenizer arithmetic: no torch, nothing of midistral above it."""
+    import midistral.tokenize.clock as clock
+
+    tree = ast.parse(Path(clock.__file__).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"__future__", "bisect", "numpy"}
