@@ -40,7 +40,8 @@ import symusic
 import torch
 
 from midistral.checkpoint import load_model_and_tokenizer
-from midistral.controls import _new_track, _Walk, accompany
+from midistral.controls import accompany
+from midistral.controls.accompany import Walk, new_track
 from midistral.generate import generate
 from midistral.model import ModelConfig, Transformer
 from midistral.tokenize import load_score
@@ -226,10 +227,10 @@ def speed(model, tok, piece, program, replace, repeats, precision, label) -> Non
     if replace:
         context.tracks = [t for t in piece.tracks if t.program != program]
     with torch.inference_mode():  # the counts, from the same walk accompany() runs (same seed)
-        walk = _Walk(model, tok, context, program, None, 0.5, 6, 6, 0, 6, precision)
+        walk = Walk(model, tok, context, program, None, 0.5, 6, 6, 0, 6, precision)
         stream = walk.run()
     out = context.copy()
-    out.tracks.append(_new_track(tok, stream, program, piece.tpq))
+    out.tracks.append(new_track(tok, stream, program, piece.tpq))
     counts = {"sampled ids": walk.n_sampled, "new-track ids": len(tok.encode(out)) - len(tok.encode(context))}
     bos = torch.tensor([[tok.bos_id]])
 

@@ -123,6 +123,11 @@ class Sampler:
         """The token grammar's tables, built once per sampler (every constrained generation shares them)."""
         return Grammar(self.tok)
 
+    @cached_property
+    def known_programs(self) -> frozenset[int] | None:
+        """The programs (-1 = drums) the model's training split plays; None when its data cannot be found."""
+        return controls.known_programs(self.ckpt, self.tok)
+
     @classmethod
     def load(cls, ckpt: str | os.PathLike, device: str = "cpu", precision: str | None = None,
              log: Callable[[str], None] | None = None) -> "Sampler":
@@ -207,6 +212,7 @@ class Sampler:
         check_call(num_samples=num_samples, seed=seed, bars=bars, prompt_bars=prompt_bars)
         if programs is not None:
             programs = self.parse_programs(programs)
+        note = controls.unknown_instruments_note(programs, self.known_programs)
         source = self.read_prompt(prompt, prompt_bars, prompt_name)
         max_new = self._token_budget(config, bars)
         p = self._encode_prompt(source, max_new)
@@ -224,8 +230,8 @@ class Sampler:
         def make(n: int, seed_: int | None) -> list[Sample]:
             return [self._finish(row, p) for row in self._generate(p.ids, n, seed_, plan)]
 
-        return self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: continuation_report(
-            s.score, s.start_tick, s.metrics, lim, s.rejected))
+        return _noted(self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: continuation_report(
+            s.score, s.start_tick, s.metrics, lim, s.rejected)), note)
 
     def _rejecting(self, make, num_samples: int, seed: int | None, reject: bool, limits: RejectionLimits | None,
                    describe) -> list[Sample]:
@@ -265,6 +271,7 @@ class Sampler:
         config = self._config(config, settings)
         check_call(num_samples=num_samples, seed=seed)
         program = self.parse_program(program)
+        note = controls.unknown_instruments_note([program], self.known_programs)
         source = load_score(prompt, prompt_name)
         if source.note_num() == 0:
             label = prompt_name or (str(prompt) if isinstance(prompt, (str, os.PathLike)) else "the piece")
@@ -283,8 +290,8 @@ class Sampler:
                     on_progress(i + 1, n)
             return out
 
-        return self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: accompaniment_report(
-            s.score, s.new_track, s.metrics, lim, s.rejected))
+        return _noted(self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: accompaniment_report(
+            s.score, s.new_track, s.metrics, lim, s.rejected)), note)
 
     @staticmethod
     def parse_programs(programs) -> list[int]:
@@ -368,6 +375,14 @@ class Sampler:
         metrics = failure_modes(score, p.start_tick, p.programs)
         return Sample(score, p.start_tick, n_tokens, skipped, metrics,
                       summary_line(score, n_tokens, ended, skipped, metrics), ended=ended)
+
+
+def _noted(samples: list[Sample], note: str | None) -> list[Sample]:
+    """The samples with `note` among the warnings of their report (the line the CLI and the studio show)."""
+    if note:
+        for s in samples:
+            s.report = s.report[:-1] + f"; {note}]" if s.report.endswith("]") else f"{s.report}  [{note}]"
+    return samples
 
 
 def _bar_span(score: symusic.Score, bars) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Tests for midistral/controls.py: instruments, length in bars, accompaniment.
+"""Tests for midistral/controls/: instruments, length in bars, accompaniment.
 
 Oracles: the tokenizer's own decoder (notes, programs, bar lines of the decoded piece, via symusic's
 downbeats), the encoder (the walked stream must be exactly the encoding of the piece with its new notes),
@@ -6,6 +6,7 @@ and the input file itself (its notes must come back unchanged).
 """
 
 import csv
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,8 +16,10 @@ import symusic
 import torch
 import torch.nn as nn
 
-from midistral.controls import (BarsConstraint, ProgramsConstraint, _Walk, accompany, bars_token_budget,
-                                parse_bar_range, parse_programs, program_name)
+from midistral.controls import (BarsConstraint, ProgramsConstraint, accompany, bars_token_budget, known_programs,
+                                parse_bar_range, parse_programs, program_name, unknown_instruments_note)
+from midistral.controls.accompany import Walk
+from midistral.controls.feeder import Feeder
 from midistral.errors import MidistralError
 from midistral.generate import generate
 from midistral.model import ModelConfig, Transformer
@@ -122,6 +125,68 @@ def test_parse_programs_errors_name_the_value(spec, named):
     with pytest.raises(MidistralError) as e:
         parse_programs(spec)
     assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_known_programs_from_the_manifest_of_a_run(tmp_path):
+    """The run's data manifest names the programs of its training split; found from the run folder, a
+    checkpoint folder in it, or the data folder; None where there is no training data to read."""
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "best").mkdir()
+    (run / "data" / "manifest.json").write_text(json.dumps({"programs": {"68": 12, "73": 3, "-1": 0}}))
+    for where in (run, run / "best", run / "data"):
+        assert known_programs(where) == {68, 73}
+    assert known_programs(tmp_path / "nowhere") is None and known_programs(None) is None
+
+
+def test_known_programs_scan_the_train_shard_without_a_table(tok, bpe_tok, dev_midi_files, tmp_path):
+    """Without a programs table: the Program tokens of train.bin (BPE ids expanded), against the decoder's
+    own reading of the same ids."""
+    files = [pick(dev_midi_files, CASES["multi-track with drums"]), pick(dev_midi_files, CASES["single-track"])]
+    for t in (tok, bpe_tok):
+        ids = np.concatenate([t.encode(short(load_score(f), 4)) for f in files]).astype(np.uint16)
+        data = tmp_path / f"data{len(t)}"
+        data.mkdir()
+        ids.tofile(data / "train.bin")
+        t.save(data / "tokenizer.json")
+        (data / "manifest.json").write_text(json.dumps({"dtype": "uint16"}))
+        want = {-1 if tr.is_drum else tr.program for tr in t.decode(ids.astype(np.int64)).tracks}
+        assert known_programs(data, t) == want and known_programs(data) == want
+
+
+def test_unknown_instruments_note_names_what_the_model_knows():
+    assert unknown_instruments_note([33], None) is None and unknown_instruments_note([68], {68, 70}) is None
+    note = unknown_instruments_note([33, 68], {68, 70, 71, 73})
+    assert note == ("the model never learned Electric Bass (finger) (it may stay silent); "
+                    "it knows Oboe, Bassoon, Clarinet, Flute")
+    many = unknown_instruments_note([-1], set(range(20)))
+    assert "Drums" in many and many.endswith("and 8 more") and "\n" not in many
+
+
+def test_accompany_and_the_sampler_say_when_the_model_never_learned_the_instrument(tok, dev_midi_files, tmp_path):
+    from midistral.checkpoint import save_checkpoint
+    from midistral.sampler import Sampler
+
+    path = pick(dev_midi_files, CASES["single-track"])
+    piece = short(load_score(path), 2)
+    model = tiny_transformer(len(tok), seed=7)
+    said = []
+    accompany(model, tok, piece, "bass", seed=0, known={0, 68}, log=said.append)
+    assert said == ["note: the model never learned Electric Bass (finger) (it may stay silent); "
+                    "it knows Acoustic Grand Piano, Oboe"]
+    with pytest.warns(UserWarning, match="never learned Drums"):
+        accompany(model, tok, piece, "drums", seed=0, known={0, 68})
+    run = tmp_path / "run"
+    save_checkpoint(run / "best", model, tok)
+    (run / "data").mkdir()
+    (run / "data" / "manifest.json").write_text(json.dumps({"programs": {"0": 5, "68": 2}}))
+    sampler = Sampler.load(run)
+    (s,) = sampler.accompany(piece, "bass", seed=0)
+    assert "never learned Electric Bass (finger)" in s.report and "it knows Acoustic Grand Piano, Oboe" in s.report
+    (s,) = sampler.sample(None, programs="piano,banjo", bars=1, seed=0)
+    assert s.report.endswith("[the model never learned Banjo (it may stay silent); it knows Acoustic Grand Piano, Oboe]")
+    (s,) = sampler.sample(None, programs="piano", bars=1, seed=0)
+    assert "never learned" not in s.report
 
 
 def _programs_of_new_notes(tok, prompt_ids, out_row):
@@ -288,7 +353,7 @@ def test_walked_stream_is_the_encoding_of_the_result(tok, bpe_tok, dev_midi_file
         model = tiny_transformer(len(t), seed=4)
         program = 33 if case.startswith("tempo") else 40
         for seed in range(2):
-            walk = _Walk(model, t, score, program, None, 1.0, None, 6, seed, 6)
+            walk = Walk(model, t, score, program, None, 1.0, None, 6, seed, 6)
             base = [x for x in walk.run() if t.family[x] != Family.SPECIAL]
             again = t.encode_base(t.decode(np.array(base))).tolist()
             p = t.program_id[program]
@@ -303,11 +368,9 @@ def test_every_choice_sees_the_logits_of_the_stream_so_far(tok, bpe_tok, dev_mid
     """The walk reads the model speculatively (drafts of the piece going on, rolled back when a note is
     written): each id it samples must still come from the logits a plain full forward pass over the ids
     read so far gives, with the rolling ring wrapped many times (window 64)."""
-    from midistral import controls
-
     t = bpe_tok if use_bpe else tok
     seen, asked = [], []
-    feed = controls._Feeder.feed
+    feed = Feeder.feed
 
     def recording_feed(self, ids, draft=lambda limit: []):
         seen.extend(ids)
@@ -315,10 +378,10 @@ def test_every_choice_sees_the_logits_of_the_stream_so_far(tok, bpe_tok, dev_mid
         asked.append((len(seen), logits.clone()))
         return logits
 
-    monkeypatch.setattr(controls._Feeder, "feed", recording_feed)
+    monkeypatch.setattr(Feeder, "feed", recording_feed)
     score = short(load_score(pick(dev_midi_files, CASES["single-track"])))
     model = tiny_transformer(len(t), seed=8)
-    walk = _Walk(model, t, score, 33, None, 1.0, None, 6, 0, 6)
+    walk = Walk(model, t, score, 33, None, 1.0, None, 6, 0, 6)
     walk.run()
     assert walk.feeder.calls < walk.n_sampled  # most choices were answered from a draft
     with torch.inference_mode():

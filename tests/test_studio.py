@@ -209,6 +209,7 @@ def test_add_a_track_keeps_the_piece(page, info, prompt, tmp_path):
     # a track to replace is one the piece has
     assert page.eval_on_selector_all("#track-program option", "os => os.map(o => o.value)") == ["0", "33"]
     page.click("#mode-buttons button[data-mode=add]")
+    assert page.input_value("#track-program") == "33"  # a new track defaults to a bass line, not the drums
     page.select_option("#track-program", "48")  # String Ensemble 1
     set_value(page, "#variations", 1)
     page.click("#generate")

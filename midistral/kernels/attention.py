@@ -5,10 +5,10 @@ Semantics: q (B, Hq, N, D); k, v (B, Hkv, N, D), Hq a multiple of Hkv; query i s
 
 Three kernels, one idea: a program owns one block of rows and walks only the blocks of the other side
 that intersect its band, so the cost is O(N * W) instead of O(N^2).
-  _fwd_kernel   one query block x the key blocks of its window; online softmax (base 2); writes O and
+  fwd_kernel    one query block x the key blocks of its window; online softmax (base 2); writes O and
                 the log-sum-exp (natural log) that the backward uses to rebuild P without a second pass.
-  _dq_kernel    same walk as the forward; dQ = sum_j dS_ij K_j.
-  _dkdv_kernel  one key block of one KV head x the query blocks that see it, for every query head of its
+  dq_kernel     same walk as the forward; dQ = sum_j dS_ij K_j.
+  dkdv_kernel   one key block of one KV head x the query blocks that see it, for every query head of its
                 GQA group in turn; dK/dV for the group are summed in registers, so repeated K/V never
                 exist in global memory and no atomics are needed.
 The bounds each program walks are `key_block_range` / `query_block_range` below; the kernels compute the
@@ -90,7 +90,7 @@ def _dot(a, b, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, scale_log2, N, W, Hq,
+def fwd_kernel(Q, K, V, O, LSE, scale_log2, N, W, Hq,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
@@ -134,7 +134,7 @@ def _fwd_kernel(Q, K, V, O, LSE, scale_log2, N, W, Hq,
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale_log2, sm_scale, N, W, Hq,
+def dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale_log2, sm_scale, N, W, Hq,
                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
@@ -172,7 +172,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale_log2, sm_scale, N, W, Hq,
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale_log2, sm_scale, N, W, Hkv,
+def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale_log2, sm_scale, N, W, Hkv,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
@@ -294,7 +294,7 @@ def _forward(q, k, v, window, cfg=None):
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, N), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * Hq)
-    _fwd_kernel[grid](q, k, v, o, lse, LOG2E / math.sqrt(D), N, min(window, N + 1), Hq,
+    fwd_kernel[grid](q, k, v, o, lse, LOG2E / math.sqrt(D), N, min(window, N + 1), Hq,
                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                       GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                       PRECISION=_precision(q.dtype), DOT_FP32=_dot_fp32(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -310,11 +310,11 @@ def _backward(q, k, v, o, lse, do, window, cfg_dq=None, cfg_dkdv=None):
     common = dict(GROUP=Hq // Hkv, HEAD_DIM=D, PRECISION=_precision(q.dtype), DOT_FP32=_dot_fp32(q.dtype))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     c = cfg_dq or kernel_config("dq", D, q.element_size(), arch=_arch(q))
-    _dq_kernel[(triton.cdiv(N, c["BLOCK_M"]), B * Hq)](
+    dq_kernel[(triton.cdiv(N, c["BLOCK_M"]), B * Hq)](
         q, k, v, do, lse, delta, dq, LOG2E / math.sqrt(D), 1 / math.sqrt(D), N, W, Hq, *strides,
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"], num_stages=c["num_stages"], **common)
     c = cfg_dkdv or kernel_config("dkdv", D, q.element_size(), arch=_arch(q))
-    _dkdv_kernel[(triton.cdiv(N, c["BLOCK_N"]), B * Hkv)](
+    dkdv_kernel[(triton.cdiv(N, c["BLOCK_N"]), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, LOG2E / math.sqrt(D), 1 / math.sqrt(D), N, W, Hkv, *strides,
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"], num_stages=c["num_stages"], **common)
     return dq, dk, dv

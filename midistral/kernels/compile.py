@@ -37,7 +37,7 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per b
 
 def _signature(kernel: str, dtype: str):
     ptr = "*" + dtype
-    fn = {"fwd": A._fwd_kernel, "dq": A._dq_kernel, "dkdv": A._dkdv_kernel}[kernel]
+    fn = {"fwd": A.fwd_kernel, "dq": A.dq_kernel, "dkdv": A.dkdv_kernel}[kernel]
     if kernel == "fwd":
         ptrs = {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32"}
         scalars = {"scale_log2": "fp32", "N": "i32", "W": "i32", "Hq": "i32"}

@@ -14,6 +14,8 @@ step attends to all of them with no mask, as Mistral's reference decode does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -23,6 +25,17 @@ def model_config(model):
     if cfg is None:
         raise TypeError(f"{type(model).__name__} has no .cfg/.config")
     return cfg
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """The ring slots of positions start .. start + len(slots) - 1, as they were when taken (all layers)."""
+
+    start: int
+    slots: torch.Tensor  # slot of each position
+    k: torch.Tensor      # (layers, B, Hkv, n, D)
+    v: torch.Tensor
+    pos: torch.Tensor    # (layers, n): the absolute position each slot held (-1 empty)
 
 
 class RollingKVCache:
@@ -86,3 +99,24 @@ class RollingKVCache:
         pos[slots] = new_pos[n - keep:]
         self.n_seen[layer_idx] = start_pos + n
         return k_all, v_all, k_pos
+
+    def snapshot(self, start_pos: int, n: int) -> CacheSnapshot:
+        """The slots positions start_pos .. start_pos + n - 1 will be written into (n <= window), as they are
+        now: read speculatively past them, then `restore` to forget what was read."""
+        if not 0 <= n <= self.window:
+            raise ValueError(f"snapshot of {n} positions: a ring of {self.window} slots holds at most that many")
+        slots = torch.arange(start_pos, start_pos + n, device=self.pos.device) % self.window
+        return CacheSnapshot(int(start_pos), slots, self.k[:, :, :, slots].clone(), self.v[:, :, :, slots].clone(),
+                             self.pos[:, slots].clone())
+
+    def restore(self, snap: CacheSnapshot, from_pos: int) -> None:
+        """Put back the snapshot's slots of positions from_pos onwards and make from_pos the next position
+        to write: the cache then holds what it held after reading positions up to from_pos - 1 (those
+        of the snapshot's positions before from_pos stay as read since)."""
+        keep = max(int(from_pos) - snap.start, 0)
+        if keep < len(snap.slots):
+            slots = snap.slots[keep:]
+            self.k[:, :, :, slots] = snap.k[:, :, :, keep:]
+            self.v[:, :, :, slots] = snap.v[:, :, :, keep:]
+            self.pos[:, slots] = snap.pos[:, keep:]
+        self.n_seen = [int(from_pos)] * len(self.n_seen)

@@ -16,8 +16,9 @@ import symusic
 from midistral.errors import MidistralError
 from midistral.metrics import DRUM_PROGRAM
 from midistral.music import n_bars, track_program
+from midistral.general_midi import program_family, program_name
 from midistral.sampling import SAMPLING, SamplingConfig
-from midistral.tokenize import GM_NAMES, load_score
+from midistral.tokenize import load_score
 
 MODES = {
     "generate": "Generate (from nothing)",
@@ -38,8 +39,6 @@ BOUNDS = {
     "no_repeat_ngram": ("No-repeat n-gram", 0, 32, SAMPLING.no_repeat_ngram_size),
     "seed": ("Seed", 0, 2**31 - 1, None),
 }
-FAMILIES = ("Piano", "Chromatic Percussion", "Organ", "Guitar", "Bass", "Strings", "Ensemble", "Brass", "Reed",
-            "Pipe", "Synth Lead", "Synth Pad", "Synth Effects", "Ethnic", "Percussive", "Sound Effects")
 
 
 class UploadTooLarge(MidistralError):
@@ -48,8 +47,7 @@ class UploadTooLarge(MidistralError):
 
 def instruments() -> list[dict]:
     """The General MIDI instruments the page offers, drums first (program -1)."""
-    kit = [{"program": DRUM_PROGRAM, "name": "Drums", "family": "Drums"}]
-    return kit + [{"program": p, "name": GM_NAMES[p], "family": FAMILIES[p // 8]} for p in range(128)]
+    return [{"program": p, "name": program_name(p), "family": program_family(p)} for p in range(DRUM_PROGRAM, 128)]
 
 
 @dataclass
@@ -108,7 +106,7 @@ def read_prompt(data: bytes, name: str) -> symusic.Score:
 
 def describe_prompt(score: symusic.Score, name: str) -> dict:
     """What the page shows about an uploaded prompt: its instruments, bars and length."""
-    tracks = [{"name": "Drums" if t.is_drum else GM_NAMES[t.program], "program": track_program(t),
+    tracks = [{"name": program_name(track_program(t)), "program": track_program(t),
                "notes": len(t.notes)} for t in score.tracks if len(t.notes)]
     return {"name": name, "tracks": tracks, "bars": n_bars(score), "notes": score.note_num(),
             "seconds": round(score.to("second").end(), 1)}

@@ -8,6 +8,7 @@ and grammar.py (what may come next: the constraint for sampling).
 """
 
 from midistral.tokenize.config import CHORD_MAPS, DEFAULT_PARAMS, REPORT_PARAMS, REMIConfig
-from midistral.tokenize.remi import GM_NAMES, REMI, load_score
+from midistral.general_midi import GM_NAMES
+from midistral.tokenize.remi import REMI, load_score
 
 __all__ = ["REMI", "REMIConfig", "REPORT_PARAMS", "DEFAULT_PARAMS", "load_score", "GM_NAMES", "CHORD_MAPS"]

@@ -67,6 +67,12 @@ class BPE:
         enc = self.hf.encode_batch([self._strings(b) for b in pieces], is_pretokenized=True)
         return [np.array(e.ids, dtype=np.int64) for e in enc]
 
+    def encode_word(self, base_ids, starts_bar: bool) -> list[int]:
+        """BPE ids of one run of base ids inside a bar, as training segments it (`starts_bar`: the run opens
+        the bar, so it carries the bar's "▁"); for streams built piece by piece (controls.accompany)."""
+        s = "".join(self._chars[np.asarray(base_ids, dtype=np.int64)])
+        return [t.id for t in self.hf.model.tokenize(METASPACE + s if starts_bar else s)]
+
     def decode(self, ids) -> np.ndarray:
         """Base ids of BPE ids (a vectorised gather; unknown ids dropped)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)

@@ -17,19 +17,21 @@ The work is done in ids with numpy; strings are made only by `tokens()`.
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 from enum import IntEnum
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import symusic
 
 from midistral.errors import CheckpointError, MidiError
+from midistral.general_midi import program_name
 from midistral.io import atomic_write_json, read_tokenizer_json
 from midistral.limits import check_midi_size, check_score
 from midistral.tokenize.bpe import BPE
+from midistral.tokenize.clock import BarClock, EncoderClock, bar_lines
 from midistral.tokenize.config import DEFAULT_PARAMS, REMIConfig
 from midistral.tokenize.miditok_json import read_miditok
 from midistral.tokenize.parallel import EncodeResult, encode_many
@@ -57,31 +59,6 @@ _FAMILY_OF_PREFIX = {"Bar": Family.BAR, "Position": Family.POSITION, "Pitch": Fa
                      "PitchDrum": Family.PITCH_DRUM, "Velocity": Family.VELOCITY, "Duration": Family.DURATION,
                      "Program": Family.PROGRAM, "Tempo": Family.TEMPO, "TimeSig": Family.TIME_SIG,
                      "Rest": Family.REST, "Chord": Family.CHORD}
-
-GM_NAMES = [
-    "Acoustic Grand Piano", "Bright Acoustic Piano", "Electric Grand Piano", "Honky-tonk Piano",
-    "Electric Piano 1", "Electric Piano 2", "Harpsichord", "Clavi", "Celesta", "Glockenspiel", "Music Box",
-    "Vibraphone", "Marimba", "Xylophone", "Tubular Bells", "Dulcimer", "Drawbar Organ", "Percussive Organ",
-    "Rock Organ", "Church Organ", "Reed Organ", "Accordion", "Harmonica", "Tango Accordion",
-    "Acoustic Guitar (nylon)", "Acoustic Guitar (steel)", "Electric Guitar (jazz)", "Electric Guitar (clean)",
-    "Electric Guitar (muted)", "Overdriven Guitar", "Distortion Guitar", "Guitar Harmonics", "Acoustic Bass",
-    "Electric Bass (finger)", "Electric Bass (pick)", "Fretless Bass", "Slap Bass 1", "Slap Bass 2",
-    "Synth Bass 1", "Synth Bass 2", "Violin", "Viola", "Cello", "Contrabass", "Tremolo Strings",
-    "Pizzicato Strings", "Orchestral Harp", "Timpani", "String Ensembles 1", "String Ensemble 2",
-    "SynthStrings 1", "SynthStrings 2", "Choir Aahs", "Voice Oohs", "Synth Voice", "Orchestra Hit", "Trumpet",
-    "Trombone", "Tuba", "Muted Trumpet", "French Horn", "Brass Section", "Synth Brass 1", "Synth Brass 2",
-    "Soprano Sax", "Alto Sax", "Tenor Sax", "Baritone Sax", "Oboe", "English Horn", "Bassoon", "Clarinet",
-    "Piccolo", "Flute", "Recorder", "Pan Flute", "Blown bottle", "Shakuhachi", "Whistle", "Ocarina",
-    "Lead 1 (square)", "Lead 2 (sawtooth)", "Lead 3 (calliope)", "Lead 4 (chiff)", "Lead 5 (charang)",
-    "Lead 6 (voice)", "Lead 7 (fifths)", "Lead 8 (bass + lead)", "Pad 1 (new age)", "Pad 2 (warm)",
-    "Pad 3 (polysynth)", "Pad 4 (choir)", "Pad 5 (bowed)", "Pad 6 (metallic)", "Pad 7 (halo)", "Pad 8 (sweep)",
-    "FX 1 (rain)", "FX 2 (soundtrack)", "FX 3 (crystal)", "FX 4 (atmosphere)", "FX 5 (brightness)",
-    "FX 6 (goblins)", "FX 7 (echoes)", "FX 8 (sci-fi)", "Sitar", "Banjo", "Shamisen", "Koto", "Kalimba",
-    "Bag pipe", "Fiddle", "Shanai", "Tinkle Bell", "Agogo", "Steel Drums", "Woodblock", "Taiko Drum",
-    "Melodic Tom", "Synth Drum", "Reverse Cymbal", "Guitar Fret Noise", "Breath Noise", "Seashore",
-    "Bird Tweet", "Telephone Ring", "Helicopter", "Applause", "Gunshot",
-]
-
 
 def load_score(midi, name: str | None = None) -> symusic.Score:
     """A symusic Score (ticks) from a path, MIDI bytes or a Score; MidiError naming the file otherwise."""
@@ -139,6 +116,17 @@ def _time_tuples(res: dict[tuple[int, int], int]) -> list[tuple[int, int, int]]:
     last = max(res)
     out.append((max(last), 0, res[last]))
     return out[1:]
+
+
+class TimedEncoding(NamedTuple):
+    """A piece's base ids and its time frame (REMI.encode_with_times)."""
+
+    ids: np.ndarray             # base ids
+    ticks: np.ndarray           # the tick each token belongs to
+    tpq: int                    # the encoder's ticks per quarter
+    time_signatures: list       # (tick, numerator, denominator), the first at tick 0
+    onsets: np.ndarray          # every note's start tick, track by track
+    ends: np.ndarray            # and its end tick (duration as the Duration token rounds it)
 
 
 class REMI:
@@ -212,10 +200,12 @@ class REMI:
     def _tpb(self, tpq: int, den: int) -> int:
         return tpq * 4 // den
 
-    def _duration_ticks(self, tpb: int) -> np.ndarray:
+    def duration_ticks(self, tpb: int) -> np.ndarray:
+        """The length in ticks of every Duration token at `tpb` ticks per beat."""
         return np.array([(b * r + p) * tpb // r for b, p, r in self.durations], dtype=np.int64)
 
-    def _rest_ticks(self, tpb: int) -> np.ndarray:
+    def rest_ticks(self, tpb: int) -> np.ndarray:
+        """The length in ticks of every Rest token at `tpb` ticks per beat."""
         return np.array([(b * r + p) * tpb // r for b, p, r in self.rests], dtype=np.int64)
 
     def __len__(self) -> int:
@@ -261,7 +251,7 @@ class REMI:
         groups: dict[int, list] = {}
         for tr in score.tracks:  # dict order = order of first appearance
             groups.setdefault(-1 if tr.is_drum else int(tr.program), []).append(tr)
-        dbins = {tpb: self._duration_ticks(tpb) for tpb in set(tl.ts_tpb.tolist())}
+        dbins = {tpb: self.duration_ticks(tpb) for tpb in set(tl.ts_tpb.tolist())}
         tracks = []
         for key, group in groups.items():
             if key not in self.program_id:  # a program the config leaves out: its track is dropped (spec 3.5.2)
@@ -387,7 +377,7 @@ class REMI:
                 f"{_label(midi)}: the piece needs Bar_{overflow} but the vocabulary stops at "
                 f"Bar_{self.config.max_bar_embedding - 1} (max_bar_embedding={self.config.max_bar_embedding})"
             )
-        return ids, ticks, self._bar_ticks(ts_list, tpq, int(ticks.max()) if len(ticks) else 0)
+        return ids, ticks, bar_lines(ts_list, tpq, int(ticks.max()) if len(ticks) else 0)
 
     def _events(self, ts_list, tracks, tempo_times, tempo_idx):
         """remi-spec §4: the events sorted by time (stably), as arrays (time, end, kind, ids row of 4, -1 padded).
@@ -436,7 +426,7 @@ class REMI:
 
         out: list[int] = []
         ticks: list[int] = []
-        st = _TimeState(self, tpq, ts_list[0])
+        st = EncoderClock(self, tpq, ts_list[0])
         for a, b, prev_end in zip(starts.tolist(), stops.tolist(), end_before.tolist()):
             t = times_l[a]
             if kinds[a] == 0:  # a time signature change opens this tick
@@ -454,12 +444,15 @@ class REMI:
             ticks += [t] * (hi - lo)
         return np.array(out, dtype=np.int64), np.array(ticks, dtype=np.int64), st.overflow
 
-    def _bar_ticks(self, ts_list, tpq: int, last_tick: int) -> np.ndarray:
-        lines = []
-        for i, (t, n, d) in enumerate(ts_list):
-            stop = ts_list[i + 1][0] if i + 1 < len(ts_list) else last_tick + 1
-            lines.append(np.arange(t, max(stop, t + 1), n * tpq * 4 // d))
-        return np.concatenate(lines)
+    def encode_with_times(self, midi) -> "TimedEncoding":
+        """Base ids with the time frame the encoder gave them: for walks that write new notes between a
+        piece's own and must write the time tokens exactly as the encoder would (controls.accompany)."""
+        score = load_score(midi)
+        tpq, ts_list, tracks, _, _ = self._preprocess(score)
+        ids, ticks, _ = self._encode(score)
+        onsets = np.concatenate([tr["time"] for tr in tracks]) if tracks else np.zeros(0, dtype=np.int64)
+        ends = np.concatenate([tr["end"] for tr in tracks]) if tracks else np.zeros(0, dtype=np.int64)
+        return TimedEncoding(ids, ticks, tpq, ts_list, onsets, ends)
 
     def encode_base(self, midi) -> np.ndarray:
         """Base (pre-BPE) token ids of a MIDI path, bytes or symusic.Score."""
@@ -608,75 +601,6 @@ def _label(midi) -> str:
     return str(midi) if isinstance(midi, (str, os.PathLike)) else "<score>" if isinstance(midi, symusic.Score) else "<bytes>"
 
 
-class _TimeState:
-    """The encoder's clock (remi-spec §5.1): current bar, meter, and the last tick and note end seen."""
-
-    def __init__(self, tok: REMI, tpq: int, ts0):
-        self.tok, self.tpq = tok, tpq
-        self.cur_bar, self.bar_at_ts, self.tick_at_ts, self.tick_bar = -1, 0, 0, 0
-        self.prev_tick = -1
-        self.overflow = -1  # highest Bar_<n> needed past max_bar_embedding
-        self.rest_tables: dict[int, np.ndarray] = {}
-        self._set_units(ts0)
-
-    def _set_units(self, ts):
-        _, self.num, self.den = ts
-        self.tpb = self.tpq * 4 // self.den
-        self.bar_len = self.num * self.tpb
-        self.tpp = self.tpb // self.tok.max_res
-        if self.tpb not in self.rest_tables:
-            self.rest_tables[self.tpb] = self.tok._rest_ticks(self.tpb).tolist()
-        self.pos0 = self.tok.pos0
-        self.rest_ticks = self.rest_tables[self.tpb]
-        self.ts_token = self.tok.ts_id[(self.num, self.den)]
-
-    def bar_token(self, bar: int) -> int:
-        first, limit = self.tok.bar0, self.tok.config.max_bar_embedding
-        if limit is None:
-            return first
-        if bar >= limit:  # reported by _encode once the piece is done
-            self.overflow = max(self.overflow, bar)
-        return first + min(bar, limit - 1)
-
-    def advance(self, t: int, prev_end: int, is_ts: bool, toks: list, tks: list) -> None:
-        """Append the time tokens (Rest, Bar + TimeSig recall, Position) that lead to tick t."""
-        rt = self.rest_ticks
-        if t - prev_end >= rt[0]:
-            self.prev_tick = max(prev_end, self.prev_tick)
-            rem = t - self.prev_tick
-            while rem >= rt[0]:
-                k = bisect.bisect_right(rt, rem) - 1
-                toks.append(self.tok.rest0 + k)
-                tks.append(self.prev_tick)
-                self.prev_tick += rt[k]
-                rem -= rt[k]
-            real_bar = self.bar_at_ts + (self.prev_tick - self.tick_at_ts) // self.bar_len
-            if real_bar > self.cur_bar:
-                if self.cur_bar == -1:
-                    self.cur_bar = 0
-                self.tick_bar += (real_bar - self.cur_bar) * self.bar_len
-                self.cur_bar = real_bar
-        n_new = self.bar_at_ts + (t - self.tick_at_ts) // self.bar_len - self.cur_bar
-        for i in range(n_new):
-            self.cur_bar += 1
-            self.tick_bar = self.tick_at_ts + (self.cur_bar - self.bar_at_ts) * self.bar_len
-            toks.append(self.bar_token(self.cur_bar))
-            tks.append(self.tick_bar)
-            if not (is_ts and i == n_new - 1):
-                toks.append(self.ts_token)
-                tks.append(self.tick_bar)
-        if not is_ts:
-            toks.append(self.pos0 + (t - self.tick_bar) // self.tpp)
-            tks.append(t)
-        self.prev_tick = t
-
-    def change_ts(self, t: int, ts):
-        self.bar_at_ts += (t - self.tick_at_ts) // self.bar_len
-        self.tick_at_ts = t
-        self._set_units(ts)
-        self.prev_tick -= 1
-
-
 class _Decoder:
     """Reads base ids back into a Score, mirroring the encoder's clock so decode∘encode is the identity.
 
@@ -727,16 +651,14 @@ class _Decoder:
         note_family = (fam >= Family.PITCH) & (fam <= Family.DURATION)
         return note_idx, int((note_family & ~used).sum())
 
-    def _units(self, num: int, den: int) -> tuple[int, int, int]:
-        """(ticks per beat, ticks per bar, ticks per position) of a meter; tables for its tpb on first use."""
-        tpb = self.tpq * 4 // den
+    def _tables(self, tpb: int) -> None:
+        """Duration and rest ticks at `tpb` ticks per beat, and each segment's longest note, on first use."""
         if tpb not in self.dur_tables:
-            self.dur_tables[tpb] = self.tok._duration_ticks(tpb)
-            self.rest_tables[tpb] = self.tok._rest_ticks(tpb).tolist()
+            self.dur_tables[tpb] = self.tok.duration_ticks(tpb)
+            self.rest_tables[tpb] = self.tok.rest_ticks(tpb).tolist()
             m = np.full(len(self.time_events) + 1, -1, dtype=np.int64)
             np.maximum.at(m, self.seg, self.dur_tables[tpb][self.dur_idx])
             self.seg_max[tpb] = m.tolist()  # the longest note of each segment, at this tpb
-        return tpb, num * tpb, max(tpb // self.tok.max_res, 1)
 
     def _first_meter(self) -> tuple[int, int]:
         """The first TimeSig if it comes before any note-family token, else 4/4."""
@@ -749,45 +671,29 @@ class _Decoder:
     def _walk_clock(self):
         """The tick of each segment (notes between two time tokens) and the meter and tempo changes."""
         tok = self.tok
-        num, den = self._first_meter()
-        tpb, bar_len, tpp = self._units(num, den)
-        time_sigs, tempos, bad_positions = [(0, num, den)], [], 0
+        clock = BarClock(self.tpq, tok.max_res, self._first_meter())
+        self._tables(clock.tpb)
+        time_sigs, tempos, bad_positions = [(0, clock.num, clock.den)], [], 0
         seg_tick = [0] * (len(self.time_events) + 1)
-        seg_tpb = [tpb] * (len(self.time_events) + 1)
-        cur_tick = tick_at_ts = tick_bar = prev_end = bar_at_ts = 0
-        cur_bar = -1
+        seg_tpb = [clock.tpb] * (len(self.time_events) + 1)
         events = zip(self.fam[self.time_events].tolist(), self.ids[self.time_events].tolist())
         for k, (f, tid) in enumerate(events):
-            longest = self.seg_max[tpb][k]
+            longest = self.seg_max[clock.tpb][k]
             if longest >= 0:  # the notes just before this token end by then
-                prev_end = max(prev_end, cur_tick + longest)
+                clock.note(longest)
             if f == Family.BAR:
-                cur_bar += 1
-                cur_tick = tick_bar = tick_at_ts + (cur_bar - bar_at_ts) * bar_len
+                clock.bar()
             elif f == Family.REST:
-                cur_bar = max(cur_bar, 0)
-                cur_tick = max(prev_end, cur_tick) + self.rest_tables[tpb][tid - tok.rest0]
-                real_bar = bar_at_ts + (cur_tick - tick_at_ts) // bar_len
-                if real_bar > cur_bar:
-                    tick_bar += (real_bar - cur_bar) * bar_len
-                    cur_bar = real_bar
+                clock.rest(self.rest_tables[clock.tpb][tid - tok.rest0])
             elif f == Family.POSITION:
-                cur_bar = max(cur_bar, 0)
-                pos = tid - tok.pos0
-                if pos * tpp >= bar_len:
-                    bad_positions += 1
-                else:
-                    cur_tick = tick_bar + pos * tpp
+                bad_positions += not clock.position(tid - tok.pos0)
             elif f == Family.TEMPO:
-                tempos.append((cur_tick, float(tok.id_to_token[tid].split("_")[1])))
-                prev_end = max(prev_end, cur_tick)
-            elif self._meter(tid) != (num, den):  # TimeSig: a change of meter (a recall changes nothing)
-                num, den = self._meter(tid)
-                cur_bar = max(cur_bar, 0)
-                time_sigs.append((tick_bar, num, den))
-                tick_at_ts, bar_at_ts = tick_bar, cur_bar
-                tpb, bar_len, tpp = self._units(num, den)
-            seg_tick[k + 1], seg_tpb[k + 1] = cur_tick, tpb
+                tempos.append((clock.cur_tick, float(tok.id_to_token[tid].split("_")[1])))
+                clock.tempo()
+            elif clock.meter(*self._meter(tid)):  # TimeSig: a change of meter (a recall changes nothing)
+                time_sigs.append((clock.tick_bar, clock.num, clock.den))
+                self._tables(clock.tpb)
+            seg_tick[k + 1], seg_tpb[k + 1] = clock.cur_tick, clock.tpb
         return seg_tick, seg_tpb, time_sigs, tempos, bad_positions
 
     def _score(self, start, dur, time_sigs, tempos) -> symusic.Score:
@@ -818,7 +724,7 @@ class _Decoder:
             score.tempos.append(symusic.Tempo(int(round(t * scale)), q))
         for p in _track_order(first_seen, prec):
             m = program == p
-            tr = symusic.Track(name="Drums" if p == -1 else GM_NAMES[p], program=0 if p == -1 else p, is_drum=p == -1)
+            tr = symusic.Track(name=program_name(p), program=0 if p == -1 else p, is_drum=p == -1)
             tr.notes = symusic.Note.from_numpy(
                 np.round(start[m] * scale).astype(np.int32), np.round(dur[m] * scale).astype(np.int32),
                 pitch[m].astype(np.int8), vel[m].astype(np.int8), "tick")

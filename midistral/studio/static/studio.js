@@ -4,7 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const NEEDS_PROMPT = ["continue", "add", "replace"];
 const BUTTON = { generate: "Generate", continue: "Continue", add: "Add the track", replace: "Replace the track" };
-const state = { info: null, mode: "generate", programs: [], prompt: null, promptInfo: null };
+const state = { info: null, mode: "generate", programs: [], prompt: null, promptInfo: null, trackPicked: null };
 
 async function api(url, options) {
   const response = await fetch(url, options);
@@ -89,10 +89,12 @@ function setMode(mode) {
   const own = state.promptInfo ? state.promptInfo.tracks.map((t) => t.program) : [];
   const choices = mode === "replace" && own.length
     ? state.info.instruments.filter((i) => own.includes(i.program)) : state.info.instruments;
-  const before = $("track-program").value;
+  // keep the instrument the user picked; else a new track is a bass line (the usual first wish), and a
+  // replaced one the piece's first track (a freshly filled list would otherwise select its first entry, drums)
+  const picked = state.trackPicked;
   fillInstrumentSelect($("track-program"), choices);
-  if (choices.some((i) => String(i.program) === before)) $("track-program").value = before;
-  else if (mode === "add") $("track-program").value = "33";  // a bass line: the usual first wish
+  if (picked !== null && choices.some((i) => String(i.program) === picked)) $("track-program").value = picked;
+  else if (mode === "add") $("track-program").value = "33";
 }
 
 async function choosePrompt(file) {
@@ -290,6 +292,7 @@ async function init() {
   });
   setupDrop();
   $("controls").addEventListener("submit", generate);
+  $("track-program").addEventListener("change", () => { state.trackPicked = $("track-program").value; });
   setMode("generate");
 }
 

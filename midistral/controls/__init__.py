@@ -1,0 +1,24 @@
+"""Controls for generation: which instruments play, how many bars, and adding a track to a piece.
+
+    programs = parse_programs("piano,bass,drums")              # [0, 33, -1]
+    cons = [ProgramsConstraint(tok, programs), BarsConstraint(tok, 8)]
+    ids = generate(model, prompt, max_new_tokens=bars_token_budget(model, prompt.shape[1]),
+                   eos_id=tok.eos_id, constraints=cons)           # stops at the bar line after 8 new bars
+    score = accompany(model, tok, "song.mid", program=33)       # song.mid unchanged + a new bass track
+
+- instruments.py: instrument names (the General MIDI table in midistral.general_midi) and the instruments
+  a trained model knows (`known_programs`, `unknown_instruments_note`);
+- constraints.py: `ProgramsConstraint` and `BarsConstraint`, constraints for midistral.generate (start /
+  mask / push) on BPE ids, on the tokenizer's bar clock (midistral.tokenize.clock);
+- accompany.py: `accompany`, the walk that writes a new track between a piece's own notes, reading the
+  model through feeder.py (one rolling KV cache, speculative drafts rolled back with its snapshots).
+"""
+
+from midistral.controls.accompany import accompany, parse_bar_range
+from midistral.controls.constraints import BarsConstraint, ProgramsConstraint, bars_token_budget, id_expansions
+from midistral.controls.instruments import (GM_NAMES, SHORT_NAMES, known_programs, parse_program, parse_programs,
+                                            program_name, unknown_instruments_note)
+
+__all__ = ["BarsConstraint", "GM_NAMES", "ProgramsConstraint", "SHORT_NAMES", "accompany", "bars_token_budget",
+           "id_expansions", "known_programs", "parse_bar_range", "parse_program", "parse_programs", "program_name",
+           "unknown_instruments_note"]

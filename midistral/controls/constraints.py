@@ -1,0 +1,355 @@
+"""Constraints for generate(): which instruments play (`ProgramsConstraint`) and how many bars
+(`BarsConstraint`).
+
+    cons = [GrammarConstraint(tok), ProgramsConstraint(tok, [0, 33, -1]), BarsConstraint(tok, 8)]
+    ids = generate(model, prompt, max_new_tokens=bars_token_budget(model, prompt.shape[1]),
+                   eos_id=tok.eos_id, constraints=cons)           # stops at the bar line after 8 new bars
+
+They follow generate's protocol (start / mask / push, see midistral.generate) and work on BPE ids: each id
+stands for a fixed sequence of base tokens (its expansion), precomputed once per tokenizer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from midistral.errors import MidistralError
+from midistral.general_midi import parse_program
+from midistral.model.cache import model_config
+from midistral.tokenize.clock import BarClock
+from midistral.tokenize.grammar import expansions
+from midistral.tokenize.remi import Family
+
+# the token families as plain ints (cheaper to compare in the per-token loops)
+SPECIAL, BAR, POSITION, PITCH, DRUM, VELOCITY, DURATION, PROGRAM, TEMPO, TIMESIG, REST = (int(f) for f in (
+    Family.SPECIAL, Family.BAR, Family.POSITION, Family.PITCH, Family.PITCH_DRUM, Family.VELOCITY, Family.DURATION,
+    Family.PROGRAM, Family.TEMPO, Family.TIME_SIG, Family.REST))
+
+# ----------------------------------------------------------------------------------------------------
+# Base-token expansion of every id
+
+
+def id_expansions(tok) -> list[np.ndarray]:
+    """For each id of `tok` (BPE ids once BPE is trained), the base ids it stands for."""
+    return expansions(tok)
+
+
+def _expansion_matrix(tok) -> tuple[np.ndarray, np.ndarray]:
+    """(ids x max_len) base ids padded with -1, and each id's length: the expansions, vectorised."""
+    exp = id_expansions(tok)
+    lens = np.array([len(e) for e in exp], dtype=np.int64)
+    mat = np.full((len(exp), max(int(lens.max()), 1)), -1, dtype=np.int64)
+    for i, e in enumerate(exp):
+        mat[i, :len(e)] = e
+    return mat, lens
+
+
+def _family_matrix(tok, mat: np.ndarray) -> np.ndarray:
+    return np.where(mat >= 0, tok.family[np.maximum(mat, 0)], -1)
+
+
+def _row_finished(tokens: list[int], done: list[bool], eos_id) -> None:
+    for r, t in enumerate(tokens):
+        if eos_id is not None and t == eos_id:
+            done[r] = True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Instruments
+
+
+class ProgramsConstraint:
+    """No note of a program outside `programs` in the continuation.
+
+    Masks every id whose expansion holds a Program token outside the allowed set, and (for sequences
+    that break the grammar) a Pitch that would fall under a forbidden program because no Program token
+    precedes it. With a prompt, `keep_prompt=True` also allows the prompt's own programs, except those
+    in `exclude`: `ProgramsConstraint(tok, [33], exclude=[0])` keeps the prompt's instruments but the
+    piano, and adds a bass.
+    """
+
+    def __init__(self, tok, programs, *, keep_prompt: bool = True, exclude=()):
+        self.tok = tok
+        self.programs = {parse_program(p, "programs") for p in programs}
+        self.exclude = {parse_program(p, "exclude") for p in exclude}
+        self.keep_prompt = keep_prompt
+        mat, _ = _expansion_matrix(tok)
+        fam = _family_matrix(tok, mat)
+        prog_of = np.full(len(tok.vocab), -99, dtype=np.int64)
+        for i, p in tok.program_of.items():
+            prog_of[i] = p
+        self._prog = np.where(fam == PROGRAM, prog_of[np.maximum(mat, 0)], -99)  # program per slot, -99 none
+        has_prog = fam == PROGRAM
+        # a Pitch/PitchDrum before any Program token in the id: it falls under the current program
+        first_prog = np.where(has_prog.any(1), has_prog.argmax(1), mat.shape[1])
+        first_pitch = np.where(((fam == PITCH) | (fam == DRUM)).any(1), ((fam == PITCH) | (fam == DRUM)).argmax(1),
+                               mat.shape[1])
+        self._orphan_pitch = torch.from_numpy(first_pitch < first_prog)
+        last = np.where(has_prog.any(1), mat.shape[1] - 1 - has_prog[:, ::-1].argmax(1), -1)
+        self._last_prog = np.where(last >= 0, self._prog[np.arange(len(mat)), np.maximum(last, 0)], -99)
+        self._eos = tok.eos_id
+
+    def _forbidden(self, allowed: set[int]) -> torch.Tensor:
+        bad = (self._prog != -99) & ~np.isin(self._prog, list(allowed))
+        return torch.from_numpy(bad.any(1))
+
+    def start(self, prompt_ids: torch.Tensor) -> None:
+        self.allowed, self.current, self.done = [], [], []
+        forbidden = []
+        for row in prompt_ids.tolist():
+            base = self.tok.base_ids(row)
+            progs = [self.tok.program_of[i] for i in base.tolist() if i in self.tok.program_of]
+            allowed = set(self.programs)
+            if self.keep_prompt:
+                allowed |= set(progs) - self.exclude
+            self.allowed.append(allowed)
+            forbidden.append(self._forbidden(allowed))
+            self.current.append(progs[-1] if progs else 0)  # the decoder's program for a note with none
+            self.done.append(False)
+        self.forbidden = torch.stack(forbidden)
+
+    def mask(self, logits: torch.Tensor) -> None:
+        bad = self.forbidden.clone()
+        for r, cur in enumerate(self.current):
+            if cur not in self.allowed[r]:
+                bad[r] |= self._orphan_pitch
+        logits.masked_fill_(bad.to(logits.device), float("-inf"))
+
+    def push(self, tokens: torch.Tensor) -> None:
+        toks = tokens.tolist()
+        _row_finished(toks, self.done, self._eos)
+        for r, t in enumerate(toks):
+            if 0 <= t < len(self._last_prog) and self._last_prog[t] != -99:
+                self.current[r] = int(self._last_prog[t])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Length in bars
+
+
+class _Tables:
+    """Per tokenizer and time resolution: token families, meters of TimeSig ids, tick tables per beat length."""
+
+    def __init__(self, tok, tpq: int):
+        self.tok, self.tpq = tok, tpq
+        self.fam = tok.family.tolist()
+        self.meter = {i: ts for ts, i in tok.ts_id.items()}
+        self.dur0, self.rest0, self.pos0 = tok.dur0, tok.rest0, tok.pos0
+        self.durs: dict[int, list[int]] = {}
+        self.rests: dict[int, list[int]] = {}
+
+    def at(self, tpb: int) -> tuple[list[int], list[int]]:
+        """Duration and Rest ticks at `tpb` ticks per beat."""
+        if tpb not in self.durs:
+            self.durs[tpb] = self.tok.duration_ticks(tpb).tolist()
+            self.rests[tpb] = self.tok.rest_ticks(tpb).tolist()
+        return self.durs[tpb], self.rests[tpb]
+
+
+class _StreamClock(BarClock):
+    """The bar clock fed one base token at a time as the decoder reads them, so that a constraint knows
+    which bar the decoded piece is in: Bar tokens, rests that cross bar lines, meter changes."""
+
+    def __init__(self, tables: _Tables, meter=(4, 4)):
+        self.t = tables
+        super().__init__(tables.tpq, tables.tok.max_res, meter)
+        self.fam1 = self.fam2 = 0  # families of the two previous tokens (a note is Pitch Velocity Duration)
+        self.note_in_bar = False
+        self.seen_ts = self.seen_note = False
+        self.history: tuple = ()  # base tokens before the first TimeSig (it may set the initial meter)
+
+    def set_meter(self, num: int, den: int) -> None:
+        super().set_meter(num, den)
+        self.durs, self.rests = self.t.at(self.tpb)
+
+    def copy(self) -> "_StreamClock":
+        c = _StreamClock.__new__(_StreamClock)
+        c.__dict__.update(self.__dict__)
+        return c
+
+    def feed(self, t: int) -> bool:
+        """Advance by one base token; True when it completes a note."""
+        f = self.t.fam[t]
+        if not self.seen_ts and not self.seen_note:
+            self.history += (t,)
+        note = f == DURATION and self.fam1 == VELOCITY and self.fam2 in (PITCH, DRUM)
+        self.fam2, self.fam1 = self.fam1, f
+        if PITCH <= f <= DURATION:
+            self.seen_note = True
+        if note:
+            self.note(self.durs[t - self.t.dur0])
+            self.note_in_bar = True
+        elif f == BAR:
+            self.bar()
+            self.note_in_bar = False
+        elif f == REST:
+            before = self.cur_bar
+            self.rest(self.rests[t - self.t.rest0])
+            if self.cur_bar > before:
+                self.note_in_bar = False
+        elif f == POSITION:
+            self.position(t - self.t.pos0)
+        elif f == TEMPO:
+            self.tempo()
+        elif f == TIMESIG:
+            self._timesig(t)
+        return note
+
+    def _timesig(self, t: int) -> None:
+        meter = self.t.meter[t]
+        if not self.seen_ts and not self.seen_note:  # the decoder's initial meter: replay with it
+            fresh = _StreamClock(self.t, meter)
+            for x in self.history[:-1]:
+                fresh.feed(x)
+            self.__dict__.update(fresh.__dict__)
+        else:
+            self.meter(*meter)
+        self.seen_ts = True
+
+    def key(self):
+        """The state that decides how the next tokens move through bars (for caching)."""
+        if self.cur_bar == -1:  # before the first bar the clock sits at tick 0
+            return (-1, self.prev_end, self.num, self.den, self.fam1, self.fam2)
+        return (self.cur_tick - self.tick_bar, max(self.prev_end, self.cur_tick) - self.tick_bar, self.num,
+                self.den, self.fam1, self.fam2, self.note_in_bar)
+
+
+OK, CLOSES, FORBIDDEN = 0, 1, 2
+
+
+class BarsConstraint:
+    """Exactly `n_bars` new bars: EOS is masked until the n-th new bar holds a note, and the token that
+    reaches the bar line after it (a Bar, or a rest crossing it) is the last one: EOS is forced next.
+
+    Bars are counted as the decoder counts them: Bar tokens and bar lines crossed by Rest tokens (which get
+    no Bar token), through meter changes, inside BPE ids. A new bar is one the clock enters after the
+    prompt (the bar the prompt ends in is not new). An id that would skip the last bar, leave it empty,
+    or put a note past it is masked, so the decoded continuation spans exactly n_bars bars: its last note
+    starts in the n-th. A piece must open with [Bar] TimeSig and a TimeSig must follow a Bar (as in
+    every encoded piece: a meter change mid-bar would move notes already written). Meters with a
+    larger denominator than the prompt's (a /8 after /4 only) are masked: they would change the decoder's
+    time resolution for the whole piece. Pass it after the grammar constraint: when it forces EOS it
+    overrides the other masks.
+    """
+
+    def __init__(self, tok, n_bars: int):
+        if int(n_bars) < 1:
+            raise MidistralError(f"bars: {n_bars} must be >= 1")
+        self.tok, self.n = tok, int(n_bars)
+        self.exp = [e.tolist() for e in id_expansions(tok)]
+        fam = tok.family.tolist()
+        fams = [[fam[x] for x in e] for e in self.exp]
+        meter = {i: ts for ts, i in tok.ts_id.items()}
+        self._den = np.array([max([meter[x][1] for x in e if x in meter] or [0]) for e in self.exp])
+        # per id, for a cheap bound on the bar lines it can cross: Bar tokens, rest length in beats, meters
+        rest_beats = [(b * r + p) / r for b, p, r in tok.rests]
+        self._nbar = np.array([f.count(BAR) for f in fams])
+        self._rest_beats = np.array([sum(rest_beats[x - tok.rest0] for x in e if fam[x] == REST) for e in self.exp])
+        self._has_ts = np.array([TIMESIG in f for f in fams])
+        self._clockwise = np.array([any(x in (POSITION, PITCH, DRUM, VELOCITY, DURATION) for x in f) for f in fams])
+        self._early = [np.array([_early_ok(f, had_bar) for f in fams]) for had_bar in (False, True)]
+        # a TimeSig only right after a Bar (a meter change mid-bar would move notes already written)
+        self._ts_inside_bad = torch.tensor([any(f[j] == TIMESIG and f[j - 1] != BAR for j in range(1, len(f)))
+                                            for f in fams])
+        self._ts_first = torch.tensor([len(f) > 0 and f[0] == TIMESIG for f in fams])
+        self._eos = tok.eos_id
+
+    def start(self, prompt_ids: torch.Tensor) -> None:
+        self.rows = []
+        for row in prompt_ids.tolist():
+            base = self.tok.base_ids(row).tolist()
+            present = set(base)
+            max_den = max([d for (_, d), i in self.tok.ts_id.items() if i in present] or [4])
+            tables = _Tables(self.tok, self.tok.max_res * max_den // 4)
+            clock = _StreamClock(tables)
+            for x in base:
+                clock.feed(x)
+            min_bar = min(n * (tables.tpq * 4 // d) for n, d in self.tok.time_sigs if d <= max_den)
+            banned = torch.from_numpy(self._den > max_den)
+            self.rows.append(dict(clock=clock, start=clock.cur_bar, banned=banned, done=False, finished=False,
+                                  cache={}, min_bar=min_bar))
+
+    @property
+    def complete(self) -> list[bool]:
+        """Per row: the n bars were written (False where max_new_tokens ran out first)."""
+        return [r["done"] or (r["clock"].cur_bar - r["start"] == self.n and r["clock"].note_in_bar)
+                for r in self.rows]
+
+    def _status(self, row) -> np.ndarray:
+        """Per id: OK, CLOSES (reaches the bar line after the last bar, properly) or FORBIDDEN."""
+        clock, entered = row["clock"], row["clock"].cur_bar - row["start"]
+        if not clock.seen_ts and not clock.seen_note:  # the stream must open with [Bar] TimeSig
+            return np.where(self._early[clock.cur_bar >= 0], OK, FORBIDDEN).astype(np.int8)  # a Bar was read
+        key = clock.key() + (self.n - entered,)
+        if key in row["cache"]:
+            return row["cache"][key]
+        ahead = max(clock.prev_end, clock.cur_tick) - clock.tick_bar
+        bar_len = np.where(self._has_ts, row["min_bar"], clock.bar_len)
+        rests = np.where(self._rest_beats > 0, (ahead + self._rest_beats * clock.tpb) // bar_len + 1, 0)
+        cand = entered + self._nbar + rests + self._has_ts >= self.n + 1
+        if clock.cur_bar == -1:  # a Position or a note enters bar 0 too
+            cand |= self._clockwise
+        status = np.zeros(len(self.exp), dtype=np.int8)
+        for i in np.flatnonzero(cand).tolist():
+            status[i] = self._simulate(clock, self.exp[i], row["start"])
+        row["cache"][key] = status
+        return status
+
+    def _simulate(self, clock: _StreamClock, expansion: list[int], start: int) -> int:
+        c = clock.copy()
+        for x in expansion:
+            before, had_note = c.cur_bar - start, c.note_in_bar
+            note = c.feed(x)
+            after = c.cur_bar - start
+            if after > self.n + 1 or (after == self.n + 1 and (before != self.n or not had_note)):
+                return FORBIDDEN
+            if note and (after > self.n or c.cur_bar == -1):
+                return FORBIDDEN
+        return CLOSES if c.cur_bar - start == self.n + 1 else OK
+
+    def mask(self, logits: torch.Tensor) -> None:
+        for r, row in enumerate(self.rows):
+            if row["finished"]:
+                continue
+            if row["done"]:
+                logits[r] = float("-inf")
+                if self._eos is not None:
+                    logits[r, self._eos] = 0.0
+                continue
+            clock = row["clock"]
+            bad = row["banned"] | torch.from_numpy(self._status(row) == FORBIDDEN)
+            if clock.seen_ts or clock.seen_note:
+                bad |= self._ts_inside_bad | (self._ts_first if clock.fam1 != BAR else False)
+            logits[r].masked_fill_(bad.to(logits.device), float("-inf"))
+            if self._eos is not None and not (clock.cur_bar - row["start"] == self.n and clock.note_in_bar):
+                logits[r, self._eos] = float("-inf")
+
+    def push(self, tokens: torch.Tensor) -> None:
+        for row, t in zip(self.rows, tokens.tolist()):
+            if row["finished"] or row["done"] or t == self._eos:
+                row["finished"] = row["finished"] or t == self._eos
+                continue
+            if 0 <= t < len(self.exp):
+                for x in self.exp[t]:
+                    row["clock"].feed(x)
+            row["done"] = row["clock"].cur_bar - row["start"] > self.n
+
+
+def _early_ok(fams: list[int], had_bar: bool) -> bool:
+    """Before the first TimeSig: at most one Bar, then the TimeSig (as the encoder opens every piece)."""
+    for f in fams:
+        if f == TIMESIG:
+            return True
+        if f == BAR and not had_bar:
+            had_bar = True
+        elif f != SPECIAL:
+            return False
+    return True
+
+
+def bars_token_budget(model, prompt_len: int) -> int:
+    """max_new_tokens for a BarsConstraint run: all the room the model's positions leave after the prompt.
+    Generation ends when the constraint forces EOS; `BarsConstraint.complete` says if the room ran out."""
+    return max(model_config(model).max_position_embeddings - int(prompt_len), 1)
+
