@@ -70,7 +70,7 @@ def downbeats(score: symusic.Score, label: str = "score") -> np.ndarray:
         # a bar of tpq * 4 * num / den ticks, which may be a fraction: line k at round(k * bar), half up
         bar_num, bar_den = tpq * 4 * max(num, 1), max(den, 1)
         stop = min(starts[i + 1] if i + 1 < len(starts) else end, end)
-        count = -(-(stop - start) * bar_den // bar_num) if bar_num >= bar_den else stop - start
+        count = -(-(stop - start) * bar_den // bar_num)  # lines k with k * bar < stop - start
         total += count
         if total > MAX_BARS:
             raise MidiError(f"{label}: more than {MAX_BARS:,} bars (meter {num}/{den}); midistral reads fewer")

@@ -122,7 +122,7 @@ def symusic_notes(path_or_score):
 
 
 def wait_for_variations(page, n):
-    page.wait_for_function(f"document.querySelectorAll('#results .variation').length === {n} || "
+    page.wait_for_function(f"() => document.querySelectorAll('#results .variation').length === {n} || "
                            "!document.getElementById('error').hidden")
     assert page.is_hidden("#error"), page.text_content("#error") + "\n" + SERVER_LOG[0].read_text()[-3000:]
 
@@ -130,7 +130,7 @@ def wait_for_variations(page, n):
 def test_continue_two_variations_play_and_download(page, info, prompt, ckpt, tmp_path):
     page.click("#mode-buttons button[data-mode=continue]")
     page.set_input_files("#prompt-file", str(prompt))
-    page.wait_for_function("document.getElementById('prompt-info').textContent.includes('4 bars')")
+    page.wait_for_function("() => document.getElementById('prompt-info').textContent.includes('4 bars')")
     assert "Acoustic Grand Piano" in page.text_content("#prompt-info")
     set_value(page, "#variations", 2)
     for key, value in SETTINGS.items():
@@ -205,7 +205,7 @@ def test_add_a_track_keeps_the_piece(page, info, prompt, tmp_path):
         return
     page.click("#mode-buttons button[data-mode=replace]")
     page.set_input_files("#prompt-file", str(prompt))
-    page.wait_for_function("document.getElementById('prompt-info').textContent.includes('4 bars')")
+    page.wait_for_function("() => document.getElementById('prompt-info').textContent.includes('4 bars')")
     # a track to replace is one the piece has
     assert page.eval_on_selector_all("#track-program option", "os => os.map(o => o.value)") == ["0", "33"]
     page.click("#mode-buttons button[data-mode=add]")
@@ -229,7 +229,7 @@ def test_non_midi_upload_shows_a_message(page, tmp_path):
     fake.write_text("these are not notes")
     page.set_input_files("#prompt-file", str(fake))
     page.wait_for_selector("#error:not([hidden])")
-    page.wait_for_function("document.getElementById('error').textContent.includes('not a MIDI file')")
+    page.wait_for_function("() => document.getElementById('error').textContent.includes('not a MIDI file')")
     assert "notes.mid" in page.text_content("#error")
     assert page.query_selector_all("#results .variation") == []
 

@@ -32,6 +32,7 @@ SECURITY_HEADERS = [
                                   b"object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
 ]
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+DRAIN_BYTES = 32 * 2**20  # a refused body is read (and dropped) up to this size before the answer
 
 
 class BodyTooLarge(Exception):
@@ -90,6 +91,18 @@ def refusal(method: str, headers: dict[str, str], hosts: set[str]) -> tuple[int,
     return None
 
 
+async def drain(receive, limit: int) -> None:
+    """Read and drop up to `limit` more bytes of the request body: a client that sends its whole body
+    before reading the answer then reads the refusal, instead of a connection reset. Memory stays flat."""
+    while limit > 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        limit -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 class EdgeGuard:
     """ASGI middleware: Host / Origin / content-type checks, a streamed body cap, security headers, and
     a client that went away is not an error."""
@@ -118,14 +131,15 @@ class EdgeGuard:
             await send_with_headers({"type": "http.response.body", "body": body})
 
         refused = refusal(scope["method"], headers, self.hosts)
-        if refused is None:
-            length = headers.get("content-length", "0")
-            if not length.isdigit():
-                refused = 400, "the request's Content-Length is not a number"
-            elif int(length) > self.max_body:
-                refused = 413, self.too_large()
+        length = headers.get("content-length", "0")
+        if refused is None and not length.isdigit():
+            refused = 400, "the request's Content-Length is not a number"
+        elif refused is None and int(length) > self.max_body:
+            refused = 413, self.too_large()
         if refused is not None:
             log.info("refused %s %s (%d): %s", scope["method"], scope["path"], *refused)
+            if length.isdigit() and int(length) <= DRAIN_BYTES:
+                await drain(receive, DRAIN_BYTES)
             return await answer(*refused)
 
         received = 0
@@ -143,6 +157,8 @@ class EdgeGuard:
             await self.app(scope, counted_receive, send_with_headers)
         except BodyTooLarge:
             if not started:
+                log.info("refused %s %s (413): the body passed %d bytes", scope["method"], scope["path"], self.max_body)
+                await drain(receive, DRAIN_BYTES - received)
                 await answer(413, self.too_large())
         except ClientDisconnect:  # the client went away mid-upload: nobody to answer
             pass
