@@ -59,7 +59,7 @@ def midi_file(tpq: int, events: bytes) -> bytes:
 NOTE = b"\x00\x90\x3c\x40\x83\x60\x80\x3c\x40"  # middle C, one quarter note at tpq 480
 FILES = {
     "the 37-byte file (tpq 1, a 2^28-tick note)": midi_file(1, b"\x00\x90\x3c\x40\xff\xff\xff\x7f\x80\x3c\x40"),
-    "a 2^31-tick note at tpq 480": midi_file(480, b"\x00\x90\x3c\x40\x87\xff\xff\xff\x7f\x80\x3c\x40"),
+    "tpq 480, a 2^28-tick note": midi_file(480, b"\x00\x90\x3c\x40\xff\xff\xff\x7f\x80\x3c\x40"),
     "tpq 32767, a 2^27-tick note": midi_file(32767, b"\x00\x90\x3c\x40\xc0\x80\x80\x00\x80\x3c\x40"),
     "a tempo change at tick 2^28": midi_file(480, NOTE + b"\xff\xff\xff\x7f\xff\x51\x03\x07\xa1\x20"),
     "a meter change at tick 2^28": midi_file(480, NOTE + b"\xff\xff\xff\x7f\xff\x58\x04\x03\x02\x18\x08"),
