@@ -9,6 +9,7 @@ Playwright cannot download its own browser here, so the system package's Chromiu
 import io
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -463,9 +464,16 @@ def test_ctrl_c_during_a_generation_stops_cleanly(ckpt, tmp_path):
         while http(url, "GET", f"/api/jobs/{job['id']}")[2]["state"] != "running":
             time.sleep(0.1)
         assert [p.name.startswith("midistral-studio-") for p in tmp_path.iterdir() if p.is_dir()] == [True]
+        # an upload that stalls half-way must not hold the stop up (it blocked Ctrl-C)
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(f"POST /api/inspect HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 100000\r\n"
+                        "Content-Type: multipart/form-data; boundary=x\r\n\r\n--x".encode())
+        time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
     finally:
         proc.kill()
+    stalled.close()
     assert "Traceback" not in log.read_text() and "stopped" in log.read_text()
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []

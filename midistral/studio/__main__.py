@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     try:
         sock = listen(args.host, args.port)
         sampler = Sampler.load(args.ckpt, device=args.device, log=lambda msg: print(msg, file=sys.stderr))
-        studio = Studio(sampler, args.soundfont, name=str(sampler.ckpt))
+        studio = Studio(sampler, args.soundfont, name=args.ckpt)  # the page names the model as the user did
     except MidistralError as e:
         print(f"error: {e}", file=sys.stderr)
         if not Path(args.ckpt).exists():
