@@ -71,7 +71,7 @@ def press_generate(page, args) -> tuple[float, float]:
     page.click(f"#mode-buttons button[data-mode={mode}]")
     if args.prompt:
         page.set_input_files("#prompt-file", args.prompt)
-        page.wait_for_function("document.getElementById('prompt-info').textContent.includes('bars')")
+        page.wait_for_function("() => document.getElementById('prompt-info').textContent.includes('bars')")
     length = args.bars if args.unit == "bars" else args.tokens
     for selector, value in (("#variations", args.variations), ("#length", length), ("#seed", args.seed)):
         page.eval_on_selector(selector, "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }",
@@ -79,10 +79,10 @@ def press_generate(page, args) -> tuple[float, float]:
     page.evaluate("document.getElementById('results').replaceChildren()")
     t0 = time.perf_counter()
     page.click("#generate")
-    page.wait_for_function(f"document.querySelectorAll('#results .variation').length === {args.variations}",
+    page.wait_for_function(f"() => document.querySelectorAll('#results .variation').length === {args.variations}",
                            polling=20)
     shown = time.perf_counter() - t0
-    page.wait_for_function("[...document.querySelectorAll('#results img.roll')].every(i => i.complete && "
+    page.wait_for_function("() => [...document.querySelectorAll('#results img.roll')].every(i => i.complete && "
                            "i.naturalWidth)", polling=20)
     return shown, time.perf_counter() - t0
 
@@ -111,7 +111,7 @@ def main() -> None:
                 print(f"run {i}: sample.py {wall:.2f}s (generation {gen:.2f}s)  studio: variations shown "
                       f"{shown:.2f}s, piano rolls {rolls:.2f}s", flush=True)
             if args.screenshot:  # with the audio players loaded
-                page.wait_for_function("[...document.querySelectorAll('#results audio')].every(a => a.duration > 0)")
+                page.wait_for_function("() => [...document.querySelectorAll('#results audio')].every(a => a.duration > 0)")
                 page.screenshot(path=args.screenshot, full_page=True)
             browser.close()
     finally:

@@ -14,13 +14,15 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import symusic
 
-from midistral.errors import MidistralError
+from midistral.errors import MidiError, MidistralError
 from midistral.io import atomic_write_bytes
+from midistral.limits import MAX_BARS, check_timeline
 from midistral.metrics import DRUM_PROGRAM
 from midistral.tokenize import GM_NAMES, load_score
 
@@ -50,17 +52,45 @@ def keep_prompt_meta(score: symusic.Score, prompt) -> symusic.Score:
     return score
 
 
+def downbeats(score: symusic.Score, label: str = "score") -> np.ndarray:
+    """Bar lines in ticks (int64) up to the score's end: a new bar at every time signature, 4/4 before the
+    first. The same lines as symusic's get_downbeats, which never returns past tick 2^24; a score beyond
+    the limits of midistral.limits.check_timeline is a MidiError naming `label`."""
+    check_timeline(score, label)
+    tpq, end = int(score.tpq), int(score.end())
+    sigs = {0: (4, 4)}
+    for ts in sorted(score.time_signatures, key=lambda ts: ts.time):
+        sigs[int(ts.time)] = (int(ts.numerator), int(ts.denominator))
+    starts = sorted(sigs)
+    lines, total = [], 0
+    for i, start in enumerate(starts):
+        if start >= end:
+            break
+        num, den = sigs[start]
+        # a bar of tpq * 4 * num / den ticks, which may be a fraction: line k at round(k * bar), half up
+        bar_num, bar_den = tpq * 4 * max(num, 1), max(den, 1)
+        stop = min(starts[i + 1] if i + 1 < len(starts) else end, end)
+        count = -(-(stop - start) * bar_den // bar_num)  # lines k with k * bar < stop - start
+        total += count
+        if total > MAX_BARS:
+            raise MidiError(f"{label}: more than {MAX_BARS:,} bars (meter {num}/{den}); midistral reads fewer")
+        k = np.arange(count, dtype=np.int64)
+        ticks = start + (2 * k * bar_num + bar_den) // (2 * bar_den)
+        lines.append(ticks[ticks < stop])  # a rounded last line may reach the next meter
+    return np.concatenate(lines) if lines else np.zeros(0, np.int64)
+
+
 def first_bars(score: symusic.Score, k: int) -> symusic.Score:
     """The score cut at its k-th bar line (bar lines from its time signatures; 4/4 when it has none)."""
-    downbeats = score.get_downbeats()
-    if len(downbeats) > k:
-        return score.clip(0, int(downbeats[k]), clip_end=True)
+    lines = downbeats(score)
+    if len(lines) > k:
+        return score.clip(0, int(lines[k]), clip_end=True)
     return score
 
 
-def n_bars(score: symusic.Score) -> int:
+def n_bars(score: symusic.Score, label: str = "score") -> int:
     """Bars that start before the score's end (0 for a score with no notes)."""
-    return int((score.get_downbeats() < score.end()).sum()) if score.note_num() else 0
+    return int((downbeats(score, label) < score.end()).sum()) if score.note_num() else 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -89,6 +119,16 @@ def new_notes_per_track(score: symusic.Score, start_tick: int) -> list[tuple[str
 # Piano roll
 
 
+MAX_LEGEND = 24  # instruments named in a piano roll's legend
+
+
+def plain_text(text: str, limit: int = 90) -> str:
+    """A title or label cut to `limit` characters, never starting with "_" (which hides a legend entry).
+    It is drawn with parse_math=False: a file name with a pair of $ is not matplotlib math."""
+    text = str(text) if len(str(text)) <= limit else str(text)[:limit - 1] + "…"
+    return text.lstrip("_") or " "
+
+
 def piano_roll_png(score: symusic.Score, title: str, start_tick: int | None = None,
                    highlight: int | None = None) -> bytes:
     """A piano roll (quarter notes across, pitch up) as PNG bytes; one colour per track.
@@ -100,37 +140,48 @@ def piano_roll_png(score: symusic.Score, title: str, start_tick: int | None = No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.collections import PolyCollection
+    from matplotlib.patches import Patch
 
     tpq = score.tpq
-    fig, ax = plt.subplots(figsize=(14, 5), dpi=100)
-    colors = plt.get_cmap("tab10")
-    for i, t in enumerate(score.tracks):
-        n = t.notes.numpy()
-        if len(n["time"]) == 0:
-            continue
-        x0, x1 = n["time"] / tpq, (n["time"] + np.maximum(n["duration"], 1)) / tpq
-        y0, y1 = n["pitch"] - 0.4, n["pitch"] + 0.4
-        boxes = np.stack([np.stack([x0, y0], 1), np.stack([x1, y0], 1),
-                          np.stack([x1, y1], 1), np.stack([x0, y1], 1)], 1)
-        strong = highlight is None or i == highlight
-        ax.add_collection(PolyCollection(
-            boxes, facecolors=colors(i % 10), alpha=0.85 if strong else 0.25, zorder=2 if strong else 1,
-            edgecolors="black" if highlight == i else "none", linewidths=0.6,
-            label=t.name + (" (new)" if highlight == i else "")))
-    end = max(score.end(), 1) / tpq
-    for b in score.get_downbeats():
-        if b / tpq <= end:
-            ax.axvline(b / tpq, color="0.85", lw=0.5, zorder=0)
-    if start_tick:
-        ax.axvline(start_tick / tpq, color="red", lw=1.2, ls="--", label="continuation starts")
-    ax.set_xlim(0, end)
-    ax.set_ylim(20, 109)
-    ax.set_xlabel("quarter notes")
-    ax.set_ylabel("pitch")
-    ax.set_title(title)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper right", fontsize=7)
-    fig.tight_layout()
+    lines = downbeats(score)  # first: a score beyond midistral.limits is refused before any drawing
+    with plt.rc_context({"font.size": 15, "axes.titlesize": 18, "legend.fontsize": 14}):
+        fig, ax = plt.subplots(figsize=(14, 5), dpi=100)
+        colors = plt.get_cmap("tab10")
+        for i, t in enumerate(score.tracks):
+            n = t.notes.numpy()
+            if len(n["time"]) == 0:
+                continue
+            x0, x1 = n["time"] / tpq, (n["time"] + np.maximum(n["duration"], 1)) / tpq
+            y0, y1 = n["pitch"] - 0.4, n["pitch"] + 0.4
+            boxes = np.stack([np.stack([x0, y0], 1), np.stack([x1, y0], 1),
+                              np.stack([x1, y1], 1), np.stack([x0, y1], 1)], 1)
+            strong = highlight is None or i == highlight
+            ax.add_collection(PolyCollection(
+                boxes, facecolors=colors(i % 10), alpha=0.85 if strong else 0.25, zorder=2 if strong else 1,
+                edgecolors="black" if highlight == i else "none", linewidths=0.6,
+                label=plain_text(t.name + (" (new)" if highlight == i else ""))))
+        end = max(score.end(), 1) / tpq
+        ax.vlines(lines / tpq, 20, 109, color="0.85", lw=0.5, zorder=0)  # bar lines, one collection
+        if start_tick:
+            ax.axvline(start_tick / tpq, color="red", lw=1.2, ls="--", label="continuation starts")
+        ax.set_xlim(0, end)
+        ax.set_ylim(20, 109)
+        ax.set_xlabel("quarter notes")
+        ax.set_ylabel("pitch")
+        ax.set_title(plain_text(title), parse_math=False)
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            if len(handles) > MAX_LEGEND:  # an untrained model may write dozens of instruments
+                more = len(handles) - MAX_LEGEND + 1
+                handles, labels = handles[:MAX_LEGEND - 1] + [Patch(alpha=0)], labels[:MAX_LEGEND - 1] + [
+                    f"+{more} more"]
+            legend = ax.legend(handles, labels, loc="upper right", ncol=-(-len(handles) // 8),
+                               fontsize=None if len(handles) <= 8 else "small")
+            for text in legend.get_texts():
+                text.set_parse_math(False)
+        with warnings.catch_warnings():  # a tall legend: the layout stays as it is, which is fine
+            warnings.simplefilter("ignore", UserWarning)
+            fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

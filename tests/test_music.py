@@ -1,7 +1,10 @@
 """midistral.music: piano-roll PNGs decoded by Pillow, MIDI files read back by mido (an independent reader)
-and written atomically, prompt tempo/meter kept, bars cut."""
+and written atomically, prompt tempo/meter kept, bars cut; bar lines against symusic's get_downbeats, and
+scores past midistral.limits refused before any analysis."""
 
 import io
+import random
+import struct
 
 import numpy as np
 import pytest
@@ -10,6 +13,9 @@ from PIL import Image
 
 from conftest import score_of
 from midistral import music
+from midistral.errors import MidiError
+from midistral.limits import MAX_BARS, MAX_BEATS
+from midistral.tokenize import load_score
 
 
 
@@ -87,3 +93,69 @@ def test_first_bars_follows_meter_changes():
     s.time_signatures.append(symusic.TimeSignature(3 * 480, 2, 4))  # bar 0 in 3/4, then 2/4
     cut = music.first_bars(s, 3)  # 3 + 2 + 2 beats
     assert [n.time // 480 for n in cut.tracks[0].notes] == list(range(7))
+
+
+def midi_file(tpq: int, events: bytes) -> bytes:
+    track = events + b"\x00\xff\x2f\x00"
+    return b"MThd" + struct.pack(">IHHH", 6, 1, 1, tpq) + b"MTrk" + struct.pack(">I", len(track)) + track
+
+
+NOTE = b"\x00\x90\x3c\x40\x83\x60\x80\x3c\x40"  # one quarter note at tpq 480
+HOSTILE = {  # each parses; each made symusic's get_downbeats run for minutes or run out of memory
+    "tpq 1, a 2^28-tick note (37 bytes)": midi_file(1, b"\x00\x90\x3c\x40\xff\xff\xff\x7f\x80\x3c\x40"),
+    "tpq 480, a 2^28-tick note": midi_file(480, b"\x00\x90\x3c\x40\xff\xff\xff\x7f\x80\x3c\x40"),
+    "a tempo change at tick 2^28": midi_file(480, NOTE + b"\xff\xff\xff\x7f\xff\x51\x03\x07\xa1\x20"),
+    "a meter change at tick 2^28": midi_file(480, NOTE + b"\xff\xff\xff\x7f\xff\x58\x04\x03\x02\x18\x08"),
+    "a controller at tick 2^28": midi_file(480, NOTE + b"\xff\xff\xff\x7f\xb0\x07\x40"),
+    "tpq 0": midi_file(0, NOTE),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_timelines_are_refused_before_any_analysis(name):
+    score = load_score(HOSTILE[name], name)
+    for analyse in (music.n_bars, music.downbeats, lambda s: music.first_bars(s, 2),
+                    lambda s: music.piano_roll_png(s, "t")):
+        with pytest.raises(MidiError, match="quarter note"):
+            analyse(score)
+    assert len(HOSTILE["tpq 1, a 2^28-tick note (37 bytes)"]) == 37
+
+
+def test_large_but_bounded_scores_are_analysed():
+    # the largest tpq a header holds, 16 beats of 4/4; and a score right at the end bound
+    assert music.n_bars(load_score(midi_file(32767, b"\x00\x90\x3c\x40\x9f\xff\x70\x80\x3c\x40"))) == 4
+    at_bound = score_of({(0, False): [(0, MAX_BEATS * 480, 60)]})
+    assert music.n_bars(at_bound) == MAX_BEATS // 4
+    with pytest.raises(MidiError, match="quarter notes"):
+        music.n_bars(score_of({(0, False): [(0, MAX_BEATS * 480 + 1, 60)]}))
+    # 1/16 bars are a sixteenth long: the bound on bars, not on beats, refuses this one
+    with pytest.raises(MidiError, match="bars"):
+        music.n_bars(score_of({(0, False): [(0, (MAX_BARS // 4 + 1) * 480, 60)]}, ts=(1, 16)))
+
+
+def test_downbeats_match_symusic_within_one_meter():
+    """symusic's get_downbeats as the oracle where it holds: one meter, ends far below tick 2^24."""
+    rng = random.Random(0)
+    for _ in range(300):
+        tpq = rng.choice([1, 3, 24, 96, 480, 960])
+        meter = (rng.randint(1, 13), rng.choice([1, 2, 4, 8, 16]))
+        s = score_of({(0, False): [(0, rng.randint(1, 60 * tpq), 60)]}, ts=meter, tpq=tpq)
+        want = np.asarray(s.get_downbeats())
+        assert music.downbeats(s).tolist() == want[want < s.end()].tolist(), (tpq, meter, s.end())
+
+
+def test_downbeats_start_a_bar_at_every_meter_change():
+    s = score_of({(0, False): [(0, 20 * 480, 60)]}, ts=(3, 4))
+    s.time_signatures.append(symusic.TimeSignature(3 * 480 + 240, 2, 4))  # in the middle of bar 2
+    assert (music.downbeats(s) // 240).tolist() == [0, 6, 7, 11, 15, 19, 23, 27, 31, 35, 39]
+    no_meter = score_of({(0, False): [(0, 9 * 480, 60)]})
+    no_meter.time_signatures = []
+    assert music.downbeats(no_meter).tolist() == [0, 1920, 3840]  # 4/4 when the file names none
+
+
+def test_piano_roll_draws_dollar_names_as_text():
+    """A file or track name with a pair of $ is not matplotlib math (it raised a ParseFatalException)."""
+    s = score_of({(0, False): [(0, 480, 60)]})
+    s.tracks[0].name = "$\\frac{$"
+    png = music.piano_roll_png(s, "Variation 1 of $x_\\bad{$.mid" + "x" * 500, start_tick=240, highlight=0)
+    assert Image.open(io.BytesIO(png)).size == (1400, 500)

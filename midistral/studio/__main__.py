@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ import uvicorn
 from midistral.errors import ArgumentParser, MidistralError
 from midistral.sampler import Sampler
 from midistral.studio.app import create_app
+from midistral.studio.edge import TimedH11Protocol
 from midistral.studio.jobs import Studio
 
 
@@ -49,13 +52,21 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+class Stop(Exception):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the studio stops the same clean way."""
+
+
+def stop(signum, frame):
+    raise Stop()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         sock = listen(args.host, args.port)
         sampler = Sampler.load(args.ckpt, device=args.device, log=lambda msg: print(msg, file=sys.stderr))
-        studio = Studio(sampler, args.soundfont, name=str(sampler.ckpt))
+        studio = Studio(sampler, args.soundfont, name=args.ckpt)  # the page names the model as the user did
     except MidistralError as e:
         print(f"error: {e}", file=sys.stderr)
         if not Path(args.ckpt).exists():
@@ -69,11 +80,23 @@ def main(argv=None) -> int:
         print(f"note: listening on {host}: other machines that reach it can use the studio", file=sys.stderr)
     if studio.audio_problem:
         print(f"note: no audio in the page: {studio.audio_problem}", file=sys.stderr)
-    config = uvicorn.Config(create_app(studio), log_level="warning")
+    # TimedH11Protocol: slow clients are cut off (edge.READ_TIMEOUT); a request still running 10 s after
+    # Ctrl-C is cancelled; a second Ctrl-C quits at once
+    config = uvicorn.Config(create_app(studio, args.host), log_level="warning", http=TimedH11Protocol,
+                            timeout_keep_alive=5, timeout_graceful_shutdown=10)
+    # uvicorn raises the signal it caught again once it has stopped: both end here, without a traceback
+    signal.signal(signal.SIGTERM, stop)
     try:
         uvicorn.Server(config).run(sockets=[sock])
-    finally:
+    except (KeyboardInterrupt, Stop):
+        pass
+    try:
         studio.close()
+    except (KeyboardInterrupt, Stop):  # asked twice: do not wait for the generation
+        studio.close(wait=False)
+        print("midistral studio: stopped without waiting for the running generation", file=sys.stderr, flush=True)
+        os._exit(1)
+    print("midistral studio: stopped", file=sys.stderr)
     return 0
 
 

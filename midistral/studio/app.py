@@ -9,8 +9,11 @@
     GET  /api/jobs/{id}/{k}/audio.wav   variation k played with a General MIDI SoundFont (rendered once)
     GET  /api/jobs/{id}/{k}/midi        variation k as a MIDI file (a download)
 
-A user's mistake answers 400 (413 for a too large upload) with {"error": "<one line>"}; the page
-shows that line.
+    GET  /favicon.ico, /favicon.svg     the page's icon
+
+A user's mistake answers 400 (413 for a too large upload, 429 when the queue is full) with
+{"error": "<one line>"}; the page shows that line. edge.py refuses, before the app reads anything, requests
+from other origins or for other hosts and bodies past the upload cap.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from midistral.errors import MidistralError
-from midistral.studio.jobs import AudioUnavailable, Job, Missing, Studio, Variation
+from midistral.studio.edge import EdgeGuard, one_line
+from midistral.studio.jobs import AudioUnavailable, Job, Missing, QueueFull, Studio, Variation
 from midistral.studio.settings import (BOUNDS, MAX_UPLOAD_BYTES, UploadTooLarge, describe_prompt, instruments,
                                        parse_request, read_prompt)
 
@@ -31,14 +35,13 @@ STATIC = Path(__file__).parent / "static"
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the other fields, beside the file itself
 
 
+FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
+           b'fill="#2f6f5e"/><path d="M6 12.5V4l6-1.5v8" stroke="#fff" stroke-width="1.4" fill="none"/>'
+           b'<circle cx="4.7" cy="12.5" r="1.8" fill="#fff"/><circle cx="10.7" cy="10.5" r="1.8" fill="#fff"/></svg>')
+
+
 async def read_form(request: Request):
-    """The posted form and its file (bytes, name); a MidistralError for a too large or missing body."""
-    length = request.headers.get("content-length")
-    if length is None or not length.isdigit():
-        raise MidistralError("the upload has no Content-Length")
-    if int(length) > MAX_UPLOAD_BYTES + FORM_OVERHEAD:
-        raise UploadTooLarge(f"the file is {int(length) / 2**20:.1f} MB; a prompt may have at most "
-                             f"{MAX_UPLOAD_BYTES // 2**20} MB")
+    """The posted form and its file (bytes, name). The body's size is bounded by EdgeGuard as it streams in."""
     form = await request.form(max_files=1, max_fields=32)
     upload = form.get("prompt")
     if upload is None or isinstance(upload, str) or not upload.filename:
@@ -70,16 +73,25 @@ def find_variation(studio: Studio, job_id: str, k: int) -> Variation:
 
 
 # the HTTP status of each kind of mistake; any other MidistralError is a 400
-STATUS = ((UploadTooLarge, 413), (Missing, 404), (AudioUnavailable, 503))
+STATUS = ((UploadTooLarge, 413), (Missing, 404), (QueueFull, 429), (AudioUnavailable, 503))
 
 
-def create_app(studio: Studio) -> FastAPI:
+def create_app(studio: Studio, bind_host: str = "127.0.0.1") -> FastAPI:
+    """The app; `bind_host` is the address the server listens on (requests must name it or localhost)."""
     app = FastAPI(title="midistral studio", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(EdgeGuard, bind_host=bind_host, max_body=MAX_UPLOAD_BYTES + FORM_OVERHEAD)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(MidistralError)
     def user_mistake(request: Request, e: MidistralError) -> JSONResponse:
-        return JSONResponse({"error": str(e)}, status_code=next((s for cls, s in STATUS if isinstance(e, cls)), 400))
+        status = next((s for cls, s in STATUS if isinstance(e, cls)), 400)
+        headers = {"Retry-After": str(e.retry_after)} if isinstance(e, QueueFull) else None
+        return JSONResponse({"error": one_line(str(e))}, status_code=status, headers=headers)
+
+    @app.get("/favicon.ico")
+    @app.get("/favicon.svg")
+    def favicon():
+        return Response(FAVICON, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/")
     def page():

@@ -9,6 +9,7 @@ and its audio the first time the page asks for it. The studio keeps the last few
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import shutil
 import tempfile
@@ -23,10 +24,13 @@ import symusic
 
 from midistral import music
 from midistral.errors import MidistralError
+from midistral.general_midi import program_name
 from midistral.io import atomic_write_bytes
 from midistral.sampler import Sampler, controls, rejection_reasons
 from midistral.sampling import SAMPLING
-from midistral.studio.settings import MODES, Request
+from midistral.studio.edge import one_line
+from midistral.studio.settings import MODES, Request, shown_name
+from midistral.tokenize import load_score
 
 log = logging.getLogger("midistral.studio")
 KEEP_JOBS = 12      # finished jobs whose files stay available
@@ -41,6 +45,16 @@ class Missing(MidistralError):
 
 class AudioUnavailable(MidistralError):
     """No SoundFont or no fluidsynth on this machine: the page plays nothing but shows the rest."""
+
+
+class QueueFull(MidistralError):
+    """MAX_WAITING jobs already wait: try again in `retry_after` seconds."""
+
+    retry_after = 10
+
+
+class Stopped(Exception):
+    """Raised from the progress callback when the studio stops: ends the running generation early."""
 
 
 @dataclass
@@ -70,6 +84,19 @@ class Job:
     variations: list[Variation] = field(default_factory=list)
 
 
+# the sampler's messages name its command-line options; the page names its own buttons
+PAGE_WORDS = ((re.compile(r"--replace-track(?: -?\d+)?"), "Replace a track"),
+              (re.compile(r"--add-track(?: -?\d+)?"), "Add a track"),
+              (re.compile(r"\breplace-track:"), "Replace a track:"), (re.compile(r"\badd-track:"), "Add a track:"))
+
+
+def page_text(text: str) -> str:
+    """A sampler message as the page shows it: one bounded line, in the page's words."""
+    for pattern, words in PAGE_WORDS:
+        text = pattern.sub(words, text)
+    return one_line(text)
+
+
 def quality(sample) -> dict:
     """The quality line of one variation: instruments, bars, loops, out-of-key, silent prompt instruments."""
     score, m = sample.score, sample.metrics
@@ -78,8 +105,17 @@ def quality(sample) -> dict:
         "bars": music.n_bars(score), "notes": score.note_num(), "seconds": round(score.to("second").end(), 1),
         "loops": round(m["loop_score"], 3), "out_of_key": round(m["out_of_key"], 3),
         "silent": round(m["silent_share"], 3), "warnings": rejection_reasons(m), "line": sample.line,
-        "report": sample.report,
+        "report": page_text(sample.report),
     }
+
+
+def check_new_track(r: Request) -> None:
+    """Add a track: the instrument must be new to the piece (rewriting one is Replace a track)."""
+    playing = {music.track_program(t) for t in load_score(r.prompt, r.prompt_name).tracks if len(t.notes)}
+    if r.track_program in playing:
+        name = program_name(r.track_program)
+        raise MidistralError(f"{name} already plays in {shown_name(r.prompt_name)}: choose Replace a track "
+                             "to write new notes for it, or another instrument")
 
 
 class Studio:
@@ -103,6 +139,7 @@ class Studio:
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.jobs_lock = threading.Lock()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="studio-generate")
+        self.stopping = threading.Event()
         # importing matplotlib and drawing a first figure takes seconds: done now, not after the first Generate
         self.worker.submit(music.piano_roll_png, symusic.Score(480), "")
 
@@ -114,8 +151,18 @@ class Studio:
                              "no_repeat_ngram": SAMPLING.no_repeat_ngram_size},
                 "context": self.sampler.context}
 
-    def close(self) -> None:
-        self.worker.shutdown(wait=False, cancel_futures=True)
+    def close(self, wait: bool = True) -> None:
+        """Stop: queued jobs are dropped, the running one ends at its next token (an added track at its next
+        variation) and is waited for (unless not `wait`), then the temporary folder is deleted."""
+        self.stopping.set()
+        with self.jobs_lock:
+            running = any(j.state == "running" for j in self.jobs.values())
+            for j in self.jobs.values():
+                for v in j.variations:
+                    v.roll_ready.set()  # requests waiting for a piano roll answer now
+        if running:
+            log.info("stopping the running generation")
+        self.worker.shutdown(wait=wait, cancel_futures=True)
         shutil.rmtree(self.folder, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------------
@@ -125,7 +172,7 @@ class Studio:
         with self.jobs_lock:
             waiting = sum(j.state == "queued" for j in self.jobs.values())
             if waiting >= MAX_WAITING:
-                raise MidistralError(f"{waiting} generations are already waiting; try again when one is done")
+                raise QueueFull(f"{waiting} generations are already waiting; try again when one is done")
             job = Job(secrets.token_hex(8), request)
             self.jobs[job.id] = job
             self._forget_old_jobs()
@@ -162,8 +209,14 @@ class Studio:
             job.variations = [self._save_midi(folder, k, s) for k, s in enumerate(samples)]
             job.state = "done"
         except MidistralError as e:
-            job.error, job.state = str(e), "failed"
+            job.error, job.state = page_text(str(e)), "failed"
+        except Stopped:
+            job.error, job.state = "the studio was stopped", "failed"
+            return
         except Exception:  # our bug: the page says so, the terminal keeps the traceback
+            if self.stopping.is_set():  # the studio stopped under the job (its folder is gone): not a bug
+                job.error, job.state = "the studio was stopped", "failed"
+                return
             log.exception("generation %s failed", job.id)
             job.error, job.state = "internal error: the studio's terminal shows what went wrong", "failed"
         job.seconds = time.monotonic() - job.started
@@ -175,9 +228,13 @@ class Studio:
         r = job.request
 
         def progress(step: int, total: int) -> None:
+            if self.stopping.is_set():
+                raise Stopped()
             job.step, job.total = step, total
 
         common = dict(num_samples=r.variations, seed=r.seed, on_progress=progress)
+        if r.mode == "add":
+            check_new_track(r)
         if r.mode in ("add", "replace"):
             return self.sampler.accompany(r.prompt, r.track_program, r.sampling, replace=r.mode == "replace",
                                           prompt_name=r.prompt_name, **common)
@@ -192,6 +249,9 @@ class Studio:
     def _draw_rolls(self, job: Job, samples: list) -> None:
         name = job.request.prompt_name
         for v, sample in zip(job.variations, samples):
+            if self.stopping.is_set():
+                v.roll_ready.set()
+                continue
             try:
                 title = f"Variation {v.index + 1}" + (f" of {name}" if name else "")
                 atomic_write_bytes(v.path(".png"), sample.piano_roll_png(title))

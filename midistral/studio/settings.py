@@ -13,7 +13,8 @@ from pathlib import PurePath
 
 import symusic
 
-from midistral.errors import MidistralError
+from midistral.errors import MidiError, MidistralError
+from midistral.limits import check_timeline
 from midistral.metrics import DRUM_PROGRAM
 from midistral.music import n_bars, track_program
 from midistral.general_midi import program_family, program_name
@@ -96,20 +97,35 @@ def program(raw: str, label: str) -> int:
     return value
 
 
+def shown_name(name: str, limit: int = 60) -> str:
+    """An upload's file name as messages show it: its last path part, cut to `limit` characters."""
+    name = PurePath(str(name).replace("\\", "/")).name or "the file"
+    return name if len(name) <= limit else name[:limit - 1] + "…"
+
+
 def read_prompt(data: bytes, name: str) -> symusic.Score:
-    """The uploaded file as a Score, or a MidiError saying why it is not a usable MIDI file."""
+    """The uploaded file as a Score within the bounds of midistral.limits (notes, tracks, length, ticks per
+    quarter), or a MidiError saying in plain words why it is not a usable MIDI file."""
+    label = shown_name(name)
     if len(data) > MAX_UPLOAD_BYTES:
-        raise UploadTooLarge(f"{name}: {len(data) / 2**20:.1f} MB is more than the "
-                             f"{MAX_UPLOAD_BYTES // 2**20} MB a prompt may have")
-    return load_score(data, name)
+        raise UploadTooLarge(f"{label}: {len(data) / 2**20:.1f} MB; a prompt may have at most "
+                             f"{MAX_UPLOAD_BYTES // 2**20} MB")
+    try:
+        score = load_score(data, label)
+    except MidiError as e:
+        if "unreadable MIDI" in str(e):  # the parser's own words (chunk lengths, iostream) say nothing to a user
+            raise MidiError(f"not a readable MIDI file: {label} (it is cut short or damaged)") from None
+        raise
+    check_timeline(score, label)
+    return score
 
 
 def describe_prompt(score: symusic.Score, name: str) -> dict:
-    """What the page shows about an uploaded prompt: its instruments, bars and length."""
+    """What the page shows about an uploaded prompt (read by read_prompt): its instruments, bars and length."""
     tracks = [{"name": program_name(track_program(t)), "program": track_program(t),
                "notes": len(t.notes)} for t in score.tracks if len(t.notes)]
-    return {"name": name, "tracks": tracks, "bars": n_bars(score), "notes": score.note_num(),
-            "seconds": round(score.to("second").end(), 1)}
+    return {"name": shown_name(name), "tracks": tracks, "bars": n_bars(score, shown_name(name)),
+            "notes": score.note_num(), "seconds": round(score.to("second").end(), 1)}
 
 
 def parse_request(form, prompt: bytes | None, prompt_name: str, modes: list[str], length_in_bars: bool) -> Request:

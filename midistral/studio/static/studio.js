@@ -249,6 +249,11 @@ function showResults(job) {
     const quality = card.querySelector(".quality");
     quality.title = v.line;
     quality.append(...qualityTags(v));
+    // the sampler's own line: new notes per instrument and its warnings (e.g. a track it left silent)
+    const report = card.querySelector(".report");
+    report.textContent = v.report || "";
+    report.hidden = !v.report;
+    if (v.report && v.report.includes("[")) report.classList.add("warn");
     results.append(card);
   });
 }
