@@ -96,6 +96,14 @@ class Studio:
         self.port = int(m.group(1))
         self.host = f"127.0.0.1:{self.port}"
 
+    @classmethod
+    def at(cls, url: str) -> "Studio":
+        """A studio already running at `url` (http://127.0.0.1:PORT/), for requests only."""
+        studio = cls.__new__(cls)
+        studio.port = int(url.rstrip("/").rsplit(":", 1)[1])
+        studio.host = f"127.0.0.1:{studio.port}"
+        return studio
+
     def rss_mb(self) -> float:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
