@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -84,17 +86,26 @@ def multipart(fields: dict, file: tuple[str, bytes] | None = None) -> tuple[byte
 class Studio:
     """The server process, its log, its RSS and a connection for requests."""
 
-    def __init__(self, ckpt: Path, log: Path):
+    def __init__(self, ckpt: Path, log: Path, tmpdir: Path | None = None):
         self.log = log
+        env = {**os.environ, "TMPDIR": str(tmpdir)} if tmpdir else None  # its own temporary folder, to check
         with open(log, "w") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "midistral.studio", "--ckpt", str(ckpt), "--port", "0"],
-                                         cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+                                         cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         line = self.proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
         if not m:
             sys.exit(f"the studio did not start: {line!r} {log.read_text()[-2000:]}")
         self.port = int(m.group(1))
         self.host = f"127.0.0.1:{self.port}"
+
+    @classmethod
+    def at(cls, url: str) -> "Studio":
+        """A studio already running at `url` (http://127.0.0.1:PORT/), for requests only."""
+        studio = cls.__new__(cls)
+        studio.port = int(url.rstrip("/").rsplit(":", 1)[1])
+        studio.host = f"127.0.0.1:{studio.port}"
+        return studio
 
     def rss_mb(self) -> float:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
@@ -304,19 +315,19 @@ def detail_of(result) -> tuple[int, str]:
 
 def sigint_during_generation(ckpt: Path, log: Path) -> tuple[str, str]:
     """A second studio, Ctrl-C while it generates: its exit, the seconds to stop and its temporary folder."""
-    studio = Studio(ckpt, log)
+    tmp = log.parent / "sigint-tmp"
+    tmp.mkdir()
+    studio = Studio(ckpt, log, tmp)
     status, _, body = studio.post_form("/api/generate", {"mode": "generate", "variations": "8", "bars": "64",
                                                          "tokens": "2048"})
     while json.loads(studio.request("GET", f"/api/jobs/{json.loads(body)['id']}")[2])["state"] != "running":
         time.sleep(0.1)
     time.sleep(1.0)
-    folders = set(Path(tempfile.gettempdir()).glob("midistral-studio-*"))
     t0 = time.perf_counter()
     studio.proc.send_signal(signal.SIGINT)
     code = studio.proc.wait(60)
-    left = set(Path(tempfile.gettempdir()).glob("midistral-studio-*")) & folders
-    return (f"exit {code}", f"stopped in {time.perf_counter() - t0:.1f} s; temporary folders left: "
-                            f"{len([f for f in left if f.stat().st_mtime > time.time() - 600])}")
+    left = list(tmp.glob("midistral-studio-*"))
+    return f"exit {code}", f"stopped in {time.perf_counter() - t0:.1f} s; temporary folders left: {len(left)}"
 
 
 def main() -> int:
@@ -373,7 +384,11 @@ def main() -> int:
           f"server exit after the probes: {studio.proc.returncode}")
     if tracebacks:
         print(log[-3000:] + sigint_log[-3000:])
-    return 0 if met == len(rows) and not tracebacks else 1
+    if met == len(rows) and not tracebacks:
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
+    print(f"the server logs are kept in {work}")
+    return 1
 
 
 if __name__ == "__main__":

@@ -357,9 +357,7 @@ def test_upload_cap_counts_streamed_bytes_whatever_the_headers_say(server, hosti
     """200 MB sent chunked (with and without a false Content-Length): 413 after a few MB, the server's
     memory flat; a declared Content-Length over the cap: 413 before the body is read."""
     pid = SERVER_PID[0]
-    studio = hostile.Studio.__new__(hostile.Studio)
-    studio.port = int(server.rstrip("/").rsplit(":", 1)[1])
-    studio.host = f"127.0.0.1:{studio.port}"
+    studio = hostile.Studio.at(server)
     before = server_rss_mb(pid)
     for false_length in (False, True):
         status, sent = hostile.chunked_upload(studio, 200 * 2**20, false_length)
@@ -414,9 +412,7 @@ def test_error_text_is_one_bounded_line(server):
 def test_stalled_and_aborted_connections_are_closed_without_tracebacks(server, hostile):
     """Connections that stop in their headers or in their body are closed after the read timeout; an
     upload whose client leaves half-way is dropped in silence (it logged a 65-line ClientDisconnect)."""
-    studio = hostile.Studio.__new__(hostile.Studio)
-    studio.port = int(server.rstrip("/").rsplit(":", 1)[1])
-    studio.host = f"127.0.0.1:{studio.port}"
+    studio = hostile.Studio.at(server)
     assert hostile.aborted_upload(studio)[0] == 0
     status, note = hostile.stalled(studio, 4, b"GET / HTTP/1.1\r\nHost: x")  # returns once all are closed
     assert "4 of 4 closed" in note
