@@ -28,9 +28,9 @@ import symusic
 
 from midistral.errors import CheckpointError, MidiError
 from midistral.io import atomic_write_json, read_tokenizer_json
-from midistral.limits import check_midi_size, check_score
 from midistral.tokenize.bpe import BPE
 from midistral.tokenize.config import DEFAULT_PARAMS, REMIConfig
+from midistral.tokenize.midi_io import load_score, midi_label
 from midistral.tokenize.miditok_json import read_miditok
 from midistral.tokenize.parallel import EncodeResult, encode_many
 from midistral.tokenize.training import train_bpe
@@ -81,41 +81,6 @@ GM_NAMES = [
     "Melodic Tom", "Synth Drum", "Reverse Cymbal", "Guitar Fret Noise", "Breath Noise", "Seashore",
     "Bird Tweet", "Telephone Ring", "Helicopter", "Applause", "Gunshot",
 ]
-
-
-def load_score(midi, name: str | None = None) -> symusic.Score:
-    """A symusic Score (ticks) from a path, MIDI bytes or a Score; MidiError naming the file otherwise."""
-    if isinstance(midi, symusic.Score):
-        return midi
-    if isinstance(midi, (bytes, bytearray, memoryview)):
-        data, label = bytes(midi), name or "<bytes>"
-    elif isinstance(midi, (str, os.PathLike)):
-        label = str(midi)
-        try:
-            if Path(midi).is_file():
-                check_midi_size(Path(midi).stat().st_size, label)  # before reading it all
-            data = Path(midi).read_bytes()
-        except FileNotFoundError:
-            raise MidiError(f"{label}: no such file") from None
-        except IsADirectoryError:
-            raise MidiError(f"{label}: is a folder, not a MIDI file") from None
-        except OSError as e:
-            raise MidiError(f"{label}: cannot be read ({e.strerror})") from None
-    else:
-        raise MidiError(f"{name or midi!r}: expected a path, MIDI bytes or a symusic.Score, got {type(midi).__name__}")
-    if len(data) == 0:
-        raise MidiError(f"{label}: empty file")
-    check_midi_size(len(data), label)
-    if data[:4] != b"MThd":
-        what = "a RIFF MIDI" if data[:4] == b"RIFF" else "not a MIDI file"
-        raise MidiError(f"{label}: {what} (no MThd header)")
-    try:
-        score = symusic.Score.from_midi(data)
-    except Exception as e:  # symusic raises RuntimeError/ValueError with a short reason
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise MidiError(f"{label}: unreadable MIDI ({reason})") from None
-    check_score(score, label)  # too many notes or tracks to encode in bounded time and memory
-    return score
 
 
 def _round_half_away(x: np.ndarray) -> np.ndarray:
@@ -376,15 +341,15 @@ class REMI:
         """Base ids, the tick each token belongs to, and the bar-line ticks (for splitting per bar)."""
         score = load_score(midi)
         if score.ticks_per_quarter <= 0:
-            raise MidiError(f"{_label(midi)}: invalid ticks per quarter ({score.ticks_per_quarter})")
+            raise MidiError(f"{midi_label(midi)}: invalid ticks per quarter ({score.ticks_per_quarter})")
         tpq, ts_list, tracks, tempo_times, tempo_idx = self._preprocess(score)
         if not tracks:
-            raise MidiError(f"{_label(midi)}: no notes (within the tokenizer's pitch ranges)")
+            raise MidiError(f"{midi_label(midi)}: no notes (within the tokenizer's pitch ranges)")
         events = self._events(ts_list, tracks, tempo_times, tempo_idx)
         ids, ticks, overflow = self._with_time_tokens(tpq, ts_list, *events)
         if overflow >= 0:
             raise MidiError(
-                f"{_label(midi)}: the piece needs Bar_{overflow} but the vocabulary stops at "
+                f"{midi_label(midi)}: the piece needs Bar_{overflow} but the vocabulary stops at "
                 f"Bar_{self.config.max_bar_embedding - 1} (max_bar_embedding={self.config.max_bar_embedding})"
             )
         return ids, ticks, self._bar_ticks(ts_list, tpq, int(ticks.max()) if len(ticks) else 0)
@@ -602,10 +567,6 @@ class _Timeline:
         k = np.searchsorted(self.ts_times, t, side="right") - 1
         step, start = self.grid[0][k], self.grid[1][k]
         return (np.round((t - start) / step) * step + start).astype(np.int64)
-
-
-def _label(midi) -> str:
-    return str(midi) if isinstance(midi, (str, os.PathLike)) else "<score>" if isinstance(midi, symusic.Score) else "<bytes>"
 
 
 class _TimeState:
