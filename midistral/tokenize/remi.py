@@ -29,6 +29,7 @@ import symusic
 from midistral.errors import CheckpointError, MidiError
 from midistral.io import atomic_write_json, read_tokenizer_json
 from midistral.tokenize.bpe import BPE
+from midistral.tokenize.chords import detect_chords
 from midistral.tokenize.config import DEFAULT_PARAMS, REMIConfig
 from midistral.tokenize.midi_io import load_score, midi_label
 from midistral.tokenize.miditok_json import read_miditok
@@ -303,37 +304,6 @@ class REMI:
             ts.insert(0, [0, 4, 4])
         return [tuple(x) for x in ts]
 
-    def _detect_chords(self, tr: dict) -> tuple[list[int], list[int]]:
-        """remi-spec §4.3 (MidiTok's algorithm, including its order sensitivity): (times, quality ids)."""
-        start, end, pitch, tpb = (tr[k].tolist() for k in ("time", "end", "pitch", "tpb"))
-        n = len(start)
-        times, quals = [], []
-        qualities, max_res = self.chord_qualities, self.max_res
-        count, previous = 0, -1
-        while count < n:
-            s0 = start[count]
-            if s0 == previous:
-                count += 1
-                continue
-            half = tpb[count] // 2
-            horizon = s0 + tpb[count] / max_res
-            idx = [j for j in range(count, min(count + 10, n)) if start[j] <= horizon]
-            e0 = end[idx[0]]
-            if any(abs(end[j] - e0) > half for j in idx):
-                count += len(idx)
-                continue
-            if end[count] - s0 <= half:
-                idx = [j for j in idx if start[j] == s0]
-            if 3 <= len(idx) <= 5:
-                p0 = pitch[idx[0]]
-                cmap = tuple(pitch[j] - p0 for j in idx)
-                if cmap[-1] <= 24 and cmap in qualities:
-                    times.append(min(start[j] for j in idx))
-                    quals.append(qualities[cmap])
-            previous = max(start[j] for j in idx)
-            count += len(idx)
-        return times, quals
-
     # ------------------------------------------------------------------------------------------------
     # encoding (remi-spec §4, §5)
 
@@ -373,7 +343,8 @@ class REMI:
         for tr in tracks:
             prog = self.program_id[tr["program"]]
             if self.config.use_chords and tr["program"] != -1:
-                ct, cq = self._detect_chords(tr)
+                ct, cq = detect_chords(tr["time"], tr["end"], tr["pitch"], tr["tpb"], self.max_res,
+                                       self.chord_qualities)
                 if ct:
                     ct = np.array(ct, dtype=np.int64)
                     add(ct, ct, 2, np.full_like(ct, prog), self.chord0 + np.array(cq, dtype=np.int64))
