@@ -360,35 +360,56 @@ class REMI:
 
     def _with_time_tokens(self, tpq, ts_list, times, ends, kinds, rows):
         """remi-spec §5: the event ids with Rest, Bar, TimeSig recall and Position tokens before each tick;
-        (ids, tick of each token, highest Bar_<n> past the vocabulary or -1)."""
-        lens = (rows >= 0).sum(1)
-        starts = np.flatnonzero(np.r_[True, times[1:] != times[:-1]])
-        stops = np.r_[starts[1:], len(times)]
-        end_before = np.r_[0, np.maximum.accumulate(np.maximum.reduceat(ends, starts))[:-1]]
-        flat_ids = rows[rows >= 0].tolist()
-        item_off = np.r_[0, np.cumsum(lens)].tolist()
-        kinds, times_l = kinds.tolist(), times.tolist()
-        ts_at = {t: ts for t, *ts in ts_list}
+        (ids, tick of each token, highest Bar_<n> past the vocabulary or -1).
 
-        out: list[int] = []
-        ticks: list[int] = []
+        The clock runs once per tick and writes only the time tokens; the event ids are put after the time
+        tokens that precede them with numpy."""
+        starts = np.flatnonzero(np.r_[True, times[1:] != times[:-1]])
+        end_before = np.r_[0, np.maximum.accumulate(np.maximum.reduceat(ends, starts))[:-1]]
+        ts_opens = (kinds[starts] == 0).tolist()  # a time signature change opens the tick
+        ts_at = {t: ts for t, *ts in ts_list}
+        clock_ids: list[int] = []
+        clock_ticks: list[int] = []
+        # after each tick's time tokens: (first event of the tick, time tokens so far); a meter change adds one
+        first_event, n_before = [], []
         st = _TimeState(self, tpq, ts_list[0])
-        for a, b, prev_end in zip(starts.tolist(), stops.tolist(), end_before.tolist()):
-            t = times_l[a]
-            if kinds[a] == 0:  # a time signature change opens this tick
-                st.advance(t, prev_end, True, out, ticks)
-                out.append(flat_ids[item_off[a]])
-                ticks.append(t)
+        for a, t, prev_end, opens in zip(starts.tolist(), times[starts].tolist(), end_before.tolist(), ts_opens):
+            if opens:
+                st.advance(t, prev_end, True, clock_ids, clock_ticks)
+                first_event.append(a)
+                n_before.append(len(clock_ids))
                 st.change_ts(t, (t, *ts_at[t]))
                 a += 1
                 prev_end = max(prev_end, t)
-                if a == b:
+                if a == len(times) or times[a] != t:
                     continue
-            st.advance(t, prev_end, False, out, ticks)
-            lo, hi = item_off[a], item_off[b]
-            out += flat_ids[lo:hi]
-            ticks += [t] * (hi - lo)
-        return np.array(out, dtype=np.int64), np.array(ticks, dtype=np.int64), st.overflow
+            st.advance(t, prev_end, False, clock_ids, clock_ticks)
+            first_event.append(a)
+            n_before.append(len(clock_ids))
+        ids, ticks = self._interleave(rows, times, np.array(clock_ids, dtype=np.int64),
+                                      np.array(clock_ticks, dtype=np.int64), first_event, n_before)
+        return ids, ticks, st.overflow
+
+    @staticmethod
+    def _interleave(rows, times, clock_ids, clock_ticks, first_event, n_before):
+        """The event ids (rows, -1 padded) placed after the `n_before[k]` first time tokens from event
+        `first_event[k]` on; the time tokens fill the rest, in order."""
+        used = rows >= 0
+        lens = used.sum(1)
+        event_ids = rows[used]
+        # time tokens before each event, spread to each of its ids
+        before = np.zeros(len(rows), dtype=np.int64)
+        before[np.asarray(first_event, dtype=np.int64)] = np.diff(np.r_[0, n_before])
+        before = np.repeat(np.cumsum(before), lens)
+        n = len(event_ids) + len(clock_ids)
+        at = np.arange(len(event_ids)) + before
+        is_event = np.zeros(n, dtype=bool)
+        is_event[at] = True
+        ids = np.empty(n, dtype=np.int64)
+        ticks = np.empty(n, dtype=np.int64)
+        ids[at], ticks[at] = event_ids, np.repeat(times, lens)
+        ids[~is_event], ticks[~is_event] = clock_ids, clock_ticks
+        return ids, ticks
 
     def _bar_ticks(self, ts_list, tpq: int, last_tick: int) -> np.ndarray:
         lines = []
