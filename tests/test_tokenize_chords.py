@@ -71,4 +71,18 @@ def test_matches_the_note_by_note_loop(seed):
     tok = REMI()
     args = random_track(np.random.default_rng(seed), tok)
     want = reference(*[a.tolist() for a in args], tok.max_res, tok.chord_qualities)
-    assert detect_chords(*args, tok.max_res, tok.chord_qualities) == want
+    times, quals, track = detect_chords(*args, tok.max_res, tok.chord_qualities)
+    assert (times.tolist(), quals.tolist()) == want and not track.any()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_tracks_in_one_pass_are_walked_each_on_its_own(seed):
+    tok = REMI()
+    rng = np.random.default_rng(100 + seed)
+    tracks = [random_track(rng, tok) for _ in range(int(rng.integers(1, 6)))]
+    want = [(t, q, k) for k, tr in enumerate(tracks)
+            for t, q in zip(*reference(*[a.tolist() for a in tr], tok.max_res, tok.chord_qualities))]
+    cols = [np.concatenate([tr[c] for tr in tracks]) for c in range(4)]
+    track = np.repeat(np.arange(len(tracks)), [len(tr[0]) for tr in tracks])
+    got = detect_chords(*cols, tok.max_res, tok.chord_qualities, track)
+    assert list(zip(*(a.tolist() for a in got))) == want

@@ -4,8 +4,9 @@ MidiTok walks a track's notes: from note i it takes the notes among the next 10 
 position of it; if their ends spread more than half a beat the group is skipped, else (for a short first
 note, only the notes starting with it) 3 to 5 notes whose intervals form a known quality make a chord; the
 walk then jumps past the group, and a note starting where the last group's latest note started is passed
-over. What each note would do as a group's first note is computed for all notes at once on an (n, 10)
-window; only the jumps are walked in Python, over plain lists.
+over. What each note would do as a group's first note is computed for all notes at once on a (10, n)
+window; the walk itself is followed by pointer doubling (notes in order, as symusic gives them) or note by
+note in Python (any other order).
 """
 
 from __future__ import annotations
@@ -17,39 +18,53 @@ WINDOW = 10  # MidiTok looks at most 10 notes ahead
 
 
 def detect_chords(start: np.ndarray, end: np.ndarray, pitch: np.ndarray, tpb: np.ndarray, max_res: int,
-                  qualities: dict[tuple, int]) -> tuple[list[int], list[int]]:
-    """(chord times, quality ids) of one track's notes (int64 arrays; tpb: ticks per beat at each note)."""
+                  qualities: dict[tuple, int], track: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(chord times, quality ids, track of each chord) of notes given track after track (int64 arrays;
+    tpb: ticks per beat at each note; track: the track of each note, all 0 if None). Each track is walked
+    on its own, as MidiTok does; doing all tracks in one pass saves numpy's per-call cost on small tracks."""
     n = len(start)
+    track = np.zeros(n, dtype=np.int64) if track is None else track
     if n < 3:
-        return [], []
-    far = int(start.max()) + int(tpb.max()) + 1  # a padding start no window reaches
+        return (np.zeros(0, dtype=np.int64),) * 3
+    # one key per note, in order across tracks: a window never reaches into the next track
+    span = int(start.max()) + int(tpb.max()) + 2
+    key = track * span + start
+    far = int(key[-1]) + span  # a padding key no window reaches
     # row k of a window holds the notes k places ahead: (WINDOW, n), so reductions run down contiguous rows
     win = lambda a, fill: sliding_window_view(np.concatenate([a, np.full(WINDOW - 1, fill, a.dtype)]), n)  # noqa: E731
-    s, e = win(start, far), win(end, 0)
-    in_a = (s - start) * max_res <= tpb  # start <= s0 + tpb / max_res, exactly, in integers
+    s, e = win(key, far), win(end, 0)
+    in_a = (s - key) * max_res <= tpb  # start <= s0 + tpb / max_res, exactly, in integers
     half = tpb // 2
     bad = (in_a & (np.abs(e - end) > half)).any(0)
-    in_b = in_a & ((end - start > half) | (s == start))  # a short first note keeps only the notes starting with it
+    in_b = in_a & ((end - start > half) | (s == key))  # a short first note keeps only the notes starting with it
     len_b = in_b.sum(0)
     step = np.where(bad, in_a.sum(0), len_b)
     latest = np.where(in_b, s, -1).max(0)
-    earliest = np.where(in_b, s, far).min(0)
     quality = _qualities(win(pitch, 0), in_b, len_b, bad, qualities)
-    return _walk(start.tolist(), step.tolist(), bad.tolist(), latest.tolist(), earliest.tolist(), quality)
+    if (key[1:] >= key[:-1]).all():
+        groups = _walk_sorted(key, step, bad, latest)
+    else:
+        groups = np.array(_walk(key.tolist(), step.tolist(), bad.tolist(), latest.tolist()), dtype=np.int64)
+    groups = groups[quality[groups] >= 0]
+    earliest = np.where(in_b[:, groups], s[:, groups], far).min(0)
+    return earliest - track[groups] * span, quality[groups], track[groups]
 
 
 def _qualities(p: np.ndarray, in_b: np.ndarray, len_b: np.ndarray, bad: np.ndarray,
-               qualities: dict[tuple, int]) -> dict[int, int]:
-    """{note index: quality id} of the groups of 3 to 5 notes whose intervals name a quality."""
+               qualities: dict[tuple, int]) -> np.ndarray:
+    """The quality id of the group each note would open (3 to 5 notes whose intervals name a quality), or -1."""
+    out = np.full(len(bad), -1, dtype=np.int64)
     cand = np.flatnonzero(~bad & (len_b >= 3) & (len_b <= 5))
     if not len(cand):
-        return {}
+        return out
     order = np.argsort(~in_b[:, cand].T, axis=1, kind="stable")[:, :5]  # each group's window rows, in order
     rows = np.take_along_axis(p[:, cand].T, order, 1)
     k = len_b[cand]
     found = _lookup(rows - rows[:, :1], k, qualities)
     keep = (found >= 0) & (np.take_along_axis(rows, (k - 1)[:, None], 1)[:, 0] - rows[:, 0] <= 24)
-    return dict(zip(cand[keep].tolist(), found[keep].tolist()))
+    out[cand[keep]] = found[keep]
+    return out
 
 
 def _interval_keys(rows: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -75,8 +90,31 @@ def _lookup(intervals: np.ndarray, k: np.ndarray, qualities: dict[tuple, int]) -
     return np.where(keys[at] == mine, ids[at], -1)
 
 
-def _walk(start: list, step: list, bad: list, latest: list, earliest: list, quality: dict) -> tuple[list, list]:
-    times, quals = [], []
+def _walk_sorted(start: np.ndarray, step: np.ndarray, bad: np.ndarray, latest: np.ndarray) -> np.ndarray:
+    """The first notes of the groups the walk takes (not skipped, not spread), for starts in order.
+
+    In order, the notes passed over after a group are exactly those starting at its latest start, and
+    no later note can start there; so the next group taken depends on the group alone, and the chain of
+    groups is followed by pointer doubling."""
+    n = len(start)
+    idx = np.arange(n + 1)
+    settle = np.r_[np.where(bad, idx[:-1] + step, idx[:-1]), n]  # from a note, past spread groups
+    while True:
+        twice = settle[settle]
+        if np.array_equal(twice, settle):
+            break
+        settle = twice
+    nxt = np.r_[settle[np.searchsorted(start, latest, side="right")], n]  # the group taken after each
+    path, jump = settle[:1], nxt
+    while path[-1] != n:
+        path = np.concatenate([path, jump[path]])
+        jump = jump[jump]
+    return path[path < n]
+
+
+def _walk(start: list, step: list, bad: list, latest: list) -> list[int]:
+    """The first notes of the groups the walk takes, note by note (starts in any order)."""
+    groups = []
     n, count, previous = len(start), 0, -1
     while count < n:
         if start[count] == previous:
@@ -84,10 +122,7 @@ def _walk(start: list, step: list, bad: list, latest: list, earliest: list, qual
         elif bad[count]:
             count += step[count]
         else:
-            q = quality.get(count)
-            if q is not None:
-                times.append(earliest[count])
-                quals.append(q)
+            groups.append(count)
             previous = latest[count]
             count += step[count]
-    return times, quals
+    return groups

@@ -340,14 +340,12 @@ class REMI:
         add(ts_t, ts_t, 0, np.array([self.ts_id[(n, d)] for _, n, d in ts_list], dtype=np.int64))
         if len(tempo_times):
             add(tempo_times, tempo_times, 1, self.tempo0 + tempo_idx)
-        for tr in tracks:
+        chords = self._chords(tracks)
+        for k, tr in enumerate(tracks):
             prog = self.program_id[tr["program"]]
-            if self.config.use_chords and tr["program"] != -1:
-                ct, cq = detect_chords(tr["time"], tr["end"], tr["pitch"], tr["tpb"], self.max_res,
-                                       self.chord_qualities)
-                if ct:
-                    ct = np.array(ct, dtype=np.int64)
-                    add(ct, ct, 2, np.full_like(ct, prog), self.chord0 + np.array(cq, dtype=np.int64))
+            if k in chords:
+                ct, cq = chords[k]
+                add(ct, ct, 2, np.full_like(ct, prog), self.chord0 + cq)
             if tr["program"] == -1:
                 base = self.drum0 - self.config.drums_pitch_range[0]
             else:
@@ -357,6 +355,17 @@ class REMI:
         times = np.concatenate(times)
         order = np.argsort(times, kind="stable")
         return times[order], np.concatenate(ends)[order], np.concatenate(kinds)[order], np.concatenate(id_rows)[order]
+
+    def _chords(self, tracks) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """{track index: (chord times, quality indices)} of the tracks that have chords (not drums)."""
+        which = [k for k, tr in enumerate(tracks) if tr["program"] != -1] if self.config.use_chords else []
+        if not which:
+            return {}
+        cols = [np.concatenate([tracks[k][c] for k in which]) for c in ("time", "end", "pitch", "tpb")]
+        track = np.repeat(np.arange(len(which)), [len(tracks[k]["time"]) for k in which])
+        times, quals, of = detect_chords(*cols, self.max_res, self.chord_qualities, track)
+        cuts = np.searchsorted(of, np.arange(len(which) + 1))
+        return {k: (times[a:b], quals[a:b]) for k, a, b in zip(which, cuts[:-1].tolist(), cuts[1:].tolist()) if b > a}
 
     def _with_time_tokens(self, tpq, ts_list, times, ends, kinds, rows):
         """remi-spec §5: the event ids with Rest, Bar, TimeSig recall and Position tokens before each tick;
