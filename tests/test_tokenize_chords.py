@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from midistral.tokenize import REMI
-from midistral.tokenize.chords import detect_chords
+from midistral.tokenize.chords import detect_chords, quality_table
 
 
 def reference(start, end, pitch, tpb, max_res, qualities):
@@ -71,7 +71,7 @@ def test_matches_the_note_by_note_loop(seed):
     tok = REMI()
     args = random_track(np.random.default_rng(seed), tok)
     want = reference(*[a.tolist() for a in args], tok.max_res, tok.chord_qualities)
-    times, quals, track = detect_chords(*args, tok.max_res, tok.chord_qualities)
+    times, quals, track = detect_chords(*args, tok.max_res, quality_table(tok.chord_qualities))
     assert (times.tolist(), quals.tolist()) == want and not track.any()
 
 
@@ -84,5 +84,5 @@ def test_tracks_in_one_pass_are_walked_each_on_its_own(seed):
             for t, q in zip(*reference(*[a.tolist() for a in tr], tok.max_res, tok.chord_qualities))]
     cols = [np.concatenate([tr[c] for tr in tracks]) for c in range(4)]
     track = np.repeat(np.arange(len(tracks)), [len(tr[0]) for tr in tracks])
-    got = detect_chords(*cols, tok.max_res, tok.chord_qualities, track)
+    got = detect_chords(*cols, tok.max_res, quality_table(tok.chord_qualities), track)
     assert list(zip(*(a.tolist() for a in got))) == want

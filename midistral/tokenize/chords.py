@@ -17,12 +17,24 @@ from numpy.lib.stride_tricks import sliding_window_view
 WINDOW = 10  # MidiTok looks at most 10 notes ahead
 
 
+def quality_table(qualities: dict[tuple, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted interval keys, quality ids) of the qualities a group of 3 to 5 notes can name; build it once."""
+    known = [(q, i) for q, i in qualities.items() if 3 <= len(q) <= 5 and all(-127 <= x <= 127 for x in q)]
+    table = np.zeros((len(known), 5), dtype=np.int64)
+    for r, (q, _) in enumerate(known):
+        table[r, :len(q)] = q
+    keys = _interval_keys(table, np.array([len(q) for q, _ in known], dtype=np.int64))
+    order = np.argsort(keys)
+    return keys[order], np.array([i for _, i in known], dtype=np.int64)[order]
+
+
 def detect_chords(start: np.ndarray, end: np.ndarray, pitch: np.ndarray, tpb: np.ndarray, max_res: int,
-                  qualities: dict[tuple, int], track: np.ndarray | None = None
+                  table: tuple[np.ndarray, np.ndarray], track: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(chord times, quality ids, track of each chord) of notes given track after track (int64 arrays;
-    tpb: ticks per beat at each note; track: the track of each note, all 0 if None). Each track is walked
-    on its own, as MidiTok does; doing all tracks in one pass saves numpy's per-call cost on small tracks."""
+    tpb: ticks per beat at each note; table: `quality_table(...)`; track: the track of each note, all 0 if
+    None). Each track is walked on its own, as MidiTok does; doing all tracks in one pass saves numpy's
+    per-call cost on small tracks."""
     n = len(start)
     track = np.zeros(n, dtype=np.int64) if track is None else track
     if n < 3:
@@ -41,30 +53,33 @@ def detect_chords(start: np.ndarray, end: np.ndarray, pitch: np.ndarray, tpb: np
     len_b = in_b.sum(0)
     step = np.where(bad, in_a.sum(0), len_b)
     latest = np.where(in_b, s, -1).max(0)
-    quality = _qualities(win(pitch, 0), in_b, len_b, bad, qualities)
-    if (key[1:] >= key[:-1]).all():
+    in_order = bool((key[1:] >= key[:-1]).all())
+    if in_order:
         groups = _walk_sorted(key, step, bad, latest)
     else:
         groups = np.array(_walk(key.tolist(), step.tolist(), bad.tolist(), latest.tolist()), dtype=np.int64)
-    groups = groups[quality[groups] >= 0]
+    groups = groups[(len_b[groups] >= 3) & (len_b[groups] <= 5)]
+    quality = _qualities(win(pitch, 0)[:, groups], in_b[:, groups], len_b[groups], table, in_order)
+    groups, quality = groups[quality >= 0], quality[quality >= 0]
     earliest = np.where(in_b[:, groups], s[:, groups], far).min(0)
-    return earliest - track[groups] * span, quality[groups], track[groups]
+    return earliest - track[groups] * span, quality, track[groups]
 
 
-def _qualities(p: np.ndarray, in_b: np.ndarray, len_b: np.ndarray, bad: np.ndarray,
-               qualities: dict[tuple, int]) -> np.ndarray:
-    """The quality id of the group each note would open (3 to 5 notes whose intervals name a quality), or -1."""
-    out = np.full(len(bad), -1, dtype=np.int64)
-    cand = np.flatnonzero(~bad & (len_b >= 3) & (len_b <= 5))
-    if not len(cand):
-        return out
-    order = np.argsort(~in_b[:, cand].T, axis=1, kind="stable")[:, :5]  # each group's window rows, in order
-    rows = np.take_along_axis(p[:, cand].T, order, 1)
-    k = len_b[cand]
-    found = _lookup(rows - rows[:, :1], k, qualities)
-    keep = (found >= 0) & (np.take_along_axis(rows, (k - 1)[:, None], 1)[:, 0] - rows[:, 0] <= 24)
-    out[cand[keep]] = found[keep]
-    return out
+def _qualities(p: np.ndarray, in_b: np.ndarray, k: np.ndarray, table, in_order: bool) -> np.ndarray:
+    """The quality id each group's pitches name (p, in_b: (WINDOW, groups); k notes each), or -1."""
+    if in_order:  # a group is then the first k notes of its window
+        rows = p[:5].T
+    else:
+        order = np.argsort(~in_b.T, axis=1, kind="stable")[:, :5]  # each group's window rows, in order
+        rows = np.take_along_axis(p.T, order, 1)
+    intervals = rows - rows[:, :1]
+    keys, ids = table
+    if not len(keys) or not len(k):
+        return np.full(len(k), -1, dtype=np.int64)
+    mine = _interval_keys(intervals, k)
+    at = np.minimum(np.searchsorted(keys, mine), len(keys) - 1)
+    top = np.take_along_axis(intervals, (k - 1)[:, None], 1)[:, 0]  # MidiTok ignores chords over two octaves
+    return np.where((keys[at] == mine) & (top <= 24), ids[at], -1)
 
 
 def _interval_keys(rows: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -72,22 +87,6 @@ def _interval_keys(rows: np.ndarray, k: np.ndarray) -> np.ndarray:
     used = np.arange(rows.shape[1]) < k[:, None]
     digits = np.where(used, rows + 128, 0) << (8 * np.arange(rows.shape[1], dtype=np.int64))
     return (digits.sum(1) << 3) | k
-
-
-def _lookup(intervals: np.ndarray, k: np.ndarray, qualities: dict[tuple, int]) -> np.ndarray:
-    """The quality id of each row's first k intervals, or -1."""
-    known = [(q, i) for q, i in qualities.items() if 3 <= len(q) <= 5 and all(-127 <= x <= 127 for x in q)]
-    if not known:
-        return np.full(len(k), -1, dtype=np.int64)
-    table = np.zeros((len(known), 5), dtype=np.int64)
-    for r, (q, _) in enumerate(known):
-        table[r, :len(q)] = q
-    keys = _interval_keys(table, np.array([len(q) for q, _ in known], dtype=np.int64))
-    order = np.argsort(keys)
-    keys, ids = keys[order], np.array([i for _, i in known], dtype=np.int64)[order]
-    mine = _interval_keys(intervals, k)
-    at = np.minimum(np.searchsorted(keys, mine), len(keys) - 1)
-    return np.where(keys[at] == mine, ids[at], -1)
 
 
 def _walk_sorted(start: np.ndarray, step: np.ndarray, bad: np.ndarray, latest: np.ndarray) -> np.ndarray:

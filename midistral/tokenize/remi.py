@@ -29,7 +29,7 @@ import symusic
 from midistral.errors import CheckpointError, MidiError
 from midistral.io import atomic_write_json, read_tokenizer_json
 from midistral.tokenize.bpe import BPE
-from midistral.tokenize.chords import detect_chords
+from midistral.tokenize.chords import detect_chords, quality_table
 from midistral.tokenize.config import DEFAULT_PARAMS, REMIConfig
 from midistral.tokenize.midi_io import load_score, midi_label
 from midistral.tokenize.miditok_json import read_miditok
@@ -145,6 +145,7 @@ class REMI:
         self.program_of = {i: p for p, i in self.program_id.items()}
         self.ts_id = {ts: v[f"TimeSig_{ts[0]}/{ts[1]}"] for ts in self.time_sigs}
         self.chord_qualities = {tuple(m): i for i, m in reversed(list(enumerate(c.chord_maps.values())))}
+        self.chord_table = quality_table(self.chord_qualities)
         # the family of each base id (Family values)
         self.family = np.array([_FAMILY_OF_PREFIX.get(t.split("_", 1)[0], Family.SPECIAL) for t in tokens],
                                dtype=np.int8)
@@ -363,7 +364,7 @@ class REMI:
             return {}
         cols = [np.concatenate([tracks[k][c] for k in which]) for c in ("time", "end", "pitch", "tpb")]
         track = np.repeat(np.arange(len(which)), [len(tracks[k]["time"]) for k in which])
-        times, quals, of = detect_chords(*cols, self.max_res, self.chord_qualities, track)
+        times, quals, of = detect_chords(*cols, self.max_res, self.chord_table, track)
         cuts = np.searchsorted(of, np.arange(len(which) + 1))
         return {k: (times[a:b], quals[a:b]) for k, a, b in zip(which, cuts[:-1].tolist(), cuts[1:].tolist()) if b > a}
 
@@ -371,22 +372,31 @@ class REMI:
         """remi-spec §5: the event ids with Rest, Bar, TimeSig recall and Position tokens before each tick;
         (ids, tick of each token, highest Bar_<n> past the vocabulary or -1).
 
-        The clock runs once per tick and writes only the time tokens; the event ids are put after the time
-        tokens that precede them with numpy."""
+        A tick inside the bar of the tick before, after no silence, needs one Position token: those are
+        made with numpy. The clock runs at the other ticks (bar lines, rests, meter changes) and writes
+        only time tokens; the event ids are then put after the time tokens that precede them."""
         starts = np.flatnonzero(np.r_[True, times[1:] != times[:-1]])
+        tick = times[starts]
         end_before = np.r_[0, np.maximum.accumulate(np.maximum.reduceat(ends, starts))[:-1]]
-        ts_opens = (kinds[starts] == 0).tolist()  # a time signature change opens the tick
+        ts_opens = kinds[starts] == 0  # a time signature change opens the tick
+        simple, position = self._positions_inside_bars(tpq, ts_list, tick, end_before, ts_opens)
         ts_at = {t: ts for t, *ts in ts_list}
         clock_ids: list[int] = []
         clock_ticks: list[int] = []
-        # after each tick's time tokens: (first event of the tick, time tokens so far); a meter change adds one
-        first_event, n_before = [], []
+        # per clock entry: (first event after its time tokens, how many it wrote); a meter change adds one
+        first_event, n_written = [], []
         st = _TimeState(self, tpq, ts_list[0])
-        for a, t, prev_end, opens in zip(starts.tolist(), times[starts].tolist(), end_before.tolist(), ts_opens):
+        clocked = np.flatnonzero(~simple)
+        for g, a, t, prev_end, opens in zip(clocked.tolist(), starts[clocked].tolist(), tick[clocked].tolist(),
+                                            end_before[clocked].tolist(), ts_opens[clocked].tolist()):
+            if g and simple[g - 1]:
+                st.prev_tick = int(tick[g - 1])  # the last tick, as if the clock had run there
+            n0 = len(clock_ids)
             if opens:
                 st.advance(t, prev_end, True, clock_ids, clock_ticks)
                 first_event.append(a)
-                n_before.append(len(clock_ids))
+                n_written.append(len(clock_ids) - n0)
+                n0 = len(clock_ids)
                 st.change_ts(t, (t, *ts_at[t]))
                 a += 1
                 prev_end = max(prev_end, t)
@@ -394,10 +404,35 @@ class REMI:
                     continue
             st.advance(t, prev_end, False, clock_ids, clock_ticks)
             first_event.append(a)
-            n_before.append(len(clock_ids))
-        ids, ticks = self._interleave(rows, times, np.array(clock_ids, dtype=np.int64),
-                                      np.array(clock_ticks, dtype=np.int64), first_event, n_before)
+            n_written.append(len(clock_ids) - n0)
+        # the Position tokens of the other ticks, merged in event order with the clock's tokens
+        first = np.r_[np.asarray(first_event, dtype=np.int64), starts[simple]]
+        order = np.argsort(first, kind="stable")
+        count = np.r_[np.asarray(n_written, dtype=np.int64), np.ones(int(simple.sum()), dtype=np.int64)][order]
+        n_before = np.cumsum(count)
+        is_position = np.zeros(int(n_before[-1]) if len(n_before) else 0, dtype=bool)
+        is_position[(n_before - count)[order >= len(first_event)]] = True
+        time_ids = np.empty(len(is_position), dtype=np.int64)
+        time_ticks = np.empty(len(is_position), dtype=np.int64)
+        time_ids[is_position], time_ticks[is_position] = position[simple], tick[simple]
+        time_ids[~is_position], time_ticks[~is_position] = clock_ids, clock_ticks
+        ids, ticks = self._interleave(rows, times, time_ids, time_ticks, first[order], n_before)
         return ids, ticks, st.overflow
+
+    def _positions_inside_bars(self, tpq, ts_list, tick, end_before, ts_opens):
+        """(ticks whose only time token is a Position, the Position id of every tick): the clock's bar
+        numbering (remi-spec §5.1) in numpy. After the clock runs at a tick, its bar is that tick's bar;
+        a later tick in the same bar with no rest before it and no meter change needs only its Position."""
+        sec_t = np.array([t for t, _, _ in ts_list], dtype=np.int64)
+        tpb = np.array([tpq * 4 // d for _, _, d in ts_list], dtype=np.int64)
+        bar_len = np.array([n for _, n, _ in ts_list], dtype=np.int64) * tpb
+        first_bar = np.r_[0, np.cumsum(np.diff(sec_t) // bar_len[:-1])]  # the clock's bar_at_ts per section
+        min_rest = np.array([self._rest_ticks(int(b))[0] for b in tpb.tolist()], dtype=np.int64)
+        sec = np.searchsorted(sec_t, tick, side="right") - 1
+        bar = first_bar[sec] + (tick - sec_t[sec]) // bar_len[sec]
+        simple = ~ts_opens & (tick - end_before < min_rest[sec]) & (bar == np.r_[-2, bar[:-1]])
+        bar_line = sec_t[sec] + (bar - first_bar[sec]) * bar_len[sec]
+        return simple, self.pos0 + (tick - bar_line) // (tpb[sec] // self.max_res)
 
     @staticmethod
     def _interleave(rows, times, clock_ids, clock_ticks, first_event, n_before):
