@@ -120,6 +120,7 @@ class REMI:
         self.max_res = c.max_num_pos_per_beat
         self.durations = _time_tuples(c.beat_res)
         self.rests = _time_tuples(c.beat_res_rest)
+        self._tick_tables: dict[tuple[int, int], np.ndarray] = {}
         self.velocities = np.linspace(0, 127, c.num_velocities + 1, dtype=np.intc)[1:].astype(np.int64)
         self.tempos = np.linspace(*c.tempo_range, c.num_tempos).round(2)
         self.default_tempo_idx = int(np.argmin(np.abs(self.tempos - 120)))
@@ -180,10 +181,21 @@ class REMI:
         return tpq * 4 // den
 
     def _duration_ticks(self, tpb: int) -> np.ndarray:
-        return np.array([(b * r + p) * tpb // r for b, p, r in self.durations], dtype=np.int64)
+        """The ticks of each Duration token at `tpb` ticks per beat (read-only, built once per tpb)."""
+        return self._ticks_of(self.durations, tpb)
 
     def _rest_ticks(self, tpb: int) -> np.ndarray:
-        return np.array([(b * r + p) * tpb // r for b, p, r in self.rests], dtype=np.int64)
+        """The ticks of each Rest token at `tpb` ticks per beat (read-only, built once per tpb)."""
+        return self._ticks_of(self.rests, tpb)
+
+    def _ticks_of(self, values: list, tpb: int) -> np.ndarray:
+        key = (id(values), tpb)
+        table = self._tick_tables.get(key)
+        if table is None:
+            table = np.array([(b * r + p) * tpb // r for b, p, r in values], dtype=np.int64)
+            table.setflags(write=False)
+            self._tick_tables[key] = table
+        return table
 
     def __len__(self) -> int:
         return len(self.bpe) if self.bpe is not None else len(self.vocab)
@@ -224,39 +236,46 @@ class REMI:
         return tl
 
     def _preprocess_tracks(self, score: symusic.Score, tl: "_Timeline") -> list[dict]:
-        """remi-spec §3.5: merge same-program tracks (drums together), drop empty ones, filter pitches, bin."""
+        """remi-spec §3.5: merge same-program tracks (drums together), drop empty ones, filter pitches, bin.
+        All tracks are worked on at once, one group number per note (numpy's cost per call adds up over
+        many small tracks)."""
         groups: dict[int, list] = {}
         for tr in score.tracks:  # dict order = order of first appearance
             groups.setdefault(-1 if tr.is_drum else int(tr.program), []).append(tr)
-        dbins = {tpb: self._duration_ticks(tpb) for tpb in set(tl.ts_tpb.tolist())}
-        tracks = []
-        for key, group in groups.items():
-            if key not in self.program_id:  # a program the config leaves out: its track is dropped (spec 3.5.2)
-                continue
-            arrays = [tr.notes.numpy() for tr in group]
-            n = {k: np.concatenate([a[k] for a in arrays]).astype(np.int64) for k in ("time", "duration", "pitch", "velocity")}
-            if tl.factor is not None:
-                n["time"] = tl.resample(n["time"])
-                n["duration"] = np.maximum(tl.resample(n["duration"]), 1)
-            if len(group) > 1:
-                idx = np.lexsort((n["velocity"], n["pitch"], n["duration"], n["time"]))
-                n = {k: v[idx] for k, v in n.items()}
-            lo, hi = self.config.drums_pitch_range if key == -1 else self.config.pitch_range
-            keep = (n["pitch"] >= lo) & (n["pitch"] <= hi)
-            if not keep.any():
-                continue
-            n = {k: v[keep] for k, v in n.items()}
-            t = tl.snap(n["time"])
-            tpb = tl.tpb_at(t)
-            dur_idx = np.empty(len(t), dtype=np.int64)
-            dur = np.empty(len(t), dtype=np.int64)
-            for b in np.unique(tpb):
-                m = tpb == b
-                dur_idx[m] = _closest(dbins[b], n["duration"][m])
-                dur[m] = dbins[b][dur_idx[m]]
-            tracks.append(dict(program=key, time=t, end=t + dur, pitch=n["pitch"],
-                               vel_idx=_closest(self.velocities, n["velocity"]), dur_idx=dur_idx, tpb=tpb))
-        return tracks
+        # a program the config leaves out: its track is dropped (spec 3.5.2)
+        groups = {key: group for key, group in groups.items() if key in self.program_id}
+        arrays = [tr.notes.numpy() for group in groups.values() for tr in group]
+        if not arrays:
+            return []
+        n = {k: np.concatenate([a[k] for a in arrays]).astype(np.int64) for k in ("time", "duration", "pitch", "velocity")}
+        sizes = [sum(len(tr.notes) for tr in group) for group in groups.values()]
+        gid = np.repeat(np.arange(len(groups)), sizes)
+        if tl.factor is not None:
+            n["time"] = tl.resample(n["time"])
+            n["duration"] = np.maximum(tl.resample(n["duration"]), 1)
+        merged = np.array([len(group) > 1 for group in groups.values()])
+        if merged.any():  # merged tracks: notes sorted by time, duration, pitch, velocity; others as they are
+            m = merged[gid]
+            keys = [np.where(m, n[k], 0) for k in ("velocity", "pitch", "duration", "time")]
+            order = np.lexsort([np.where(m, 0, np.arange(len(gid))), *keys, gid])
+            n, gid = {k: v[order] for k, v in n.items()}, gid[order]
+        ranges = np.array([self.config.drums_pitch_range if key == -1 else self.config.pitch_range for key in groups])
+        keep = (n["pitch"] >= ranges[gid, 0]) & (n["pitch"] <= ranges[gid, 1])
+        n, gid = {k: v[keep] for k, v in n.items()}, gid[keep]
+        t = tl.snap(n["time"])
+        tpb = tl.tpb_at(t)
+        dur_idx = np.empty(len(t), dtype=np.int64)
+        dur = np.empty(len(t), dtype=np.int64)
+        for b in np.unique(tpb).tolist():
+            m = tpb == b
+            bins = self._duration_ticks(b)
+            dur_idx[m] = _closest(bins, n["duration"][m])
+            dur[m] = bins[dur_idx[m]]
+        cols = dict(time=t, end=t + dur, pitch=n["pitch"], vel_idx=_closest(self.velocities, n["velocity"]),
+                    dur_idx=dur_idx, tpb=tpb)
+        cuts = np.searchsorted(gid, np.arange(len(groups) + 1)).tolist()
+        return [dict(program=key, **{k: v[a:b] for k, v in cols.items()})
+                for key, a, b in zip(groups, cuts[:-1], cuts[1:]) if b > a]
 
     def _preprocess_tempos(self, score: symusic.Score, tl: "_Timeline") -> tuple[np.ndarray, np.ndarray]:
         """remi-spec §3.7: (ticks, tempo bin indices); nearest bin in microseconds per quarter, ties slower."""
