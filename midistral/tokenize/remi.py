@@ -406,10 +406,13 @@ class REMI:
         first_event, n_written = [], []
         st = _TimeState(self, tpq, ts_list[0])
         clocked = np.flatnonzero(~simple)
-        for g, a, t, prev_end, opens in zip(clocked.tolist(), starts[clocked].tolist(), tick[clocked].tolist(),
-                                            end_before[clocked].tolist(), ts_opens[clocked].tolist()):
-            if g and simple[g - 1]:
-                st.prev_tick = int(tick[g - 1])  # the last tick, as if the clock had run there
+        after_position = np.r_[False, simple[:-1]][clocked].tolist()
+        tick_before = np.r_[-1, tick[:-1]][clocked].tolist()
+        for a, t, prev_end, opens, skipped, last in zip(starts[clocked].tolist(), tick[clocked].tolist(),
+                                                        end_before[clocked].tolist(), ts_opens[clocked].tolist(),
+                                                        after_position, tick_before):
+            if skipped:
+                st.prev_tick = last  # the last tick, as if the clock had run there
             n0 = len(clock_ids)
             if opens:
                 st.advance(t, prev_end, True, clock_ids, clock_ticks)
