@@ -3,6 +3,9 @@
 A crash (or Ctrl-C) mid-write leaves the previous file intact, never a half-written one.
 Every file midistral writes (configs, tokenizers, checkpoints, metrics snapshots, MIDI, PNG) goes
 through here. Also the run-folder lock (`RunLock`): one training per folder.
+
+Nothing here imports torch at import time (the tokenizer writes through this module and must stay
+torch-free); `save_tensors` imports safetensors' torch half when it is called.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
-
-from safetensors.torch import save_file
 
 from midistral.errors import CheckpointError, MidistralError
 
@@ -78,6 +79,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Save a dict of torch tensors as safetensors, atomically."""
+    from safetensors.torch import save_file  # here, not at the top: importing torch costs about a second
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

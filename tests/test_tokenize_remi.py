@@ -268,3 +268,27 @@ def test_load_score_inputs(dev_midi_files):
     a = load_score(f)
     b = load_score(f.read_bytes())
     assert a.note_num() == b.note_num() == load_score(a).note_num()
+
+
+_HELP_THEN_CHECK = """
+import runpy, sys
+sys.argv = ["midistral.tokenize", "--help"]
+try:
+    runpy.run_module("midistral.tokenize", run_name="__main__")
+except SystemExit as e:
+    assert e.code == 0, e.code
+"""
+
+
+@pytest.mark.parametrize("code", ["import midistral.tokenize, sys", _HELP_THEN_CHECK], ids=["import", "cli-help"])
+def test_tokenizer_imports_no_torch(code):
+    """The tokenizer and its command line (`python -m midistral.tokenize --help`) stay torch-free:
+    importing torch costs about a second."""
+    import os
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    check = code + "\nimport sys\nassert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]\n"
+    r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -29,10 +29,11 @@ import symusic
 from midistral.errors import CheckpointError, MidiError
 from midistral.general_midi import program_name
 from midistral.io import atomic_write_json, read_tokenizer_json
-from midistral.limits import check_midi_size, check_score
 from midistral.tokenize.bpe import BPE
+from midistral.tokenize.chords import detect_chords, quality_table
 from midistral.tokenize.clock import BarClock, EncoderClock, bar_lines
 from midistral.tokenize.config import DEFAULT_PARAMS, REMIConfig
+from midistral.tokenize.midi_io import load_score, midi_label
 from midistral.tokenize.miditok_json import read_miditok
 from midistral.tokenize.parallel import EncodeResult, encode_many
 from midistral.tokenize.training import train_bpe
@@ -59,41 +60,6 @@ _FAMILY_OF_PREFIX = {"Bar": Family.BAR, "Position": Family.POSITION, "Pitch": Fa
                      "PitchDrum": Family.PITCH_DRUM, "Velocity": Family.VELOCITY, "Duration": Family.DURATION,
                      "Program": Family.PROGRAM, "Tempo": Family.TEMPO, "TimeSig": Family.TIME_SIG,
                      "Rest": Family.REST, "Chord": Family.CHORD}
-
-def load_score(midi, name: str | None = None) -> symusic.Score:
-    """A symusic Score (ticks) from a path, MIDI bytes or a Score; MidiError naming the file otherwise."""
-    if isinstance(midi, symusic.Score):
-        return midi
-    if isinstance(midi, (bytes, bytearray, memoryview)):
-        data, label = bytes(midi), name or "<bytes>"
-    elif isinstance(midi, (str, os.PathLike)):
-        label = str(midi)
-        try:
-            if Path(midi).is_file():
-                check_midi_size(Path(midi).stat().st_size, label)  # before reading it all
-            data = Path(midi).read_bytes()
-        except FileNotFoundError:
-            raise MidiError(f"{label}: no such file") from None
-        except IsADirectoryError:
-            raise MidiError(f"{label}: is a folder, not a MIDI file") from None
-        except OSError as e:
-            raise MidiError(f"{label}: cannot be read ({e.strerror})") from None
-    else:
-        raise MidiError(f"{name or midi!r}: expected a path, MIDI bytes or a symusic.Score, got {type(midi).__name__}")
-    if len(data) == 0:
-        raise MidiError(f"{label}: empty file")
-    check_midi_size(len(data), label)
-    if data[:4] != b"MThd":
-        what = "a RIFF MIDI" if data[:4] == b"RIFF" else "not a MIDI file"
-        raise MidiError(f"{label}: {what} (no MThd header)")
-    try:
-        score = symusic.Score.from_midi(data)
-    except Exception as e:  # symusic raises RuntimeError/ValueError with a short reason
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise MidiError(f"{label}: unreadable MIDI ({reason})") from None
-    check_score(score, label)  # too many notes or tracks to encode in bounded time and memory
-    return score
-
 
 def _round_half_away(x: np.ndarray) -> np.ndarray:
     """C++ std::round for non-negative values, exactly (x - floor(x) is exact)."""
@@ -142,6 +108,7 @@ class REMI:
         self.max_res = c.max_num_pos_per_beat
         self.durations = _time_tuples(c.beat_res)
         self.rests = _time_tuples(c.beat_res_rest)
+        self._tick_tables: dict[tuple[int, int], np.ndarray] = {}
         self.velocities = np.linspace(0, 127, c.num_velocities + 1, dtype=np.intc)[1:].astype(np.int64)
         self.tempos = np.linspace(*c.tempo_range, c.num_tempos).round(2)
         self.default_tempo_idx = int(np.argmin(np.abs(self.tempos - 120)))
@@ -167,6 +134,7 @@ class REMI:
         self.program_of = {i: p for p, i in self.program_id.items()}
         self.ts_id = {ts: v[f"TimeSig_{ts[0]}/{ts[1]}"] for ts in self.time_sigs}
         self.chord_qualities = {tuple(m): i for i, m in reversed(list(enumerate(c.chord_maps.values())))}
+        self.chord_table = quality_table(self.chord_qualities)
         # the family of each base id (Family values)
         self.family = np.array([_FAMILY_OF_PREFIX.get(t.split("_", 1)[0], Family.SPECIAL) for t in tokens],
                                dtype=np.int8)
@@ -202,11 +170,22 @@ class REMI:
 
     def duration_ticks(self, tpb: int) -> np.ndarray:
         """The length in ticks of every Duration token at `tpb` ticks per beat."""
-        return np.array([(b * r + p) * tpb // r for b, p, r in self.durations], dtype=np.int64)
+        """The ticks of each Duration token at `tpb` ticks per beat (read-only, built once per tpb)."""
+        return self._ticks_of(self.durations, tpb)
 
     def rest_ticks(self, tpb: int) -> np.ndarray:
         """The length in ticks of every Rest token at `tpb` ticks per beat."""
-        return np.array([(b * r + p) * tpb // r for b, p, r in self.rests], dtype=np.int64)
+        """The ticks of each Rest token at `tpb` ticks per beat (read-only, built once per tpb)."""
+        return self._ticks_of(self.rests, tpb)
+
+    def _ticks_of(self, values: list, tpb: int) -> np.ndarray:
+        key = (id(values), tpb)
+        table = self._tick_tables.get(key)
+        if table is None:
+            table = np.array([(b * r + p) * tpb // r for b, p, r in values], dtype=np.int64)
+            table.setflags(write=False)
+            self._tick_tables[key] = table
+        return table
 
     def __len__(self) -> int:
         return len(self.bpe) if self.bpe is not None else len(self.vocab)
@@ -247,39 +226,46 @@ class REMI:
         return tl
 
     def _preprocess_tracks(self, score: symusic.Score, tl: "_Timeline") -> list[dict]:
-        """remi-spec §3.5: merge same-program tracks (drums together), drop empty ones, filter pitches, bin."""
+        """remi-spec §3.5: merge same-program tracks (drums together), drop empty ones, filter pitches, bin.
+        All tracks are worked on at once, one group number per note (numpy's cost per call adds up over
+        many small tracks)."""
         groups: dict[int, list] = {}
         for tr in score.tracks:  # dict order = order of first appearance
             groups.setdefault(-1 if tr.is_drum else int(tr.program), []).append(tr)
-        dbins = {tpb: self.duration_ticks(tpb) for tpb in set(tl.ts_tpb.tolist())}
-        tracks = []
-        for key, group in groups.items():
-            if key not in self.program_id:  # a program the config leaves out: its track is dropped (spec 3.5.2)
-                continue
-            arrays = [tr.notes.numpy() for tr in group]
-            n = {k: np.concatenate([a[k] for a in arrays]).astype(np.int64) for k in ("time", "duration", "pitch", "velocity")}
-            if tl.factor is not None:
-                n["time"] = tl.resample(n["time"])
-                n["duration"] = np.maximum(tl.resample(n["duration"]), 1)
-            if len(group) > 1:
-                idx = np.lexsort((n["velocity"], n["pitch"], n["duration"], n["time"]))
-                n = {k: v[idx] for k, v in n.items()}
-            lo, hi = self.config.drums_pitch_range if key == -1 else self.config.pitch_range
-            keep = (n["pitch"] >= lo) & (n["pitch"] <= hi)
-            if not keep.any():
-                continue
-            n = {k: v[keep] for k, v in n.items()}
-            t = tl.snap(n["time"])
-            tpb = tl.tpb_at(t)
-            dur_idx = np.empty(len(t), dtype=np.int64)
-            dur = np.empty(len(t), dtype=np.int64)
-            for b in np.unique(tpb):
-                m = tpb == b
-                dur_idx[m] = _closest(dbins[b], n["duration"][m])
-                dur[m] = dbins[b][dur_idx[m]]
-            tracks.append(dict(program=key, time=t, end=t + dur, pitch=n["pitch"],
-                               vel_idx=_closest(self.velocities, n["velocity"]), dur_idx=dur_idx, tpb=tpb))
-        return tracks
+        # a program the config leaves out: its track is dropped (spec 3.5.2)
+        groups = {key: group for key, group in groups.items() if key in self.program_id}
+        arrays = [tr.notes.numpy() for group in groups.values() for tr in group]
+        if not arrays:
+            return []
+        n = {k: np.concatenate([a[k] for a in arrays]).astype(np.int64) for k in ("time", "duration", "pitch", "velocity")}
+        sizes = [sum(len(tr.notes) for tr in group) for group in groups.values()]
+        gid = np.repeat(np.arange(len(groups)), sizes)
+        if tl.factor is not None:
+            n["time"] = tl.resample(n["time"])
+            n["duration"] = np.maximum(tl.resample(n["duration"]), 1)
+        merged = np.array([len(group) > 1 for group in groups.values()])
+        if merged.any():  # merged tracks: notes sorted by time, duration, pitch, velocity; others as they are
+            m = merged[gid]
+            keys = [np.where(m, n[k], 0) for k in ("velocity", "pitch", "duration", "time")]
+            order = np.lexsort([np.where(m, 0, np.arange(len(gid))), *keys, gid])
+            n, gid = {k: v[order] for k, v in n.items()}, gid[order]
+        ranges = np.array([self.config.drums_pitch_range if key == -1 else self.config.pitch_range for key in groups])
+        keep = (n["pitch"] >= ranges[gid, 0]) & (n["pitch"] <= ranges[gid, 1])
+        n, gid = {k: v[keep] for k, v in n.items()}, gid[keep]
+        t = tl.snap(n["time"])
+        tpb = tl.tpb_at(t)
+        dur_idx = np.empty(len(t), dtype=np.int64)
+        dur = np.empty(len(t), dtype=np.int64)
+        for b in np.unique(tpb).tolist():
+            m = tpb == b
+            bins = self.duration_ticks(b)
+            dur_idx[m] = _closest(bins, n["duration"][m])
+            dur[m] = bins[dur_idx[m]]
+        cols = dict(time=t, end=t + dur, pitch=n["pitch"], vel_idx=_closest(self.velocities, n["velocity"]),
+                    dur_idx=dur_idx, tpb=tpb)
+        cuts = np.searchsorted(gid, np.arange(len(groups) + 1)).tolist()
+        return [dict(program=key, **{k: v[a:b] for k, v in cols.items()})
+                for key, a, b in zip(groups, cuts[:-1], cuts[1:]) if b > a]
 
     def _preprocess_tempos(self, score: symusic.Score, tl: "_Timeline") -> tuple[np.ndarray, np.ndarray]:
         """remi-spec §3.7: (ticks, tempo bin indices); nearest bin in microseconds per quarter, ties slower."""
@@ -328,37 +314,6 @@ class REMI:
             ts.insert(0, [0, 4, 4])
         return [tuple(x) for x in ts]
 
-    def _detect_chords(self, tr: dict) -> tuple[list[int], list[int]]:
-        """remi-spec §4.3 (MidiTok's algorithm, including its order sensitivity): (times, quality ids)."""
-        start, end, pitch, tpb = (tr[k].tolist() for k in ("time", "end", "pitch", "tpb"))
-        n = len(start)
-        times, quals = [], []
-        qualities, max_res = self.chord_qualities, self.max_res
-        count, previous = 0, -1
-        while count < n:
-            s0 = start[count]
-            if s0 == previous:
-                count += 1
-                continue
-            half = tpb[count] // 2
-            horizon = s0 + tpb[count] / max_res
-            idx = [j for j in range(count, min(count + 10, n)) if start[j] <= horizon]
-            e0 = end[idx[0]]
-            if any(abs(end[j] - e0) > half for j in idx):
-                count += len(idx)
-                continue
-            if end[count] - s0 <= half:
-                idx = [j for j in idx if start[j] == s0]
-            if 3 <= len(idx) <= 5:
-                p0 = pitch[idx[0]]
-                cmap = tuple(pitch[j] - p0 for j in idx)
-                if cmap[-1] <= 24 and cmap in qualities:
-                    times.append(min(start[j] for j in idx))
-                    quals.append(qualities[cmap])
-            previous = max(start[j] for j in idx)
-            count += len(idx)
-        return times, quals
-
     # ------------------------------------------------------------------------------------------------
     # encoding (remi-spec §4, §5)
 
@@ -366,15 +321,15 @@ class REMI:
         """Base ids, the tick each token belongs to, and the bar-line ticks (for splitting per bar)."""
         score = load_score(midi)
         if score.ticks_per_quarter <= 0:
-            raise MidiError(f"{_label(midi)}: invalid ticks per quarter ({score.ticks_per_quarter})")
+            raise MidiError(f"{midi_label(midi)}: invalid ticks per quarter ({score.ticks_per_quarter})")
         tpq, ts_list, tracks, tempo_times, tempo_idx = self._preprocess(score)
         if not tracks:
-            raise MidiError(f"{_label(midi)}: no notes (within the tokenizer's pitch ranges)")
+            raise MidiError(f"{midi_label(midi)}: no notes (within the tokenizer's pitch ranges)")
         events = self._events(ts_list, tracks, tempo_times, tempo_idx)
         ids, ticks, overflow = self._with_time_tokens(tpq, ts_list, *events)
         if overflow >= 0:
             raise MidiError(
-                f"{_label(midi)}: the piece needs Bar_{overflow} but the vocabulary stops at "
+                f"{midi_label(midi)}: the piece needs Bar_{overflow} but the vocabulary stops at "
                 f"Bar_{self.config.max_bar_embedding - 1} (max_bar_embedding={self.config.max_bar_embedding})"
             )
         return ids, ticks, bar_lines(ts_list, tpq, int(ticks.max()) if len(ticks) else 0)
@@ -395,13 +350,12 @@ class REMI:
         add(ts_t, ts_t, 0, np.array([self.ts_id[(n, d)] for _, n, d in ts_list], dtype=np.int64))
         if len(tempo_times):
             add(tempo_times, tempo_times, 1, self.tempo0 + tempo_idx)
-        for tr in tracks:
+        chords = self._chords(tracks)
+        for k, tr in enumerate(tracks):
             prog = self.program_id[tr["program"]]
-            if self.config.use_chords and tr["program"] != -1:
-                ct, cq = self._detect_chords(tr)
-                if ct:
-                    ct = np.array(ct, dtype=np.int64)
-                    add(ct, ct, 2, np.full_like(ct, prog), self.chord0 + np.array(cq, dtype=np.int64))
+            if k in chords:
+                ct, cq = chords[k]
+                add(ct, ct, 2, np.full_like(ct, prog), self.chord0 + cq)
             if tr["program"] == -1:
                 base = self.drum0 - self.config.drums_pitch_range[0]
             else:
@@ -412,37 +366,107 @@ class REMI:
         order = np.argsort(times, kind="stable")
         return times[order], np.concatenate(ends)[order], np.concatenate(kinds)[order], np.concatenate(id_rows)[order]
 
+    def _chords(self, tracks) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """{track index: (chord times, quality indices)} of the tracks that have chords (not drums)."""
+        which = [k for k, tr in enumerate(tracks) if tr["program"] != -1] if self.config.use_chords else []
+        if not which:
+            return {}
+        cols = [np.concatenate([tracks[k][c] for k in which]) for c in ("time", "end", "pitch", "tpb")]
+        track = np.repeat(np.arange(len(which)), [len(tracks[k]["time"]) for k in which])
+        times, quals, of = detect_chords(*cols, self.max_res, self.chord_table, track)
+        cuts = np.searchsorted(of, np.arange(len(which) + 1))
+        return {k: (times[a:b], quals[a:b]) for k, a, b in zip(which, cuts[:-1].tolist(), cuts[1:].tolist()) if b > a}
+
     def _with_time_tokens(self, tpq, ts_list, times, ends, kinds, rows):
         """remi-spec §5: the event ids with Rest, Bar, TimeSig recall and Position tokens before each tick;
-        (ids, tick of each token, highest Bar_<n> past the vocabulary or -1)."""
-        lens = (rows >= 0).sum(1)
-        starts = np.flatnonzero(np.r_[True, times[1:] != times[:-1]])
-        stops = np.r_[starts[1:], len(times)]
-        end_before = np.r_[0, np.maximum.accumulate(np.maximum.reduceat(ends, starts))[:-1]]
-        flat_ids = rows[rows >= 0].tolist()
-        item_off = np.r_[0, np.cumsum(lens)].tolist()
-        kinds, times_l = kinds.tolist(), times.tolist()
-        ts_at = {t: ts for t, *ts in ts_list}
+        (ids, tick of each token, highest Bar_<n> past the vocabulary or -1).
 
-        out: list[int] = []
-        ticks: list[int] = []
+        A tick inside the bar of the tick before, after no silence, needs one Position token: those are
+        made with numpy. The clock runs at the other ticks (bar lines, rests, meter changes) and writes
+        only time tokens; the event ids are then put after the time tokens that precede them."""
+        starts = np.flatnonzero(np.r_[True, times[1:] != times[:-1]])
+        tick = times[starts]
+        end_before = np.r_[0, np.maximum.accumulate(np.maximum.reduceat(ends, starts))[:-1]]
+        ts_opens = kinds[starts] == 0  # a time signature change opens the tick
+        simple, position = self._positions_inside_bars(tpq, ts_list, tick, end_before, ts_opens)
+        ts_at = {t: ts for t, *ts in ts_list}
+        clock_ids: list[int] = []
+        clock_ticks: list[int] = []
+        # per clock entry: (first event after its time tokens, how many it wrote); a meter change adds one
+        first_event, n_written = [], []
         st = EncoderClock(self, tpq, ts_list[0])
-        for a, b, prev_end in zip(starts.tolist(), stops.tolist(), end_before.tolist()):
-            t = times_l[a]
-            if kinds[a] == 0:  # a time signature change opens this tick
-                st.advance(t, prev_end, True, out, ticks)
-                out.append(flat_ids[item_off[a]])
-                ticks.append(t)
+        clocked = np.flatnonzero(~simple)
+        after_position = np.r_[False, simple[:-1]][clocked].tolist()
+        tick_before = np.r_[-1, tick[:-1]][clocked].tolist()
+        for a, t, prev_end, opens, skipped, last in zip(starts[clocked].tolist(), tick[clocked].tolist(),
+                                                        end_before[clocked].tolist(), ts_opens[clocked].tolist(),
+                                                        after_position, tick_before):
+            if skipped:
+                st.prev_tick = last  # the last tick, as if the clock had run there
+            n0 = len(clock_ids)
+            if opens:
+                st.advance(t, prev_end, True, clock_ids, clock_ticks)
+                first_event.append(a)
+                n_written.append(len(clock_ids) - n0)
+                n0 = len(clock_ids)
                 st.change_ts(t, (t, *ts_at[t]))
                 a += 1
                 prev_end = max(prev_end, t)
-                if a == b:
+                if a == len(times) or times[a] != t:
                     continue
-            st.advance(t, prev_end, False, out, ticks)
-            lo, hi = item_off[a], item_off[b]
-            out += flat_ids[lo:hi]
-            ticks += [t] * (hi - lo)
-        return np.array(out, dtype=np.int64), np.array(ticks, dtype=np.int64), st.overflow
+            st.advance(t, prev_end, False, clock_ids, clock_ticks)
+            first_event.append(a)
+            n_written.append(len(clock_ids) - n0)
+        # the Position tokens of the other ticks, merged in event order with the clock's tokens
+        first = np.r_[np.asarray(first_event, dtype=np.int64), starts[simple]]
+        order = np.argsort(first, kind="stable")
+        count = np.r_[np.asarray(n_written, dtype=np.int64), np.ones(int(simple.sum()), dtype=np.int64)][order]
+        n_before = np.cumsum(count)
+        is_position = np.zeros(int(n_before[-1]) if len(n_before) else 0, dtype=bool)
+        is_position[(n_before - count)[order >= len(first_event)]] = True
+        time_ids = np.empty(len(is_position), dtype=np.int64)
+        time_ticks = np.empty(len(is_position), dtype=np.int64)
+        time_ids[is_position], time_ticks[is_position] = position[simple], tick[simple]
+        time_ids[~is_position], time_ticks[~is_position] = clock_ids, clock_ticks
+        ids, ticks = self._interleave(rows, times, time_ids, time_ticks, first[order], n_before)
+        return ids, ticks, st.overflow
+
+    def _positions_inside_bars(self, tpq, ts_list, tick, end_before, ts_opens):
+        """(ticks whose only time token is a Position, the Position id of every tick): the clock's bar
+        numbering (remi-spec §5.1) in numpy. After the clock runs at a tick, its bar is that tick's bar;
+        a later tick in the same bar with no rest before it and no meter change needs only its Position."""
+        sec_t = np.array([t for t, _, _ in ts_list], dtype=np.int64)
+        tpb = np.array([tpq * 4 // d for _, _, d in ts_list], dtype=np.int64)
+        bar_len = np.array([n for _, n, _ in ts_list], dtype=np.int64) * tpb
+        first_bar = np.r_[0, np.cumsum(np.diff(sec_t) // bar_len[:-1])]  # the clock's bar_at_ts per section
+        min_rest = np.array([self.rest_ticks(int(b))[0] for b in tpb.tolist()], dtype=np.int64)
+        sec = np.searchsorted(sec_t, tick, side="right") - 1
+        bar = first_bar[sec] + (tick - sec_t[sec]) // bar_len[sec]
+        simple = ~ts_opens & (tick - end_before < min_rest[sec]) & (bar == np.r_[-2, bar[:-1]])
+        bar_line = sec_t[sec] + (bar - first_bar[sec]) * bar_len[sec]
+        return simple, self.pos0 + (tick - bar_line) // (tpb[sec] // self.max_res)
+
+    @staticmethod
+    def _interleave(rows, times, clock_ids, clock_ticks, first_event, n_before):
+        """The event ids (rows, -1 padded) placed after the `n_before[k]` first time tokens from event
+        `first_event[k]` on; the time tokens fill the rest, in order."""
+        used = rows >= 0
+        lens = used.sum(1)
+        event_ids = rows[used]
+        # time tokens before each event, spread to each of its ids
+        before = np.zeros(len(rows), dtype=np.int64)
+        before[np.asarray(first_event, dtype=np.int64)] = np.diff(np.r_[0, n_before])
+        before = np.repeat(np.cumsum(before), lens)
+        n = len(event_ids) + len(clock_ids)
+        at = np.arange(len(event_ids)) + before
+        is_event = np.zeros(n, dtype=bool)
+        is_event[at] = True
+        ids = np.empty(n, dtype=np.int64)
+        ticks = np.empty(n, dtype=np.int64)
+        ids[at], ticks[at] = event_ids, np.repeat(times, lens)
+        ids[~is_event], ticks[~is_event] = clock_ids, clock_ticks
+        return ids, ticks
+
 
     def encode_with_times(self, midi) -> "TimedEncoding":
         """Base ids with the time frame the encoder gave them: for walks that write new notes between a
@@ -596,9 +620,6 @@ class _Timeline:
         step, start = self.grid[0][k], self.grid[1][k]
         return (np.round((t - start) / step) * step + start).astype(np.int64)
 
-
-def _label(midi) -> str:
-    return str(midi) if isinstance(midi, (str, os.PathLike)) else "<score>" if isinstance(midi, symusic.Score) else "<bytes>"
 
 
 class _Decoder:
