@@ -74,6 +74,7 @@ DEFAULTS = {
         "device": "auto",
         "compile": False,
         "restart": False,          # with --resume: weights only, a fresh schedule without warm-up
+        "checkpoint_minutes": 5.0, # also write RUN/last this often (0: only at epoch ends and train.max_steps)
         "log_every": 1,
         "sample_after": True,      # write a few samples when training ends
     },
@@ -154,6 +155,7 @@ RULES: dict[str, tuple] = {
     "train.eval_batches": ("int", 1, INF), "train.patience": ("int", 0, INF), "train.seed": ("int", 0, 2**63 - 1),
     "train.device": ("device",), "train.compile": ("bool",), "train.restart": ("bool",),
     "train.log_every": ("int", 1, INF), "train.sample_after": ("bool",),
+    "train.checkpoint_minutes": ("float", 0, INF),
     "sample.num_samples": ("int", 0, 1024), "sample.max_new_tokens": ("int", 1, INF),
     "sample.min_new_tokens": ("int", 0, INF), "sample.temperature": ("float", 0, INF),
     "sample.top_k": ("int", 0, INF), "sample.no_repeat_ngram": ("int", 0, INF), "sample.seed": ("int", 0, 2**63 - 1),
