@@ -205,7 +205,7 @@ def iter_tensors(path: Path, names: dict[str, str]):
     with _open(path) as g:
         for ours, theirs in names.items():
             try:
-                tensor = g.get_tensor(theirs)
+                tensor = g.get_tensor(theirs).clone()  # its own memory: a view would keep the whole mapping
             except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(f"{path}: truncated or damaged safetensors file ({_reason(e)})") from None
             yield ours, tensor
