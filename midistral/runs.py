@@ -222,9 +222,10 @@ def agree(decide: Callable[[], Path | None], master: bool, ddp: bool) -> Path | 
         except CheckpointError as e:
             answer, error = [False, None], e
     torch.distributed.broadcast_object_list(answer, src=0)
-    if error is not None:
-        raise error
     if not answer[0]:
+        torch.distributed.destroy_process_group()  # (exiting with it alive aborts the process)
+        if error is not None:
+            raise error
         raise SystemExit(1)
     return None if answer[1] is None else Path(answer[1])
 
@@ -299,6 +300,7 @@ class Guard:
         if stop:
             if self.ddp:  # the others wait for rank 0's save: torchrun stops every rank when one exits
                 torch.distributed.barrier()
+                torch.distributed.destroy_process_group()
             name = signal.Signals(self.signum).name
             raise Interrupted(f"{name} at step {step}: saved {self.run / 'last'}; continue with: {self.hint}",
                               self.signum)
