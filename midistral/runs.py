@@ -20,6 +20,7 @@ import pickle
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -262,6 +263,8 @@ class Guard:
         self.t_saved, self.step_saved, self.previous = clock(), -1, {}
 
     def __enter__(self) -> "Guard":
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            return self
         for s in self.SIGNALS:
             if signal.getsignal(s) is not signal.SIG_IGN:  # (a shell's background job ignores SIGINT: keep it so)
                 self.previous[s] = signal.signal(s, self._on_signal)
