@@ -32,7 +32,8 @@ from midistral.errors import ArgumentParser, MidistralError
 from midistral.io import RunLock
 from midistral.model import ModelConfig, Transformer
 from midistral.runs import (Guard, Interrupted, agree, append_metrics, check_same_data, claim_run, load_last,
-                            plot_metrics, read_train_state, resume_command, resume_dir, save_best, save_last, truncate_metrics)
+                            plot_metrics, read_train_state, resume_command, resume_dir, save_best, save_last,
+                            truncate_metrics)
 from midistral.tokenize import REMI
 
 
