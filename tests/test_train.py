@@ -175,7 +175,8 @@ def fake_run(out):
     model = Transformer(ModelConfig(vocab_size=len(REMI()), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1, sliding_window=8,
                                     max_position_embeddings=64))
-    save_checkpoint(out / "best", model, REMI(), extra=lambda d: (d / "best.json").write_text('{"step": 7, "val_loss": 2.5}'))
+    best = '{"step": 7, "val_loss": 2.5}'
+    save_checkpoint(out / "best", model, REMI(), extra=lambda d: (d / "best.json").write_text(best))
     save_checkpoint(out / "last", model, REMI(), extra=lambda d: torch.save({"step": 9}, d / "state.pt"))
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0, "lr": 0.001}\n')
     return (out / "best" / "model.safetensors").read_bytes()
@@ -187,8 +188,10 @@ def test_a_folder_holding_a_run_is_refused_then_overwritten_by_name(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "holds a run (best/ (step 7, val loss 2.5000), last/ (step 9))" in r.stderr and "--resume" in r.stderr
     assert "--overwrite" in r.stderr and (tmp_path / "best" / "model.safetensors").read_bytes() == before
-    r = subprocess.run(train_cmd(tmp_path, "--overwrite", "--resume"), capture_output=True, text=True, cwd=ROOT, env=ENV)
-    assert r.returncode == 1 and "not allowed with" in r.stderr and (tmp_path / "best" / "model.safetensors").read_bytes() == before
+    r = subprocess.run(train_cmd(tmp_path, "--overwrite", "--resume"), capture_output=True, text=True, cwd=ROOT,
+                       env=ENV)
+    assert r.returncode == 1 and "not allowed with" in r.stderr
+    assert (tmp_path / "best" / "model.safetensors").read_bytes() == before
 
 
 def test_overwrite_names_what_it_removes(tmp_path):
