@@ -1,11 +1,13 @@
-"""Train midistral: `python train.py --config configs/chorales.toml [section.key=value ...] [--resume]`.
+"""Train midistral: `python train.py --config configs/chorales.toml [section.key=value ...] [--resume | --overwrite]`.
 
 A plain loop (nanoGPT-style): prepare the data if needed, build the model, then
     for each step: gradient-accumulated forward/backward on chunks -> clip -> AdamW -> lr schedule
     every train.eval_every steps and at each epoch end: validation loss; a new best is saved to RUN/best
-    at each epoch end and at train.max_steps: checkpoint RUN/last (everything --resume needs)
+    at each epoch end, at train.max_steps, every train.checkpoint_minutes and at Ctrl-C (SIGINT) or SIGTERM:
+    checkpoint RUN/last (everything --resume needs)
     early stopping after train.patience epochs in which no evaluation improved.
-The data order is a pure function of (seed, epoch), so `--resume` continues exactly where it stopped.
+The data order is a pure function of (seed, epoch, step), so `--resume` continues exactly where it stopped.
+A folder that already holds a run is refused unless --resume or --overwrite says what to do with it (runs.py).
 Runs under `torchrun --nproc_per_node N` with DistributedDataParallel (gloo on CPU, NCCL on GPU).
 """
 
@@ -24,14 +26,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from midistral.checkpoint import (append_metrics, check_same_data, load_last, plot_metrics, read_train_state, resume_dir,
-                                  save_best, save_last, truncate_metrics)
 from midistral.config import RunConfig, SampleConfig, TrainConfig, load_config
 from midistral.data import TokenChunks, epoch_order, load_splits, made_with, prepare, prepared_dir
 from midistral.distributed import init_distributed, is_master
 from midistral.errors import ArgumentParser, MidistralError
 from midistral.io import RunLock
 from midistral.model import Transformer
+from midistral.runs import (Guard, Interrupted, agree, append_metrics, check_same_data, claim_run, load_last,
+                            plot_metrics, read_train_state, resume_command, resume_dir, save_best, save_last,
+                            truncate_metrics)
 from midistral.sampler import Sampler, write_sample_files
 from midistral.tokenize import REMI
 
@@ -176,10 +179,12 @@ def restore(job: Job, last: Path, saved: dict) -> None:
         job.state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
 
 
-def setup(cfg: RunConfig, last: Path | None) -> Job:
-    """Data, model, optimiser and state, restored from `last` when resuming."""
+def setup(cfg: RunConfig, args: argparse.Namespace) -> Job:
+    """Data, model, optimiser and state, restored from RUN/last with --resume."""
     tc, run = cfg.train, Path(cfg.out_dir)
     rank, world, device = init_distributed(tc.device)
+    # before data prep: a folder holding a run is refused (or resumed, or overwritten) at once, rank 0 deciding
+    last = agree(lambda: claim_run(run, args.resume, args.overwrite), rank == 0, world > 1)
     saved = read_train_state(last / "state.pt") if last is not None else None
     if saved is not None and not tc.restart:  # before preparing: never overwrite the run's data with other data
         check_same_data(last, saved, made_with(cfg)[1], prepared_dir(cfg))
@@ -216,9 +221,14 @@ def setup(cfg: RunConfig, last: Path | None) -> Job:
     return job
 
 
-def train(job: Job) -> None:
-    """The loop: step, log, evaluate (best/), checkpoint (last/) at epoch ends, stop early."""
+def train(job: Job, guard: Guard) -> None:
+    """The loop: step, log, evaluate (best/), checkpoint (last/) at epoch ends, every train.checkpoint_minutes
+    and at a signal (`guard`: it raises Interrupted after saving), stop early."""
     tc, state, metrics = job.cfg.train, job.state, job.run / "metrics.jsonl"
+
+    def save():
+        save_last(job.run, job.raw_model, job.tok, asdict(state), job.opt, job.data_fingerprint, job.cfg.to_dict())
+
     bar = tqdm(total=job.total, initial=state.step, disable=not job.master, desc="train", dynamic_ncols=True)
     t_last = time.perf_counter()
     job.model.train()
@@ -253,13 +263,18 @@ def train(job: Job) -> None:
                 state.bad_evals = 0 if state.improved else state.bad_evals + 1
                 state.improved = False
             if job.master:
-                save_last(job.run, job.raw_model, job.tok, asdict(state), job.opt, job.data_fingerprint,
-                          job.cfg.to_dict())
+                save()
                 plot_metrics(job.run)
+            guard.saved(step)
             if tc.patience and state.bad_evals >= tc.patience:
                 if job.master:
                     bar.write(f"early stop at step {step}: no improvement for {tc.patience} epoch(s)")
                 break
+        try:
+            guard.after_step(step, save)
+        except Interrupted:
+            bar.close()
+            raise
     bar.close()
 
 
@@ -273,16 +288,23 @@ def write_samples(run: Path, sc: SampleConfig) -> None:
 def main(argv=None) -> int:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="a TOML run config (configs/*.toml)")
-    ap.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last checkpoint")
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last checkpoint")
+    how.add_argument("--overwrite", action="store_true",
+                     help="replace the run in out_dir (its checkpoints, metrics and samples; the prepared data stays)")
     ap.add_argument("overrides", nargs="*", help="section.key=value (and out_dir=DIR), anywhere on the line")
     args = ap.parse_intermixed_args(argv)
+    job = None
     try:
         cfg = load_config(args.config, args.overrides)
         run = Path(cfg.out_dir)
-        last = resume_dir(run) if args.resume else None  # before data prep: a typo in out_dir fails at once
+        if args.resume and is_master():
+            resume_dir(run)  # before the lock creates the folder: a typo in out_dir fails at once
         with RunLock(run) if is_master() else nullcontext():
-            job = setup(cfg, last)
-            train(job)
+            job = setup(cfg, args)
+            with Guard(run, cfg.train.checkpoint_minutes, job.master, job.ddp,
+                       resume_command(sys.argv[1:] if argv is None else argv, job.world)) as guard:
+                train(job, guard)
             if job.ddp:
                 torch.distributed.barrier()
                 torch.distributed.destroy_process_group()
@@ -293,6 +315,14 @@ def main(argv=None) -> int:
     except MidistralError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        if is_master():
+            print(f"\n{e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # outside the loop's Guard: before training (data preparation) or after it
+        print("\ninterrupted " + ("before training started: nothing to save" if job is None else
+                                  "after training: the run is saved"), file=sys.stderr)
+        return 130
     return 0
 
 

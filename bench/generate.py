@@ -7,7 +7,7 @@
 
 The reference model of the report (24M parameters: vocab 5000, hidden 512, intermediate 1024, 8 layers,
 4 heads, 2 KV heads, sliding window 512, 8192 positions) with random weights, built once as a transformers
-MistralForCausalLM, saved with save_pretrained and loaded into ours with `from_hf`, so both run the same
+MistralForCausalLM, saved with save_pretrained and loaded into ours with `checkpoint.load_model`, so both run the same
 weights. Sampling: top-k 6, temperature 0.5, no-repeat-6-gram, EOS never stops a row (min new tokens =
 max new tokens), so both produce exactly the same number of tokens.
 
@@ -18,7 +18,7 @@ Memory: peak resident set (VmHWM) of a fresh subprocess per measurement that loa
 generates N new tokens with ours, for N = 2,048 and 16,384. Both subprocesses use a config with 32,768
 positions so the lengths fit and the RoPE tables are the same size in both.
 `--memory-only`: per precision at batch 8 (256 new tokens), for the streaming loader Sampler.load uses
-(checkpoint.load_decode_model) and the plain one (prepare_for_decode(from_hf(folder))): the whole-process
+(checkpoint.load_model with a precision) and the plain one (prepare_for_decode(load_model(folder))): the whole-process
 peak, the RSS right after the imports (python + torch + libraries, the baseline) and the peak above it,
 with the int8/fp32 and fp16/fp32 ratios of both.
 
@@ -62,10 +62,10 @@ def hf_model(max_pos: int = 8192):
 
 
 def save_ours_from_hf(hf, folder: Path):
-    from midistral.model import from_hf
+    from midistral.checkpoint import load_model
 
     hf.save_pretrained(folder)
-    return from_hf(folder).eval()
+    return load_model(folder).eval()
 
 
 def timed(fn, repeat=1):
@@ -131,22 +131,22 @@ def rss_mb() -> float:
         return float("nan")
 
 
-LOADERS = ("stream", "plain")  # Sampler.load's checkpoint.load_decode_model; prepare_for_decode(from_hf(folder))
+LOADERS = ("stream", "plain")  # Sampler.load's checkpoint.load_model(precision=); prepare_for_decode(load_model(folder))
 
 
 def memory_child(folder: str, new: int, precision: str = "fp32", batch: int = 1, loader: str = "stream") -> None:
     """Run in a fresh process: load ours, generate `new` tokens, print peak RSS as JSON."""
-    from midistral.checkpoint import load_decode_model
+    from midistral.checkpoint import load_model
     from midistral.generate import generate
-    from midistral.model import from_hf, prepare_for_decode
+    from midistral.model import prepare_for_decode
 
     torch.set_num_threads(2)
     base = rss_mb()  # the interpreter, torch and the libraries, before any model
     rss_torch = peak_rss_mb()
     if loader == "stream":  # as Sampler.load: tensor by tensor, only the decode model is built
-        model = load_decode_model(folder, precision)
+        model = load_model(folder, precision=precision)
     else:  # the fp32 state dict and model, then the decode copy (only that one kept)
-        model = prepare_for_decode(from_hf(folder).eval(), precision)
+        model = prepare_for_decode(load_model(folder).eval(), precision)
     rss_loaded = peak_rss_mb()
     prompt = torch.randint(3, REF["vocab_size"], (batch, 64), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
@@ -189,11 +189,11 @@ def teacher_forced(runner, ids: torch.Tensor):
 
 def quality(ckpt: Path, precisions, n_seq: int = 8) -> dict:
     """Per split and precision: mean NLL per token, relative delta to fp32, argmax agreement with fp32."""
+    from midistral.checkpoint import load_model
     from midistral.data.dataset import TokenChunks
-    from midistral.model import Transformer
     from midistral.model.precision import convert
 
-    model = Transformer.load(ckpt / "best").eval()
+    model = load_model(ckpt / "best").eval()
     cfg = model.config
     res = {}
     for split in ("test", "train"):  # the chorales' test split; held-in files (the training split)

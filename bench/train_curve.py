@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from midistral.model import from_hf
+from midistral.checkpoint import load_model
 from midistral.tokenize import REMI
 
 
@@ -35,7 +35,7 @@ def main():
     hf = MistralForCausalLM(MistralConfig(**cfg, attn_implementation="sdpa"))
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        ours = from_hf(d)
+        ours = load_model(d)
     curves, speed = {}, {}
     for name, model in (("transformers", hf), ("midistral", ours)):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)

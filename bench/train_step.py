@@ -6,7 +6,7 @@
 One training step = forward + cross-entropy + backward + AdamW step, fp32, on the reference model of the
 report (24M parameters: vocab 5000, hidden 512, intermediate 1024, 8 layers, 4 heads, 2 KV heads,
 window 512, 8192 positions). The transformers model is built with random weights and saved with
-save_pretrained; ours is loaded from that folder with `from_hf`, so both train the same weights.
+save_pretrained; ours is loaded from that folder with `checkpoint.load_model`, so both train the same weights.
 
 Each (model, length) runs in a fresh subprocess, so the peak resident set (resource.getrusage ru_maxrss,
 in MiB) is that measurement's own; we also print the peak minus the resident set just before the first
@@ -75,9 +75,9 @@ def matmul_gflops(size: int = 2048, repeat: int = 5) -> float:
 def worker(which: str, folder: str, n: int, steps: int) -> dict:
     torch.manual_seed(0)
     if which == "ours":
-        from midistral.model import from_hf
+        from midistral.checkpoint import load_model
 
-        model = from_hf(folder)
+        model = load_model(folder)
     else:
         from transformers import MistralForCausalLM
 

@@ -107,6 +107,7 @@ class TrainConfig:
     device: str = setting("auto", Rule(_device, "'auto', 'cpu', 'cuda' or 'cuda:N'"), "where to train")
     compile: bool = setting(False, Bool(), "torch.compile the model")
     restart: bool = setting(False, Bool(), "with --resume: weights only, a fresh schedule without warm-up")
+    checkpoint_minutes: float = setting(5.0, Float(0), "also write RUN/last this often; 0: only at epoch ends and max_steps")
     log_every: int = setting(1, Int(1), "steps between metric rows")
     sample_after: bool = setting(True, Bool(), "write a few samples when training ends ([sample])")
 

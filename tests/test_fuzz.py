@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT
 from fuzzing import mutate
-from midistral.checkpoint import read_train_state
+from midistral.runs import read_train_state
 from midistral.config import SECTIONS, RunConfig, default_values, load_config
 from midistral.data.prepare import made_with
 from midistral.errors import CheckpointError, ConfigError, MidistralError
@@ -225,7 +225,7 @@ def test_damaged_state_pt_is_one_line(tmp_path):
 
 def test_damaged_tokenizer_files_load_or_refuse(tokenizers, tmp_path):
     """Tokenizer JSON with bytes mutated, keys dropped or values replaced: a tokenizer or a one-line error."""
-    from midistral.checkpoint import load_tokenizer
+    from midistral.tokenizer_file import load_tokenizer
 
     r = random.Random(8)
     good = json.dumps(tokenizers["bpe"].to_dict())

@@ -275,10 +275,10 @@ def small_hf_model(tmp_path, window=8, vocab=61):
 
 @pytest.mark.parametrize("prompt_len", [3, 8, 21])
 def test_rolling_cache_our_transformer(prompt_len, tmp_path):
-    from midistral.model import from_hf
+    from midistral.checkpoint import load_model
 
     _, folder = small_hf_model(tmp_path)
-    model = from_hf(folder).eval()
+    model = load_model(folder).eval()
     ids = torch.randint(0, 61, (2, prompt_len + 20), generator=torch.Generator().manual_seed(prompt_len))
     with torch.no_grad():
         cached_logits_match_full(model, ids, [prompt_len] + [1] * 20)
@@ -290,7 +290,8 @@ def test_decode_step_equals_full_forward(prepacked, tmp_path, monkeypatch):
     """The fp32 decode step generate() runs (the model prepared for decoding, its linears prepacked for
     oneDNN where the build has it, or the plain product) gives the logits of a full re-run without cache,
     before and after the ring wraps."""
-    from midistral.model import from_hf, prepare_for_decode
+    from midistral.checkpoint import load_model
+    from midistral.model import prepare_for_decode
     from midistral.model.precision import OneDNNLinear
 
     if prepacked:  # this model's weights are small: prepack them anyway, to test oneDNN's path
@@ -298,7 +299,7 @@ def test_decode_step_equals_full_forward(prepacked, tmp_path, monkeypatch):
     else:
         monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     _, folder = small_hf_model(tmp_path)
-    model = from_hf(folder).eval()
+    model = load_model(folder).eval()
     ids = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         runner = prepare_for_decode(model, "fp32")
@@ -327,10 +328,10 @@ def test_small_weights_keep_the_plain_product():
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 3, 6])
 def test_greedy_ngram_matches_transformers(n, tmp_path):
-    from midistral.model import from_hf
+    from midistral.checkpoint import load_model
 
     hf, folder = small_hf_model(tmp_path)
-    ours = from_hf(folder).eval()
+    ours = load_model(folder).eval()
     prompt = torch.randint(3, 61, (3, 10), generator=torch.Generator().manual_seed(n))
     want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                        no_repeat_ngram_size=n, max_new_tokens=40, min_new_tokens=40, pad_token_id=0)

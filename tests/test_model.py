@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from midistral.errors import CheckpointError, ConfigError
-from midistral.model import ModelConfig, Transformer, from_hf
+from midistral.checkpoint import load_model, save_checkpoint
+from midistral.model import ModelConfig, Transformer
 from midistral.model.model import RotaryEmbedding
 from midistral.model.attention import attention_at_positions, sliding_window_attention_torch
 
@@ -27,7 +28,7 @@ def hf_pair(tmp_path_factory):
                 p.add_(0.1 * torch.randn_like(p))
     d = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(d)
-    return hf, from_hf(d).eval(), d
+    return hf, load_model(d).eval(), d
 
 
 def naive_attention(q, k, v, W):
@@ -124,8 +125,8 @@ def test_rope_tables_cover_the_positions_asked_and_equal_one_full_table():
 
 def test_save_load_roundtrip(tmp_path, hf_pair):
     _, ours, _ = hf_pair
-    ours.save(tmp_path / "ck")
-    back = Transformer.load(tmp_path / "ck")
+    save_checkpoint(tmp_path / "ck", ours)
+    back = load_model(tmp_path / "ck")
     ids = torch.randint(0, 97, (1, 30))
     with torch.no_grad():
         assert torch.equal(ours(ids), back(ids))
@@ -144,9 +145,10 @@ def test_bad_inputs(tmp_path, hf_pair):
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "config.json").write_text(json.dumps(SMALL))
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        Transformer.load(tmp_path / "ck")
+        load_model(tmp_path / "ck")
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({**SMALL, "model_type": "mistral"}))
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        from_hf(tmp_path / "ck")
+        load_model(tmp_path / "ck")
 
 
 class RingCache:
@@ -212,7 +214,7 @@ def test_from_hf_sharded_index(tmp_path, hf_pair):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     ids = torch.randint(0, 97, (2, 40))
     with torch.no_grad():
-        assert torch.equal(from_hf(tmp_path)(ids), ours(ids))
+        assert torch.equal(load_model(tmp_path)(ids), ours(ids))
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
-        from_hf(tmp_path)
+        load_model(tmp_path)

@@ -1,7 +1,9 @@
-"""train.py end to end on a tiny config: loss falls, --resume is exact, 2 DDP processes equal 1."""
+"""train.py end to end on a tiny config: loss falls, --resume is exact (after a kill, a signal, mid-epoch), 2 DDP
+processes equal 1, a folder holding a run is refused unless --resume or --overwrite."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,3 +158,137 @@ def test_killed_anywhere_then_run_again_ends_with_the_same_weights(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["same"] == summary["trials"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# A folder that holds a run, interrupts, time-based checkpoints (midistral/runs.py)
+
+
+def fake_run(out):
+    """A run folder holding best/ and last/ (a tiny random model), as a finished run leaves it."""
+    import torch
+
+    from midistral.checkpoint import save_checkpoint
+    from midistral.model import ModelConfig, Transformer
+    from midistral.tokenize import REMI
+
+    model = Transformer(ModelConfig(vocab_size=len(REMI()), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, sliding_window=8,
+                                    max_position_embeddings=64))
+    best = '{"step": 7, "val_loss": 2.5}'
+    save_checkpoint(out / "best", model, REMI(), extra=lambda d: (d / "best.json").write_text(best))
+    save_checkpoint(out / "last", model, REMI(), extra=lambda d: torch.save({"step": 9}, d / "state.pt"))
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0, "lr": 0.001}\n')
+    return (out / "best" / "model.safetensors").read_bytes()
+
+
+def test_a_folder_holding_a_run_is_refused_then_overwritten_by_name(tmp_path):
+    before = fake_run(tmp_path)
+    r = subprocess.run(train_cmd(tmp_path), capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "holds a run (best/ (step 7, val loss 2.5000), last/ (step 9))" in r.stderr and "--resume" in r.stderr
+    assert "--overwrite" in r.stderr and (tmp_path / "best" / "model.safetensors").read_bytes() == before
+    r = subprocess.run(train_cmd(tmp_path, "--overwrite", "--resume"), capture_output=True, text=True, cwd=ROOT,
+                       env=ENV)
+    assert r.returncode == 1 and "not allowed with" in r.stderr
+    assert (tmp_path / "best" / "model.safetensors").read_bytes() == before
+
+
+def test_overwrite_names_what_it_removes(tmp_path):
+    from midistral.runs import claim_run
+
+    fake_run(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert claim_run(tmp_path, resume=False, overwrite=True) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # the prepared data stays
+    assert claim_run(tmp_path, resume=False, overwrite=False) is None  # nothing left to protect
+
+
+def test_guard_checkpoints_on_its_clock_and_at_a_signal():
+    from midistral.runs import Guard, Interrupted
+
+    now, saves = [0.0], []
+    with Guard(ROOT / "r", 0.5, master=True, ddp=False, resume_hint="python train.py --resume",
+               clock=lambda: now[0]) as guard:
+        for step in range(1, 8):
+            now[0] += 10.0  # 10 s a step: a checkpoint every 30 s
+            guard.after_step(step, lambda: saves.append(step))
+        assert saves == [3, 6]
+        guard.saved(7)  # the loop saved at an epoch end: the clock starts again
+        now[0] += 25.0
+        guard.after_step(8, lambda: saves.append(8))
+        assert saves == [3, 6]
+        signal.raise_signal(signal.SIGINT)
+        with pytest.raises(Interrupted) as e:
+            guard.after_step(9, lambda: saves.append(9))
+    assert saves == [3, 6, 9] and e.value.exit_code == 130
+    assert str(e.value) == f"SIGINT at step 9: saved {ROOT / 'r' / 'last'}; continue with: python train.py --resume"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+
+
+def test_a_second_signal_exits_at_once():
+    code = ("import os, signal, time\nfrom pathlib import Path\nfrom midistral.runs import Guard\n"
+            "with Guard(Path('r'), 0, True, False, 'hint'):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(0.2)\n    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(60)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=60)
+    assert r.returncode == 130 and r.stderr.strip() == "SIGINT again: stopped at once without saving"
+
+
+def interrupted(out, sig, at_row, *extra, data):
+    """train.py sent `sig` once metrics.jsonl has `at_row` rows: (exit code, stderr)."""
+    proc = subprocess.Popen(train_cmd(out, *extra, data=data), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < at_row:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the signal"
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+def test_a_signal_mid_epoch_then_resume_gives_the_same_weights(first_run, tmp_path):
+    """SIGINT and SIGTERM mid-epoch (no checkpoint due): last/ is written at that step, one line says how to
+    resume, and --resume ends with the weights of a run never stopped, bit for bit. kill -9 with
+    train.checkpoint_minutes tiny: last/ was written mid-epoch by the clock."""
+    data = first_run / "data"
+    long = ("train.batch_size=16", "train.epochs=3", "train.max_steps=60", "train.eval_every=25")
+    run_train(tmp_path / "straight", *long, data=data)
+    want = {f: (tmp_path / "straight" / f / "model.safetensors").read_bytes() for f in ("best", "last")}
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        out = tmp_path / sig.name
+        rc, err = interrupted(out, sig, 30, *long, "train.checkpoint_minutes=0", data=data)
+        line = err.strip().splitlines()[-1]
+        assert rc == code and "Traceback" not in err, err[-2000:]
+        assert line.startswith(f"{sig.name} at step ") and line.endswith("--resume") and str(out) in line, line
+        step = int(line.split(" at step ")[1].split(":")[0])
+        assert 30 <= step < 60 and json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step
+        run_train(out, *long, data=data, resume=True)
+        assert {f: (out / f / "model.safetensors").read_bytes() for f in ("best", "last")} == want
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(out, *long, "train.checkpoint_minutes=0.0001", data=data), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "last" / "state.pt").is_file():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    from midistral.runs import read_train_state, resume_dir
+
+    assert 0 < read_train_state(resume_dir(out) / "state.pt")["step"] < 60  # mid-epoch: the clock's checkpoint
+    run_train(out, *long, data=data, resume=True)
+    assert (out / "last" / "model.safetensors").read_bytes() == want["last"]
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_refused_under_torchrun_too(first_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(first_run, out)
+    before = (out / "best" / "model.safetensors").read_bytes()
+    r = subprocess.run(train_cmd(out, data=first_run / "data", nproc=2), capture_output=True, text=True, cwd=ROOT,
+                       env=ENV, timeout=600)
+    assert r.returncode != 0 and r.stderr.count("holds a run") == 1  # rank 0's line (torchrun adds its own summary)
+    assert (out / "best" / "model.safetensors").read_bytes() == before

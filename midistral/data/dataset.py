@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from midistral.checkpoint import load_tokenizer
+from midistral.tokenizer_file import load_tokenizer
 from midistral.errors import DataError
 
 DATA_FORMAT = {"format": "midistral.data", "version": 2}  # bumped when the shard layout changes

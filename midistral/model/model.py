@@ -9,22 +9,19 @@ The projections that read the same input are one weight each, fused once at cons
 does: [q|k|v] (`qkv_proj`) and [gate|up] (`gate_up_proj`), so a step runs 4 matrix products per layer
 instead of 7 and training never concatenates weights. Checkpoints keep transformers' names (q_proj,
 k_proj, v_proj, gate_proj, up_proj; minus its "model." prefix): `state_dict()` splits the fused weights
-and `load_state_dict()` joins them (hf.py is then one line). Attention: `midistral.model.attention` (the
+and `load_state_dict()` joins them (a transformers folder then loads by name, midistral.checkpoint). Attention: `midistral.model.attention` (the
 backend switch, and the position-masked path generation uses with a KV cache, model/cache.py).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from midistral.errors import CheckpointError, ConfigError
-from midistral.io import atomic_write_json, save_tensors
 from midistral.model.attention import attention_at_positions, sliding_window_attention
 from midistral.model.config import ModelConfig
 
@@ -217,34 +214,7 @@ class Transformer(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    # ---- checkpoints: config.json + model.safetensors
-
-    def save(self, dir: str | Path) -> None:
-        dir = Path(dir)
-        dir.mkdir(parents=True, exist_ok=True)
-        state = self.state_dict()
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_tensors(dir / "model.safetensors", state, metadata={"format": "pt"})
-        atomic_write_json(dir / "config.json", self.config.to_dict())
-
-    @classmethod
-    def load(cls, dir: str | Path, device: str | torch.device | None = None) -> "Transformer":
-        dir = Path(dir)
-        for f in ("config.json", "model.safetensors"):
-            if not (dir / f).is_file():
-                raise CheckpointError(f"{dir}: checkpoint is missing {f}")
-        try:
-            cfg = ModelConfig.from_dict(json.loads((dir / "config.json").read_text()))
-        except ValueError as e:
-            raise CheckpointError(f"{dir / 'config.json'}: not valid JSON ({e})") from None
-        model = cls(cfg)
-        try:
-            state = load_file(str(dir / "model.safetensors"), device=str(device or "cpu"))
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise CheckpointError(f"{dir / 'model.safetensors'}: cannot be read ({e})") from None
-        model.load_weights(state, source=dir / "model.safetensors")
-        return model.to(device) if device is not None else model
+    # ---- checkpoints (written and read by midistral.checkpoint)
 
     def load_weights(self, state: dict, source: str | Path = "checkpoint") -> None:
         """Load a state dict, naming the first missing / unexpected / misshapen tensor."""

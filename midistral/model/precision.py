@@ -232,24 +232,44 @@ def prepare_for_decode(model: nn.Module, precision: str = "fp32") -> nn.Module:
     return per_model[precision][1]
 
 
+def decode_layers(precision: str, device: torch.device | str = "cpu") -> tuple:
+    """(linear layer, LM head layer, KV ring dtype) that build `precision` on `device` (BUILD's row)."""
+    return (BUILD_CUDA if torch.device(device).type == "cuda" else BUILD)[precision]
+
+
+def convert_part(part: nn.Module, layer) -> nn.Module:
+    """`part` with every nn.Linear in it (or itself, when it is one) swapped for `layer(linear)`; None keeps
+    them. The one conversion: `convert` applies it to a whole model, the checkpoint loader part by part."""
+    if layer is None:
+        return part
+    if isinstance(part, nn.Linear):
+        return layer(part)
+    for parent in list(part.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, layer(child))
+    return part
+
+
+def finish_decode(model: nn.Module, precision: str) -> nn.Module:
+    """After convert_part: the embedding where `precision` narrows it, eval mode and the decode attributes."""
+    if precision in EMBEDDING:
+        model.embed_tokens = EMBEDDING[precision](model.embed_tokens)
+    model.eval()  # (not requires_grad_(False): a copy shares the training model's own parameters)
+    model.kv_cache_dtype = decode_layers(precision, next(model.parameters()).device)[2]
+    model.decode_precision = precision
+    return model
+
+
 def convert(model: nn.Module, precision: str) -> nn.Module:
     """The copy of `model` in `precision` (not cached, not checked against OFFERED: for measuring)."""
-    linear_cls, head_cls, kv_dtype = (BUILD_CUDA if next(model.parameters()).is_cuda else BUILD)[precision]
+    linear_cls, head_cls, kv_dtype = decode_layers(precision, next(model.parameters()).device)
     if linear_cls is None and kv_dtype == next(model.parameters()).dtype:
         return model
     # a copy of the module tree that shares every tensor (no parameter is copied)
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
     memo.update({id(t): t for pair in model.rope._tables.values() for t in pair})
     out = copy.deepcopy(model, memo)
-    out.eval()  # (not requires_grad_(False): the shared parameters are the training model's own)
-    if linear_cls is not None:
-        for parent in list(out.layers.modules()):
-            for name, child in parent.named_children():
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, linear_cls(child))
-    if head_cls is not None:
-        out.lm_head = head_cls(out.lm_head)
-    if precision in EMBEDDING:
-        out.embed_tokens = EMBEDDING[precision](out.embed_tokens)
-    out.kv_cache_dtype, out.decode_precision = kv_dtype, precision
-    return out
+    convert_part(out.layers, linear_cls)
+    out.lm_head = convert_part(out.lm_head, head_cls)
+    return finish_decode(out, precision)
