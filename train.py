@@ -173,7 +173,7 @@ def restore(job: Job, last: Path, saved: dict) -> None:
     """Load RUN/last (or .last.old) into the job: weights, and unless train.restart, optimiser, RNG and state."""
     restart = job.cfg.train.restart
     load_last(last, saved, job.raw_model, job.opt, job.tok, prepared_dir(job.cfg), weights_only=restart)
-    if restart:  # the report's second cycle: same weights, fresh optimiser and schedule, no warm-up
+    if restart:  # the reference setup's second cycle: same weights, fresh optimiser and schedule, no warm-up
         job.state = TrainState(step=saved["step"], best_val=saved["best_val"], schedule_start=saved["step"])
     else:
         job.state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})

@@ -23,7 +23,7 @@ in one process so load on the machine hits both alike (the order flips every rep
 median of the per-repeat ratios (wall and CPU time), and the ratio of the best runs. Two
 counts of "the same number of new tokens": the ids the walk sampled (one model decision each: a note's
 tokens or the choice to go on to the next tick of the piece), and the ids the new track adds to the
-piece's encoding (encode(result) - encode(piece)). `--report-size` times the report's 24M model
+piece's encoding (encode(result) - encode(piece)). `--report-size` times the reference 24M model
 (bench/generate.py's shape, random weights, this tokenizer's vocabulary) instead of the checkpoint.
 """
 
@@ -48,7 +48,7 @@ from midistral.tokenize import load_score
 from midistral.tokenize.grammar import GrammarConstraint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import REF, SETTINGS  # noqa: E402  (bench/generate.py: the report's model and sampling settings)
+from generate import REF, SETTINGS  # noqa: E402  (bench/generate.py: the reference model and sampling settings)
 
 
 def bars_covered(score, new_idx: int) -> float:
@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--png", default=None)
     ap.add_argument("--repeats", type=int, default=5, help="speed: alternating walk/free runs")
     ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--report-size", action="store_true", help="speed of the report's 24M model (random weights)")
+    ap.add_argument("--report-size", action="store_true", help="speed of the reference 24M model (random weights)")
     ap.add_argument("--add", type=int, default=0, help="true addition: this many test chorales without their bass")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--png-add", default=None, help="piano roll of the first true addition")

@@ -3,7 +3,7 @@
     python bench/grammar.py --ckpt RUN          # 100 samples with and without the grammar, then speed
     python bench/grammar.py                     # trains a tiny BPE run in a temporary folder first
 
-Samples: from BOS, the report's settings (temperature 0.5, top-k 6, no-repeat-6-gram), up to
+Samples: from BOS, the reference settings (temperature 0.5, top-k 6, no-repeat-6-gram), up to
 --max-new-tokens each, cut at EOS. For each sample: tokens the decoder skips (`decode_with_report`) and
 MidiTok's `tokens_errors` (a test-only oracle: a MidiTok REMI with the same config, fed our base tokens).
 

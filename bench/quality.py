@@ -1,12 +1,12 @@
-"""Music quality, ours vs the report's pipeline, on the same chorales, model size and CPU time.
+"""Music quality, ours vs the reference pipeline, on the same chorales, model size and CPU time.
 
     python bench/quality.py [--steps 392] [--samples 20] [--out /tmp/quality]
 
 ours:     train.py --config configs/chorales.toml (train.max_steps=--steps), then our generate from BOS.
-report's: MidiTok REMI (REMIPlus parameters) + MidiTok BPE trained on the same train split, transformers'
+reference: MidiTok REMI (REMIPlus parameters) + MidiTok BPE trained on the same train split, transformers'
           MistralForCausalLM of the same size trained by a plain AdamW loop on the same chunking, batch, lr and
           schedule until it has used the CPU time our train.py used, then transformers' generate.
-Both sample from BOS with the report's settings (temperature 0.5, top-k 6, no-repeat-ngram 6, 256..512 new
+Both sample from BOS with the reference settings (temperature 0.5, top-k 6, no-repeat-ngram 6, 256..512 new
 tokens); ours is also sampled as `sample.py` does by default (SamplingConfig(), grammar on). All are scored with
 midistral.evaluate against the run's test split: OA per metric, side by side. Both trainings see the same
 files and the same number of transposed copies (data.transpose, data.transpose_copies).
@@ -60,7 +60,7 @@ def train_ours(out: Path, steps: int) -> float:
 
 
 def miditok_shards(manifest: dict, folder: Path, vocab: int, shift_range: tuple[int, int], copies: int, seed: int):
-    """The report's tokenization of the same split: MidiTok BPE on the train files, shards TokenChunks reads;
+    """The reference setup's tokenization of the same split: MidiTok BPE on the train files, shards TokenChunks reads;
     each train file also `copies` times transposed by distinct random shifts in `shift_range`, as ours."""
     tok = miditok.REMI(miditok.TokenizerConfig(**DEFAULT_PARAMS))
     train_files = manifest["counts"]["train"]["files_list"]
@@ -164,14 +164,14 @@ def main():
     mt = miditok_shards(manifest, out / "report" / "data", cfg.data.bpe_vocab_size, cfg.data.transpose,
                         cfg.data.transpose_copies, 0)
     hf, hf_steps, hf_cpu = train_report(mt, out / "report" / "data", cfg, cpu, schedule)
-    print(f"training CPU time: ours {cpu:.0f} s, report's {hf_cpu:.0f} s ({hf_steps} of {schedule} steps)")
+    print(f"training CPU time: ours {cpu:.0f} s, reference {hf_cpu:.0f} s ({hf_steps} of {schedule} steps)")
     real = measure_set(manifest["counts"]["test"]["files_list"])
     results = {}
     for name, scores in (("ours", sample_ours(ours, args.samples, args.max_new, args.min_new, 0)),
-                         ("report's", sample_report(hf, mt, args.samples, args.max_new, args.min_new, 0)),
+                         ("reference", sample_report(hf, mt, args.samples, args.max_new, args.min_new, 0)),
                          ("ours, sample.py defaults", sample_ours_defaults(ours, args.samples, 0))):
         results[name] = compare(real, measure_set(scores))
-    print("| metric | ours, report's settings | report's pipeline, report's settings | ours, sample.py defaults |\n"
+    print("| metric | ours, reference settings | reference pipeline, reference settings | ours, sample.py defaults |\n"
           "|---|---|---|---|")
     rows = {name: {r["metric"]: r["oa"] for r in res["rows"]} for name, res in results.items()}
     for metric in SUMMARY_METRICS:

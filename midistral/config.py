@@ -65,14 +65,14 @@ class DataConfig:
     prepared_dir: str = setting("", Str(), "where the shards go ('': OUT_DIR/data)")
     cache_dir: str = setting("", Str(), "the chorale MIDI cache ('': ~/.cache/midistral/chorales)")
     max_files: int = setting(0, Int(0), "files at most; 0: all")
-    only_4_4: bool = setting(False, Bool(), "keep only 4/4 files (the report did)")
-    max_bars: int = setting(0, Int(0), "longest piece in bars; 0: no limit (the report: 200)")
+    only_4_4: bool = setting(False, Bool(), "keep only 4/4 files (the reference setup did)")
+    max_bars: int = setting(0, Int(0), "longest piece in bars; 0: no limit (the reference setup: 200)")
     min_notes: int = setting(1, Int(0), "fewest notes of a piece")
     split: list = setting([0.8, 0.1, 0.1],
                           Rule(_fractions, "3 fractions >= 0 with a positive sum, e.g. [0.8, 0.1, 0.1]"),
                           "train, validation and test shares of the files")
     seed: int = setting(0, SEED, "seed of the split and the augmentation")
-    bpe_vocab_size: int = setting(0, Int(0, 2**32 - 1), "BPE vocabulary size; 0: base tokens (the report: 5000)")
+    bpe_vocab_size: int = setting(0, Int(0, 2**32 - 1), "BPE vocabulary size; 0: base tokens (the reference setup: 5000)")
     transpose: list = setting([0, 0], Rule(_semitones, "[low, high] integers in [-60, 60] with low <= high"),
                               "semitone range of random transpositions of training pieces (drums never shift)")
     transpose_copies: int = setting(0, Int(0, 120), "transposed copies of each training piece")

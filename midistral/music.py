@@ -4,7 +4,7 @@
     write_midi(score, "out/song.mid")                # atomic
     png = piano_roll_png(score, "song", start_tick=1920, highlight=2)
 
-The numbers about music (per-piece metrics, the report's failure modes) are in midistral.metrics.
+The numbers about music (per-piece metrics, the reference setup's failure modes) are in midistral.metrics.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ def test_attention_at_positions_ring_order():
 
 
 def test_rope_tables_cover_the_positions_asked_and_equal_one_full_table():
-    """A sampler that stays below position 1,024 holds 1,024 rows, not max_positions (8 MB for the report's
+    """A sampler that stays below position 1,024 holds 1,024 rows, not max_positions (8 MB for the reference
     model); growing the table later gives exactly the values a full-size table has."""
     grown, full = RotaryEmbedding(128, 10000.0, 8192), RotaryEmbedding(128, 10000.0, 8192)
     full(8190, 2, "cpu", torch.float32)  # built once for every position

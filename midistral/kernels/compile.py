@@ -29,7 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from midistral.kernels import attention as A  # noqa: E402
 
-GROUP = 4  # GQA group used for the report (it only changes index arithmetic)
+GROUP = 4  # GQA group used by the reference model (it only changes index arithmetic)
 HEAD_DIMS = (32, 64, 128)
 DTYPES = {"bf16": 2, "fp32": 4}
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block (A100, H100)

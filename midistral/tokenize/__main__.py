@@ -11,7 +11,7 @@ def main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m midistral.tokenize", description=__doc__)
     ap.add_argument("files", nargs="+")
     ap.add_argument("--tokenizer", help="a tokenizer JSON (ours or MidiTok's); default: midistral's default config")
-    ap.add_argument("--report-config", action="store_true", help="the report's config (numbered Bar_<n> tokens)")
+    ap.add_argument("--report-config", action="store_true", help="the reference setup's config (numbered Bar_<n> tokens)")
     ap.add_argument("--ids", action="store_true", help="print ids (BPE ids if trained) instead of token strings")
     args = ap.parse_args(argv)
     try:

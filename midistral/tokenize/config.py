@@ -1,7 +1,7 @@
 """REMIConfig: MidiTok 3.1's `TokenizerConfig` parameter names and defaults, for REMI with programs.
 
-`REMIConfig(**TOKENIZER_PARAMS)` takes the report's dict as is. Unknown names are refused with the
-name (MidiTok silently stores them); the two extra keys the report used are accepted:
+`REMIConfig(**TOKENIZER_PARAMS)` takes the reference setup's dict as is. Unknown names are refused with the
+name (MidiTok silently stores them); the two extra keys the reference setup used are accepted:
 `max_bar_embedding` (numbered Bar_0..Bar_{n-1} tokens) and `drum_pitch_range`, a misspelling of
 `drums_pitch_range` that MidiTok ignores: we warn and ignore it too, so the vocabulary stays the same.
 """
@@ -21,14 +21,14 @@ CHORD_MAPS = {  # MidiTok's names and dict order; offsets from the lowest note
     "9min": (0, 4, 7, 10, 13),
 }
 
-# The report's TOKENIZER_PARAMS, verbatim (MidiTok names, including its two extra keys).
+# The reference setup's TOKENIZER_PARAMS, verbatim (MidiTok names, including its two extra keys).
 REPORT_PARAMS = {
     "pitch_range": (21, 109), "beat_res": {(0, 4): 12, (4, 12): 4}, "num_velocities": 32,
     "special_tokens": ["PAD", "BOS", "EOS", "MASK"], "use_chords": True, "use_rests": True, "use_tempos": True,
     "use_time_signatures": True, "use_programs": True, "num_tempos": 32, "tempo_range": (40, 250),
     "max_bar_embedding": 500, "drum_pitch_range": (0, 127),
 }
-# midistral's default: the report's setup with one Bar_None token (numbered bars add 500 tokens that carry
+# midistral's default: the reference setup with one Bar_None token (numbered bars add 500 tokens that carry
 # no information the decoder needs, and cap pieces at 500 bars) and without the misspelled key.
 DEFAULT_PARAMS = {k: v for k, v in REPORT_PARAMS.items() if k not in ("max_bar_embedding", "drum_pitch_range")}
 
