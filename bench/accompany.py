@@ -4,7 +4,7 @@
     python bench/accompany.py --ckpt RUN --pieces 0 --repeats 5 [--report-size]     # speed only
     python bench/accompany.py --ckpt RUN --pieces 0 --repeats 0 --add 20 --seeds 2 [--png-add samples/add.png]
 
---add N: a true addition (issue 15). The first N four-voice test-split chorales, each in the ensemble the data
+--add N: a true addition (a voice the piece lacks). The first N four-voice test-split chorales, each in the ensemble the data
 preparation gives it (data.ensembles; midistral.data.chorales.ensemble_for, copy 0), without their lowest
 voice: Sampler.accompany (sample.py's defaults: temperature 0.7, top-k 12, the default precision) adds a cello
 and a bass ("bass": Electric Bass (finger)) with each seed, skipping an instrument the trio already plays;
