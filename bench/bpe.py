@@ -1,7 +1,7 @@
 """BPE, ours vs MidiTok 3.1, in one process: training time, encode files/s (MIDI file -> BPE ids),
 identical vocab/merges/ids, compression ratio.
 
-    python bench/bpe.py [--vocab 5000] [--chorales 50]
+    python bench/bpe.py [--vocab 5000] [--chorales 50] [--dir PATH (a folder of MIDI files; default: tests/data/dev)]
 """
 
 import argparse
@@ -22,7 +22,7 @@ from midistral.tokenize import DEFAULT_PARAMS, REMI, REMIConfig  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "midi" / "dev"))
+    ap.add_argument("--dir", default=str(Path(__file__).resolve().parents[1] / "tests" / "data" / "dev"))
     ap.add_argument("--vocab", type=int, default=5000)
     ap.add_argument("--chorales", type=int, default=50)
     args = ap.parse_args()

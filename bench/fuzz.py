@@ -1,6 +1,6 @@
 """Fuzz the MIDI path with byte-mutated real files: read -> limits -> encode -> decode -> write.
 
-    python bench/fuzz.py --n 10000 --timeout 5 [--dir ../shared/midi/dev] [--workers 2] [--bpe]
+    python bench/fuzz.py --n 10000 --timeout 5 [--dir PATH (a folder of MIDI files; default: tests/data/dev)] [--workers 2] [--bpe]
 
 Each case is a real file with one to three seeded mutations (tests/fuzzing.py). Cases run in worker
 processes. A case whose CPU time exceeds --timeout seconds is too slow; one that gives no answer within
@@ -124,7 +124,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=5.0, help="CPU seconds a case may take")
     ap.add_argument("--hang", type=float, default=60.0, help="wall seconds without an answer that make a hang")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--dir", default=str(ROOT.parent / "shared" / "midi" / "dev"))
+    ap.add_argument("--dir", default=str(ROOT / "tests" / "data" / "dev"))
     ap.add_argument("--bpe", action="store_true", help="encode with a small BPE (700) learned on 8 of the files")
     args = ap.parse_args()
     files = sorted(str(p) for p in Path(args.dir).glob("*.mid*"))

@@ -1,7 +1,7 @@
 """Same loss curve as the peer: transformers' MistralForCausalLM and ours, same initial weights, same
-batches (chunks of the real files in ../shared/midi/dev), same AdamW and schedule, 50 steps.
+batches (chunks of the first 12 `lmd__*.mid` files of a folder of MIDI files), same AdamW and schedule, 50 steps.
 
-    python bench/train_curve.py [--steps 50]
+    python bench/train_curve.py [--steps 50] [--dir PATH (default: tests/data/dev)]
 """
 
 import argparse
@@ -22,9 +22,11 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--dir", default=str(Path(__file__).resolve().parents[1] / "tests" / "data" / "dev"),
+                    help="a folder of MIDI files (the lmd__*.mid ones are read)")
     args = ap.parse_args()
     tok = REMI()
-    dev = Path(__file__).resolve().parents[2] / "shared" / "midi" / "dev"
+    dev = Path(args.dir)
     ids = np.concatenate([tok.encode(f) for f in sorted(dev.glob("lmd__*.mid"))[:12]])
     rng = np.random.default_rng(0)
     starts = rng.integers(0, len(ids) - args.seq - 1, (args.steps, args.batch))

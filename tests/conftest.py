@@ -15,12 +15,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py and sample.py live at the root, beside the package
 TEST_MIDI = ROOT / "tests" / "data"  # the corpus every clone has (licences in tests/data/NOTICE)
-SHARED_MIDI = ROOT.parent / "shared" / "midi"  # more real files, where a checkout has them beside it
+# More real files, optional: a folder named by MIDISTRAL_TEST_MIDI with dev/, broken/ and MANIFEST.tsv laid out as
+# tests/data is. The tests never require it.
+SHARED_MIDI = Path(os.environ["MIDISTRAL_TEST_MIDI"]) if os.environ.get("MIDISTRAL_TEST_MIDI") else None
 
 
 @functools.cache
 def _merged_midi_dir() -> Path:
-    """tests/data and ../shared/midi merged into a session-wide temporary folder (copies, deduplicated by content)."""
+    """tests/data and $MIDISTRAL_TEST_MIDI merged into a session-wide temporary folder (copies, deduplicated by content)."""
     root = Path(tempfile.mkdtemp(prefix="midistral-test-midi-"))
     atexit.register(shutil.rmtree, root, True)
     for sub in ("dev", "broken"):
@@ -42,8 +44,8 @@ def _merged_midi_dir() -> Path:
 
 def shared_midi_dir(sub: str = "dev") -> Path:
     """The folder of real MIDI files of `sub` ("dev" or "broken"): tests/data/<sub> on a fresh clone; with
-    ../shared/midi beside the project, tests/data and ../shared/midi merged ("dev" and "broken" stay siblings)."""
-    return _merged_midi_dir() / sub if SHARED_MIDI.is_dir() else TEST_MIDI / sub
+    MIDISTRAL_TEST_MIDI naming a folder, tests/data and that folder merged ("dev" and "broken" stay siblings)."""
+    return _merged_midi_dir() / sub if SHARED_MIDI is not None and SHARED_MIDI.is_dir() else TEST_MIDI / sub
 
 
 @pytest.fixture(scope="session")

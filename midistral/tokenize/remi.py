@@ -8,7 +8,7 @@ One token stream for all instruments. A piece reads, bar by bar:
     Program_p Pitch_x Velocity_v Duration_d   one note (PitchDrum_x for drums, Program_-1)
     Rest_b.p.r                             silence; the bars it crosses get no Bar token
 
-Encoding follows MidiTok 3.1 rule by rule (../shared/docs/remi-spec.md), so our token strings equal
+Encoding follows MidiTok 3.1 rule by rule, so our token strings equal
 MidiTok's. Decoding follows *our* encoder, so decode then encode gives back the same tokens; where
 MidiTok's decoder disagrees with its own encoder we differ (README: "Differences from MidiTok").
 
