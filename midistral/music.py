@@ -21,14 +21,14 @@ import numpy as np
 import symusic
 
 from midistral.errors import MidiError, MidistralError
+from midistral.general_midi import DRUMS
 from midistral.io import atomic_write_bytes
 from midistral.limits import MAX_BARS, check_timeline
-from midistral.metrics import DRUM_PROGRAM
 from midistral.tokenize import GM_NAMES, load_score
 
 def track_program(track) -> int:
-    """The track's GM program, DRUM_PROGRAM (-1) for the drum kit (as --programs and metrics name it)."""
-    return DRUM_PROGRAM if track.is_drum else int(track.program)
+    """The track's GM program, DRUMS (-1) for the drum kit (as --programs and metrics name it)."""
+    return DRUMS if track.is_drum else int(track.program)
 
 
 def name_tracks(score: symusic.Score) -> symusic.Score:

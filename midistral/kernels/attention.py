@@ -49,19 +49,6 @@ def visited_blocks(n: int, window: int, block_m: int, block_n: int) -> list[list
     return [list(key_block_range(m * block_m, n, window, block_m, block_n)) for m in range(-(-n // block_m))]
 
 
-def flops_report(n: int, window: int, block_m: int = 128, block_n: int = 64, head_dim: int = 128) -> str:
-    """FLOPs of the forward (QK^T and PV, 4*D per query-key pair computed) that the block walk does, versus
-    a full causal kernel that visits every block up to the diagonal, versus the useful band itself."""
-    visited = sum(len(r) for r in visited_blocks(n, window, block_m, block_n))
-    causal = sum(len(key_block_range(m * block_m, n, n, block_m, block_n)) for m in range(-(-n // block_m)))
-    band = sum(min(i + 1, window) for i in range(n))  # query-key pairs the model actually needs
-    f = 4 * head_dim * block_m * block_n
-    return (f"N={n} W={window} blocks {block_m}x{block_n} D={head_dim}: forward visits {visited} blocks "
-            f"({visited * f / 1e9:.3f} GFLOP per head), full causal {causal} blocks ({causal * f / 1e9:.3f} GFLOP), "
-            f"ratio {visited / causal:.3f}; useful band pairs {band} = {band * 4 * head_dim / 1e9:.3f} GFLOP "
-            f"(block efficiency {band / (visited * block_m * block_n):.2f})")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Kernels
 

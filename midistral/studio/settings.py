@@ -15,9 +15,8 @@ import symusic
 
 from midistral.errors import MidiError, MidistralError
 from midistral.limits import check_timeline
-from midistral.metrics import DRUM_PROGRAM
+from midistral.general_midi import DRUMS, program_family, program_name
 from midistral.music import n_bars, track_program
-from midistral.general_midi import program_family, program_name
 from midistral.sampling import SAMPLING, SamplingConfig
 from midistral.tokenize import load_score
 
@@ -48,7 +47,7 @@ class UploadTooLarge(MidistralError):
 
 def instruments() -> list[dict]:
     """The General MIDI instruments the page offers, drums first (program -1)."""
-    return [{"program": p, "name": program_name(p), "family": program_family(p)} for p in range(DRUM_PROGRAM, 128)]
+    return [{"program": p, "name": program_name(p), "family": program_family(p)} for p in range(DRUMS, 128)]
 
 
 @dataclass
@@ -92,7 +91,7 @@ def program(raw: str, label: str) -> int:
         value = int(str(raw).strip())
     except ValueError:
         raise MidistralError(f"{label}: {raw!r} is not an instrument number (-1 = drums, 0..127)") from None
-    if not DRUM_PROGRAM <= value <= 127:
+    if not DRUMS <= value <= 127:
         raise MidistralError(f"{label}: {value} is not an instrument number (-1 = drums, 0..127)")
     return value
 
