@@ -1,13 +1,13 @@
-"""A/B of the fp32 decode step: today's model against an older revision of this repository, in one process.
+"""A/B of the fp32 decode step: the current model against an older revision of this repository, in one process.
 
     python bench/decode_ab.py                       # against 71a44f8, the last tree with `DecodeStep`
     python bench/decode_ab.py --old REV --threads 1 2 --batch 1 8
 
 The older tree's `midistral/` is exported with `git archive` into a temporary folder as the package
-`midistral_old` and imported beside today's. Both get the same weights (the reference 24M model, random),
+`midistral_old` and imported beside the current one. Both get the same weights (the reference 24M model, random),
 prefill the same 512 tokens (the ring is full, as in a long piece) and then decode one token per step,
 in alternating blocks of 10 steps so that drift in the machine's load hits both alike. It prints
-ms/step (min and median over the blocks) and the ratio new / old: below 1 means today's step is faster.
+ms/step (min and median over the blocks) and the ratio new / old: below 1 means the current step is faster.
 With one thread it times CPU time (`time.thread_time`), which other jobs on the machine disturb less;
 with more threads wall time.
 """
