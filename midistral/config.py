@@ -35,9 +35,9 @@ DEFAULTS = {
     "out_dir": "runs/default",
     "data": {
         "dir": "",                 # a folder of .mid/.midi files (recursive); "" with source="chorales" uses music21
-        "source": "folder",        # "folder" or "chorales" (music21's Bach chorales, converted once and cached)
+        "source": "folder",        # "folder", "chorales" (music21's Bach chorales) or "music21" (all its corpus, styled)
         "prepared_dir": "",        # where shards go; default OUT_DIR/data
-        "cache_dir": "",           # chorale MIDI cache; default ~/.cache/midistral/chorales
+        "cache_dir": "",           # converted MIDI cache; default ~/.cache/midistral/chorales (or /music21)
         "max_files": 0,            # 0: all
         "only_4_4": False,         # the report kept only 4/4 files
         "max_bars": 0,             # 0: no limit (report: 200)
@@ -47,7 +47,7 @@ DEFAULTS = {
         "bpe_vocab_size": 0,       # 0: no BPE (base tokens); report: 5000
         "transpose": [0, 0],       # semitone range of random transpositions of training pieces (drums never shift)
         "transpose_copies": 0,     # how many transposed copies of each training piece
-        "ensembles": 0.0,          # share of pieces (and copies) given an ensemble drawn per voice (chorales.py); 0: off
+        "ensembles": 0.0,          # share of pieces (and copies) given an ensemble drawn per voice (ensembles.py); 0: off
         "ensemble_copies": 0,      # with ensembles: more copies of each training piece, each in another drawn ensemble
         "min_seq": 256,            # chunks shorter than this are dropped (a piece shorter than it is kept whole)
         "max_seq": 2048,
@@ -140,7 +140,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
 INF = float("inf")
 RULES: dict[str, tuple] = {
     "out_dir": ("path",),
-    "data.dir": ("str",), "data.source": ("choice", "folder", "chorales"), "data.prepared_dir": ("str",),
+    "data.dir": ("str",), "data.source": ("choice", "folder", "chorales", "music21"), "data.prepared_dir": ("str",),
     "data.cache_dir": ("str",), "data.max_files": ("int", 0, INF), "data.only_4_4": ("bool",),
     "data.max_bars": ("int", 0, INF), "data.min_notes": ("int", 0, INF), "data.split": ("fractions", 3),
     "data.seed": ("int", 0, 2**63 - 1), "data.bpe_vocab_size": ("int", 0, 2**32 - 1),
