@@ -46,6 +46,7 @@ NOT_MUSIC = {"demos": "a music21 demonstration file, not a piece",
              "theoryExercises": "a music21 theory exercise, not a piece"}
 TUNES_ARE_VOICES = {"josquin"}  # folders whose ABC tunes are the parts of one piece
 # one file per piece: where a piece ships in several formats, the first of these wins
+CONVERTER_VERSION = 1  # bumped when the conversion changes: cached sources of another version are converted again
 FORMAT_RANK = {".mxl": 0, ".musicxml": 1, ".xml": 2, ".krn": 3, ".abc": 4}
 
 
@@ -106,10 +107,30 @@ def _pieces_of(parsed, rel: str) -> list[tuple[str, object]]:
     return out
 
 
+def _drop_repeated_time_signatures(score) -> None:
+    """Remove a part's second time signature at one offset: music21's MIDI writer refuses it (a quarter of
+    O'Neill's tunes read from ABC have one)."""
+    from music21 import meter
+
+    for part in score.parts:
+        seen = set()
+        for ts in list(part.recurse().getElementsByClass(meter.TimeSignature)):
+            key = (ts.getOffsetInHierarchy(score), ts.ratioString)
+            if key in seen and ts.activeSite is not None:
+                ts.activeSite.remove(ts)
+            seen.add(key)
+
+
 def _write_midi(score, dst: Path) -> None:
     """`score` as MIDI at `dst` (atomically), without empty tracks; a score without notes is an error."""
+    from music21.exceptions21 import StreamException
+
     with atomic_path(dst) as tmp:
-        score.write("midi", fp=str(tmp))
+        try:
+            score.write("midi", fp=str(tmp))
+        except StreamException:
+            _drop_repeated_time_signatures(score)
+            score.write("midi", fp=str(tmp))
         s = symusic.Score.from_midi(tmp.read_bytes())
         s.tracks = [t for t in s.tracks if len(t.notes)]
         if not s.tracks:
@@ -123,7 +144,7 @@ def convert_source(args) -> dict:
     from music21 import converter
 
     record_path = Path(cache) / (rel + ".json")
-    record = {"source": rel, "pieces": [], "skipped": []}
+    record = {"source": rel, "converter": CONVERTER_VERSION, "pieces": [], "skipped": []}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -149,8 +170,8 @@ def _cached_record(cache: Path, rel: str) -> dict | None:
         rec = json.loads((cache / (rel + ".json")).read_text())
     except (OSError, ValueError):
         return None
-    if not all((cache / p["midi"]).is_file() for p in rec.get("pieces", [])):
-        return None  # a piece file went missing: convert the source again
+    if rec.get("converter") != CONVERTER_VERSION or not all((cache / p["midi"]).is_file() for p in rec.get("pieces", [])):
+        return None  # converted by another version, or a piece file went missing: convert the source again
     return rec
 
 

@@ -3,6 +3,7 @@
     OUT/data/{train,val,test}.bin     all pieces' ids back to back (uint16, or uint32 for big vocabularies)
     OUT/data/{train,val,test}.idx.npy piece boundaries: offsets into .bin, one more than pieces
     OUT/data/tokenizer.json           the tokenizer (BPE learned on the train split only)
+    OUT/data/copy_index.npz           the training split's bars (midistral.metrics.CopyIndex: the copying check)
     OUT/data/manifest.json            the config it was made with (and its fingerprint), counts, shard sizes,
                                       every skipped file, each file's style, the training split's instruments
 
@@ -27,10 +28,10 @@ from tqdm import tqdm
 
 from midistral.config import tokenizer_params
 from midistral.data.chorales import chorale_midis
+from midistral.data.dataset import DATA_FORMAT, read_manifest
 from midistral.data.ensembles import ensemble_for
 from midistral.data.music21_corpus import default_cache_dir as music21_cache_dir
 from midistral.data.music21_corpus import music21_midis
-from midistral.data.dataset import DATA_FORMAT, read_manifest
 from midistral.errors import ConfigError, DataError, MidistralError
 from midistral.io import (
     RunLock,
@@ -39,6 +40,7 @@ from midistral.io import (
     atomic_write_json,
     remove_stale_temps,
 )
+from midistral.metrics import COPY_INDEX_FILE, CopyIndex, bar_hashes
 from midistral.tokenize import REMI, REMIConfig, load_score
 from midistral.tokenize.bpe import BPE
 
@@ -83,7 +85,7 @@ def _read_piece(args):
                 programs |= _programs(t)
             except MidistralError:
                 pass
-        return path, (versions, _stats(score, len(bars)), sorted(programs)), None
+        return path, (versions, _stats(score, len(bars)), sorted(programs), bar_hashes(score)), None
     except MidistralError as e:
         return path, None, str(e).split(": ", 1)[-1] if str(e).startswith(str(path)) else str(e)
     except OSError as e:
@@ -212,7 +214,7 @@ def _draw_name(f: Path, d: dict) -> str:
 
 def tokenize_files(files: list[Path], split_of: dict, tok: REMI, d: dict, progress: bool):
     """Read, filter and base-tokenize every file in parallel: (pieces per split, stats, skipped, the training
-    split's programs: program -> how many training files play it in any version)."""
+    split's programs: program -> how many training files play it in any version, the training files' bars)."""
     filters = {k: d[k] for k in ("only_4_4", "max_bars", "min_notes")}
     lo, hi = d["transpose"]
     jobs = []
@@ -229,7 +231,7 @@ def tokenize_files(files: list[Path], split_of: dict, tok: REMI, d: dict, progre
     workers = d["workers"] or os.cpu_count() or 1
     pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) >= 8 else None
     it = pool.map(_read_piece, jobs, chunksize=4) if pool else map(_read_piece, jobs)
-    pieces, stats, skipped, programs = {s: [] for s in SPLITS}, [], [], {}
+    pieces, stats, skipped, programs, train_bars = {s: [] for s in SPLITS}, [], [], {}, []
     for path, res, err in tqdm(it, total=len(jobs), desc="tokenize", disable=not progress):
         if err:
             skipped.append({"file": path, "reason": err})
@@ -237,11 +239,12 @@ def tokenize_files(files: list[Path], split_of: dict, tok: REMI, d: dict, progre
         pieces[split_of[path]].append((path, res[0]))
         stats.append(res[1])
         if split_of[path] == "train":
+            train_bars.append(res[3])
             for p in res[2]:
                 programs[p] = programs.get(p, 0) + 1
     if pool:
         pool.shutdown()
-    return pieces, stats, skipped, {str(p): programs[p] for p in sorted(programs)}
+    return pieces, stats, skipped, {str(p): programs[p] for p in sorted(programs)}, CopyIndex.from_bars(train_bars)
 
 
 def write_shards(out: Path, tok: REMI, pieces: dict, styles: dict[str, str]) -> tuple[dict, dict, str]:
@@ -318,7 +321,7 @@ def prepare(cfg: dict, progress: bool = True) -> Path:
         unique = drop_duplicates(files, skipped)
         split_of = split_by_style(unique, styles, d)
         tok = REMI(_quiet_config(tokenizer_params(cfg)))
-        pieces, stats, bad, programs = tokenize_files(unique, split_of, tok, d, progress)
+        pieces, stats, bad, programs, copy_index = tokenize_files(unique, split_of, tok, d, progress)
         skipped += bad
         if not pieces["train"]:
             raise DataError(f"data: no usable training piece among {len(files)} files (see the skipped reasons)")
@@ -332,6 +335,9 @@ def prepare(cfg: dict, progress: bool = True) -> Path:
         for c in counts.values():
             c.pop("piece_offsets", None)
         tok.save(out / "tokenizer.json")
+        with atomic_path(out / COPY_INDEX_FILE) as tmp:
+            with open(tmp, "wb") as fh:
+                copy_index.save(fh)
         atomic_write_json(out / "stats.json", stats, indent=None)
         warnings = [f"the {s} split kept none of its {sum(v == s for v in split_of.values())} files: training "
                     "needs a validation piece (add files, or change data.split or the filters)"
