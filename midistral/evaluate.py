@@ -99,14 +99,18 @@ def training_index(files) -> CopyIndex:
     return CopyIndex.from_bars(bars)
 
 
-def copy_index_for(source) -> CopyIndex | None:
-    """The training bars of a run, checkpoint or prepared data folder (its stored index, else built from the
-    training files its manifest lists), or of a folder of MIDI files; None if `source` has neither."""
+def copy_index_for(source, midi_folder: bool = True) -> CopyIndex | None:
+    """The training bars of a model, run, checkpoint or prepared data folder (its stored index, else built
+    from the training files its manifest lists), or (`midi_folder`) of a folder of MIDI files; else None."""
     source = Path(source).expanduser()
     if not source.is_dir():
         return None
+    if (source / COPY_INDEX_FILE).is_file():  # a model folder shipped with its training bars
+        return CopyIndex.load(source / COPY_INDEX_FILE)
     manifest = _manifest_of(source)
     if manifest is None:
+        if not midi_folder:
+            return None
         files = sorted(p for p in source.rglob("*") if p.suffix.lower() in (".mid", ".midi") and p.is_file())
         return training_index(files) if files else None
     if (manifest.parent / COPY_INDEX_FILE).is_file():

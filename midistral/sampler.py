@@ -9,8 +9,9 @@ A prompt is a path, MIDI bytes (an upload) or a symusic Score; a bad one raises 
 naming it. `sample.py` and the web studio are thin layers over this module.
 
 Rejection (`reject=True`): a sample whose continuation has a silent prompt instrument, loops, or
-leaves the key more than the thresholds in `SAMPLE_DEFAULTS` allow is generated again with another
-seed, up to `reject_tries` times; `Sample.rejected` says what was thrown away and why.
+leaves the key more than the thresholds in `SAMPLE_DEFAULTS` allow, or copies `max_copied_run` bars in a
+row from one training piece (when the checkpoint's training data or copy index is here), is generated
+again with another seed, up to `reject_tries` times; `Sample.rejected` says what was thrown away and why.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from midistral import controls, music
 from midistral.checkpoint import load_model_and_tokenizer, read_model_config, resolve_checkpoint
 from midistral.errors import ConfigError, MidistralError
 from midistral.generate import generate
-from midistral.metrics import failure_modes
+from midistral.evaluate import copy_index_for
+from midistral.metrics import MAX_COPIED_RUN, copying_reasons, failure_modes
 from midistral.model.cache import model_config
 from midistral.model.precision import check_precision, default_precision
 from midistral.tokenize import load_score
@@ -50,6 +52,7 @@ SAMPLE_DEFAULTS = {
     "max_silent_share": 0.25,   # share of bars in which a prompt instrument is silent
     "max_loop_score": 0.5,      # share of bars repeating one of the previous two
     "max_out_of_key": 0.15,     # share of pitched notes outside the key
+    "max_copied_run": MAX_COPIED_RUN,  # bars in a row equal to bars of one training piece (when its data is here)
 }
 THRESHOLDS = {"silent_share": "max_silent_share", "loop_score": "max_loop_score", "out_of_key": "max_out_of_key"}
 LABELS = {"silent_share": "silent", "loop_score": "loops", "out_of_key": "out-of-key"}
@@ -59,7 +62,8 @@ def rejection_reasons(metrics: dict[str, float], limits: dict | None = None) -> 
     """Why a sample with these failure-mode metrics is rejected ([] = kept), e.g. ['loops 83% > 50%']."""
     limits = {**SAMPLE_DEFAULTS, **(limits or {})}
     return [f"{LABELS[key]} {metrics[key]:.0%} > {limits[limit]:.0%}"
-            for key, limit in THRESHOLDS.items() if metrics[key] > limits[limit]]
+            for key, limit in THRESHOLDS.items() if metrics[key] > limits[limit]
+            ] + copying_reasons(metrics, limits["max_copied_run"])
 
 
 @dataclass
@@ -225,7 +229,8 @@ class Sampler:
                         bars=bars, programs=programs, on_progress=on_progress)
 
         def make(n: int, seed_: int | None) -> list[Sample]:
-            return [self._finish(row, p) for row in self._generate(p.ids, n, seed_, settings)]
+            out = [self._finish(row, p) for row in self._generate(p.ids, n, seed_, settings)]
+            return self._check_copying(out) if reject else out
 
         return self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: continuation_report(
             s.score, s.start_tick, s.metrics, lim, s.rejected))
@@ -352,6 +357,17 @@ class Sampler:
         if settings["on_progress"] is not None:
             constraints.append(_ProgressReport(settings["on_progress"], settings["max_new"]))
         return constraints
+
+    @cached_property
+    def copy_index(self):
+        """The training split's bars (midistral.metrics.CopyIndex) if the checkpoint's data is here, else None."""
+        return copy_index_for(self.ckpt, midi_folder=False) if self.ckpt is not None else None
+
+    def _check_copying(self, samples: list[Sample]) -> list[Sample]:
+        """Adds copied_bars and copied_run of each continuation to its metrics (when the training bars are here)."""
+        for s in samples if self.copy_index is not None else ():
+            s.metrics.update(self.copy_index.copying(s.score, s.start_tick))
+        return samples
 
     def _precision_option(self) -> dict:
         """The precision argument of generate / controls.accompany (None: their exact fp32 default)."""

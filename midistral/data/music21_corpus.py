@@ -185,7 +185,8 @@ def music21_midis(cache_dir: str | Path | None = None, max_files: int = 0, worke
     if max_files:
         sources = sources[:max_files]
     records = {rel: _cached_record(cache, rel) for rel in sources}
-    todo = sorted((r for r, rec in records.items() if rec is None), key=lambda r: -(root / r).stat().st_size)
+    todo = sorted((r for r, rec in records.items() if rec is None),
+                  key=lambda r: -(root / r).stat().st_size if (root / r).is_file() else 0)
     if todo:  # largest first, so that a big collection does not finish last alone
         w = workers or os.cpu_count() or 1
         jobs = [(r, str(root), str(cache)) for r in todo]
