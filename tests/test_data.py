@@ -494,3 +494,11 @@ def test_music21_source_converts_once_styles_splits_and_records_programs(tmp_pat
     shutil.rmtree(out)
     again = prepare(cfg, progress=False)
     assert json.loads((again / "manifest.json").read_text())["counts"] == man["counts"]
+
+
+def test_skip_summary_groups_reasons():
+    from midistral.data.prepare import skip_summary
+
+    skipped = [{"file": "a", "reason": "12 notes (< min_notes=16)"}, {"file": "b", "reason": "3 notes (< min_notes=16)"},
+               {"file": "c", "reason": "duplicate of x.mid"}, {"file": "d", "reason": "not convertible to MIDI (E: f)"}]
+    assert skip_summary(skipped) == [("N notes", 2), ("duplicate", 1), ("not convertible to MIDI", 1)]

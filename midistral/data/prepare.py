@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -353,4 +354,18 @@ def prepare(cfg: dict, progress: bool = True) -> Path:
         tot = {s: counts[s]["tokens"] for s in SPLITS}
         print(f"prepared {out}: {len(files)} files, {sum(c['files'] for c in counts.values())} kept, "
               f"{len(skipped)} skipped; tokens {tot}; vocab {len(tok)}")
+        for style, row in (by_style or {}).items():
+            print(f"  {style}: " + "; ".join(f"{s} {row[s]['files']} files, {row[s]['pieces']} pieces, "
+                                             f"{row[s]['tokens']} tokens" for s in SPLITS))
+        for kind, n in skip_summary(skipped):
+            print(f"  skipped {n}: {kind}")
     return out
+
+
+def skip_summary(skipped: list[dict]) -> list[tuple[str, int]]:
+    """The skip report by kind of reason (the reason up to its first detail), most frequent first."""
+    kinds: dict[str, int] = {}
+    for s in skipped:
+        kind = re.sub(r"\d+", "N", re.split(r" \(| of | as |: ", s["reason"], maxsplit=1)[0])
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))
