@@ -73,19 +73,41 @@ def _manifest_of(run: Path) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def reference_files(ref: str | Path) -> tuple[list[Path], str]:
-    """The reference pieces and a label: a run's test split if `ref` is a run folder, else its MIDI files."""
+def reference_files(ref: str | Path, style: str | None = None) -> tuple[list[Path], str]:
+    """The reference pieces and a label: a run's test split (of one `style`) if `ref` is a run folder, else
+    its MIDI files."""
     ref = Path(ref).expanduser()
     manifest = _manifest_of(ref) if ref.is_dir() else None
     if manifest is None:
+        if style:
+            raise MidistralError(f"--style {style}: needs a run folder as --reference (its manifest has the styles)")
         return midi_files(ref, "--reference"), str(ref)
-    files = json.loads(manifest.read_text()).get("counts", {}).get("test", {}).get("files_list", [])
+    test = json.loads(manifest.read_text()).get("counts", {}).get("test", {})
+    files = test.get("files_list", [])
+    if style:
+        styles = test.get("styles_list", [])
+        if style not in styles:
+            known = ", ".join(sorted(set(styles))) or "none: the data has no styles"
+            raise MidistralError(f"--style {style}: no test piece of that style (styles: {known})")
+        files = [f for f, s in zip(files, styles) if s == style]
     if not files:
         raise MidistralError(f"{manifest}: the run has no test split (data.split gives the test split no files)")
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise MidistralError(f"{manifest}: test file {missing[0]!r} is missing ({len(missing)} of {len(files)} missing)")
-    return [Path(f) for f in files], f"test split of {ref}"
+    return [Path(f) for f in files], f"test split of {ref}" + (f", style {style}" if style else "")
+
+
+def opening(source, bars: int):
+    """The first `bars` bars of a piece (bars of its first time signature), or `source` itself if unreadable
+    (measure_set then reports it)."""
+    try:
+        score = load_score(source)
+    except MidistralError:
+        return source
+    ts = score.time_signatures
+    num, den = (ts[0].numerator, ts[0].denominator) if len(ts) else (4, 4)
+    return score.clip(0, int(bars * score.ticks_per_quarter * 4 * num / den))  # the notes that start in them
 
 
 def training_index(files) -> CopyIndex:
@@ -336,16 +358,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", required=True, help="a folder of real MIDI files, or a run folder (its test split)")
     ap.add_argument("--train", help="a run folder (its training split) or a folder of MIDI files for the copying "
                     "check (default: the --reference run's training split)")
+    ap.add_argument("--style", help="with a run folder as --reference: only its test pieces of this style")
+    ap.add_argument("--bars", type=int, default=0, help="compare with the real pieces' first N bars (samples of N bars)")
     ap.add_argument("--out", help="where report.md, metrics.json and distributions.png go (default GENERATED/evaluation)")
     args = ap.parse_args(argv)
     try:
         gen_files = midi_files(args.generated, "generated folder")
-        ref_files, ref_label = reference_files(args.reference)
+        ref_files, ref_label = reference_files(args.reference, args.style)
+        if args.bars < 0:
+            raise MidistralError(f"--bars {args.bars}: expected a number of bars >= 1")
         train = args.train or (args.reference if Path(args.reference).is_dir() and _manifest_of(Path(args.reference)) else None)
         if args.train and not Path(args.train).expanduser().is_dir():
             raise MidistralError(f"--train {args.train!r}: no such folder")
         t0 = time.perf_counter()
-        gen, real = measure_set(gen_files), measure_set(ref_files)
+        gen = measure_set(gen_files)
+        real = measure_set([opening(f, args.bars) for f in ref_files] if args.bars else ref_files)
+        if args.bars:
+            ref_label += f", first {args.bars} bars"
         seconds = time.perf_counter() - t0
         for label, s in (("generated", gen), ("reference", real)):
             if len(s) < 2:

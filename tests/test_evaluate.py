@@ -256,3 +256,26 @@ def test_cli_reports_copying_against_the_training_split(tmp_path, capsys):
     assert "copying against 4 training pieces" in capsys.readouterr().out
     assert evaluate.main([str(gen), "--reference", str(run), "--train", str(tmp_path / "nope")]) == 1
     assert capsys.readouterr().err.startswith("error: --train")
+
+
+def test_cli_style_and_openings_of_the_test_split(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    (tmp_path / "pieces").mkdir()
+    paths = []
+    for i in range(6):
+        bars_piece(random_bars(rng, 20 + i)).dump_midi(str(tmp_path / "pieces" / f"t{i}.mid"))
+        paths.append(str(tmp_path / "pieces" / f"t{i}.mid"))
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    test = {"files_list": paths[1:], "styles_list": ["folk", "bach", "folk", "folk", "bach"]}
+    (run / "data" / "manifest.json").write_text(json.dumps({"counts": {"train": {"files_list": paths[:1]}, "test": test}}))
+    gen = make_set(tmp_path / "gen", range(3))
+    assert evaluate.main([str(gen), "--reference", str(run), "--style", "folk", "--bars", "8",
+                          "--out", str(tmp_path / "rep")]) == 0
+    assert "style folk, first 8 bars (3 pieces)" in capsys.readouterr().out
+    files, _ = evaluate.reference_files(run, "bach")
+    assert [f.name for f in files] == ["t2.mid", "t5.mid"]
+    cut = evaluate.opening(files[0], 8)
+    assert cut.end() <= 8 * 4 * 480 and cut.note_num() == 32
+    assert evaluate.main([str(gen), "--reference", str(run), "--style", "jazz"]) == 1
+    assert "styles: bach, folk" in capsys.readouterr().err
