@@ -18,11 +18,13 @@ import json
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import symusic
 from tqdm import tqdm
 
+from midistral.errors import DataError
 from midistral.io import atomic_path, atomic_write_json
 
 STYLES = ("bach", "renaissance", "folk", "classical")
@@ -191,10 +193,14 @@ def music21_midis(cache_dir: str | Path | None = None, max_files: int = 0, worke
         w = workers or os.cpu_count() or 1
         jobs = [(r, str(root), str(cache)) for r in todo]
         if w > 1:
-            with ProcessPoolExecutor(w, max_tasks_per_child=50) as ex:  # music21 keeps caches: fresh workers
-                done = ex.map(convert_source, jobs)
-                for rec in tqdm(done, total=len(jobs), desc="music21 -> MIDI", disable=not progress):
-                    records[rec["source"]] = rec
+            try:
+                with ProcessPoolExecutor(w, max_tasks_per_child=50) as ex:  # music21 keeps caches: fresh workers
+                    done = ex.map(convert_source, jobs)
+                    for rec in tqdm(done, total=len(jobs), desc="music21 -> MIDI", disable=not progress):
+                        records[rec["source"]] = rec
+            except BrokenProcessPool:
+                raise DataError("music21 corpus: a conversion process died (out of memory?); run again with fewer "
+                                "data.workers: what was converted is cached") from None
         else:
             for job in tqdm(jobs, desc="music21 -> MIDI", disable=not progress):
                 records[job[0]] = convert_source(job)
