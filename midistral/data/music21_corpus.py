@@ -180,12 +180,15 @@ def _cached_record(cache: Path, rel: str) -> dict | None:
 def music21_midis(cache_dir: str | Path | None = None, max_files: int = 0, workers: int = 0,
                   progress: bool = True) -> tuple[list[tuple[Path, str]], list[dict]]:
     """(MIDI path, style) of every piece of the corpus (converting what is not cached, in parallel processes),
-    and the skip report: every file or tune left out, with the reason."""
+    and the skip report: every file or tune left out, with the reason. `max_files` > 0: that many source
+    files, taken from the styles in turn."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     root = corpus_root()
     sources, skipped = list_sources(root)
-    if max_files:
-        sources = sources[:max_files]
+    if max_files:  # the first files of every style in turn: a small run still has all the styles
+        by_style = [[s for s in sources if style_of(s) == st] for st in STYLES]
+        sources = sorted([s for k in range(len(sources)) for group in by_style if k < len(group)
+                          for s in group[k:k + 1]][:max_files])
     records = {rel: _cached_record(cache, rel) for rel in sources}
     todo = sorted((r for r, rec in records.items() if rec is None),
                   key=lambda r: -(root / r).stat().st_size if (root / r).is_file() else 0)
