@@ -502,3 +502,30 @@ def test_skip_summary_groups_reasons():
     skipped = [{"file": "a", "reason": "12 notes (< min_notes=16)"}, {"file": "b", "reason": "3 notes (< min_notes=16)"},
                {"file": "c", "reason": "duplicate of x.mid"}, {"file": "d", "reason": "not convertible to MIDI (E: f)"}]
     assert skip_summary(skipped) == [("N notes", 2), ("duplicate", 1), ("not convertible to MIDI", 1)]
+
+
+def test_music21_tune_with_a_shared_time_signature_is_converted(tmp_path):
+    """music21's ABC reader can put one time-signature object into several measures; its MIDI writer refuses
+    that, and the conversion keeps the object in its first measure only."""
+    pytest.importorskip("music21")
+    import symusic
+    from music21 import meter, note, stream
+
+    from midistral.data.music21_corpus import _write_midi
+
+    def tune():
+        ts, part = meter.TimeSignature("2/4"), stream.Part()
+        for i in range(3):
+            m = stream.Measure(number=i + 1)
+            if i != 1:
+                m.insert(0, ts)
+            m.append(note.Note(60 + i, quarterLength=2))
+            part.append(m)
+        return stream.Score([part])
+
+    with pytest.raises(Exception, match="already found"):
+        tune().write("midi", fp=str(tmp_path / "plain.mid"))
+    _write_midi(tune(), tmp_path / "t.mid")
+    s = symusic.Score(str(tmp_path / "t.mid"))
+    assert [n.pitch for t in s.tracks for n in t.notes] == [60, 61, 62]
+    assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left

@@ -48,7 +48,9 @@ NOT_MUSIC = {"demos": "a music21 demonstration file, not a piece",
              "theoryExercises": "a music21 theory exercise, not a piece"}
 TUNES_ARE_VOICES = {"josquin"}  # folders whose ABC tunes are the parts of one piece
 # one file per piece: where a piece ships in several formats, the first of these wins
-CONVERTER_VERSION = 1  # bumped when the conversion changes: cached sources of another version are converted again
+# Bumped when the conversion changes: a cached source of another version is converted again, unless none of its
+# tunes failed (the changes so far only touch tunes that failed).
+CONVERTER_VERSION = 2
 FORMAT_RANK = {".mxl": 0, ".musicxml": 1, ".xml": 2, ".krn": 3, ".abc": 4}
 
 
@@ -110,17 +112,17 @@ def _pieces_of(parsed, rel: str) -> list[tuple[str, object]]:
 
 
 def _drop_repeated_time_signatures(score) -> None:
-    """Remove a part's second time signature at one offset: music21's MIDI writer refuses it (3 of the first
-    12 of O'Neill's tunes read from ABC have one)."""
-    from music21 import meter
+    """Keep each time-signature object in the first measure that holds it: music21's ABC reader can put one
+    object into several measures, and its MIDI writer then refuses to insert it twice (3 of the first 12 of
+    O'Neill's tunes, about 1 tune in 10 of the Essen collection)."""
+    from music21 import meter, stream
 
-    for part in score.parts:
-        seen = set()
-        for ts in list(part.recurse().getElementsByClass(meter.TimeSignature)):
-            key = (ts.getOffsetInHierarchy(score), ts.ratioString)
-            if key in seen and ts.activeSite is not None:
-                ts.activeSite.remove(ts)
-            seen.add(key)
+    seen = set()
+    for measure in score.recurse().getElementsByClass(stream.Measure):
+        for ts in list(measure.getElementsByClass(meter.TimeSignature)):
+            if id(ts) in seen:
+                measure.remove(ts)
+            seen.add(id(ts))
 
 
 def _write_midi(score, dst: Path) -> None:
@@ -172,8 +174,10 @@ def _cached_record(cache: Path, rel: str) -> dict | None:
         rec = json.loads((cache / (rel + ".json")).read_text())
     except (OSError, ValueError):
         return None
-    if rec.get("converter") != CONVERTER_VERSION or not all((cache / p["midi"]).is_file() for p in rec.get("pieces", [])):
-        return None  # converted by another version, or a piece file went missing: convert the source again
+    if rec.get("converter") != CONVERTER_VERSION and rec.get("skipped"):
+        return None  # another version failed some of its tunes: convert the source again
+    if not all((cache / p["midi"]).is_file() for p in rec.get("pieces", [])):
+        return None  # a piece file went missing: convert the source again
     return rec
 
 

@@ -366,6 +366,6 @@ def skip_summary(skipped: list[dict]) -> list[tuple[str, int]]:
     """The skip report by kind of reason (the reason up to its first detail), most frequent first."""
     kinds: dict[str, int] = {}
     for s in skipped:
-        kind = re.sub(r"\d+", "N", re.split(r" \(| of | as |: ", s["reason"], maxsplit=1)[0])
+        kind = re.sub(r"\b\d+\b", "N", re.split(r" \(| of | as |: ", s["reason"], maxsplit=1)[0])
         kinds[kind] = kinds.get(kind, 0) + 1
     return sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))
