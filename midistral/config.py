@@ -60,10 +60,10 @@ def _device(v) -> bool:
 @dataclass(frozen=True)
 class DataConfig:
     dir: str = setting("", Str(), "a folder of .mid/.midi files (recursive); '' with source='chorales': music21's")
-    source: str = setting("folder", Choice("folder", "chorales"),
-                          "'folder' or 'chorales' (music21's Bach chorales, converted once and cached)")
+    source: str = setting("folder", Choice("folder", "chorales", "music21"),
+                          "'folder', 'chorales' (music21's Bach chorales) or 'music21' (all its corpus, with styles)")
     prepared_dir: str = setting("", Str(), "where the shards go ('': OUT_DIR/data)")
-    cache_dir: str = setting("", Str(), "the chorale MIDI cache ('': ~/.cache/midistral/chorales)")
+    cache_dir: str = setting("", Str(), "the converted MIDI cache ('': ~/.cache/midistral/chorales or .../music21)")
     max_files: int = setting(0, Int(0), "files at most; 0: all")
     only_4_4: bool = setting(False, Bool(), "keep only 4/4 files (the reference setup did)")
     max_bars: int = setting(0, Int(0), "longest piece in bars; 0: no limit (the reference setup: 200)")

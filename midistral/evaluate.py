@@ -9,6 +9,11 @@ and a generated piece (OA near 1: generated pieces are as far from real ones as 
 
 REAL is a folder of MIDI files, or a training run folder (or its prepared data folder): then the run's test
 split, as listed in its data manifest, is the reference.
+
+Copying: per piece, the share of its bars that occur exactly in the training split and its longest run of
+consecutive bars copied from one training piece (midistral.metrics.CopyIndex), for the generated pieces and,
+as the baseline, for the real ones (cut to the generated pieces' median number of bars). The training split is
+that of the `--train` run (or folder of MIDI files), else that of the `--reference` run.
 """
 
 from __future__ import annotations
@@ -24,10 +29,18 @@ import numpy as np
 
 from midistral.errors import ArgumentParser, MidistralError
 from midistral.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from midistral.metrics import METRICS, collect_notes, piece_metrics
+from midistral.metrics import (
+    COPY_INDEX_FILE,
+    MAX_COPIED_RUN,
+    METRICS,
+    CopyIndex,
+    bar_hashes,
+    collect_notes,
+    piece_metrics,
+)
 from midistral.tokenize import load_score
 
-# The metrics issue 14 measured the embedded default on; the summary line's mean and min are over these.
+# The metrics the summary line's mean and min are over (the others describe drums, or repeat one of these).
 SUMMARY_METRICS = ("pitch_range", "n_pitches_used", "n_pitch_classes_used", "polyphony", "scale_consistency",
                    "pitch_entropy", "pitch_class_entropy", "empty_beat_rate", "groove_consistency")
 GRID_POINTS = 2048
@@ -60,19 +73,120 @@ def _manifest_of(run: Path) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def reference_files(ref: str | Path) -> tuple[list[Path], str]:
-    """The reference pieces and a label: a run's test split if `ref` is a run folder, else its MIDI files."""
+def reference_files(ref: str | Path, style: str | None = None) -> tuple[list[Path], str]:
+    """The reference pieces and a label: a run's test split (of one `style`) if `ref` is a run folder, else
+    its MIDI files."""
     ref = Path(ref).expanduser()
     manifest = _manifest_of(ref) if ref.is_dir() else None
     if manifest is None:
+        if style:
+            raise MidistralError(f"--style {style}: needs a run folder as --reference (its manifest has the styles)")
         return midi_files(ref, "--reference"), str(ref)
-    files = json.loads(manifest.read_text()).get("counts", {}).get("test", {}).get("files_list", [])
+    test = json.loads(manifest.read_text()).get("counts", {}).get("test", {})
+    files = test.get("files_list", [])
+    if style:
+        styles = test.get("styles_list", [])
+        if style not in styles:
+            known = ", ".join(sorted(set(styles))) or "none: the data has no styles"
+            raise MidistralError(f"--style {style}: no test piece of that style (styles: {known})")
+        files = [f for f, s in zip(files, styles) if s == style]
     if not files:
         raise MidistralError(f"{manifest}: the run has no test split (data.split gives the test split no files)")
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise MidistralError(f"{manifest}: test file {missing[0]!r} is missing ({len(missing)} of {len(files)} missing)")
-    return [Path(f) for f in files], f"test split of {ref}"
+    return [Path(f) for f in files], f"test split of {ref}" + (f", style {style}" if style else "")
+
+
+def opening(source, bars: int):
+    """The first `bars` bars of a piece (bars of its first time signature), or `source` itself if unreadable
+    (measure_set then reports it)."""
+    try:
+        score = load_score(source)
+    except MidistralError:
+        return source
+    ts = score.time_signatures
+    num, den = (ts[0].numerator, ts[0].denominator) if len(ts) else (4, 4)
+    return score.clip(0, int(bars * score.ticks_per_quarter * 4 * num / den))  # the notes that start in them
+
+
+def training_index(files) -> CopyIndex:
+    """The bars of these MIDI files (unreadable ones left out)."""
+    bars = []
+    for f in files:
+        try:
+            bars.append(bar_hashes(load_score(f)))
+        except MidistralError:
+            continue
+    return CopyIndex.from_bars(bars)
+
+
+def copy_index_for(source, midi_folder: bool = True) -> CopyIndex | None:
+    """The training bars of a model, run, checkpoint or prepared data folder (its stored index, else built
+    from the training files its manifest lists), or (`midi_folder`) of a folder of MIDI files; else None."""
+    source = Path(source).expanduser()
+    if not source.is_dir():
+        return None
+    if (source / COPY_INDEX_FILE).is_file():  # a model folder shipped with its training bars
+        return CopyIndex.load(source / COPY_INDEX_FILE)
+    manifest = _manifest_of(source)
+    if manifest is None:
+        if not midi_folder:
+            return None
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in (".mid", ".midi") and p.is_file())
+        return training_index(files) if files else None
+    if (manifest.parent / COPY_INDEX_FILE).is_file():
+        try:
+            return CopyIndex.load(manifest.parent / COPY_INDEX_FILE)
+        except (OSError, ValueError, KeyError):
+            pass  # damaged: built again from the files below
+    files = json.loads(manifest.read_text()).get("counts", {}).get("train", {}).get("files_list", [])
+    files = [f for f in files if Path(f).is_file()]
+    return training_index(files) if files else None
+
+
+def copying_rows(index: CopyIndex, sources, max_bars: int = 0) -> list[dict]:
+    """CopyIndex.copying of every readable piece (its first `max_bars` bars when > 0) plus its bar count."""
+    rows = []
+    for src in sources:
+        try:
+            score = load_score(src)
+        except MidistralError:
+            continue
+        rows.append({**index.copying(score, max_bars=max_bars), "bars": len(bar_hashes(score, max_bars=max_bars))})
+    return rows
+
+
+def copying_summary(rows: list[dict]) -> dict:
+    """Mean share of copied bars, mean and largest longest run, and the share of pieces with a run of
+    MAX_COPIED_RUN bars or more (what sample.py --reject rejects)."""
+    if not rows:
+        return {"pieces": 0}
+    share = np.array([r["copied_bars"] for r in rows])
+    runs = np.array([r["copied_run"] for r in rows])
+    return {"pieces": len(rows), "copied_bars": float(share.mean()), "mean_run": float(runs.mean()),
+            "max_run": float(runs.max()), "copy_share": float((runs >= MAX_COPIED_RUN).mean())}
+
+
+def compare_copying(index: CopyIndex, gen_files, real_files) -> dict:
+    """Copying of the generated pieces, and of the real ones cut to the generated pieces' median length."""
+    gen = copying_rows(index, gen_files)
+    bars = int(np.median([r["bars"] for r in gen])) if gen else 0
+    real = copying_rows(index, real_files, max_bars=max(bars, 1))
+    return {"training_pieces": index.n_pieces, "real_bars": bars, "generated": copying_summary(gen),
+            "real": copying_summary(real), "per_generated_piece": gen}
+
+
+def copying_markdown(c: dict) -> str:
+    lines = ["", f"copying against {c['training_pieces']} training pieces (real pieces cut to {c['real_bars']} bars):",
+             "| set | pieces | bars found in training | longest copied run: mean | max | "
+             f"pieces with a run >= {MAX_COPIED_RUN} |", "|---|---|---|---|---|---|"]
+    for label in ("generated", "real"):
+        s = c[label]
+        if s["pieces"]:
+            lines.append(f"| {label} | {s['pieces']} | {s['copied_bars']:.3f} | {s['mean_run']:.2f} | {s['max_run']:.0f} | "
+                         f"{s['copy_share']:.0%} |")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -197,7 +311,7 @@ def markdown(result: dict, gen_label: str, ref_label: str) -> str:
                      f"{r['gen_sd']:.3f} | {r['oa']:.2f} | {r['kl']:.3f} |")
     pcd = result["pitch_class_distance"]
     lines += ["", f"mean OA {result['mean_oa']:.2f} (min {result['min_oa']:.2f}) over the {len(SUMMARY_METRICS)} "
-              "metrics without * (those of issue 14)",
+              "metrics without *",
               f"pitch-class histogram distances (Yang & Lerch intra/inter-set): real-real {pcd['intra_real_mean']:.3f}, "
               f"generated-generated {pcd['intra_gen_mean']:.3f}, real-generated {pcd['inter_mean']:.3f}; "
               f"OA(real-real, real-generated) {pcd['oa']:.2f}, KL {pcd['kl']:.3f}"]
@@ -242,13 +356,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m midistral.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("generated", help="a folder of generated .mid files (searched recursively)")
     ap.add_argument("--reference", required=True, help="a folder of real MIDI files, or a run folder (its test split)")
+    ap.add_argument("--train", help="a run folder (its training split) or a folder of MIDI files for the copying "
+                    "check (default: the --reference run's training split)")
+    ap.add_argument("--style", help="with a run folder as --reference: only its test pieces of this style")
+    ap.add_argument("--bars", type=int, default=0, help="compare with the real pieces' first N bars (samples of N bars)")
     ap.add_argument("--out", help="where report.md, metrics.json and distributions.png go (default GENERATED/evaluation)")
     args = ap.parse_args(argv)
     try:
         gen_files = midi_files(args.generated, "generated folder")
-        ref_files, ref_label = reference_files(args.reference)
+        ref_files, ref_label = reference_files(args.reference, args.style)
+        if args.bars < 0:
+            raise MidistralError(f"--bars {args.bars}: expected a number of bars >= 1")
+        train = args.train or (args.reference if Path(args.reference).is_dir() and _manifest_of(Path(args.reference)) else None)
+        if args.train and not Path(args.train).expanduser().is_dir():
+            raise MidistralError(f"--train {args.train!r}: no such folder")
         t0 = time.perf_counter()
-        gen, real = measure_set(gen_files), measure_set(ref_files)
+        gen = measure_set(gen_files)
+        real = measure_set([opening(f, args.bars) for f in ref_files] if args.bars else ref_files)
+        if args.bars:
+            ref_label += f", first {args.bars} bars"
         seconds = time.perf_counter() - t0
         for label, s in (("generated", gen), ("reference", real)):
             if len(s) < 2:
@@ -259,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     result = compare(real, gen)
     text = markdown(result, args.generated, ref_label)
+    index = copy_index_for(train) if train else None
+    if index is not None and index.n_pieces:
+        result["copying"] = compare_copying(index, gen_files, ref_files)
+        text += copying_markdown(result["copying"])
+    else:
+        text += "\nno copying check: no training split (give --train, or a run folder as --reference)\n"
     out = Path(args.out) if args.out else Path(args.generated) / "evaluation"
     atomic_write_text(out / "report.md", text)
     atomic_write_json(out / "metrics.json", {**result, "unreadable": gen.unreadable + real.unreadable})

@@ -1,4 +1,4 @@
-"""Objective per-piece music metrics on symusic scores, and the report's failure modes as numbers.
+"""Objective per-piece music metrics on symusic scores, the report's failure modes, and copying, as numbers.
 
 Every metric is computed at a fixed resolution of 12 ticks per quarter note (a "beat" below), as muspy 0.5
 does after `adjust_resolution(12)`: onsets and ends are rounded separately (half to even). The definitions
@@ -287,3 +287,102 @@ def failure_modes(score, start_tick: int = 0, prompt_programs=None) -> dict[str,
     out_of_key = float((~key[n.pitch[later] % 12]).mean()) if later.any() else 0.0
     return {"silent_share": _silent_share(n, first, total, programs), "loop_score": _loop_score(n, first, total),
             "out_of_key": out_of_key}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Copying: which bars of a piece occur exactly in a training set.
+
+COPY_INDEX_FILE = "copy_index.npz"  # a prepared data folder's training bars (beside its manifest)
+MAX_COPIED_RUN = 4  # a run of this many consecutive bars of one training piece counts as a copy (sampler --reject)
+_BAR_BITS = 24  # a bar's place in the index: piece << _BAR_BITS | bar
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-spread 64-bit hash of each value (uint64 arithmetic wraps)."""
+    z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def bar_hashes(score, start_tick: int = 0, max_bars: int = 0) -> np.ndarray:
+    """One 64-bit hash per bar from the bar that begins at or after `start_tick` (ticks of the score; bars as
+    in failure_modes, of the first time signature): of the set of (onset within the bar, pitch) over all
+    tracks (drums as pitches of their own), 0 for a bar without onsets. `max_bars` > 0: the first that many."""
+    if isinstance(score, Notes):
+        n, start = score, int(start_tick)
+    else:
+        score = score if isinstance(score, symusic.Score) else symusic.Score(score)
+        n = collect_notes(score)
+        start = int(np.rint(start_tick * RESOLUTION / score.ticks_per_quarter))
+    first, total = _bars(n, start)
+    if max_bars:
+        total = min(total, first + max_bars)
+    total = max(total, first)
+    bar, onset = np.divmod(n.start, n.measure)
+    keep = (bar >= first) & (bar < total)
+    pitch = n.pitch + np.where(n.is_drum, 128, 0)
+    code = np.unique((bar[keep] - first) << 20 | onset[keep] << 8 | pitch[keep])  # the set: repeats count once
+    hashes = np.zeros(total - first, np.uint64)
+    np.add.at(hashes, code >> 20, _mix64(code & ((1 << 20) - 1)))  # a set hash: the sum of the members' hashes
+    return hashes
+
+
+@dataclass(frozen=True)
+class CopyIndex:
+    """Every non-empty bar of a set of pieces (a training split): hashes sorted, with where each bar is."""
+
+    hashes: np.ndarray  # uint64, sorted
+    places: np.ndarray  # int64 piece << _BAR_BITS | bar, ascending within one hash
+    n_pieces: int
+
+    @classmethod
+    def from_bars(cls, bars_per_piece) -> CopyIndex:
+        """From each piece's bar_hashes."""
+        hashes, places, n = [], [], 0
+        for n, h in enumerate(bars_per_piece, 1):
+            bar = np.flatnonzero(h)
+            hashes.append(h[bar])
+            places.append((n - 1) << _BAR_BITS | np.minimum(bar, (1 << _BAR_BITS) - 1))
+        h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+        p = np.concatenate(places).astype(np.int64) if places else np.zeros(0, np.int64)
+        order = np.lexsort((p, h))
+        return cls(h[order], p[order], n)
+
+    def save(self, path) -> None:
+        """As .npz (numpy only, no pickle), through a temporary name (callers rename it into place)."""
+        np.savez(path, hashes=self.hashes, places=self.places, n_pieces=np.int64(self.n_pieces))
+
+    @classmethod
+    def load(cls, path) -> CopyIndex:
+        with np.load(path, allow_pickle=False) as z:
+            return cls(z["hashes"], z["places"], int(z["n_pieces"]))
+
+    def _places_of(self, h: np.uint64) -> np.ndarray:
+        return self.places[np.searchsorted(self.hashes, h, "left"):np.searchsorted(self.hashes, h, "right")]
+
+    def copying(self, score, start_tick: int = 0, max_bars: int = 0) -> dict[str, float]:
+        """copied_bars: share of the piece's non-empty bars (from `start_tick`) that occur exactly in the set;
+        copied_run: the longest run of consecutive bars equal to consecutive bars of ONE piece of the set."""
+        hashes = bar_hashes(score, start_tick, max_bars)
+        found = np.zeros(len(hashes), bool)
+        run_places, runs = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        longest = 0
+        for i, h in enumerate(hashes):  # a loop over bars, each a binary search
+            places = self._places_of(h) if h else np.zeros(0, np.int64)
+            found[i] = len(places) > 0
+            new_runs = np.ones(len(places), np.int64)
+            if len(runs) and len(places):  # runs that end at the bar just before in the same piece grow
+                at = np.searchsorted(run_places, places - 1)
+                hit = (at < len(run_places)) & (run_places[np.minimum(at, len(run_places) - 1)] == places - 1)
+                new_runs[hit] += runs[at[hit]]
+            run_places, runs = places, new_runs
+            longest = max(longest, int(runs.max()) if len(runs) else 0)
+        filled = np.count_nonzero(hashes)
+        return {"copied_bars": float(found.sum() / filled) if filled else 0.0, "copied_run": float(longest)}
+
+
+def copying_reasons(metrics: dict, max_run: int = MAX_COPIED_RUN) -> list[str]:
+    """Why a sample copies too much ([] = it does not): a run of `max_run` or more bars of one training piece."""
+    run = metrics.get("copied_run")
+    return [f"copies {run:.0f} bars of a training piece (>= {max_run})"] if run is not None and run >= max_run else []

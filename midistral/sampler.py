@@ -12,8 +12,9 @@ How tokens are drawn (temperature, top-k, lengths, ...) is a `SamplingConfig` (m
 whole or as keyword arguments: `sampler.sample(prompt, top_k=20)`.
 
 Rejection (`reject=True`): a sample whose continuation has a silent prompt instrument, loops, or
-leaves the key more than the thresholds of `RejectionLimits` allow is generated again with another
-seed, up to `reject_tries` times; `Sample.rejected` says what was thrown away and why.
+leaves the key more than the thresholds of `RejectionLimits` allow, or copies `max_copied_run` bars in a
+row from one training piece (when the checkpoint's training data or copy index is here), is generated
+again with another seed, up to `reject_tries` times; `Sample.rejected` says what was thrown away and why.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from midistral import controls, music
 from midistral.checkpoint import load_model_and_tokenizer, read_model_config, resolve_checkpoint
 from midistral.errors import ConfigError, MidistralError
 from midistral.generate import generate
-from midistral.metrics import failure_modes
+from midistral.evaluate import copy_index_for
+from midistral.metrics import copying_reasons, failure_modes
 from midistral.model.cache import model_config
 from midistral.model.precision import check_precision, default_precision
 from midistral.sampling import RejectionLimits, SamplingConfig, check_call
@@ -49,7 +51,8 @@ def rejection_reasons(metrics: dict[str, float], limits: RejectionLimits | None 
     """Why a sample with these failure-mode metrics is rejected ([] = kept), e.g. ['loops 83% > 50%']."""
     limits = limits or RejectionLimits()
     return [f"{LABELS[key]} {metrics[key]:.0%} > {getattr(limits, limit):.0%}"
-            for key, limit in THRESHOLDS.items() if metrics[key] > getattr(limits, limit)]
+            for key, limit in THRESHOLDS.items() if metrics[key] > getattr(limits, limit)
+            ] + copying_reasons(metrics, limits.max_copied_run)
 
 
 @dataclass
@@ -228,7 +231,8 @@ class Sampler:
                      on_progress)
 
         def make(n: int, seed_: int | None) -> list[Sample]:
-            return [self._finish(row, p) for row in self._generate(p.ids, n, seed_, plan)]
+            out = [self._finish(row, p) for row in self._generate(p.ids, n, seed_, plan)]
+            return self._check_copying(out) if reject else out
 
         return _noted(self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: continuation_report(
             s.score, s.start_tick, s.metrics, lim, s.rejected)), note)
@@ -361,6 +365,17 @@ class Sampler:
         if plan.on_progress is not None:
             constraints.append(_ProgressReport(plan.on_progress, plan.max_new))
         return constraints
+
+    @cached_property
+    def copy_index(self):
+        """The training split's bars (midistral.metrics.CopyIndex) if the checkpoint's data is here, else None."""
+        return copy_index_for(self.ckpt, midi_folder=False) if self.ckpt is not None else None
+
+    def _check_copying(self, samples: list[Sample]) -> list[Sample]:
+        """Adds copied_bars and copied_run of each continuation to its metrics (when the training bars are here)."""
+        for s in samples if self.copy_index is not None else ():
+            s.metrics.update(self.copy_index.copying(s.score, s.start_tick))
+        return samples
 
     def _precision_option(self) -> dict:
         """The precision argument of generate / controls.accompany (None: their exact fp32 default)."""

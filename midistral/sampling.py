@@ -86,6 +86,8 @@ class RejectionLimits:
     max_silent_share: float = setting(0.25, Float(0, 1), "share of bars in which a prompt instrument is silent")
     max_loop_score: float = setting(0.5, Float(0, 1), "share of bars that repeat one of the previous two")
     max_out_of_key: float = setting(0.15, Float(0, 1), "share of pitched notes outside the key")
+    max_copied_run: int = setting(4, Int(1), "bars in a row equal to bars of one training piece (when its data is "
+                                  "at hand; metrics.MAX_COPIED_RUN)")
 
     def __post_init__(self):
         check_fields(self)

@@ -366,3 +366,170 @@ def test_prepare_draws_ensembles_and_transposes_copies(tmp_path, transpose_copie
             assert [order.index(want.tracks[i]) for i in range(4)] == [by_height.index(got.tracks[i]) for i in range(4)]
             n_checked += 1
     assert not man["skipped"] and n_checked == 8 + (transpose_copies + ensemble_copies) * man["counts"]["train"]["files"]
+
+
+# The general draw's instruments: sounding ranges from standard orchestration and instrument tables (written
+# independently of midistral/data/ensembles.py), and the families the model should meet.
+GENERAL_RANGE = {**INSTRUMENT_RANGE, 0: (21, 108), 4: (28, 100), 6: (29, 89), 19: (24, 96), 46: (23, 104),
+                 110: (55, 103), 72: (74, 108), 67: (37, 68), 52: (40, 84), 53: (48, 79), 24: (40, 83),
+                 25: (40, 86), 26: (40, 86), 27: (40, 86), 34: (28, 67), 35: (28, 67), 48: (28, 103),
+                 11: (53, 89), 12: (45, 96), 21: (53, 93), 22: (60, 96)}
+GM_FAMILIES = {"piano": range(0, 8), "organ": range(16, 24), "guitar": range(24, 32), "bass": range(32, 40),
+               "strings": range(40, 56), "voice": (52, 53), "brass": range(56, 64), "winds": range(64, 80)}
+
+
+def test_general_ensembles_fit_each_voice_and_cover_the_families():
+    from midistral.data.ensembles import draw_general
+
+    rng = np.random.default_rng(0)
+    kinds, programs = set(), set()
+    for i in range(600):
+        n = int(rng.integers(1, 7))
+        centres = sorted(rng.integers(40, 80, n))[::-1]
+        ranges = [(int(c - rng.integers(3, 10)), int(c + rng.integers(3, 10))) for c in centres]
+        kind, ens = draw_general(f"piece{i}.mid", i % 3, ranges)
+        assert (kind, ens) == draw_general(f"piece{i}.mid", i % 3, ranges)  # deterministic
+        assert len(ens) == n
+        for p, (lo, hi) in zip(ens, ranges):
+            assert GENERAL_RANGE[p][0] <= lo and hi <= GENERAL_RANGE[p][1], (kind, p, lo, hi)
+        if kind == "keyboard":
+            assert len(set(ens)) == 1 and ens[0] in (0, 4, 6, 19)
+        elif kind == "band":
+            assert 32 <= ens[-1] <= 35 or ens[-1] in (0, 4, 6, 19)  # a bass, or a keyboard where none covers
+            assert len(set(ens[:1] + ens[-1:])) == 2 and not set(ens[:1] + ens[-1:]) & set(ens[1:-1])
+        else:  # mixed, family: one instrument per voice
+            assert len(set(ens)) == n or set(ens) & {0, 4, 6, 19}, (kind, ens)
+        kinds.add(kind)
+        programs.update(ens)
+    assert kinds == {"mixed", "family", "band", "keyboard"}
+    for family, members in GM_FAMILIES.items():
+        assert programs & set(members), family
+
+
+def test_general_ensembles_keep_drums_and_cover_any_number_of_voices():
+    import symusic
+
+    from midistral.data.ensembles import ensemble_for
+
+    s = symusic.Score(480)
+    for k, base in enumerate((76, 70, 64, 58, 52, 45)):  # six voices and a drum track
+        t = symusic.Track(program=0)
+        for b in range(8):
+            t.notes.append(symusic.Note(b * 480, 480, base + (b % 3), 80))
+        s.tracks.append(t)
+    drums = symusic.Track(program=0, is_drum=True)
+    drums.notes.append(symusic.Note(0, 120, 36, 90))
+    s.tracks.append(drums)
+    assert ensemble_for(s, "six.mid", 0, 1.0) is None  # the chorale draw: up to four voices, no drums
+    progs = ensemble_for(s, "six.mid", 0, 1.0, general=True)
+    assert len(progs) == 7 and progs[6] == 0  # the drum track keeps its program
+    assert ensemble_for(s, "six.mid", 0, 0.0, general=True) is None
+
+
+def test_split_by_style_splits_each_style_and_one_style_as_before():
+    from midistral.data.prepare import split_by_style, split_files
+
+    d = {"seed": 3, "split": [0.8, 0.1, 0.1]}
+    files = [Path(f"f{i:03d}.mid") for i in range(60)]
+    styles = {str(f): ("folk" if i < 40 else "bach" if i < 55 else "classical") for i, f in enumerate(files)}
+    split = split_by_style(files, styles, d)
+    for style in ("folk", "bach", "classical"):
+        mine = [split[str(f)] for f in files if styles[str(f)] == style]
+        assert {"train", "val", "test"} <= set(mine), style
+    assert split_by_style(files, {}, d) == split_files(files, d)  # a folder: no styles
+    assert split_by_style(files, {str(f): "bach" for f in files}, d) == split_files(files, d)  # the chorales
+
+
+def test_every_music21_folder_has_a_style_or_a_reason():
+    music21 = pytest.importorskip("music21")
+    from midistral.data.music21_corpus import NOT_MUSIC, STYLE_OF_FOLDER, STYLES, list_sources
+
+    root = Path(music21.__file__).parent / "corpus"
+    folders = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}
+    assert folders <= set(STYLE_OF_FOLDER) | set(NOT_MUSIC), folders - set(STYLE_OF_FOLDER) - set(NOT_MUSIC)
+    assert set(STYLE_OF_FOLDER.values()) == set(STYLES)
+    sources, skipped = list_sources()
+    assert len(sources) > 3000 and all(Path(s).suffix in (".mxl", ".xml", ".musicxml", ".krn", ".abc") for s in sources)
+    reasons = {s["file"]: s["reason"] for s in skipped}
+    assert "Roman-numeral" in reasons["bach/bwv1.6.rntxt"] if "bach/bwv1.6.rntxt" in reasons else True
+    assert len({str(Path(s).with_suffix("")) for s in sources}) == len(sources)  # one format per piece
+
+
+SMALL_SOURCES = ["bach/bwv165.6.mxl", "bach/bwv66.6.mxl", "bach/bwv1.6.mxl", "palestrina/Credo_67_c.krn",
+                 "palestrina/Credo_81_c.krn", "palestrina/Gloria_70_c.krn", "josquin/adieuMesAmours.abc",
+                 "ryansMammoth/PaddyMilesFricasseeReel.abc", "ryansMammoth/TwoPennyPostmansJig.abc",
+                 "ryansMammoth/LetsBeGay.abc", "mozart/k545/movement1_exposition.mxl",
+                 "haydn/opus1no1/movement4.mxl", "mozart/k80/movement3.mxl", "demos/missing_file.abc"]
+
+
+@pytest.mark.slow
+def test_music21_source_converts_once_styles_splits_and_records_programs(tmp_path, monkeypatch):
+    """A dozen small music21 files of the four styles (and one that does not exist): converted once and cached,
+    one skip report, each style split, each piece's style and the training programs in the manifest."""
+    pytest.importorskip("music21")
+    import midistral.data.music21_corpus as m21
+
+    monkeypatch.setattr(m21, "list_sources", lambda root=None: (SMALL_SOURCES, [{"file": "x.rntxt", "reason": "an analysis"}]))
+    cache = tmp_path / "cache"
+    cfg = load_config(ROOT / "configs" / "music21.toml", [f"out_dir={json.dumps(str(tmp_path / 'run'))}",
+                                                          f"data.cache_dir={json.dumps(str(cache))}", "data.workers=1",
+                                                          "data.bpe_vocab_size=700"])
+    out = prepare(cfg, progress=False)
+    man = json.loads((out / "manifest.json").read_text())
+    assert set(man["styles"]) == {"bach", "renaissance", "folk", "classical"}
+    for style, splits in man["styles"].items():
+        assert all(splits[s]["files"] >= 1 for s in ("train", "val", "test")), style
+    for s in ("train", "val", "test"):
+        c = man["counts"][s]
+        assert len(c["styles_list"]) == c["files"] and len(c["piece_styles"]) == c["pieces"]
+        assert sum(v[s]["tokens"] for v in man["styles"].values()) == c["tokens"]
+    reasons = {r["file"]: r["reason"] for r in man["skipped"]}
+    assert reasons["x.rntxt"] == "an analysis" and "cannot parse" in reasons["demos/missing_file.abc"]
+    assert (cache / "josquin/adieuMesAmours.abc.json").is_file()  # four ABC tunes, the voices of one piece
+    assert len(json.loads((cache / "josquin/adieuMesAmours.abc.json").read_text())["pieces"]) == 1
+    assert man["programs"] and all(int(k) in range(-1, 128) and 0 < v <= man["counts"]["train"]["files"]
+                                   for k, v in man["programs"].items())
+    assert (out / "copy_index.npz").is_file()
+
+    def no_conversion(args):
+        raise AssertionError(f"{args[0]} converted twice")
+
+    monkeypatch.setattr(m21, "convert_source", no_conversion)
+    shutil.rmtree(out)
+    again = prepare(cfg, progress=False)
+    assert json.loads((again / "manifest.json").read_text())["counts"] == man["counts"]
+
+
+def test_skip_summary_groups_reasons():
+    from midistral.data.prepare import skip_summary
+
+    skipped = [{"file": "a", "reason": "12 notes (< min_notes=16)"}, {"file": "b", "reason": "3 notes (< min_notes=16)"},
+               {"file": "c", "reason": "duplicate of x.mid"}, {"file": "d", "reason": "not convertible to MIDI (E: f)"}]
+    assert skip_summary(skipped) == [("N notes", 2), ("duplicate", 1), ("not convertible to MIDI", 1)]
+
+
+def test_music21_tune_with_a_shared_time_signature_is_converted(tmp_path):
+    """music21's ABC reader can put one time-signature object into several measures; its MIDI writer refuses
+    that, and the conversion keeps the object in its first measure only."""
+    pytest.importorskip("music21")
+    import symusic
+    from music21 import meter, note, stream
+
+    from midistral.data.music21_corpus import _write_midi
+
+    def tune():
+        ts, part = meter.TimeSignature("2/4"), stream.Part()
+        for i in range(3):
+            m = stream.Measure(number=i + 1)
+            if i != 1:
+                m.insert(0, ts)
+            m.append(note.Note(60 + i, quarterLength=2))
+            part.append(m)
+        return stream.Score([part])
+
+    with pytest.raises(Exception, match="already found"):
+        tune().write("midi", fp=str(tmp_path / "plain.mid"))
+    _write_midi(tune(), tmp_path / "t.mid")
+    s = symusic.Score(str(tmp_path / "t.mid"))
+    assert [n.pitch for t in s.tracks for n in t.notes] == [60, 61, 62]
+    assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left
