@@ -427,9 +427,10 @@ def test_general_ensembles_keep_drums_and_cover_any_number_of_voices():
 
 
 def test_split_by_style_splits_each_style_and_one_style_as_before():
+    from midistral.config import DataConfig
     from midistral.data.prepare import split_by_style, split_files
 
-    d = {"seed": 3, "split": [0.8, 0.1, 0.1]}
+    d = DataConfig(seed=3, split=[0.8, 0.1, 0.1])
     files = [Path(f"f{i:03d}.mid") for i in range(60)]
     styles = {str(f): ("folk" if i < 40 else "bach" if i < 55 else "classical") for i, f in enumerate(files)}
     split = split_by_style(files, styles, d)

@@ -216,11 +216,12 @@ def test_copy_index_share_and_longest_run_from_one_piece(tmp_path):
 
 def test_sampler_rejects_a_copied_run():
     from midistral.sampler import rejection_reasons
+    from midistral.sampling import RejectionLimits
 
     fine = {"silent_share": 0.0, "loop_score": 0.0, "out_of_key": 0.0}
     assert rejection_reasons(fine) == [] and rejection_reasons({**fine, "copied_run": 3.0}) == []
     assert rejection_reasons({**fine, "copied_run": 4.0}) == ["copies 4 bars of a training piece (>= 4)"]
-    assert rejection_reasons({**fine, "copied_run": 5.0}, {"max_copied_run": 6}) == []
+    assert rejection_reasons({**fine, "copied_run": 5.0}, RejectionLimits(max_copied_run=6)) == []
 
 
 def test_cli_reports_copying_against_the_training_split(tmp_path, capsys):
