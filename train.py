@@ -27,6 +27,7 @@ from midistral.checkpoint import (append_metrics, check_same_data, load_last, pl
                                   save_best, save_last, truncate_metrics)
 from midistral.config import load_config
 from midistral.data import TokenChunks, epoch_order, load_splits, made_with, prepare, prepared_dir
+from midistral.data.mixes import Mixes
 from midistral.distributed import init_distributed, is_master
 from midistral.errors import ArgumentParser, MidistralError
 from midistral.io import RunLock
@@ -161,7 +162,8 @@ def load_data(cfg: dict, master: bool, ddp: bool) -> tuple[REMI, TokenChunks, To
     data_dir = prepare(cfg) if master else prepared_dir(cfg)
     if ddp:
         torch.distributed.barrier()
-    return load_splits(data_dir, cfg["data"]["min_seq"], cfg["data"]["max_seq"])
+    return load_splits(data_dir, cfg["data"]["min_seq"], cfg["data"]["max_seq"], Mixes.from_data_config(cfg["data"]),
+                       cfg["train"]["seed"])
 
 
 def restore(job: Job, last: Path, saved: dict) -> None:

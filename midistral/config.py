@@ -49,6 +49,10 @@ DEFAULTS = {
         "transpose_copies": 0,     # how many transposed copies of each training piece
         "ensembles": 0.0,          # share of pieces (and copies) given an ensemble drawn per voice (chorales.py); 0: off
         "ensemble_copies": 0,      # with ensembles: more copies of each training piece, each in another drawn ensemble
+        "infill": 0.0,             # share of training chunks rearranged for fill-in-the-middle (data/mixes.py)
+        "infill_max_bars": 8,      # the most bars a fill-in-the-middle middle holds
+        "attributes": 0.0,         # share of training chunks with attribute-control tokens (density, polyphony)
+        "style": 0.0,              # share of training chunks that open with their piece's style token
         "min_seq": 256,            # chunks shorter than this are dropped (a piece shorter than it is kept whole)
         "max_seq": 2048,
         "workers": 0,              # 0: every core
@@ -146,6 +150,10 @@ RULES: dict[str, tuple] = {
     "data.seed": ("int", 0, 2**63 - 1), "data.bpe_vocab_size": ("int", 0, 2**32 - 1),
     "data.transpose": ("range", -60, 60), "data.transpose_copies": ("int", 0, 120), "data.ensembles": ("float", 0, 1),
     "data.ensemble_copies": ("int", 0, 16),
+    "data.infill": ("float", 0, 1),
+    "data.infill_max_bars": ("int", 1, 1024),
+    "data.attributes": ("float", 0, 1),
+    "data.style": ("float", 0, 1),
     "data.min_seq": ("int", 1, INF), "data.max_seq": ("int", 2, INF), "data.workers": ("int", 0, 1024),
     "train.batch_size": ("int", 1, INF), "train.grad_accum": ("int", 1, INF), "train.lr": ("float", 0, 10),
     "train.min_lr_ratio": ("float", 0, 1), "train.warmup_ratio": ("float", 0, 1),

@@ -154,8 +154,9 @@ def _extended_expansions(tok: REMI) -> list[np.ndarray]:
 class Grammar:
     """The state machine's tables for one tokenizer (base tokens, then every model id through its expansion)."""
 
-    def __init__(self, tok: REMI):
-        self.tok = tok
+    def __init__(self, tok: REMI, holes: bool = False):
+        """`holes`: a plain piece may open a hole (Infill_Bar); off, only a prompt the caller builds does."""
+        self.tok, self.holes = tok, holes
         self.eos_id = tok.eos_id
         self.fill_end_id = tok.extra.fill_end_id if tok.extra is not None else None
         self._base_tables(tok)
@@ -240,7 +241,8 @@ class Grammar:
         """(modes x kinds, V): each mode's copy of the kinds' table without what the mode forbids."""
         rows = []
         for mode in Mode:
-            t = table & ~np.isin(id_kind, list(MODE_FORBIDS[mode]))[None, :]
+            forbids = MODE_FORBIDS[mode] - ({State.HOLE} if self.holes and mode == Mode.PLAIN else set())
+            t = table & ~np.isin(id_kind, list(forbids))[None, :]
             if mode == Mode.CONTEXT:  # holes come in one run: after a hole, another may come
                 t[State.HOLE] |= table[State.HOLE] & (id_kind == State.HOLE)
             t[State.END] = True
