@@ -113,7 +113,7 @@ FOLLOWS = {
 # What each mode forbids (kinds of tokens); a hole may only follow a hole once the context has begun.
 MODE_FORBIDS = {
     Mode.PLAIN: {State.HOLE, State.FILL_START, FILL_END},
-    Mode.CONTEXT: {EOS, FILL_END, State.STYLE, State.TRACK_AC0},
+    Mode.CONTEXT: {EOS, FILL_END, State.STYLE, State.TRACK_AC0, State.HOLE},  # (a hole may follow a hole)
     Mode.MIDDLE: {EOS, State.HOLE, State.FILL_START, State.STYLE, State.TRACK_AC0},
 }
 _EXTRA_KIND = {"Style": State.STYLE, "Infill_Bar": State.HOLE, "FillBar_Start": State.FILL_START, "FillBar_End": FILL_END,
