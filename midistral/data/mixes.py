@@ -57,7 +57,8 @@ class ChunkMixer:
         self.input_only = np.zeros(len(tok), bool)
         self.input_only[given] = True
 
-    def mix(self, seq: np.ndarray, style: str | None, rng: np.random.Generator, max_len: int | None = None) -> np.ndarray:
+    def mix(self, seq: np.ndarray, style: str | None, rng: np.random.Generator,
+            max_len: int | None = None) -> np.ndarray:
         """The chunk `seq` (framed ids: BOS first if it opens the piece, EOS last if it closes it), mixed;
         longer than `max_len`, it loses whole bars from the end of its suffix, then ids from the start of
         what follows its head (BOS, style, track attributes); a middle is never cut."""

@@ -75,7 +75,8 @@ class ExtraVocab:
         return self.start + len(self.tokens)
 
     def kind(self, token_id: int) -> str:
-        """"Infill_Bar", "FillBar_Start", "FillBar_End", "Style", or the attribute's MidiTok type name."""
+        """What an extra id is: "Infill_Bar", "FillBar_Start", "FillBar_End", "Style", or the attribute's
+        MidiTok type name ("ACBarNoteDensity", ...)."""
         t = self.tokens[token_id - self.start]
         return t if t in FIM_TOKENS else t.split("_", 1)[0]
 

@@ -116,7 +116,8 @@ MODE_FORBIDS = {
     Mode.CONTEXT: {EOS, FILL_END, State.STYLE, State.TRACK_AC0, State.HOLE},  # (a hole may follow a hole)
     Mode.MIDDLE: {EOS, State.HOLE, State.FILL_START, State.STYLE, State.TRACK_AC0},
 }
-_EXTRA_KIND = {"Style": State.STYLE, "Infill_Bar": State.HOLE, "FillBar_Start": State.FILL_START, "FillBar_End": FILL_END,
+_EXTRA_KIND = {"Style": State.STYLE, "Infill_Bar": State.HOLE, "FillBar_Start": State.FILL_START,
+               "FillBar_End": FILL_END,
                "ACTrackNoteDensityMin": State.TRACK_AC0, "ACTrackNoteDensityMax": State.TRACK_AC1,
                "ACTrackOnsetPolyphonyMin": State.TRACK_AC2, "ACTrackOnsetPolyphonyMax": State.TRACK_AC3,
                "ACBarNoteDensity": State.BAR_AC0, "ACBarOnsetPolyphonyMin": State.BAR_AC1,
