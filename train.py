@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from midistral.config import RunConfig, SampleConfig, TrainConfig, load_config
 from midistral.data import TokenChunks, epoch_order, load_splits, made_with, prepare, prepared_dir
+from midistral.data.mixes import Mixes
 from midistral.distributed import init_distributed, is_master
 from midistral.errors import ArgumentParser, MidistralError
 from midistral.io import RunLock
@@ -166,7 +167,7 @@ def load_data(cfg: RunConfig, master: bool, ddp: bool) -> tuple[REMI, TokenChunk
     data_dir = prepare(cfg) if master else prepared_dir(cfg)
     if ddp:
         torch.distributed.barrier()
-    return load_splits(data_dir, cfg.data.min_seq, cfg.data.max_seq)
+    return load_splits(data_dir, cfg.data.min_seq, cfg.data.max_seq, Mixes.from_data_config(cfg.data), cfg.train.seed)
 
 
 def restore(job: Job, last: Path, saved: dict) -> None:

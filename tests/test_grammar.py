@@ -21,6 +21,7 @@ from midistral.generate import generate
 from midistral.model import ModelConfig, Transformer
 from midistral.tokenize import DEFAULT_PARAMS, REPORT_PARAMS, REMI, REMIConfig
 from midistral.tokenize.grammar import Grammar, GrammarConstraint, State, complete_length, expansions
+from midistral.tokenize.remi import Family
 
 torch.set_num_threads(2)
 
@@ -261,3 +262,100 @@ def test_expansions(base_tok, bpe_tok, dev_midi_files):
     assert len(exp) == len(bpe_tok)
     ids = bpe_tok.encode(dev_midi_files[0])
     assert np.array_equal(np.concatenate([exp[i] for i in ids.tolist()]), bpe_tok.encode_base(dev_midi_files[0]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Extra tokens (tokenize/extra.py): style, attributes, fill-in-the-middle, in every mode
+
+
+@pytest.fixture(scope="module")
+def extra_tok(bpe_tok):
+    from midistral.tokenize.extra import ExtraVocab
+
+    tok = REMI.from_dict(bpe_tok.to_dict())
+    tok.extra = ExtraVocab(len(tok), styles=["bach", "folk"])
+    return tok
+
+
+def _fim_prompt(tok, ids, a, k, suffix_bars=None):
+    """BOS, bars before `a`, k holes, the bars after the hole (all, or `suffix_bars` of them)."""
+    from midistral.tokenize.extra import BarStats
+
+    starts = BarStats(tok).bar_starts(ids)
+    b = starts[a + k] if a + k < len(starts) else len(ids)
+    end = len(ids) if suffix_bars is None else (starts[a + k + suffix_bars] if a + k + suffix_bars < len(starts)
+                                                 else len(ids))
+    return np.r_[tok.bos_id, ids[:starts[a]], [tok.extra.hole_id] * k, ids[b:end]]
+
+
+def _walk_legal(g, ids):
+    """Every id after the first (BOS) legal in its state."""
+    state = g.run(ids[:1])
+    for i, t in enumerate(ids[1:]):
+        assert g.legal(state, int(t)), (i, int(t), state)
+        state = g.step(state, int(t))
+    return state
+
+
+@pytest.mark.parametrize("mode", ["plain", "context", "middle"])
+@pytest.mark.parametrize("seed", range(2))
+def test_random_model_with_extra_tokens_decodes_in_every_mode(mode, seed, extra_tok, dev_midi_files, miditok_oracle):
+    """Random models write only what decodes (0 skipped, 0 MidiTok errors) and keep the layout: a plain piece
+    never opens a hole or writes FillBar_Start/End; a context never ends with EOS; a middle starts with a bar
+    and ends only with FillBar_End."""
+    tok, e = extra_tok, extra_tok.extra
+    g = Grammar(tok, holes=True)  # walks the prompt too, whose holes the caller gives
+    from midistral.tokenize.extra import BarStats
+
+    sparse = [ids for ids in (tok.encode(f)[:600] for f in dev_midi_files if f.name.startswith("music21__"))
+              if len(BarStats(tok).bar_starts(ids)) >= 8]  # several bars in 600 ids
+    real = sparse[seed % len(sparse)]
+    prompt = {"plain": np.r_[tok.bos_id, e.id["Style_bach"]],
+              "context": _fim_prompt(tok, real, 2, 2, suffix_bars=1),
+              "middle": np.r_[_fim_prompt(tok, real, 2, 2, suffix_bars=3), e.fill_start_id]}[mode]
+    model = random_model(len(tok), seed)
+    end = tok.eos_id if mode == "plain" else e.fill_end_id
+    kw = dict(temperature=1.0, top_k=None) if seed % 2 else {}
+    out = generate(model, torch.tensor(prompt)[None].repeat(4, 1), 200, eos_id=end, pad_id=tok.pad_id, seed=seed,
+                   constraints=[GrammarConstraint(tok, 200)], **kw)
+    for row in out[:, len(prompt):].tolist():
+        new = row[:row.index(end) + 1] if end in row else row
+        full = np.r_[prompt, new]
+        _walk_legal(g, full)
+        kinds = {e.kind(t) for t in new if e.is_extra(t)}
+        if mode == "plain":
+            assert not kinds & {"Infill_Bar", "FillBar_Start", "FillBar_End"}
+        else:
+            assert tok.eos_id not in new
+        if mode == "middle":
+            assert tok.family[tok.base_ids(new[:1] if not e.is_extra(new[0]) else [])].tolist() in ([Family.BAR], [])
+            assert not kinds & {"Infill_Bar", "FillBar_Start", "Style"}
+        music = [t for t in full.tolist() if not e.is_extra(t) and t != tok.bos_id]
+        assert tok.decode_with_report(full)[1] == 0
+        assert miditok_errors(miditok_oracle, tok, music) == 0
+
+
+def test_extra_tokens_where_they_may_come(extra_tok):
+    tok, e = extra_tok, extra_tok.extra
+    g = Grammar(tok)
+    bar = tok.vocab["Bar_None"]
+    start = g.run([tok.bos_id])
+    ok = g.allowed(start)
+    assert ok[e.id["Style_folk"]] and ok[e.id["ACTrackNoteDensityMin_3"]] and ok[e.id["ACBarNoteDensity_5"]]
+    assert not ok[e.hole_id] and not ok[e.fill_start_id] and not ok[e.fill_end_id]  # plain: no hole opened
+    assert Grammar(tok, holes=True).allowed(start)[e.hole_id]
+    after_bar_ac = g.run([tok.bos_id, *e.bar_ids(4, 1, 2)])
+    assert np.flatnonzero(g.allowed(after_bar_ac)).tolist() == [i for i in range(len(tok)) if g.legal(after_bar_ac, i)]
+    assert all(tok.base_ids([i])[:1].tolist() in ([bar], []) for i in np.flatnonzero(g.allowed(after_bar_ac)))
+    track = g.run([tok.bos_id, *e.track_ids([3, 5], 1, 2)])
+    assert g.allowed(track)[bar] and not g.allowed(g.run([tok.bos_id, *e.track_ids([3, 5], 1, 2)[:2]]))[bar]
+    piece = [bar, tok.vocab["TimeSig_4/4"]]
+    ctx = g.run([tok.bos_id, *piece, e.hole_id])
+    assert g.allowed(ctx)[e.hole_id] and g.allowed(ctx)[e.fill_start_id] and not g.allowed(ctx)[tok.eos_id]
+    ctx2 = g.run([tok.bos_id, *piece, e.hole_id, *piece])
+    assert not g.allowed(ctx2)[e.hole_id] and g.allowed(ctx2)[e.fill_start_id] and not g.allowed(ctx2)[tok.eos_id]
+    mid = g.run([tok.bos_id, *piece, e.hole_id, e.fill_start_id])
+    assert not g.allowed(mid)[e.fill_end_id] and not g.allowed(mid)[tok.eos_id]  # a middle writes a bar first
+    mid2 = g.run([tok.bos_id, *piece, e.hole_id, e.fill_start_id, *piece])
+    assert g.allowed(mid2)[e.fill_end_id] and not g.allowed(mid2)[tok.eos_id]
+    assert g.step(mid2, e.fill_end_id)[0] == State.END

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from midistral.tokenizer_file import load_tokenizer
+from midistral.data.mixes import ChunkMixer, Mixes, add_extra_vocab
 from midistral.errors import DataError
 
 DATA_FORMAT = {"format": "midistral.data", "version": 2}  # bumped when the shard layout changes
@@ -59,11 +60,33 @@ def _read_shard(folder: Path, split: str, man: dict) -> tuple[np.ndarray, np.nda
     return tokens, offsets
 
 
+def piece_styles(man: dict, split: str, n_pieces: int) -> list[str | None]:
+    """Each piece's style: the manifest's counts.SPLIT.piece_styles (one per piece, in shard order; written by
+    data/prepare.py for a styled corpus); None for every piece when the manifest has none (or not one per piece)."""
+    counts = man.get("counts") if isinstance(man.get("counts"), dict) else {}
+    styles = counts.get(split, {}).get("piece_styles") if isinstance(counts.get(split), dict) else None
+    if not isinstance(styles, list) or len(styles) != n_pieces:
+        return [None] * n_pieces
+    return [s if isinstance(s, str) and s else None for s in styles]
+
+
+def manifest_styles(man: dict) -> list[str]:
+    """Every style the manifest records in any split, sorted."""
+    counts = man.get("counts") if isinstance(man.get("counts"), dict) else {}
+    return sorted({s for c in counts.values() if isinstance(c, dict) for s in (c.get("piece_styles") or [])
+                   if isinstance(s, str) and s})
+
+
 class TokenChunks:
-    def __init__(self, folder: str | Path, split: str, min_seq: int, max_seq: int, bos_id: int, eos_id: int, pad_id: int):
+    def __init__(self, folder: str | Path, split: str, min_seq: int, max_seq: int, bos_id: int, eos_id: int, pad_id: int,
+                 mixer: ChunkMixer | None = None, seed: int = 0):
         folder = Path(folder)
         man = read_manifest(folder)
         self.tokens, self.offsets = _read_shard(folder, split, man)
+        # fill-in-the-middle, attributes and style (data/mixes.py); each chunk's draw n is seeded by
+        # (seed, chunk, n), so a run from scratch sees the same mixes
+        self.mixer, self.seed = mixer, seed
+        self.styles = piece_styles(man, split, len(self.offsets) - 1)
         self.fingerprint = man["fingerprint"]
         self.bos, self.eos, self.pad = bos_id, eos_id, pad_id
         self.max_seq = max_seq
@@ -78,6 +101,7 @@ class TokenChunks:
         self.chunk_piece = np.concatenate(piece) if piece else np.zeros(0, np.int64)
         self.chunk_start = np.concatenate(starts) if starts else np.zeros(0, np.int64)  # in the framed sequence
         self.chunk_len = np.concatenate(lens) if lens else np.zeros(0, np.int64)
+        self.draws = np.zeros(len(self.chunk_piece), np.int64)
 
     def __len__(self) -> int:
         return len(self.chunk_piece)
@@ -94,9 +118,26 @@ class TokenChunks:
         seq = self.tokens[src].astype(np.int64) if len(self.tokens) else np.zeros(pos.shape, np.int64)
         seq = np.where(pos == 0, self.bos, np.where(pos == n_ids + 1, self.eos, seq))
         seq = np.where(valid, seq, self.pad)
+        if self.mixer is not None:
+            return self._mixed(idx, seq, lens, piece)
         x = torch.from_numpy(seq[:, :-1].copy())
         y = torch.from_numpy(np.where(valid[:, 1:], seq[:, 1:], -100))
         return x, y
+
+    def _mixed(self, idx, seq, lens, piece) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch with each chunk mixed (data/mixes.py); no loss on padding or on input-only ids."""
+        rows = []
+        for r, c in enumerate(idx.tolist()):
+            rng = np.random.default_rng([self.seed, c, int(self.draws[c])])
+            self.draws[c] += 1
+            rows.append(self.mixer.mix(seq[r, :lens[r]], self.styles[piece[r]], rng, self.max_seq))
+        L = max(len(r) for r in rows)
+        out = np.full((len(rows), L), self.pad, dtype=np.int64)
+        for r, row in enumerate(rows):
+            out[r, :len(row)] = row
+        valid = np.arange(L)[None, :] < np.array([len(r) for r in rows])[:, None]
+        target = valid[:, 1:] & ~self.mixer.input_only[out[:, 1:]]
+        return torch.from_numpy(out[:, :-1].copy()), torch.from_numpy(np.where(target, out[:, 1:], -100))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -104,10 +145,18 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def load_splits(folder: Path, min_seq: int, max_seq: int):
-    """(tokenizer, train chunks, val chunks) of a prepared folder; a split with no chunk is refused."""
+def load_splits(folder: Path, min_seq: int, max_seq: int, mixes: Mixes | None = None, seed: int = 0):
+    """(tokenizer, train chunks, val chunks) of a prepared folder; a split with no chunk is refused.
+
+    With `mixes` on (data.infill, data.attributes, data.style), the tokenizer gets the extra tokens
+    (tokenize/extra.py, with the manifest's styles) and training chunks are mixed; validation stays plain."""
     tok = load_tokenizer(Path(folder) / "tokenizer.json")
-    splits = [TokenChunks(folder, s, min_seq, max_seq, tok.bos_id, tok.eos_id, tok.pad_id) for s in ("train", "val")]
+    mixer = None
+    if mixes is not None and mixes.any:
+        add_extra_vocab(tok, manifest_styles(read_manifest(Path(folder))))
+        mixer = ChunkMixer(tok, mixes)
+    splits = [TokenChunks(folder, s, min_seq, max_seq, tok.bos_id, tok.eos_id, tok.pad_id,
+                          mixer=mixer if s == "train" else None, seed=seed) for s in ("train", "val")]
     for name, chunks in zip(("train", "val"), splits):
         if len(chunks) == 0:
             raise DataError(f"{folder}: the {name} split has no usable piece (none of its files passed the filters, "

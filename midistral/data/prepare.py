@@ -124,9 +124,14 @@ def _quiet_config(params: dict) -> REMIConfig:
         return REMIConfig(**params)
 
 
+# data keys the loader applies on the fly (data/mixes.py): the shards do not depend on them
+LOADER_KEYS = ("infill", "infill_max_bars", "attributes", "style")
+
+
 def made_with(cfg: RunConfig) -> tuple[dict, str]:
     """What the shards depend on (the data and tokenizer config) and its fingerprint."""
-    want = {"data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("workers", "prepared_dir")
+    want = {"data": {k: v for k, v in dataclasses.asdict(cfg.data).items()
+                     if k not in ("workers", "prepared_dir", *LOADER_KEYS)
                      and not (k in ("ensembles", "ensemble_copies") and v == 0)},  # off: fingerprints as before
             "tokenizer": _quiet_config(cfg.tokenizer_params).to_dict()}
     want = json.loads(json.dumps(want))  # the JSON form, as the manifest holds it

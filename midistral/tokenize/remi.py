@@ -34,6 +34,7 @@ from midistral.tokenize.chords import detect_chords, quality_table
 from midistral.tokenize.clock import BarClock, EncoderClock, bar_lines
 from midistral.tokenize.config import DEFAULT_PARAMS, REMIConfig
 from midistral.tokenize.midi_io import load_score, midi_label
+from midistral.tokenize.extra import ExtraVocab
 from midistral.tokenize.miditok_json import read_miditok
 from midistral.tokenize.parallel import EncodeResult, encode_many
 from midistral.tokenize.training import train_bpe
@@ -105,6 +106,7 @@ class REMI:
             config = REMIConfig(**config)
         self.config = c = config
         self.bpe = None
+        self.extra = None  # ExtraVocab (tokenize/extra.py): infilling, style and attribute tokens after the vocabulary
         self.max_res = c.max_num_pos_per_beat
         self.durations = _time_tuples(c.beat_res)
         self.rests = _time_tuples(c.beat_res_rest)
@@ -169,12 +171,10 @@ class REMI:
         return tpq * 4 // den
 
     def duration_ticks(self, tpb: int) -> np.ndarray:
-        """The length in ticks of every Duration token at `tpb` ticks per beat."""
         """The ticks of each Duration token at `tpb` ticks per beat (read-only, built once per tpb)."""
         return self._ticks_of(self.durations, tpb)
 
     def rest_ticks(self, tpb: int) -> np.ndarray:
-        """The length in ticks of every Rest token at `tpb` ticks per beat."""
         """The ticks of each Rest token at `tpb` ticks per beat (read-only, built once per tpb)."""
         return self._ticks_of(self.rests, tpb)
 
@@ -188,6 +188,11 @@ class REMI:
         return table
 
     def __len__(self) -> int:
+        return self.music_size + (len(self.extra) if self.extra is not None else 0)
+
+    @property
+    def music_size(self) -> int:
+        """Ids that stand for music (base or BPE); extra tokens come after them."""
         return len(self.bpe) if self.bpe is not None else len(self.vocab)
 
     # ------------------------------------------------------------------------------------------------
@@ -517,6 +522,8 @@ class REMI:
             ids = []
             for t in seq:
                 i = self.vocab.get(t)
+                if i is None and self.extra is not None and t in self.extra.id:
+                    continue  # an infilling, style or attribute token: no notes
                 if i is None:
                     skipped += 1
                 else:
@@ -524,6 +531,8 @@ class REMI:
             ids = np.array(ids, dtype=np.int64)
         else:
             ids = np.asarray(seq, dtype=np.int64).reshape(-1)
+            if self.extra is not None:  # infilling, style and attribute tokens carry no notes
+                ids = ids[~self.extra.is_extra(ids)]
             if self.bpe is not None and len(ids) and (ids >= len(self.vocab)).any():
                 bad = (ids < 0) | (ids >= len(self.bpe))
                 skipped += int(bad.sum())
@@ -540,6 +549,8 @@ class REMI:
         d = {"tokenizer": "midistral.REMI", "version": 1, "config": self.config.to_dict()}
         if self.bpe is not None:
             d["bpe"] = self.bpe.to_dict()
+        if self.extra is not None:
+            d["extra"] = self.extra.to_dict()
         return d
 
     def save(self, path: str | os.PathLike) -> None:
@@ -550,6 +561,10 @@ class REMI:
         tok = cls(REMIConfig(**d.get("config", {})))
         if d.get("bpe"):
             tok.bpe = BPE.from_dict(d["bpe"], source)
+        if d.get("extra"):
+            tok.extra = ExtraVocab.from_dict(d["extra"], source)
+            if tok.extra.start != tok.music_size:
+                raise CheckpointError(f"{source}: extra tokens start at {tok.extra.start}, after {tok.music_size} music ids")
         return tok
 
     @classmethod
@@ -591,7 +606,10 @@ class REMI:
 
     def base_ids(self, ids) -> np.ndarray:
         """Base ids of model ids (the BPE expansion; base ids unchanged without BPE)."""
-        return np.asarray(ids, dtype=np.int64) if self.bpe is None else self.bpe.decode(ids)
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.bpe is not None:
+            return self.bpe.decode(ids)
+        return ids if self.extra is None else ids[~self.extra.is_extra(ids)]
 
     def encode_many(self, paths, workers: int | None = None) -> list[EncodeResult]:
         """Encode many files in parallel processes; each file's failure is reported, not raised."""

@@ -1,0 +1,109 @@
+"""Infilling at sampling (midistral/infill.py) on real files with a tiny randomly initialised model: the
+structure, not the quality. Notes outside the span are compared with the original file's own notes."""
+
+import numpy as np
+import pytest
+import torch
+
+from midistral.errors import MidistralError
+from midistral.infill import infill, infill_prompt
+from midistral.model import ModelConfig, Transformer
+from midistral.tokenize import REMI
+from midistral.tokenize.extra import ExtraVocab
+from midistral.tokenize.grammar import Grammar, Mode, mode_of
+from midistral.tokenize.remi import load_score
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def tok(dev_midi_files):
+    t = REMI()
+    t.train_bpe(dev_midi_files[:16], 1000, workers=1)
+    t.extra = ExtraVocab(len(t), styles=["bach"])
+    return t
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, sliding_window=64, max_position_embeddings=8192)
+    return Transformer(cfg, attn_backend="torch")
+
+
+def _notes(score, track_filter=lambda tr: True):
+    out = []
+    for tr in score.tracks:
+        if track_filter(tr):
+            a = tr.notes.numpy()
+            prog = -1 if tr.is_drum else int(tr.program)
+            out += [(prog, *x) for x in zip(*(a[f].tolist() for f in ("time", "duration", "pitch", "velocity")))]
+    return sorted(out)
+
+
+def _span(tok, score, a, b):
+    return infill_prompt(tok, score, a, b)[2]
+
+
+@pytest.mark.parametrize("name", ["music21__cs1-1pre.mid", "lmd__Predictable.mid", "miditok__POP909_010.mid"])
+def test_infill_keeps_every_note_outside_the_span(name, tok, model, dev_midi_files):
+    f = next(p for p in dev_midi_files if p.name == name)
+    score = load_score(f)
+    lo, hi = _span(tok, score, 3, 4)
+    results = infill(model, tok, score, bars=(3, 4), num_samples=2, seed=0, temperature=1.0, top_k=None,
+                     max_new_tokens=120)
+    outside = lambda n: not lo <= n[1] < hi  # noqa: E731
+    want = [n for n in _notes(score) if outside(n)]
+    programs = {n[0] for n in _notes(score)}
+    for r in results:
+        got = _notes(r.score)
+        assert [n for n in got if outside(n)] == want  # kept exactly (ticks; the tempo map is the original's)
+        new = [n for n in got if not outside(n)]
+        assert len(new) == r.new_notes and all(n[1] + n[2] <= hi for n in new)  # inside, cut at the span's end
+        assert {n[0] for n in new} <= programs  # only the piece's instruments
+        assert r.skipped == 0 and r.tokens > 0
+        assert r.score.ticks_per_quarter == score.ticks_per_quarter
+        assert [(t.time, t.qpm) for t in r.score.tempos] == [(t.time, t.qpm) for t in score.tempos]
+
+
+def test_infill_of_some_tracks_keeps_the_others(tok, model, dev_midi_files):
+    f = next(p for p in dev_midi_files if p.name == "lmd__Predictable.mid")
+    score = load_score(f)
+    progs = sorted({-1 if t.is_drum else t.program for t in score.tracks if len(t.notes)})
+    chosen = progs[:1]
+    lo, hi = _span(tok, score, 2, 3)
+    r = infill(model, tok, score, bars=(2, 3), tracks=chosen, seed=1, max_new_tokens=150)[0]
+    other = lambda tr: (-1 if tr.is_drum else tr.program) not in chosen  # noqa: E731
+    assert _notes(r.score, other) == _notes(score, other)
+    assert all(n[0] in chosen for n in _notes(r.score) if lo <= n[1] < hi and n not in _notes(score))
+
+
+def test_the_middle_has_the_bars_asked_for(tok, model, dev_midi_files):
+    from midistral.generate import generate
+    from midistral.infill import BarCount
+    from midistral.tokenize.extra import BarStats
+    from midistral.tokenize.grammar import GrammarConstraint
+
+    f = next(p for p in dev_midi_files if p.name == "music21__cs1-1pre.mid")
+    prompt = infill_prompt(tok, load_score(f), 2, 4)[0]
+    g = Grammar(tok)
+    assert mode_of(g.run(prompt)) == Mode.MIDDLE
+    out = generate(model, torch.tensor(prompt)[None].repeat(3, 1), 400, temperature=1.0, top_k=None,
+                   eos_id=tok.extra.fill_end_id, seed=3,
+                   constraints=[GrammarConstraint(tok, 400), BarCount(tok, 3, [0, 52, 68, 71])])
+    for row in out[:, len(prompt):].tolist():
+        if tok.extra.fill_end_id in row:
+            middle = row[:row.index(tok.extra.fill_end_id)]
+            assert len(BarStats(tok).bar_starts(np.array(middle))) == 3
+
+
+def test_errors(tok, model, dev_midi_files):
+    f = next(p for p in dev_midi_files if p.name == "music21__cs1-1pre.mid")
+    with pytest.raises(MidistralError, match="the piece has bars 1-"):
+        infill(model, tok, f, bars=(3, 999))
+    with pytest.raises(MidistralError, match="style 'folk'"):
+        infill(model, tok, f, bars=(1, 1), style="folk")
+    plain = REMI()
+    with pytest.raises(MidistralError, match="not trained for infilling"):
+        infill(model, plain, f, bars=(1, 2))

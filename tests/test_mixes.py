@@ -1,0 +1,141 @@
+"""Training mixes (midistral/data/mixes.py) on real files: fill-in-the-middle at bar boundaries, attribute
+and style tokens. Checked by undoing each mix (the plain chunk comes back), against the per-bar values
+BarStats gives (tested against MidiTok in test_tokenize_extra.py), and by the grammar: every mixed chunk
+that opens a piece is a sentence of the grammar, token by token, in every mode."""
+
+import json
+
+import numpy as np
+import pytest
+
+from midistral.data.dataset import TokenChunks, load_splits
+from midistral.data.mixes import ChunkMixer, Mixes, add_extra_vocab
+from midistral.errors import MidiError
+from midistral.tokenize import REMI
+from midistral.tokenize.extra import BarStats
+from midistral.tokenize.grammar import Grammar, Mode, mode_of
+
+
+@pytest.fixture(scope="module")
+def tok(dev_midi_files):
+    t = REMI()
+    t.train_bpe(dev_midi_files[:16], 1000, workers=1)
+    add_extra_vocab(t, ["bach", "folk"])
+    return t
+
+
+@pytest.fixture(scope="module")
+def pieces(tok, dev_midi_files):
+    out = []
+    for f in dev_midi_files:
+        try:
+            out.append(tok.encode(f))
+        except MidiError:
+            pass
+    return out
+
+
+def _framed(tok, ids, n):
+    return np.r_[tok.bos_id, ids[:n - 1]] if n < len(ids) + 1 else np.r_[tok.bos_id, ids, tok.eos_id]
+
+
+def _split_fim(tok, out):
+    e = tok.extra
+    holes = np.flatnonzero(out == e.hole_id)
+    fs = int(np.flatnonzero(out == e.fill_start_id)[0])
+    assert out[-1] == e.fill_end_id and (np.diff(holes) == 1).all()
+    return out[:holes[0]], len(holes), out[holes[-1] + 1:fs], out[fs + 1:-1]
+
+
+def test_infill_rearranges_whole_bars(tok, pieces):
+    mixer = ChunkMixer(tok, Mixes(infill=1.0, infill_max_bars=4))
+    stats = BarStats(tok)
+    rng = np.random.default_rng(0)
+    done = 0
+    for ids in pieces:
+        for n in (64, 200, 10_000):
+            seq = _framed(tok, ids, n)
+            out = mixer.mix(seq, None, rng)
+            if tok.extra.hole_id not in out:
+                continue
+            prefix, k, suffix, middle = _split_fim(tok, out)
+            assert 1 <= k <= 4
+            assert len(stats.bar_starts(middle)) == k and stats.bar_starts(middle)[0] == 0  # k whole bars
+            plain = np.r_[prefix, middle, suffix]
+            assert (plain == seq[:len(plain)]).all()
+            if seq[-1] == tok.eos_id:
+                assert len(seq) - len(plain) == 1  # only EOS dropped
+            else:  # the bar the chunk cuts is dropped
+                assert len(seq) - len(plain) == len(seq) - stats.bar_starts(seq)[-1]
+            done += 1
+            short = mixer.mix(seq, None, np.random.default_rng(n), max_len=150)
+            if tok.extra.hole_id in short:  # made to fit: the middle whole, at the end
+                assert len(short) <= 150 and len(stats.bar_starts(_split_fim(tok, short)[3])) >= 1
+    assert done > 20
+
+
+def test_attributes_and_style_are_inputs_placed_before_bars(tok, pieces):
+    mixer = ChunkMixer(tok, Mixes(attributes=1.0, style=1.0))
+    stats, e = BarStats(tok), tok.extra
+    for ids in pieces[:6]:
+        seq = _framed(tok, ids, 10_000)
+        out = mixer.mix(seq, "folk", np.random.default_rng(1))
+        assert out[0] == tok.bos_id and out[1] == e.id["Style_folk"]
+        assert [e.kind(i) for i in out[2:6]] == ["ACTrackNoteDensityMin", "ACTrackNoteDensityMax",
+                                                 "ACTrackOnsetPolyphonyMin", "ACTrackOnsetPolyphonyMax"]
+        assert (out[~e.is_extra(out)] == seq).all()
+        starts = stats.bar_starts(seq)
+        dens, pmin, pmax = stats.per_bar(seq, starts)
+        at = np.flatnonzero(np.isin(out, [i for t, i in e.id.items() if t.startswith("ACBarNoteDensity")]))
+        assert len(at) == len(starts) - (seq[-1] != tok.eos_id)  # a bar the chunk cuts gets none
+        for j, a in enumerate(at):
+            assert out[a:a + 3].tolist() == e.bar_ids(dens[j], pmin[j], pmax[j])
+            assert stats.starts_bar[out[a + 3]] or stats.empty[out[a + 3]]
+        assert mixer.input_only[out[1:at[-1] + 3]][e.is_extra(out[1:at[-1] + 3])].all()
+    plain = ChunkMixer(tok, Mixes(attributes=1.0, style=1.0)).mix(seq, None, np.random.default_rng(1))
+    assert e.id["Style_folk"] not in plain and e.id["Style_bach"] not in plain  # no style when none is known
+
+
+@pytest.mark.parametrize("mixes", [Mixes(infill=1.0), Mixes(infill=1.0, attributes=1.0, style=1.0),
+                                   Mixes(attributes=1.0, style=1.0)])
+def test_mixed_chunks_are_sentences_of_the_grammar(tok, pieces, mixes):
+    grammar = Grammar(tok, holes=True)  # the hole is given at sampling; here it must fit where it stands
+    mixer = ChunkMixer(tok, mixes)
+    rng = np.random.default_rng(2)
+    modes = set()
+    for ids in pieces:
+        out = mixer.mix(_framed(tok, ids, 10_000), "bach", rng)
+        state = grammar.run(out[:1])
+        for i, t in enumerate(out[1:].tolist()):
+            assert grammar.legal(state, t), (i, tok.extra.tokens[t - tok.music_size] if t >= tok.music_size else t)
+            state = grammar.step(state, t)
+            modes.add(mode_of(state))
+    assert (Mode.MIDDLE in modes) == (mixes.infill > 0)
+
+
+def test_token_chunks_mix_training_only_and_deterministically(tmp_path, tok, pieces):
+    offs = np.r_[0, np.cumsum([len(p) for p in pieces])]
+    for split in ("train", "val"):
+        np.concatenate(pieces).astype(np.uint16).tofile(tmp_path / f"{split}.bin")
+        np.save(tmp_path / f"{split}.idx.npy", offs)
+    shards = {p.name: {"bytes": p.stat().st_size} for p in tmp_path.iterdir()}
+    tok_plain = REMI.from_dict({k: v for k, v in tok.to_dict().items() if k != "extra"})
+    tok_plain.save(tmp_path / "tokenizer.json")
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "format": "midistral.data", "version": 2, "dtype": "uint16", "vocab_size": len(tok_plain),
+        "fingerprint": "test", "shards": shards,
+        "counts": {"train": {"piece_styles": ["folk"] * len(pieces)}, "val": {"piece_styles": [None] * len(pieces)}}}))
+    t, train, val = load_splits(tmp_path, 16, 128, Mixes(infill=0.5, attributes=0.5, style=1.0), seed=3)
+    assert t.extra.styles == ["folk"] and len(t) == len(tok_plain) + len(t.extra)
+    idx = np.arange(len(train))
+    x1, y1 = train.batch(idx)
+    again = TokenChunks(tmp_path, "train", 16, 128, t.bos_id, t.eos_id, t.pad_id, mixer=train.mixer, seed=3)
+    x2, y2 = again.batch(idx)
+    assert (x1 == x2).all() and (y1 == y2).all()
+    assert x1.shape[1] <= 128 and int(x1.max()) < len(t)
+    assert 0.1 < (x1 == t.extra.hole_id).any(1).float().mean() <= 0.5  # fill-in-the-middle needs 2 bars or more
+    assert not (y1 == t.extra.hole_id).any() and (y1 == t.extra.fill_end_id).any()
+    xv, _ = val.batch(np.arange(len(val)))
+    assert int(xv.max()) < t.music_size  # validation stays plain
+    _, plain_train, _ = load_splits(tmp_path, 16, 128)
+    assert plain_train.mixer is None
