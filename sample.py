@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", type=precision_value, default=None,
                    help="weights for sampling: fp32 (exact), fp16, bf16 or int8 (default: the fastest at equal "
                         "quality on this machine for this model; fp32 for a small model)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode through the compiled static-shape step (default: where it pays off)")
     p.add_argument("--no-grammar", dest="grammar", action="store_false",
                    help="do not mask tokens that break the token grammar")
     c = p.add_argument_group("instruments and length")
@@ -163,7 +165,7 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MidistralError(f"{out}: cannot be the output folder (--out): {e.strerror}") from None
-    sampler = Sampler.load(args.ckpt, device=args.device, precision=args.precision, log=log)
+    sampler = Sampler.load(args.ckpt, device=args.device, precision=args.precision, log=log, compile=args.compile)
     log(f"checkpoint {sampler.ckpt}; {args.num_samples} sample(s); precision {sampler.precision}")
     limits = {k: getattr(args, k) for k in ("reject_tries", "max_silent_share", "max_loop_score", "max_out_of_key")}
     common = dict(num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,

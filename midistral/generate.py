@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from midistral.model import RollingKVCache, prepare_for_decode
+from midistral.model.static import StaticDecoder
 
 # ----------------------------------------------------------------------------------------------------
 # No-repeat-n-gram ban, incremental
@@ -146,7 +147,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
              top_k: int | None = 6, top_p: float | None = None, no_repeat_ngram_size: int | None = 6,
              min_new_tokens: int = 0, eos_id: int | None = None, pad_id: int | None = None,
              seed: int | None = None, prefill_chunk: int | None = None, progress: bool = False,
-             constraints: Sequence = (), precision: str = "fp32") -> torch.Tensor:
+             constraints: Sequence = (), precision: str = "fp32", compile: bool = False) -> torch.Tensor:
     """Continue `prompt_ids` (B, N) by up to `max_new_tokens` tokens; returns (B, N + new) LongTensor.
 
     Defaults are the report's best setting (temperature 0.5, top-k 6, no-repeat-6-gram). `model` is our
@@ -165,6 +166,8 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
       ban and before temperature/top-k; where the n-gram ban leaves a row no allowed id, the ban yields.
     - `precision`: "fp32" (exact), "fp16", "bf16" or "int8" weights and KV ring, among
       `midistral.model.available_precisions()`; the converted weights are built once per model.
+    - `compile`: decode steps through the compiled static-shape step (midistral/model/static.py), built once
+      per batch size and precision and cached on disk; where it cannot compile, a one-line note and eager.
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be (B, N) with N >= 1, got shape {tuple(prompt_ids.shape)}")
@@ -173,7 +176,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
     try:
         return _generate(model, prompt_ids.long(), max_new_tokens, temperature, top_k, top_p,
                          no_repeat_ngram_size, min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress,
-                         list(constraints), precision)
+                         list(constraints), precision, compile)
     finally:
         model.train(was_training)
 
@@ -202,7 +205,7 @@ def _mask_logits(logits, banned_eos, constraints, ngram):
 
 
 def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_repeat_ngram_size,
-              min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress, constraints, precision):
+              min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress, constraints, precision, compile):
     B, N = prompt_ids.shape
     device = prompt_ids.device
     out = torch.empty(B, N + max_new_tokens, dtype=torch.long, device=device)
@@ -215,6 +218,8 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
     runner = prepare_for_decode(model, precision)  # the model in `precision`, built once per model
     cache = RollingKVCache.for_model(runner, B)
     logits = _prefill(runner, cache, prompt_ids, prefill_chunk or cache.window)
+    step_fn = StaticDecoder(runner, cache, device) if compile and hasattr(runner, "rope") else (
+        lambda tok, pos: runner(tok, cache=cache, start_pos=pos)[:, -1])
     ngram = NoRepeatNGram(no_repeat_ngram_size, prompt_ids) if no_repeat_ngram_size else None
     for c in constraints:
         c.start(prompt_ids)
@@ -239,7 +244,7 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
         if eos_id is not None and bool(finished.all()):
             break
         if step + 1 < max_new_tokens:
-            logits = runner(next_tok[:, None], cache=cache, start_pos=N + step)[:, -1]
+            logits = step_fn(next_tok[:, None], N + step)
     if progress:
         steps.close()
     return out[:, :N + n_new]

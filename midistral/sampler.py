@@ -33,6 +33,7 @@ from midistral.generate import generate
 from midistral.metrics import failure_modes
 from midistral.model.cache import model_config
 from midistral.model.precision import check_precision, default_precision
+from midistral.model.static import compile_pays_off
 from midistral.tokenize import load_score
 from midistral.tokenize.grammar import Grammar, GrammarConstraint
 
@@ -110,8 +111,8 @@ class Sampler:
     """A model and its tokenizer, loaded once; `sample` and `accompany` return `Sample`s."""
 
     def __init__(self, model, tok, ckpt: Path | None = None, device: str = "cpu", precision: str | None = None,
-                 log: Callable[[str], None] | None = None):
-        self.model, self.tok, self.ckpt = model, tok, ckpt
+                 log: Callable[[str], None] | None = None, compile: bool | None = None):
+        self.model, self.tok, self.ckpt, self.compile = model, tok, ckpt, compile  # compile None: where it pays off
         self.device, self.precision = device, precision
         self.log = log or (lambda msg: None)
         self.context = model_config(model).max_position_embeddings
@@ -123,7 +124,7 @@ class Sampler:
 
     @classmethod
     def load(cls, ckpt: str | os.PathLike, device: str = "cpu", precision: str | None = None,
-             log: Callable[[str], None] | None = None) -> "Sampler":
+             log: Callable[[str], None] | None = None, compile: bool | None = None) -> "Sampler":
         """From a run folder (best/, else last/) or a checkpoint folder; CheckpointError if unusable."""
         path = resolve_checkpoint(ckpt)
         check_device(device)
@@ -134,7 +135,7 @@ class Sampler:
         # only the decode model, read tensor by tensor: the fp32 state dict and linear weights never exist
         # at once (peak memory); the same model as prepare_for_decode of the loaded checkpoint
         model, tok = load_model_and_tokenizer(path, device=device, precision=precision)
-        return cls(model, tok, path, device, precision, log)
+        return cls(model, tok, path, device, precision, log, compile)
 
     # ------------------------------------------------------------------------------------------------
     # Prompt
@@ -326,7 +327,8 @@ class Sampler:
                        top_k=settings["top_k"] or None, top_p=settings["top_p"],
                        no_repeat_ngram_size=settings["no_repeat_ngram"] or None,
                        min_new_tokens=settings["min_new_tokens"], eos_id=self.tok.eos_id, seed=seed,
-                       constraints=constraints, **self._precision_option())
+                       constraints=constraints, **self._precision_option(), compile=self.compile
+                       if self.compile is not None else compile_pays_off(batch, getattr(model_config(self.model), "decode_weights", None)))
         dt = time.perf_counter() - t0
         n_new = out.shape[1] - len(ids)
         self.log(f"generated {n_new} tokens x {batch} in {dt:.1f}s ({n_new * batch / max(dt, 1e-9):.0f} tok/s)")
