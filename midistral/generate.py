@@ -204,6 +204,22 @@ def _mask_logits(logits, banned_eos, constraints, ngram):
     return logits
 
 
+# Decode steps run on one thread unless a step's products are this large (batch x decode weights): a step at
+# 1-8 rows splits into pieces of tens of microseconds, and on a machine shared with another CPU-bound job a
+# piece waits for its thread to be scheduled again (milliseconds: SDPA took 0.9-11.9 ms at 2 threads against
+# 0.05 ms at 1 beside a training run). Measured with bench/generate.py --busy (bench/RESULTS.md).
+THREAD_GRAIN = 1 << 30
+FIXED_THREADS: int | None = None  # set by benchmarks to compare thread counts
+
+
+def decode_threads(batch: int, decode_weights: int | None) -> int:
+    """Threads for the decode steps of `batch` rows of a model of `decode_weights` (prefill keeps torch's)."""
+    if FIXED_THREADS is not None:
+        return FIXED_THREADS
+    work = batch * (decode_weights or 0)
+    return torch.get_num_threads() if work >= THREAD_GRAIN else 1
+
+
 def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_repeat_ngram_size,
               min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress, constraints, precision, compile):
     B, N = prompt_ids.shape
@@ -223,6 +239,18 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
     ngram = NoRepeatNGram(no_repeat_ngram_size, prompt_ids) if no_repeat_ngram_size else None
     for c in constraints:
         c.start(prompt_ids)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(decode_threads(B, getattr(getattr(runner, "config", None), "decode_weights", None)))
+    try:
+        return _decode(out, logits, step_fn, ngram, constraints, N, max_new_tokens, min_new_tokens, temperature,
+                       top_k, top_p, generator, eos_id, pad_id, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _decode(out, logits, step_fn, ngram, constraints, N, max_new_tokens, min_new_tokens, temperature,
+            top_k, top_p, generator, eos_id, pad_id, progress):
+    B, device = out.shape[0], out.device
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     fill = eos_id if pad_id is None else pad_id
     steps = range(max_new_tokens)
