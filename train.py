@@ -30,7 +30,7 @@ from midistral.data import TokenChunks, epoch_order, load_splits, made_with, pre
 from midistral.distributed import init_distributed, is_master
 from midistral.errors import ArgumentParser, MidistralError
 from midistral.io import RunLock
-from midistral.model import ModelConfig, Transformer
+from midistral.model import ModelConfig, Transformer, training
 from midistral.tokenize import REMI
 
 
@@ -76,7 +76,7 @@ class Job:
         return self.world > 1
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        return training.autocast(training.train_precision(self.cfg["train"]["precision"], self.device), self.device)
 
 
 def lr_at(step: int, total: int, peak: float, warmup_ratio: float, min_ratio: float) -> float:
@@ -178,6 +178,7 @@ def setup(cfg: dict, last: Path | None) -> Job:
     """Data, model, optimiser and state, restored from `last` when resuming."""
     tc, run = cfg["train"], Path(cfg["out_dir"])
     rank, world, device = init_distributed(tc["device"])
+    training.train_precision(tc["precision"], device)  # bf16 where it cannot run: one line, before any work
     saved = read_train_state(last / "state.pt") if last is not None else None
     if saved is not None and not tc["restart"]:  # before preparing: never overwrite the run's data with other data
         check_same_data(last, saved, made_with(cfg)[1], prepared_dir(cfg))

@@ -73,6 +73,7 @@ DEFAULTS = {
         "seed": 0,
         "device": "auto",
         "compile": False,
+        "precision": "auto",       # fp32, bf16 (autocast; CUDA or AVX512-BF16 / AMX), auto: bf16 on CUDA
         "restart": False,          # with --resume: weights only, a fresh schedule without warm-up
         "log_every": 1,
         "sample_after": True,      # write a few samples when training ends
@@ -152,7 +153,7 @@ RULES: dict[str, tuple] = {
     "train.weight_decay": ("float", 0, INF), "train.betas": ("betas",), "train.grad_clip": ("float", 0, INF),
     "train.epochs": ("int", 1, INF), "train.max_steps": ("int", 0, INF), "train.eval_every": ("int", 0, INF),
     "train.eval_batches": ("int", 1, INF), "train.patience": ("int", 0, INF), "train.seed": ("int", 0, 2**63 - 1),
-    "train.device": ("device",), "train.compile": ("bool",), "train.restart": ("bool",),
+    "train.device": ("device",), "train.compile": ("bool",), "train.precision": ("choice", "auto", "fp32", "bf16"), "train.restart": ("bool",),
     "train.log_every": ("int", 1, INF), "train.sample_after": ("bool",),
     "sample.num_samples": ("int", 0, 1024), "sample.max_new_tokens": ("int", 1, INF),
     "sample.min_new_tokens": ("int", 0, INF), "sample.temperature": ("float", 0, INF),
