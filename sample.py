@@ -46,8 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", type=precision_value, default=None,
                    help="weights for sampling: fp32 (exact), fp16, bf16 or int8 (default: the fastest at equal "
                         "quality on this machine for this model; fp32 for a small model)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode through the compiled static-shape step (default: where it pays off)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through the compiled static-shape step (pays off over many tokens: the first "
+                        "call compiles, or traces from the disk cache)")
     p.add_argument("--no-grammar", dest="grammar", action="store_false",
                    help="do not mask tokens that break the token grammar")
     c = p.add_argument_group("instruments and length")

@@ -30,13 +30,14 @@ def _step(model, cache, tok, pos):
 
 
 def compile_pays_off(batch_size: int, decode_weights: int | None) -> bool:
-    """Whether compiled steps are the default: measured per step against eager (bench/RESULTS.md, 1 thread): the
-    report's model at batch 1 1.2-1.3x (int8), 1.05x (fp32, fp16); at batch 8 over a 256-token prompt 0.87-0.89x
-    (the static step reads all W ring slots, eager only the filled ones); a small model 1.44x at batch 1,
-    1.23x at batch 8. So: batch 1, or a small model. The first call compiles (or loads from the disk cache)."""
+    """Whether a long-lived sampler (the studio: `Sampler.load(compile=None)`) compiles its steps. Measured per
+    step against eager (bench/RESULTS.md, 1 thread): the report's model at batch 1 1.26-1.34x (int8), 1.05x
+    (fp32, fp16); at batch 8 over a 256-token prompt 0.87-0.89x (the static step reads all W ring slots, eager
+    only the filled ones); a small model 1.44x / 1.23x, but its steps save ~0.3 ms, which never repays the
+    first call (tracing even from the disk cache). So: batch 1 on a model of SMALL_MODEL_WEIGHTS or more."""
     from midistral.model.precision import SMALL_MODEL_WEIGHTS
 
-    return batch_size == 1 or (decode_weights is not None and decode_weights < SMALL_MODEL_WEIGHTS)
+    return batch_size == 1 and decode_weights is not None and decode_weights >= SMALL_MODEL_WEIGHTS
 
 
 def compile_unavailable(device: torch.device | str = "cpu") -> str | None:
