@@ -41,6 +41,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--precision", type=precision_value, default=None,
                    help="weights for sampling: fp32 (exact), fp16, bf16 or int8 (default: the fastest at equal "
                         "quality on this machine for this model; fp32 for a small model)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through the compiled static-shape step (pays off over many tokens: the first "
+                        "call compiles, or traces from the disk cache)")
     add_arguments(p.add_argument_group("sampling"), SamplingConfig)
     c = p.add_argument_group("instruments and length")
     c.add_argument("--programs", type=programs_value, default=None,
@@ -153,7 +156,7 @@ def run(args) -> int:
         raise MidistralError(f"{out}: cannot be the output folder (--out): {e.strerror}") from None
     if not Path(args.ckpt).exists():
         raise MidistralError(f"{args.ckpt}: no such checkpoint or run folder; train first: {train_command(args.ckpt)}")
-    sampler = Sampler.load(args.ckpt, device=args.device, precision=args.precision, log=log)
+    sampler = Sampler.load(args.ckpt, device=args.device, precision=args.precision, log=log, compile=args.compile)
     log(f"checkpoint {sampler.ckpt}; {args.num_samples} sample(s); precision {sampler.precision}")
     common = dict(num_samples=args.num_samples, seed=args.seed, reject=args.reject, limits=args.limits,
                   prompt_name=args.prompt, bars=args.bars)

@@ -32,7 +32,7 @@ from midistral.data.mixes import Mixes
 from midistral.distributed import init_distributed, is_master
 from midistral.errors import ArgumentParser, MidistralError
 from midistral.io import RunLock
-from midistral.model import Transformer
+from midistral.model import Transformer, training
 from midistral.runs import (Guard, Interrupted, agree, append_metrics, check_same_data, claim_run, load_last,
                             plot_metrics, read_train_state, resume_command, resume_dir, save_best, save_last,
                             truncate_metrics)
@@ -82,7 +82,7 @@ class Job:
         return self.world > 1
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        return training.autocast(training.train_precision(self.cfg.train.precision, self.device), self.device)
 
 
 def lr_at(step: int, total: int, peak: float, warmup_ratio: float, min_ratio: float) -> float:
@@ -186,6 +186,7 @@ def setup(cfg: RunConfig, args: argparse.Namespace) -> Job:
     rank, world, device = init_distributed(tc.device)
     # before data prep: a folder holding a run is refused (or resumed, or overwritten) at once, rank 0 deciding
     last = agree(lambda: claim_run(run, args.resume, args.overwrite), rank == 0, world > 1)
+    training.train_precision(tc.precision, device)  # bf16 where it cannot run: one line, before any work
     saved = read_train_state(last / "state.pt") if last is not None else None
     if saved is not None and not tc.restart:  # before preparing: never overwrite the run's data with other data
         check_same_data(last, saved, made_with(cfg)[1], prepared_dir(cfg))

@@ -93,17 +93,21 @@ def floor_ms(model) -> tuple[float, float]:
         return timed(stream, repeat=5) / 20 * 1e3, mb
 
 
-def speed(ours, hf, batch: int, prompt_len: int, new: int, precision: str = "fp32") -> dict:
+def speed(ours, hf, batch: int, prompt_len: int, new: int, precision: str = "fp32", compile: bool = False,
+          with_hf: bool = True) -> dict:
     from midistral.generate import generate
 
     g = torch.Generator().manual_seed(batch)
     prompt = torch.randint(3, REF["vocab_size"], (batch, prompt_len), generator=g)
     res = {}
     with torch.inference_mode():
-        generate(ours, prompt[:, :16], 8, seed=0, precision=precision, **SETTINGS)  # warm up, converts weights
-        t = timed(lambda: generate(ours, prompt, new, seed=0, precision=precision, **SETTINGS))
+        # warm up: converts the weights (and compiles the step for this batch size)
+        generate(ours, prompt[:, :16], 8, seed=0, precision=precision, compile=compile, **SETTINGS)
+        t = timed(lambda: generate(ours, prompt, new, seed=0, precision=precision, compile=compile, **SETTINGS))
         res["ours_tok_s"] = batch * new / t
         res["ours_ms_step"] = t / new * 1e3
+        if not with_hf:
+            return res
         hf_kw = dict(do_sample=True, top_k=6, temperature=0.5, no_repeat_ngram_size=6, max_new_tokens=new,
                      min_new_tokens=new, pad_token_id=0, top_p=1.0)
         hf.generate(prompt[:, :16], **{**hf_kw, "max_new_tokens": 8, "min_new_tokens": 8})
@@ -257,6 +261,79 @@ def memory(folder: Path, new: int, precision: str = "fp32", batch: int = 1, load
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def first_call_child(folder: str, precision: str, batch: int) -> None:
+    """Run in a fresh process (TORCHINDUCTOR_CACHE_DIR set by the parent): the first compiled generate call's
+    time above an eager call of the same length, as JSON."""
+    from midistral.checkpoint import load_decode_model
+    from midistral.generate import generate
+
+    torch.set_num_threads(1)
+    model = load_decode_model(folder, precision)
+    prompt = torch.randint(3, REF["vocab_size"], (batch, 256), generator=torch.Generator().manual_seed(0))
+    eager = timed(lambda: generate(model, prompt, 4, seed=0, precision=precision, **SETTINGS), repeat=2)
+    first = timed(lambda: generate(model, prompt, 4, seed=0, precision=precision, compile=True, **SETTINGS))
+    print(json.dumps({"first_call_s": first - eager}))
+
+
+def first_call(folder: Path, precision: str, batch: int, cache_dir: str) -> float:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+    out = subprocess.run([sys.executable, __file__, "--first-call-child", str(folder), precision, str(batch)],
+                         capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])["first_call_s"]
+
+
+def compile_table(ours, hf, folder: Path, precisions, prompt_len: int = 256, new: int = 256) -> None:
+    """The report's sampling (256-token prompt + 256 new, T 0.5, top-k 6): per precision and batch, ours eager
+    and compiled against transformers in the same run; the first compiled call cold (an empty disk cache, a
+    fresh process) and warm (the same cache, another fresh process)."""
+    for p in precisions:
+        for batch in (1, 8):
+            with tempfile.TemporaryDirectory() as cache:
+                cold, warm = first_call(folder, p, batch, cache), first_call(folder, p, batch, cache)
+            e = speed(ours, hf, batch, prompt_len, new, precision=p)
+            c = speed(ours, hf, batch, prompt_len, new, precision=p, compile=True, with_hf=False)
+            print(f"{p} batch {batch}: transformers {e['hf_ms_step']:.2f} ms/step; ours eager {e['ours_ms_step']:.2f} "
+                  f"({e['hf_ms_step'] / e['ours_ms_step']:.2f}x), compiled {c['ours_ms_step']:.2f} "
+                  f"({e['hf_ms_step'] / c['ours_ms_step']:.2f}x; compiled/eager {e['ours_ms_step'] / c['ours_ms_step']:.2f}x); "
+                  f"first compiled call cold {cold:.1f} s, warm {warm:.1f} s; load {os.getloadavg()[0]:.1f}", flush=True)
+
+
+BUSY = "import torch, sys\ntorch.set_num_threads(int(sys.argv[1]))\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"
+
+
+def busy_table(ours, precision: str, batches=(1, 8), prompt_len: int = 256, new: int = 256) -> None:
+    """Sampling beside a competing CPU-bound process (a matmul loop on every core, as a training job): ms/step
+    per torch thread count, idle and busy, and the slowdown."""
+    import midistral.generate as G
+    from midistral.model.static import compile_pays_off
+
+    cores = os.cpu_count() or 1
+    rows = {}
+    for busy in (False, True):
+        spinner = subprocess.Popen([sys.executable, "-c", BUSY, str(cores)]) if busy else None
+        try:
+            time.sleep(1.0 if busy else 0)
+            for batch in batches:
+                comp = compile_pays_off(batch, None)
+                for threads in sorted({1, cores}):
+                    torch.set_num_threads(threads)
+                    G.FIXED_THREADS = threads  # (generate's own choice: decode_threads)
+                    r = speed(ours, None, batch, prompt_len, new, precision=precision, compile=comp, with_hf=False)
+                    rows[busy, batch, threads] = r["ours_ms_step"]
+        finally:
+            G.FIXED_THREADS = None
+            if spinner is not None:
+                spinner.kill()
+                spinner.wait()
+    print(f"{precision}, a competing process with {cores} threads of matmuls (load now {os.getloadavg()[0]:.1f}):")
+    for batch in batches:
+        for threads in sorted({1, cores}):
+            idle, busy = rows[False, batch, threads], rows[True, batch, threads]
+            chosen = " (generate's choice)" if threads == G.decode_threads(batch, ours.config.decode_weights) else ""
+            print(f"  batch {batch}, {threads} thread(s){chosen}: idle {idle:.2f} ms/step, busy {busy:.2f}, slowdown {busy / idle:.2f}x",
+                  flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
@@ -267,12 +344,20 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with other jobs)")
     ap.add_argument("--memory-only", action="store_true",
                     help="only the memory table: per precision and loader, peak RSS at batch 8 (fresh processes)")
+    ap.add_argument("--compile", action="store_true",
+                    help="the report's sampling, eager and compiled vs transformers, first call cold/warm "
+                         "(precisions: --precision, default the machine's default)")
+    ap.add_argument("--busy", action="store_true", help="sampling beside a competing CPU-bound process, slowdown vs idle")
+    ap.add_argument("--first-call-child", nargs=3, metavar=("FOLDER", "PRECISION", "BATCH"), help=argparse.SUPPRESS)
     ap.add_argument("--memory-child", nargs=5, metavar=("FOLDER", "NEW", "PRECISION", "BATCH", "LOADER"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         f, n, p, b, loader = args.memory_child
         return memory_child(f, int(n), p, int(b), loader)
+    if args.first_call_child:
+        f, p, b = args.first_call_child
+        return first_call_child(f, p, int(b))
 
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}")
@@ -287,6 +372,13 @@ def main():
         print(f"model: {n_params / 1e6:.1f}M parameters, {n_params * 4 / 2**20:.0f} MB fp32")
         fl, mb = floor_ms(ours)
         print(f"floor: streaming {mb:.0f} MB of decode-step weights through matvec = {fl:.2f} ms/token")
+        if args.compile or args.busy:
+            from midistral.model import default_precision
+
+            precisions = args.precision or [default_precision()]
+            if args.busy:
+                return busy_table(ours, precisions[0])
+            return compile_table(ours, hf, Path(tmp) / "ref", precisions)
         if args.precision:
             return precision_table(ours, hf, args.precision, Path(tmp) / "ref", args.ckpt, args.new)
 

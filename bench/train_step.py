@@ -2,6 +2,7 @@
 
     python bench/train_step.py                 # seq 2048 and 8192, batch 1 (several minutes on 2 cores)
     python bench/train_step.py --seqs 2048 --rounds 1
+    python bench/train_step.py --seqs 2048 --ours eager compile bf16 compile+bf16   # train.compile / train.precision
 
 One training step = forward + cross-entropy + backward + AdamW step, fp32, on the reference model of the
 report (24M parameters: vocab 5000, hidden 512, intermediate 1024, 8 layers, 4 heads, 2 KV heads,
@@ -73,8 +74,13 @@ def matmul_gflops(size: int = 2048, repeat: int = 5) -> float:
 
 
 def worker(which: str, folder: str, n: int, steps: int) -> dict:
+    """which: "hf", or "ours" with variants joined by "+": compile (torch.compile, as train.compile), bf16
+    (autocast, as train.precision=bf16)."""
+    from contextlib import nullcontext
+
     torch.manual_seed(0)
-    if which == "ours":
+    variants = which.split("+")
+    if variants[0] == "ours":
         from midistral.checkpoint import load_model
 
         model = load_model(folder)
@@ -87,9 +93,13 @@ def worker(which: str, folder: str, n: int, steps: int) -> dict:
     ids = torch.randint(3, REF["vocab_size"], (1, n), generator=torch.Generator().manual_seed(n))
     targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], 1)
 
+    net = torch.compile(model) if "compile" in variants else model
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if "bf16" in variants else nullcontext()
+
     def step():
-        if which == "ours":
-            loss = model(ids, targets)[1]
+        if variants[0] == "ours":
+            with cast:
+                loss = net(ids, targets)[1]
         else:
             loss = model(ids, labels=ids).loss  # transformers shifts the labels itself
         loss.backward()
@@ -114,6 +124,8 @@ def main():
     ap.add_argument("--seqs", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--steps", type=int, default=2, help="timed steps per measurement (after one warm-up)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating fresh-subprocess runs of each model")
+    ap.add_argument("--ours", nargs="+", default=["eager"],
+                    help="our variants: eager, compile, bf16, compile+bf16 (each against the same transformers run)")
     ap.add_argument("--worker", nargs=3, metavar=("WHICH", "FOLDER", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -132,7 +144,7 @@ def main():
         for n in args.seqs:
             res = {}
             for _ in range(args.rounds):
-                for which in ("ours", "hf"):
+                for which in ["ours" if v == "eager" else "ours+" + v for v in args.ours] + ["hf"]:
                     out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", which, tmp, str(n)],
                                          capture_output=True, text=True)
                     if out.returncode:
@@ -142,7 +154,8 @@ def main():
                     best["step_s"] = min(best["step_s"], r["step_s"])
                     best["tok_s"] = n / best["step_s"]
                     best["peak_mib"], best["step_mib"] = max(best["peak_mib"], r["peak_mib"]), max(best["step_mib"], r["step_mib"])
-            o, h = res["ours"], res["hf"]
+            h = res["hf"]
+            o = res.get("ours") or next(r for w, r in res.items() if w != "hf")
             gf = lambda r: step_flops(n) / r["step_s"] / 1e9  # noqa: E731
             print(f"\nseq {n}: first loss ours {o['loss0']:.5f} / transformers {h['loss0']:.5f}")
             print(f"  tokens/s      ours {o['tok_s']:8.1f}   transformers {h['tok_s']:8.1f}   ratio {o['tok_s'] / h['tok_s']:.2f}x")
@@ -150,6 +163,10 @@ def main():
             print(f"  peak RSS MiB  ours {o['peak_mib']:8.0f}   transformers {h['peak_mib']:8.0f}   ratio {o['peak_mib'] / h['peak_mib']:.2f}")
             print(f"  step MiB      ours {o['step_mib']:8.0f}   transformers {h['step_mib']:8.0f}   (peak - RSS before the first step)")
             print(f"  GFLOP/s       ours {gf(o):8.1f}   transformers {gf(h):8.1f}   ours = {100 * gf(o) / peak:.0f}% of the large matmul")
+            for which, r in res.items():
+                if which not in ("ours", "hf"):
+                    print(f"  {which:13s} step {r['step_s']:.2f} s, {h['step_s'] / r['step_s']:.2f}x transformers, "
+                          f"first loss {r['loss0']:.5f}")
     # recheck the matmul at the end: other jobs on the machine change it
     print(f"\nlarge matmul again: {matmul_gflops():.1f} GFLOP/s")
 

@@ -110,6 +110,8 @@ class TrainConfig:
     seed: int = setting(0, SEED, "seed of the weights and the data order")
     device: str = setting("auto", Rule(_device, "'auto', 'cpu', 'cuda' or 'cuda:N'"), "where to train")
     compile: bool = setting(False, Bool(), "torch.compile the model")
+    precision: str = setting("auto", Choice("auto", "fp32", "bf16"),
+                             "fp32, bf16 (autocast, fp32 master weights; CUDA or AVX512-BF16 / AMX); auto: bf16 on CUDA")
     restart: bool = setting(False, Bool(), "with --resume: weights only, a fresh schedule without warm-up")
     checkpoint_minutes: float = setting(5.0, Float(0), "also write RUN/last this often; 0: only at epoch ends and max_steps")
     log_every: int = setting(1, Int(1), "steps between metric rows")

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from midistral.model import RollingKVCache, prepare_for_decode
 from midistral.sampling import SAMPLING
+from midistral.model.static import StaticDecoder
 
 # ----------------------------------------------------------------------------------------------------
 # No-repeat-n-gram ban, incremental
@@ -150,7 +151,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
              no_repeat_ngram_size: int | None = SAMPLING.no_repeat_ngram_size,
              min_new_tokens: int = 0, eos_id: int | None = None, pad_id: int | None = None,
              seed: int | None = None, prefill_chunk: int | None = None, progress: bool = False,
-             constraints: Sequence = (), precision: str = "fp32") -> torch.Tensor:
+             constraints: Sequence = (), precision: str = "fp32", compile: bool = False) -> torch.Tensor:
     """Continue `prompt_ids` (B, N) by up to `max_new_tokens` tokens; returns (B, N + new) LongTensor.
 
     Defaults are SamplingConfig's (temperature 0.7, top-k 12, no-repeat-6-gram). `model` is our
@@ -169,6 +170,8 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
       ban and before temperature/top-k; where the n-gram ban leaves a row no allowed id, the ban yields.
     - `precision`: "fp32" (exact), "fp16", "bf16" or "int8" weights and KV ring, among
       `midistral.model.available_precisions()`; the converted weights are built once per model.
+    - `compile`: decode steps through the compiled static-shape step (midistral/model/static.py), built once
+      per batch size and precision and cached on disk; where it cannot compile, a one-line note and eager.
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be (B, N) with N >= 1, got shape {tuple(prompt_ids.shape)}")
@@ -177,7 +180,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
     try:
         return _generate(model, prompt_ids.long(), max_new_tokens, temperature, top_k, top_p,
                          no_repeat_ngram_size, min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress,
-                         list(constraints), precision)
+                         list(constraints), precision, compile)
     finally:
         model.train(was_training)
 
@@ -205,8 +208,24 @@ def _mask_logits(logits, banned_eos, constraints, ngram):
     return logits
 
 
+# Decode steps run on one thread unless a step's products are this large (batch x decode weights): a step at
+# 1-8 rows splits into pieces of tens of microseconds, and on a machine shared with another CPU-bound job a
+# piece waits for its thread to be scheduled again (milliseconds: SDPA took 0.9-11.9 ms at 2 threads against
+# 0.05 ms at 1 beside a training run). Measured with bench/generate.py --busy (bench/RESULTS.md).
+THREAD_GRAIN = 1 << 30
+FIXED_THREADS: int | None = None  # set by benchmarks to compare thread counts
+
+
+def decode_threads(batch: int, decode_weights: int | None) -> int:
+    """Threads for the decode steps of `batch` rows of a model of `decode_weights` (prefill keeps torch's)."""
+    if FIXED_THREADS is not None:
+        return FIXED_THREADS
+    work = batch * (decode_weights or 0)
+    return torch.get_num_threads() if work >= THREAD_GRAIN else 1
+
+
 def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_repeat_ngram_size,
-              min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress, constraints, precision):
+              min_new_tokens, eos_id, pad_id, seed, prefill_chunk, progress, constraints, precision, compile):
     B, N = prompt_ids.shape
     device = prompt_ids.device
     out = torch.empty(B, N + max_new_tokens, dtype=torch.long, device=device)
@@ -219,9 +238,23 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
     runner = prepare_for_decode(model, precision)  # the model in `precision`, built once per model
     cache = RollingKVCache.for_model(runner, B)
     logits = _prefill(runner, cache, prompt_ids, prefill_chunk or cache.window)
+    step_fn = StaticDecoder(runner, cache, device) if compile and hasattr(runner, "rope") else (
+        lambda tok, pos: runner(tok, cache=cache, start_pos=pos)[:, -1])
     ngram = NoRepeatNGram(no_repeat_ngram_size, prompt_ids) if no_repeat_ngram_size else None
     for c in constraints:
         c.start(prompt_ids)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(decode_threads(B, getattr(getattr(runner, "config", None), "decode_weights", None)))
+    try:
+        return _decode(out, logits, step_fn, ngram, constraints, N, max_new_tokens, min_new_tokens, temperature,
+                       top_k, top_p, generator, eos_id, pad_id, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _decode(out, logits, step_fn, ngram, constraints, N, max_new_tokens, min_new_tokens, temperature,
+            top_k, top_p, generator, eos_id, pad_id, progress):
+    B, device = out.shape[0], out.device
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     fill = eos_id if pad_id is None else pad_id
     steps = range(max_new_tokens)
@@ -243,7 +276,7 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
         if eos_id is not None and bool(finished.all()):
             break
         if step + 1 < max_new_tokens:
-            logits = runner(next_tok[:, None], cache=cache, start_pos=N + step)[:, -1]
+            logits = step_fn(next_tok[:, None], N + step)
     if progress:
         steps.close()
     return out[:, :N + n_new]

@@ -38,6 +38,7 @@ from midistral.evaluate import copy_index_for
 from midistral.metrics import copying_reasons, failure_modes
 from midistral.model.cache import model_config
 from midistral.model.precision import check_precision, default_precision
+from midistral.model.static import compile_pays_off
 from midistral.sampling import RejectionLimits, SamplingConfig, check_call
 from midistral.tokenize import load_score
 from midistral.tokenize.grammar import Grammar, GrammarConstraint
@@ -115,8 +116,8 @@ class Sampler:
     """A model and its tokenizer, loaded once; `sample` and `accompany` return `Sample`s."""
 
     def __init__(self, model, tok, ckpt: Path | None = None, device: str = "cpu", precision: str | None = None,
-                 log: Callable[[str], None] | None = None):
-        self.model, self.tok, self.ckpt = model, tok, ckpt
+                 log: Callable[[str], None] | None = None, compile: bool | None = None):
+        self.model, self.tok, self.ckpt, self.compile = model, tok, ckpt, compile  # compile None: where it pays off
         self.device, self.precision = device, precision
         self.log = log or (lambda msg: None)
         self.context = model_config(model).max_position_embeddings
@@ -133,7 +134,7 @@ class Sampler:
 
     @classmethod
     def load(cls, ckpt: str | os.PathLike, device: str = "cpu", precision: str | None = None,
-             log: Callable[[str], None] | None = None) -> "Sampler":
+             log: Callable[[str], None] | None = None, compile: bool | None = None) -> "Sampler":
         """From a run folder (best/, else last/) or a checkpoint folder; CheckpointError if unusable."""
         path = resolve_checkpoint(ckpt)
         check_device(device)
@@ -144,7 +145,7 @@ class Sampler:
         # only the decode model, read tensor by tensor: the fp32 state dict and linear weights never exist
         # at once (peak memory); the same model as prepare_for_decode of the loaded checkpoint
         model, tok = load_model_and_tokenizer(path, device=device, precision=precision)
-        return cls(model, tok, path, device, precision, log)
+        return cls(model, tok, path, device, precision, log, compile)
 
     # ------------------------------------------------------------------------------------------------
     # Prompt
@@ -339,7 +340,9 @@ class Sampler:
         out = generate(self.model, prompt, plan.max_new, temperature=c.temperature, top_k=c.top_k or None,
                        top_p=c.top_p, no_repeat_ngram_size=c.no_repeat_ngram_size or None,
                        min_new_tokens=plan.min_new, eos_id=self.tok.eos_id, seed=seed, constraints=constraints,
-                       **self._precision_option())
+                       **self._precision_option(),
+                       compile=self.compile if self.compile is not None
+                       else compile_pays_off(batch, getattr(model_config(self.model), "decode_weights", None)))
         dt = time.perf_counter() - t0
         n_new = out.shape[1] - len(ids)
         self.log(f"generated {n_new} tokens x {batch} in {dt:.1f}s ({n_new * batch / max(dt, 1e-9):.0f} tok/s)")

@@ -102,7 +102,7 @@ def sliding_window_attention(q, k, v, window: int, backend: str = "auto") -> tor
     return sliding_window_attention_torch(q, k, v, window)
 
 
-def attention_at_positions(q, k, v, start_pos: int, k_pos: torch.Tensor | None, window: int) -> torch.Tensor:
+def attention_at_positions(q, k, v, start_pos: int | torch.Tensor, k_pos: torch.Tensor | None, window: int) -> torch.Tensor:
     """Attention for cached generation: q (B, Hq, n, D) at absolute positions start_pos .. start_pos + n - 1;
     k, v (B, Hkv, M, D) at k_pos (M,) in any order (-1 = empty slot). Query p sees key s iff s >= 0 and
     p - W < s <= p. k_pos None (a one-token step, model/cache.py): every key is visible, no mask.
@@ -119,10 +119,11 @@ def attention_at_positions(q, k, v, start_pos: int, k_pos: torch.Tensor | None, 
         if n != 1 or M > window:
             raise ValueError(f"an unmasked cache read needs one query and at most {window} keys, got {n} and {M}")
         return F.scaled_dot_product_attention(q, k, v).view(B, Hq, n, D)
-    q_pos = torch.arange(start_pos, start_pos + n, device=q.device)
+    q_pos = torch.arange(n, device=q.device) + start_pos  # start_pos: an int or a 0-d tensor (static step)
     if n > 16 and n == M and bool((k_pos == q_pos).all()):  # a fresh prefill: the chunk sees itself only
         return sliding_window_attention_torch(q.view(B, Hq, n, D), k, v, window)
     p = q_pos[:, None]
     visible = (k_pos >= 0) & (k_pos <= p) & (k_pos > p - window)  # (n, M)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible.repeat(G, 1))
     return y.view(B, Hq, n, D)
+

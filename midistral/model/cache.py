@@ -68,10 +68,12 @@ class RollingKVCache:
         return cls(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, head_dim, window,
                    dtype=dtype, device=p.device)
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, start_pos: int):
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor):
         W = self.window
         n = k.shape[2]
         k_buf, v_buf, pos = self._layers[layer_idx]
+        if isinstance(start_pos, torch.Tensor):  # a static step (model/static.py): tensors only, no Python state
+            return self._update_static(k_buf, v_buf, pos, k, v, start_pos)
         if n == 1 and start_pos == self.n_seen[layer_idx]:
             # A decode step right after the cached positions: write one slot and return the filled part of
             # the ring in place (no copy), k_pos None. Guarantee: the ring then holds positions
@@ -120,3 +122,20 @@ class RollingKVCache:
             self.v[:, :, :, slots] = snap.v[:, :, :, keep:]
             self.pos[:, slots] = snap.pos[:, keep:]
         self.n_seen = [int(from_pos)] * len(self.n_seen)
+
+    def _update_static(self, k_buf, v_buf, pos, k, v, start_pos: torch.Tensor):
+        """One token at position `start_pos` (a 0-d tensor) into slot start_pos mod W with `index_copy_`;
+        returns the whole ring and its position tags, for the step to mask by (static shapes: one compiled
+        graph serves every position). The caller records the positions seen (`advance`)."""
+        if k.shape[2] != 1:
+            raise ValueError(f"a static cache update takes one token, got {k.shape[2]}")
+        p = start_pos.view(1)
+        slot = p.remainder(self.window)
+        k_buf.index_copy_(2, slot, k.to(k_buf.dtype))
+        v_buf.index_copy_(2, slot, v.to(v_buf.dtype))
+        pos.index_copy_(0, slot, p)
+        return k_buf, v_buf, pos
+
+    def advance(self, next_pos: int) -> None:
+        """Record that every layer has stored positions up to next_pos - 1 (after static steps)."""
+        self.n_seen = [next_pos] * len(self.n_seen)

@@ -70,6 +70,13 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self._tables[key]
         return cos[start:start + n], sin[start:start + n]
 
+    def at(self, pos: torch.Tensor, dtype):
+        """cos, sin_signed (1, 1, D) for one position given as a 0-d tensor (the compiled decode step: no
+        table lookup by Python int, so one graph serves every position); the table's values, computed alike."""
+        freqs = pos.float().view(1, 1) * self.inv_freq.to(pos.device)
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat([cos, cos], -1).to(dtype)[:, None], torch.cat([-sin, sin], -1).to(dtype)[:, None]
+
 
 def rotate(x, cos, sin_signed):
     """RoPE, Mistral's "rotate half" convention (pairs i and i + D/2), on x (B, n, H, D)."""
@@ -195,6 +202,10 @@ class Transformer(nn.Module):
         last_only: logits (B, 1, V) of the last position only, all a prefill needs."""
         B, N = ids.shape
         cfg = self.config
+        if isinstance(start_pos, torch.Tensor):  # a static decode step (model/static.py): checked by its caller
+            x = self.embed_tokens(ids.reshape(B * N))
+            cos, sin = self.rope.at(start_pos, x.dtype)
+            return self._blocks_and_head(x, cos, sin, B, N, cache, start_pos, last_only)
         if start_pos + N > cfg.max_position_embeddings:
             raise ValueError(
                 f"sequence of {start_pos + N} positions is longer than max_position_embeddings={cfg.max_position_embeddings}"
@@ -205,14 +216,17 @@ class Transformer(nn.Module):
                 raise ValueError(f"token id {lo if lo < 0 else hi} is out of range for vocab_size={cfg.vocab_size}")
         x = self.embed_tokens(ids.reshape(B * N))  # (B * N, C): the residual stream is one matrix of rows
         cos, sin = self.rope(start_pos, N, x.device, x.dtype)
-        for block in self.layers:
-            x = block(x, cos, sin, B, cache, start_pos)
-        x, N = (x.view(B, N, -1)[:, -1], 1) if last_only else (x, N)
-        logits = self.lm_head(self.norm(x)).view(B, N, -1)
+        logits = self._blocks_and_head(x, cos, sin, B, N, cache, start_pos, last_only)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def _blocks_and_head(self, x, cos, sin, B, N, cache, start_pos, last_only):
+        for block in self.layers:
+            x = block(x, cos, sin, B, cache, start_pos)
+        x, N = (x.view(B, N, -1)[:, -1], 1) if last_only else (x, N)
+        return self.lm_head(self.norm(x)).view(B, N, -1)
 
     # ---- checkpoints (written and read by midistral.checkpoint)
 

@@ -17,6 +17,7 @@ Which precisions run where is the one table `OFFERED` below (chosen by measuring
 from __future__ import annotations
 
 import copy
+import itertools
 import weakref
 
 import torch
@@ -44,7 +45,41 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[:, None]
 
 
-class OneDNNLinear(nn.Module):
+_PREPACKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # handle -> layer
+_HANDLES = itertools.count()
+
+
+@torch.library.custom_op("midistral::prepacked_linear", mutates_args=())
+def prepacked_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """A prepacked layer's product as one opaque op, so torch.compile traces around the weight objects it
+    cannot see into (fbgemm's packed fp16 matrix, oneDNN's packed tensors) and fuses everything else."""
+    return _PREPACKED[int(handle)].product(x)
+
+
+@prepacked_linear.register_fake
+def _(x, handle, out_features, out_dtype):
+    return x.new_empty(x.shape[0], out_features, dtype=out_dtype)
+
+
+class Prepacked(nn.Module):
+    """A linear layer whose weight is prepacked for a library kernel: `product` in eager mode, the opaque
+    `midistral::prepacked_linear` op under torch.compile (the compiled decode step, model/static.py)."""
+
+    out_dtype = torch.float32
+
+    def _register(self, out_features: int) -> None:
+        # the handle as a tensor: a graph input, not a constant, so the compiled graph (and its disk cache
+        # entry) is the same whichever layers this process built before
+        self.out_features, self.handle = out_features, torch.tensor(next(_HANDLES))
+        _PREPACKED[int(self.handle)] = self
+
+    def forward(self, x):
+        if self.packed is not None and torch.compiler.is_compiling():
+            return torch.ops.midistral.prepacked_linear(x, self.handle, self.out_features, self.out_dtype)
+        return self.product(x)
+
+
+class OneDNNLinear(Prepacked):
     """fp32 y = x W^T with W prepacked once for oneDNN (the op torch.compile emits for CPU linears): for the
     report's model at batch 8 about 1.9x faster than MKL on the plain weight, at batch 1 about 1.1x. A
     oneDNN call costs ~10 us more than MKL's, so a weight under MIN_WEIGHTS elements (the embedded default's,
@@ -58,14 +93,15 @@ class OneDNNLinear(nn.Module):
         onednn = torch.backends.mkldnn.is_available() and w.numel() >= self.MIN_WEIGHTS
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_size) if onednn else None
         self.weight = w if self.packed is None else None  # small, or a build without oneDNN: the plain product
+        self._register(w.shape[0])
 
-    def forward(self, x):
+    def product(self, x):
         if self.packed is None:
             return F.linear(x, self.weight)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
-class FP16Linear(nn.Module):
+class FP16Linear(Prepacked):
     """fp16 weight, fp32 input, output and accumulation. On CPU fbgemm's prepacked fp16 matrix (x86 with
     F16C): a step reads half the bytes of fp32 and the activations keep fp32's precision."""
 
@@ -75,14 +111,15 @@ class FP16Linear(nn.Module):
         fbgemm = w.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
         self.packed = torch.ops.quantized.linear_prepack_fp16(w, None) if fbgemm else None
         self.weight = w.half() if self.packed is None else None
+        self._register(w.shape[0])
 
-    def forward(self, x):
+    def product(self, x):
         if self.packed is None:
             return F.linear(x.half(), self.weight).to(x.dtype)
         return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed)  # (a bf16 ring's attention output)
 
 
-class BF16Linear(nn.Module):
+class BF16Linear(Prepacked):
     """bf16 weight and product; the output stays bf16 (as Int8Linear's: the residual add promotes it to the
     fp32 stream). On CPUs with AVX512-BF16 the weight is prepacked for oneDNN, whose bf16 product there
     reads half of fp32's bytes at full speed (at batch 8 1.6x fp32's oneDNN product, bench/RESULTS.md)."""
@@ -92,8 +129,11 @@ class BF16Linear(nn.Module):
         w = linear.weight.detach().to(torch.bfloat16)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 8) if _onednn_bf16(w.device) else None
         self.weight = w if self.packed is None else None
+        self._register(w.shape[0])
 
-    def forward(self, x):
+    out_dtype = torch.bfloat16
+
+    def product(self, x):
         x = x.to(torch.bfloat16)
         if self.packed is None:
             return F.linear(x, self.weight)

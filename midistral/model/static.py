@@ -1,0 +1,111 @@
+"""The compiled decode step: one token per row through the model with static shapes, as gpt-fast does it.
+
+    step = compiled_step(runner)            # None (with a one-line note) where it cannot compile
+    logits = step(runner, cache, tok, pos)  # tok (B, 1), pos a 0-d long tensor -> (B, V)
+
+Everything a step reads is a tensor of fixed shape: the position is a 0-d tensor, the KV cache is the whole
+ring of W slots (written with `index_copy_` at slot pos mod W, model/cache.py) and the attention mask comes
+from the ring's position tags, so one graph serves every position. `torch.compile` (inductor: fused C++ on
+CPU, Triton on CUDA) builds one graph per batch size and precision; its FX-graph and AOT caches on disk
+(`CACHE_DIR`) make a later process skip the code generation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "midistral" / "inductor"
+RECOMPILE_LIMIT = 64  # graphs per step function: batch sizes x precisions x models in one process
+
+_state: dict = {"fn": None, "reason": None, "noted": False}
+
+
+def _step(model, cache, tok, pos):
+    return model(tok, cache=cache, start_pos=pos)[:, -1]
+
+
+def compile_pays_off(batch_size: int, decode_weights: int | None) -> bool:
+    """Whether a long-lived sampler (the studio: `Sampler.load(compile=None)`) compiles its steps. Measured per
+    step against eager (bench/RESULTS.md, 1 thread): the report's model at batch 1 1.26-1.34x (int8), 1.05x
+    (fp32, fp16); at batch 8 over a 256-token prompt 0.87-0.89x (the static step reads all W ring slots, eager
+    only the filled ones); a small model 1.44x / 1.23x, but its steps save ~0.3 ms, which never repays the
+    first call (tracing even from the disk cache). So: batch 1 on a model of SMALL_MODEL_WEIGHTS or more."""
+    from midistral.model.precision import SMALL_MODEL_WEIGHTS
+
+    return batch_size == 1 and decode_weights is not None and decode_weights >= SMALL_MODEL_WEIGHTS
+
+
+def compile_unavailable(device: torch.device | str = "cpu") -> str | None:
+    """Why the step cannot be compiled here (None: it can): inductor needs a C++ compiler on CPU, Triton on CUDA."""
+    if sys.platform == "win32":
+        return "torch.compile is not supported on Windows here"
+    if torch.device(device).type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "no triton"
+        return None
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 -- any failure to find a compiler means the eager path
+        return f"no C++ compiler ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
+def compiled_step(device: torch.device | str = "cpu", log=None):
+    """The compiled step function, or None (one line through `log`, default stderr, once per process)."""
+    if _state["fn"] is None and _state["reason"] is None:
+        _state["reason"] = compile_unavailable(device)
+        if _state["reason"] is None:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            _state["fn"] = torch.compile(_step, fullgraph=True, dynamic=False)
+    if _state["fn"] is None:
+        note(f"note: compiled decoding unavailable ({_state['reason']}); decoding eagerly", log)
+    return _state["fn"]
+
+
+def note(msg: str, log=None) -> None:
+    if not _state["noted"]:
+        _state["noted"] = True
+        (log or (lambda m: print(m, file=sys.stderr)))(msg)
+
+
+def disable(reason: str, log=None) -> None:
+    """Give up compiling for this process (a compile failed): later calls decode eagerly."""
+    _state["fn"], _state["reason"] = None, reason
+    note(f"note: compiled decoding failed ({reason}); decoding eagerly", log)
+
+
+class StaticDecoder:
+    """Runs decode steps of `runner` on `cache` through the compiled step; falls back to the eager step when
+    compiling fails. `first_call_s`: the first step's time (compile or disk-cache load included)."""
+
+    def __init__(self, runner, cache, device, log=None):
+        self.runner, self.cache, self.fn, self.log = runner, cache, compiled_step(device, log), log
+        self.first_call_s: float | None = None
+
+    def __call__(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
+        if self.fn is not None:
+            p = torch.tensor(pos, dtype=torch.long, device=tok.device)
+            if self.first_call_s is None:
+                t0 = time.perf_counter()
+                try:
+                    out = self.fn(self.runner, self.cache, tok, p)
+                except Exception as e:  # noqa: BLE001 -- a backend failure must not stop sampling
+                    disable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", self.log)
+                    self.fn = None
+                    return self(tok, pos)
+                self.first_call_s = time.perf_counter() - t0
+            else:
+                out = self.fn(self.runner, self.cache, tok, p)
+            self.cache.advance(pos + 1)
+            return out
+        return self.runner(tok, cache=self.cache, start_pos=pos)[:, -1]
