@@ -9,7 +9,7 @@ import argparse
 import time
 from pathlib import Path
 
-from midistral.config import load_config, tokenizer_params
+from midistral.config import load_config
 from midistral.data.music21_corpus import STYLES, _cached_record, default_cache_dir, list_sources, style_of
 from midistral.data.prepare import _quiet_config, skip_summary
 from midistral.errors import MidistralError
@@ -37,7 +37,7 @@ def main():
         skipped += rec["skipped"]
         times.append((cache / (rel + ".json")).stat().st_mtime)
     if args.tokens:
-        tok = REMI(_quiet_config(tokenizer_params(load_config(Path(__file__).parents[1] / "configs" / "music21.toml"))))
+        tok = REMI(_quiet_config(load_config(Path(__file__).parents[1] / "configs" / "music21.toml").tokenizer_params))
         t0 = time.perf_counter()
         n = 0
         for row in rows.values():

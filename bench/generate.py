@@ -264,11 +264,11 @@ def memory(folder: Path, new: int, precision: str = "fp32", batch: int = 1, load
 def first_call_child(folder: str, precision: str, batch: int) -> None:
     """Run in a fresh process (TORCHINDUCTOR_CACHE_DIR set by the parent): the first compiled generate call's
     time above an eager call of the same length, as JSON."""
-    from midistral.checkpoint import load_decode_model
+    from midistral.checkpoint import load_model
     from midistral.generate import generate
 
     torch.set_num_threads(1)
-    model = load_decode_model(folder, precision)
+    model = load_model(folder, precision=precision)
     prompt = torch.randint(3, REF["vocab_size"], (batch, 256), generator=torch.Generator().manual_seed(0))
     eager = timed(lambda: generate(model, prompt, 4, seed=0, precision=precision, **SETTINGS), repeat=2)
     first = timed(lambda: generate(model, prompt, 4, seed=0, precision=precision, compile=True, **SETTINGS))
