@@ -31,6 +31,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from midistral.config_files import resolve_config
 from midistral.errors import ConfigError
 from midistral.fields import Bool, Choice, Float, Int, Rule, Str, check_fields, from_dict, refuse_unknown, setting, show
 from midistral.model.config import ModelConfig
@@ -219,6 +220,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     """The run config of the TOML file `path` (None: the defaults) with `section.key=value` overrides."""
     merged: dict = {}
     if path is not None:
+        path = resolve_config(path)  # a path, or the name of a shipped config (`chorales`)
         merged = read_toml(path)
         check_keys(merged, str(path))
     for item in overrides:

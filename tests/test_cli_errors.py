@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
-import sample
-import train
+from midistral import sample
+from midistral import train
 from conftest import ROOT, shared_midi_dir
 from midistral.data.__main__ import main as data_main
 from midistral.io import RunLock

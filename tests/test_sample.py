@@ -188,7 +188,7 @@ def test_empty_prompt_falls_back_to_bos(ckpt, tmp_path):
 
 def test_broken_and_empty_midi_files_one_line_or_sample(ckpt, broken_midi_files, tmp_path, capsys):
     """Every broken file from the collection either samples or fails with one `error:` line (no traceback)."""
-    import sample
+    from midistral import sample
 
     empty = tmp_path / "zero.mid"
     empty.write_bytes(b"")
@@ -205,7 +205,7 @@ def test_broken_and_empty_midi_files_one_line_or_sample(ckpt, broken_midi_files,
 def test_corrupt_checkpoint_one_line(ckpt, tmp_path, capsys, what):
     import shutil
 
-    import sample
+    from midistral import sample
 
     bad = tmp_path / "run"
     shutil.copytree(ckpt, bad)
@@ -242,7 +242,7 @@ def test_corrupt_checkpoint_one_line(ckpt, tmp_path, capsys, what):
     (["--max-loop-score", "1.5"], "--max-loop-score=1.5: expected a number in [0, 1]"),
 ])
 def test_bad_flags_one_line_exit_1(args, message, capsys):
-    import sample
+    from midistral import sample
 
     with pytest.raises(SystemExit) as e:
         sample.parse_args(["--ckpt", "run", *args])
@@ -251,7 +251,7 @@ def test_bad_flags_one_line_exit_1(args, message, capsys):
 
 
 def test_a_second_run_keeps_the_first_files_unless_force(ckpt, prompt, tmp_path, capsys):
-    import sample
+    from midistral import sample
 
     out = tmp_path / "o"
     args = [str(prompt), "--ckpt", str(ckpt), "--out", str(out), "--max-new-tokens", "8", "--seed", "1"]
@@ -267,7 +267,7 @@ def test_a_second_run_keeps_the_first_files_unless_force(ckpt, prompt, tmp_path,
 
 
 def test_a_missing_run_says_how_to_train_it(tmp_path, capsys):
-    import sample
+    from midistral import sample
 
     assert sample.main(["--ckpt", "runs/chorales-nowhere"]) == 1
     err = capsys.readouterr().err.strip()
@@ -278,7 +278,7 @@ def test_a_missing_run_says_how_to_train_it(tmp_path, capsys):
 
 
 def test_bars_progress_and_messages_say_what_happens(ckpt, prompt, tmp_path, capsys):
-    import sample
+    from midistral import sample
 
     assert sample.main([str(prompt), "--ckpt", str(ckpt), "--out", str(tmp_path), "--bars", "1", "--seed", "0"]) == 0
     err = capsys.readouterr().err

@@ -104,7 +104,7 @@ def test_flags_are_built_from_the_fields():
 
 def test_one_set_of_defaults_for_every_caller():
     """generate(), controls.accompany, the Sampler, sample.py, the [sample] section and the studio."""
-    import sample
+    from midistral import sample
     from midistral import controls
     from midistral.config import SampleConfig, load_config
     from midistral.generate import generate
@@ -124,7 +124,7 @@ def test_one_set_of_defaults_for_every_caller():
 
 
 def test_every_sample_option_has_help():
-    import sample
+    from midistral import sample
 
     actions = [a for a in sample.build_parser()._actions if a.dest != "help"]
     assert actions and all(a.help for a in actions), [a.dest for a in actions if not a.help]
@@ -158,7 +158,7 @@ def test_the_studio_request_carries_a_sampling_config():
 def test_train_writes_its_samples_through_the_sampler(tiny_run, tmp_path, capsys):
     import shutil
 
-    import train
+    from midistral import train
     from midistral.config import SampleConfig
 
     run = tmp_path / "run"
