@@ -101,7 +101,7 @@ def test_sigkill_after_checkpoint_then_resume(first_run, tmp_path):
         proc.wait()
     import torch
 
-    from train import resume_dir
+    from midistral.runs import resume_dir
 
     saved = torch.load(resume_dir(killed) / "state.pt", weights_only=True)["step"]
     logged = [line for line in (killed / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]  # the kill may cut a line
