@@ -24,13 +24,15 @@ def check_midi_size(n_bytes: int, label: str) -> None:
 
 
 def check_score(score, label) -> None:
-    """Call after parsing, before tokenizing: too many notes or tracks to encode in bounded time and memory."""
+    """Call after parsing, before tokenizing: too many notes or tracks to encode in bounded time and memory,
+    or a timeline past check_timeline's bounds."""
     if len(score.tracks) > MAX_TRACKS:
         raise MidiError(f"{label}: {len(score.tracks)} tracks, more than the {MAX_TRACKS} midistral reads")
     n_notes = score.note_num()
     if n_notes > MAX_NOTES:
         raise MidiError(f"{label}: {n_notes:,} notes, more than the {MAX_NOTES:,} midistral encodes "
                         "(about 25 us each: split the file)")
+    check_timeline(score, label)  # every reader's score: bar and second analyses stay bounded
 
 
 MAX_TPQ = 32767               # the largest a MIDI header can hold

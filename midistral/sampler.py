@@ -409,7 +409,7 @@ def _bar_span(score: symusic.Score, bars) -> tuple[int, int]:
     if bars is None:
         return 0, end
     first, last = controls.parse_bar_range(bars)
-    downbeats = score.get_downbeats()
+    downbeats = music.downbeats(score)
     start = int(downbeats[first - 1]) if first - 1 < len(downbeats) else end
     stop = int(downbeats[last]) if last is not None and last < len(downbeats) else end
     return start, max(stop, start)
