@@ -308,7 +308,7 @@ def convert(model: nn.Module, precision: str) -> nn.Module:
         return model
     # a copy of the module tree that shares every tensor (no parameter is copied)
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    memo.update({id(t): t for pair in model.rope._tables.values() for t in pair})
+    memo.update({id(t): t for t in model.rope.cached_tensors()})
     out = copy.deepcopy(model, memo)
     convert_part(out.layers, linear_cls)
     out.lm_head = convert_part(out.lm_head, head_cls)
