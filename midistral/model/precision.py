@@ -41,10 +41,6 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s16
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.float()[:, None]
-
-
 _PREPACKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # handle -> layer
 _HANDLES = itertools.count()
 
