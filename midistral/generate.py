@@ -11,8 +11,8 @@ Three pieces, each small:
 - `NoRepeatNGram`: transformers' no-repeat-n-gram ban (any (n-1)-gram seen anywhere so far, prompt
   included, bans the tokens that followed it), kept as an incremental table updated once per new token
   instead of rescanning the history at every step.
-- `process_logits` / `sample_next`: the logits pipeline in transformers' order: n-gram ban, then
-  temperature, then top-k, then top-p. Temperature 0 means greedy.
+- `sample_next`: the logits pipeline in transformers' order: n-gram ban, then temperature, then top-k,
+  then top-p, on the k best only. Temperature 0 means greedy.
 
 Constraints restrict what may come next, for example the token grammar (every token decodes):
 
@@ -90,30 +90,6 @@ class NoRepeatNGram:
 
 # ----------------------------------------------------------------------------------------------------
 # Logits processors (transformers' order: temperature, then top-k, then top-p)
-
-
-def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None) -> torch.Tensor:
-    """Full-vocabulary processed logits (B, V), filtered entries -inf; what sampling draws from.
-
-    Same semantics as transformers' TemperatureLogitsWarper, TopKLogitsWarper (ties with the k-th value
-    are kept) and TopPLogitsWarper (keeps the smallest set whose mass reaches top_p, at least one token).
-    `sample_next` does the same work on the k best only; this version exists to state and test it.
-    """
-    logits = logits.float()
-    if temperature and temperature != 1.0:
-        logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=False)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cum <= 1 - top_p
-        remove_sorted[..., -1] = False
-        remove = remove_sorted.scatter(-1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

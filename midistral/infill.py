@@ -115,7 +115,8 @@ def infill_prompt(tok, score: symusic.Score, first: int, last: int, style: str |
     if tok.extra is None:
         raise MidistralError("this model was not trained for infilling (its tokenizer has no infilling tokens)")
     bars = tok.base_ids_by_bar(score)
-    _, _, bar_ticks = tok._encode(score)
+    timed = tok.encode_with_times(score)
+    bar_ticks = timed.bar_ticks
     n = len(bars)
     if not 1 <= first <= last <= n:
         raise MidistralError(f"bars {first}-{last}: the piece has bars 1-{n}")
@@ -128,7 +129,7 @@ def infill_prompt(tok, score: symusic.Score, first: int, last: int, style: str |
     head = [tok.bos_id] + ([e.style_ids[style]] if style else [])
     near_prefix, near_suffix = _context(tok, np.asarray(prefix, np.int64), np.asarray(suffix, np.int64), context)
     prompt = np.r_[head, near_prefix, [e.hole_id] * (last - first + 1), near_suffix, e.fill_start_id].astype(np.int64)
-    enc_tpq = tok._timeline(score).tpq
+    enc_tpq = timed.tpq
     ends = np.r_[bar_ticks, bar_ticks[-1] + (bar_ticks[-1] - bar_ticks[-2] if len(bar_ticks) > 1 else 4 * enc_tpq)]
     span_enc = (int(ends[first - 1]), int(ends[last]))
     span24 = tuple(t * 24 // enc_tpq for t in span_enc)

@@ -20,10 +20,20 @@ from midistral.errors import MidiError
 from midistral.generate import generate
 from midistral.model import ModelConfig, Transformer
 from midistral.tokenize import DEFAULT_PARAMS, REPORT_PARAMS, REMI, REMIConfig
-from midistral.tokenize.grammar import Grammar, GrammarConstraint, State, complete_length, expansions
+from midistral.tokenize.grammar import COMPLETE, NK, Grammar, GrammarConstraint, State, expansions
 from midistral.tokenize.remi import Family
 
 torch.set_num_threads(2)
+
+
+def complete_length(grammar: Grammar, ids) -> int:
+    """Length of the longest prefix of `ids` that ends with every note closed (decodes with nothing skipped)."""
+    state, best = (State.START, -1, 4), 0
+    for i, t in enumerate(ids):
+        state = grammar.step(state, int(t))
+        if state[0] % NK in COMPLETE:
+            best = i + 1
+    return best
 
 
 @pytest.fixture(scope="module")

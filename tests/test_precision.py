@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from midistral.errors import MidistralError
 from midistral.generate import generate
 from midistral.model import ModelConfig, RollingKVCache, Transformer, available_precisions, default_precision, prepare_for_decode
-from midistral.model.precision import (BF16Linear, FP16Linear, Int8Embedding, Int8Linear, convert, dequantize, device_kind,
+from midistral.model.precision import (BF16Linear, FP16Linear, Int8Embedding, Int8Linear, convert, device_kind,
                                       quantize_per_channel)
 
 # Stated tolerances of a decode step's logits against the fp32 model's, relative to the largest |logit|.
@@ -21,6 +21,11 @@ def small_model(seed=0, window=8):
     cfg = ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, sliding_window=window, max_position_embeddings=256, initializer_range=0.1)
     return Transformer(cfg).eval()
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight an int8 weight and its per-output-channel scale stand for."""
+    return q.float() * scale.float()[:, None]
 
 
 def test_quantize_round_trip_bounds_per_channel():

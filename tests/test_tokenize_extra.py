@@ -12,7 +12,7 @@ from miditok.utils import get_bars_ticks
 from midistral.errors import MidiError
 from midistral.tokenize import REMI
 from midistral.tokenize.extra import BarStats, ExtraVocab, bar_values, track_values
-from midistral.tokenize.remi import Family, load_score
+from midistral.tokenize.remi import Family
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,9 @@ def test_attribute_values_equal_miditoks(kind, bpe_tok, dev_midi_files):
         ticks_bars = get_bars_ticks(score, only_notes_onsets=True)
         # the tick of each of our bars (from the encoder's clock, at the decoded resolution) and whether
         # the bar holds a Rest (a Rest crossing bar lines makes one segment of several bars)
-        enc_ids, enc_ticks, _ = tok._encode(f)
-        scale = 24 // tok._timeline(load_score(f)).tpq
+        timed = tok.encode_with_times(f)
+        enc_ids, enc_ticks = timed.ids, timed.ticks
+        scale = 24 // timed.tpq
         bar_tick = enc_ticks[tok.family[enc_ids] == Family.BAR] * scale
         assert len(bar_tick) == len(starts)
         rest_in = np.zeros(len(starts), bool)

@@ -70,6 +70,10 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self._tables[key]
         return cos[start:start + n], sin[start:start + n]
 
+    def cached_tensors(self) -> list[torch.Tensor]:
+        """The cos and sin tables built so far (for a copy of the model that shares them)."""
+        return [t for pair in self._tables.values() for t in pair]
+
     def at(self, pos: torch.Tensor, dtype):
         """cos, sin_signed (1, 1, D) for one position given as a 0-d tensor (the compiled decode step: no
         table lookup by Python int, so one graph serves every position); the table's values, computed alike."""

@@ -41,10 +41,6 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s16
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.float()[:, None]
-
-
 _PREPACKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # handle -> layer
 _HANDLES = itertools.count()
 
@@ -308,7 +304,7 @@ def convert(model: nn.Module, precision: str) -> nn.Module:
         return model
     # a copy of the module tree that shares every tensor (no parameter is copied)
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    memo.update({id(t): t for pair in model.rope._tables.values() for t in pair})
+    memo.update({id(t): t for t in model.rope.cached_tensors()})
     out = copy.deepcopy(model, memo)
     convert_part(out.layers, linear_cls)
     out.lm_head = convert_part(out.lm_head, head_cls)

@@ -1,6 +1,7 @@
-"""REMIPlus tokenizer: remi.py (vocabulary, encode, decode), midi_io.py (reading MIDI), config.py,
-bpe.py (the BPE model), training.py (BPE training), parallel.py (many files at once), miditok_json.py
-(MidiTok's JSON files) and grammar.py (what may come next: the constraint for sampling).
+"""REMIPlus tokenizer: remi.py (vocabulary, encode, decode), family.py (token families), preprocess.py
+(a Score made ready for the encoder), decode.py (ids back to a Score), clock.py (the bar clock), midi_io.py
+(reading MIDI), config.py, bpe.py (the BPE model), training.py (BPE training), parallel.py (many files at
+once), miditok_json.py (MidiTok's JSON files) and grammar.py (what may come next: the constraint for sampling).
 
     tok = REMI(REMIConfig(**TOKENIZER_PARAMS))
     tok.tokens("song.mid")   # ['Bar_None', 'TimeSig_4/4', 'Position_0', 'Tempo_121.29', ...]

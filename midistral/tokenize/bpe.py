@@ -50,6 +50,11 @@ class BPE:
         self._offs = np.r_[0, np.cumsum(self._lens)[:-1]]
         self._flat = np.array([x for p in pieces for x in p], dtype=np.int64)
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """The number of base ids each BPE id expands to (0 for a lone word start)."""
+        return self._lens
+
     def __len__(self) -> int:
         return self.hf.get_vocab_size()
 

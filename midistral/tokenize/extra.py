@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from midistral.errors import CheckpointError
+from midistral.tokenize.family import Family
 
 FIM_TOKENS = ("Infill_Bar", "FillBar_Start", "FillBar_End")
 # MidiTok 3.1's defaults (TokenizerConfig: ac_note_density_bar_max, ac_note_density_track_min/max,
@@ -145,8 +146,6 @@ class BarStats:
     """
 
     def __init__(self, tok):
-        from midistral.tokenize.remi import Family  # the tokenizer module imports this one
-
         fam = tok.family
         n_music = len(tok.bpe) if tok.bpe is not None else len(tok.vocab)
         if tok.bpe is None:
@@ -179,7 +178,7 @@ class BarStats:
         F = self.Family
         music = (ids >= 0) & (ids < self.n_music)
         if self.tok.bpe is not None:
-            lens = self.tok.bpe._lens[np.where(music, ids, 0)] * music
+            lens = self.tok.bpe.lengths[np.where(music, ids, 0)] * music
             base = self.tok.bpe.decode(ids[music])
         else:
             lens = music.astype(np.int64)

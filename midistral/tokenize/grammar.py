@@ -313,16 +313,6 @@ def mode_of(state: tuple[int, int, int]) -> Mode:
     return Mode(state[0] // NK)
 
 
-def complete_length(grammar: Grammar, ids) -> int:
-    """Length of the longest prefix of `ids` that ends with every note closed (decodes with nothing skipped)."""
-    state, best = (State.START, -1, 4), 0
-    for i, t in enumerate(ids):
-        state = grammar.step(state, int(t))
-        if state[0] % NK in COMPLETE:
-            best = i + 1
-    return best
-
-
 class GrammarConstraint:
     """A `generate` constraint: only ids that keep the REMIPlus grammar (see the module docstring).
 

@@ -12,14 +12,14 @@ Encoding follows MidiTok 3.1 rule by rule, so our token strings equal
 MidiTok's. Decoding follows *our* encoder, so decode then encode gives back the same tokens; where
 MidiTok's decoder disagrees with its own encoder we differ (README: "Differences from MidiTok").
 
-The work is done in ids with numpy; strings are made only by `tokens()`.
+The work is done in ids with numpy; strings are made only by `tokens()`. The preprocessing of a Score
+is preprocess.py, the decoder decode.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from enum import IntEnum
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,54 +27,19 @@ import numpy as np
 import symusic
 
 from midistral.errors import CheckpointError, MidiError
-from midistral.general_midi import program_name
 from midistral.io import atomic_write_json, read_tokenizer_json
 from midistral.tokenize.bpe import BPE
 from midistral.tokenize.chords import detect_chords, quality_table
-from midistral.tokenize.clock import BarClock, EncoderClock, bar_lines
+from midistral.tokenize.clock import EncoderClock, bar_lines
 from midistral.tokenize.config import DEFAULT_PARAMS, REMIConfig
+from midistral.tokenize.decode import Decoder
+from midistral.tokenize.family import FAMILY_OF_PREFIX, Family
 from midistral.tokenize.midi_io import load_score, midi_label
 from midistral.tokenize.extra import ExtraVocab
 from midistral.tokenize.miditok_json import read_miditok
 from midistral.tokenize.parallel import EncodeResult, encode_many
+from midistral.tokenize.preprocess import preprocess
 from midistral.tokenize.training import train_bpe
-
-
-class Family(IntEnum):
-    """Token families (the part of a token string before "_"); SPECIAL covers PAD, BOS, EOS and MASK."""
-
-    SPECIAL = 0
-    BAR = 1
-    POSITION = 2
-    PITCH = 3
-    PITCH_DRUM = 4
-    VELOCITY = 5
-    DURATION = 6
-    PROGRAM = 7
-    TEMPO = 8
-    TIME_SIG = 9
-    REST = 10
-    CHORD = 11
-
-
-_FAMILY_OF_PREFIX = {"Bar": Family.BAR, "Position": Family.POSITION, "Pitch": Family.PITCH,
-                     "PitchDrum": Family.PITCH_DRUM, "Velocity": Family.VELOCITY, "Duration": Family.DURATION,
-                     "Program": Family.PROGRAM, "Tempo": Family.TEMPO, "TimeSig": Family.TIME_SIG,
-                     "Rest": Family.REST, "Chord": Family.CHORD}
-
-def _round_half_away(x: np.ndarray) -> np.ndarray:
-    """C++ std::round for non-negative values, exactly (x - floor(x) is exact)."""
-    f = np.floor(x)
-    return (f + (x - f >= 0.5)).astype(np.int64)
-
-
-def _closest(bins: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Index of the nearest bin (bins sorted ascending); an exact tie goes to the higher bin."""
-    i = np.searchsorted(bins, x, side="left")
-    hi = np.minimum(i, len(bins) - 1)
-    lo = np.maximum(i - 1, 0)
-    take_lo = (i == len(bins)) | (np.abs(x - bins[lo]) < np.abs(x - bins[hi]))
-    return np.where(take_lo, lo, hi)
 
 
 def _time_tuples(res: dict[tuple[int, int], int]) -> list[tuple[int, int, int]]:
@@ -94,6 +59,7 @@ class TimedEncoding(NamedTuple):
     time_signatures: list       # (tick, numerator, denominator), the first at tick 0
     onsets: np.ndarray          # every note's start tick, track by track
     ends: np.ndarray            # and its end tick (duration as the Duration token rounds it)
+    bar_ticks: np.ndarray       # the bar lines' ticks (the encoder's bars, empty ones included)
 
 
 class REMI:
@@ -138,7 +104,7 @@ class REMI:
         self.chord_qualities = {tuple(m): i for i, m in reversed(list(enumerate(c.chord_maps.values())))}
         self.chord_table = quality_table(self.chord_qualities)
         # the family of each base id (Family values)
-        self.family = np.array([_FAMILY_OF_PREFIX.get(t.split("_", 1)[0], Family.SPECIAL) for t in tokens],
+        self.family = np.array([FAMILY_OF_PREFIX.get(t.split("_", 1)[0], Family.SPECIAL) for t in tokens],
                                dtype=np.int8)
 
     def _base_tokens(self) -> list[str]:
@@ -167,9 +133,6 @@ class REMI:
     # ------------------------------------------------------------------------------------------------
     # time units
 
-    def _tpb(self, tpq: int, den: int) -> int:
-        return tpq * 4 // den
-
     def duration_ticks(self, tpb: int) -> np.ndarray:
         """The ticks of each Duration token at `tpb` ticks per beat (read-only, built once per tpb)."""
         return self._ticks_of(self.durations, tpb)
@@ -196,138 +159,14 @@ class REMI:
         return len(self.bpe) if self.bpe is not None else len(self.vocab)
 
     # ------------------------------------------------------------------------------------------------
-    # preprocessing (remi-spec §3)
-
-    def _preprocess(self, score: symusic.Score):
-        """(tpq, time signatures, tracks as dicts of arrays, tempo ticks, tempo bin indices)."""
-        tl = self._timeline(score)
-        return tl.tpq, tl.ts_list, self._preprocess_tracks(score, tl), *self._preprocess_tempos(score, tl)
-
-    def _timeline(self, score: symusic.Score) -> "_Timeline":
-        """remi-spec §3.1-3.4: supported time signatures, the new resolution, the grid of multi-meter pieces."""
-        supported = set(self.time_sigs)
-        ts = score.time_signatures.numpy()
-        ts_list = [(int(t), int(n), int(d)) for t, n, d in zip(ts["time"], ts["numerator"], ts["denominator"])
-                   if (int(n), int(d)) in supported]
-        if not ts_list or ts_list[0][0] != 0:
-            ts_list.insert(0, (0, 4, 4))
-        tpq = int(self.max_res * max(d for _, _, d in ts_list) / 4)
-        factor = tpq / score.ticks_per_quarter
-        resample = score.ticks_per_quarter != tpq
-        if resample:
-            ts_list = [(int(t * factor), n, d) for t, n, d in ts_list]
-        ts_list = self._clean_time_signatures(ts_list, tpq)
-        tl = _Timeline(tpq, factor if resample else None, ts_list,
-                       np.array([t for t, _, _ in ts_list], dtype=np.int64),
-                       np.array([self._tpb(tpq, d) for _, _, d in ts_list], dtype=np.int64))
-        # grid: only when several denominators (then /4 sections are snapped to tpq // 12 steps)
-        if len({d for _, _, d in ts_list}) > 1:
-            steps = [tpq // (self.max_res * d // 4) for _, _, d in ts_list]
-            starts, prev = [], None
-            for i, step in enumerate(steps):
-                starts.append(tl.ts_times[i] if step != prev else starts[-1])
-                prev = step
-            tl.grid = (np.array(steps, dtype=np.int64), np.array(starts, dtype=np.int64))
-        return tl
-
-    def _preprocess_tracks(self, score: symusic.Score, tl: "_Timeline") -> list[dict]:
-        """remi-spec §3.5: merge same-program tracks (drums together), drop empty ones, filter pitches, bin.
-        All tracks are worked on at once, one group number per note (numpy's cost per call adds up over
-        many small tracks)."""
-        groups: dict[int, list] = {}
-        for tr in score.tracks:  # dict order = order of first appearance
-            groups.setdefault(-1 if tr.is_drum else int(tr.program), []).append(tr)
-        # a program the config leaves out: its track is dropped (spec 3.5.2)
-        groups = {key: group for key, group in groups.items() if key in self.program_id}
-        arrays = [tr.notes.numpy() for group in groups.values() for tr in group]
-        if not arrays:
-            return []
-        n = {k: np.concatenate([a[k] for a in arrays]).astype(np.int64) for k in ("time", "duration", "pitch", "velocity")}
-        sizes = [sum(len(tr.notes) for tr in group) for group in groups.values()]
-        gid = np.repeat(np.arange(len(groups)), sizes)
-        if tl.factor is not None:
-            n["time"] = tl.resample(n["time"])
-            n["duration"] = np.maximum(tl.resample(n["duration"]), 1)
-        merged = np.array([len(group) > 1 for group in groups.values()])
-        if merged.any():  # merged tracks: notes sorted by time, duration, pitch, velocity; others as they are
-            m = merged[gid]
-            keys = [np.where(m, n[k], 0) for k in ("velocity", "pitch", "duration", "time")]
-            order = np.lexsort([np.where(m, 0, np.arange(len(gid))), *keys, gid])
-            n, gid = {k: v[order] for k, v in n.items()}, gid[order]
-        ranges = np.array([self.config.drums_pitch_range if key == -1 else self.config.pitch_range for key in groups])
-        keep = (n["pitch"] >= ranges[gid, 0]) & (n["pitch"] <= ranges[gid, 1])
-        n, gid = {k: v[keep] for k, v in n.items()}, gid[keep]
-        t = tl.snap(n["time"])
-        tpb = tl.tpb_at(t)
-        dur_idx = np.empty(len(t), dtype=np.int64)
-        dur = np.empty(len(t), dtype=np.int64)
-        for b in np.unique(tpb).tolist():
-            m = tpb == b
-            bins = self.duration_ticks(b)
-            dur_idx[m] = _closest(bins, n["duration"][m])
-            dur[m] = bins[dur_idx[m]]
-        cols = dict(time=t, end=t + dur, pitch=n["pitch"], vel_idx=_closest(self.velocities, n["velocity"]),
-                    dur_idx=dur_idx, tpb=tpb)
-        cuts = np.searchsorted(gid, np.arange(len(groups) + 1)).tolist()
-        return [dict(program=key, **{k: v[a:b] for k, v in cols.items()})
-                for key, a, b in zip(groups, cuts[:-1], cuts[1:]) if b > a]
-
-    def _preprocess_tempos(self, score: symusic.Score, tl: "_Timeline") -> tuple[np.ndarray, np.ndarray]:
-        """remi-spec §3.7: (ticks, tempo bin indices); nearest bin in microseconds per quarter, ties slower."""
-        if not self.config.use_tempos:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        te = score.tempos.numpy()
-        if len(te["time"]) == 0:
-            return np.array([0]), np.array([self.default_tempo_idx])
-        tt = te["time"].astype(np.int64)
-        if tl.factor is not None:
-            tt = tl.resample(tt)
-        tt = tl.snap(tt)
-        mspq_bins = 60e6 / self.tempos[::-1]  # ascending
-        idx = len(self.tempos) - 1 - _closest(mspq_bins, te["mspq"].astype(np.float64))
-        last = np.append(tt[1:] != tt[:-1], True)  # among tempos at one tick, keep the last
-        tempo_times, tempo_idx = tt[last], idx[last]
-        if tempo_times[0] != 0:
-            tempo_times = np.insert(tempo_times, 0, 0)
-            tempo_idx = np.insert(tempo_idx, 0, self.default_tempo_idx)
-        return tempo_times, tempo_idx
-
-    def _clean_time_signatures(self, ts: list, tpq: int) -> list:
-        """remi-spec §3.3: drop repeats, delay changes to the next bar line, the later of two at one tick wins."""
-        ts = [list(x) for x in ts]
-        bar = lambda x: x[1] * tpq * 4 // x[2]  # noqa: E731
-        i, cur_bar, prev = 0, bar(ts[0]), 0
-        while i < len(ts):
-            if i >= 1 and ts[i][1:] == ts[i - 1][1:]:
-                del ts[i]
-                continue
-            if i >= 1 and ts[i][0] < ts[i - 1][0]:
-                ts[i][0] = ts[i - 1][0]
-            q, r = divmod(ts[i][0] - prev, cur_bar)
-            if r > 0:
-                ts[i][0] = prev + (q + 1) * cur_bar
-            cur_bar, prev = bar(ts[i]), ts[i][0]
-            if i >= 1 and ts[i][0] == ts[i - 1][0]:
-                del ts[i - 1]
-                if i >= 2 and ts[i - 1][1:] == ts[i - 2][1:]:
-                    del ts[i - 1]
-                    cur_bar, prev = bar(ts[i - 2]), ts[i - 2][0]
-                    i -= 1
-                continue
-            i += 1
-        if ts[0][0] != 0:
-            ts.insert(0, [0, 4, 4])
-        return [tuple(x) for x in ts]
-
-    # ------------------------------------------------------------------------------------------------
-    # encoding (remi-spec §4, §5)
+    # encoding (remi-spec §4, §5; the preprocessing of §3 is preprocess.py)
 
     def _encode(self, midi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Base ids, the tick each token belongs to, and the bar-line ticks (for splitting per bar)."""
         score = load_score(midi)
         if score.ticks_per_quarter <= 0:
             raise MidiError(f"{midi_label(midi)}: invalid ticks per quarter ({score.ticks_per_quarter})")
-        tpq, ts_list, tracks, tempo_times, tempo_idx = self._preprocess(score)
+        tpq, ts_list, tracks, tempo_times, tempo_idx = preprocess(self, score)
         if not tracks:
             raise MidiError(f"{midi_label(midi)}: no notes (within the tokenizer's pitch ranges)")
         events = self._events(ts_list, tracks, tempo_times, tempo_idx)
@@ -477,11 +316,11 @@ class REMI:
         """Base ids with the time frame the encoder gave them: for walks that write new notes between a
         piece's own and must write the time tokens exactly as the encoder would (controls.accompany)."""
         score = load_score(midi)
-        tpq, ts_list, tracks, _, _ = self._preprocess(score)
-        ids, ticks, _ = self._encode(score)
+        tpq, ts_list, tracks, _, _ = preprocess(self, score)
+        ids, ticks, bars = self._encode(score)
         onsets = np.concatenate([tr["time"] for tr in tracks]) if tracks else np.zeros(0, dtype=np.int64)
         ends = np.concatenate([tr["end"] for tr in tracks]) if tracks else np.zeros(0, dtype=np.int64)
-        return TimedEncoding(ids, ticks, tpq, ts_list, onsets, ends)
+        return TimedEncoding(ids, ticks, tpq, ts_list, onsets, ends, bars)
 
     def encode_base(self, midi) -> np.ndarray:
         """Base (pre-BPE) token ids of a MIDI path, bytes or symusic.Score."""
@@ -539,7 +378,7 @@ class REMI:
                 ids = self.bpe.decode(ids[~bad])
         bad = (ids < 0) | (ids >= len(self.vocab))
         skipped += int(bad.sum())
-        score, n = _Decoder(self, ids[~bad]).run()
+        score, n = Decoder(self, ids[~bad]).run()
         return score, skipped + n
 
     # ------------------------------------------------------------------------------------------------
@@ -617,171 +456,3 @@ class REMI:
 
 
 _CACHE: dict[str, "REMI"] = {}
-
-class _Timeline:
-    """The preprocessed time frame of a piece: resolution, time signatures and their sections."""
-
-    def __init__(self, tpq: int, factor: float | None, ts_list: list, ts_times: np.ndarray, ts_tpb: np.ndarray):
-        self.tpq, self.factor, self.ts_list, self.ts_times, self.ts_tpb = tpq, factor, ts_list, ts_times, ts_tpb
-        self.grid = None  # (step, section start) per time signature, for pieces with several denominators
-
-    def resample(self, t: np.ndarray) -> np.ndarray:
-        return _round_half_away(t * self.factor)
-
-    def tpb_at(self, t: np.ndarray) -> np.ndarray:
-        return self.ts_tpb[np.searchsorted(self.ts_times, t, side="right") - 1]
-
-    def snap(self, t: np.ndarray) -> np.ndarray:
-        if self.grid is None or len(t) == 0:
-            return t
-        k = np.searchsorted(self.ts_times, t, side="right") - 1
-        step, start = self.grid[0][k], self.grid[1][k]
-        return (np.round((t - start) / step) * step + start).astype(np.int64)
-
-
-
-class _Decoder:
-    """Reads base ids back into a Score, mirroring the encoder's clock so decode∘encode is the identity.
-
-    Only the time tokens (Bar, Rest, Position, TimeSig, Tempo) walk the clock in a Python loop; notes
-    between two time tokens share one tick, so they are found, timed and gathered with numpy.
-    """
-
-    TIME_FAMILIES = (Family.BAR, Family.POSITION, Family.TEMPO, Family.TIME_SIG, Family.REST)
-
-    def __init__(self, tok: REMI, ids: np.ndarray):
-        self.tok, self.ids = tok, ids
-        self.fam = fam = tok.family[ids]
-        # the encoder's resolution: 12 ticks per quarter, 24 if any /8 meter appears; output is tpq 24
-        max_den = max([self._meter(i)[1] for i in np.unique(ids[fam == Family.TIME_SIG]).tolist()] or [4])
-        self.tpq = int(tok.max_res * max_den / 4)
-        self.time_events = np.flatnonzero(np.isin(fam, self.TIME_FAMILIES))
-        self.dur_tables: dict[int, np.ndarray] = {}
-        self.rest_tables: dict[int, list] = {}
-        self.seg_max: dict[int, list] = {}
-
-    def _meter(self, ts_id: int) -> tuple[int, int]:
-        num, den = self.tok.id_to_token[ts_id].split("_")[1].split("/")
-        return int(num), int(den)
-
-    def run(self) -> tuple[symusic.Score, int]:
-        note_idx, skipped = self._find_notes()
-        self.note_idx = note_idx
-        self.dur_idx = self.ids[note_idx + 2] - self.tok.dur0
-        self.seg = np.searchsorted(self.time_events, note_idx)  # notes after time event k-1 form segment k
-        seg_tick, seg_tpb, time_sigs, tempos, bad_positions = self._walk_clock()
-        start = np.asarray(seg_tick, dtype=np.int64)[self.seg]
-        n_tpb = np.asarray(seg_tpb, dtype=np.int64)[self.seg]
-        dur = np.zeros(len(note_idx), dtype=np.int64)
-        for b, table in self.dur_tables.items():
-            m = n_tpb == b
-            dur[m] = table[self.dur_idx[m]]
-        return self._score(start, dur, time_sigs, tempos), skipped + bad_positions
-
-    def _find_notes(self) -> tuple[np.ndarray, int]:
-        """Positions of Pitch|PitchDrum followed by Velocity and Duration; other note-family tokens are skipped."""
-        fam, n = self.fam, len(self.fam)
-        padded = np.concatenate([fam, np.zeros(2, dtype=fam.dtype)])
-        f1, f2 = padded[1:n + 1], padded[2:n + 2]
-        is_pitch = (fam == Family.PITCH) | (fam == Family.PITCH_DRUM)
-        note_idx = np.flatnonzero(is_pitch & (f1 == Family.VELOCITY) & (f2 == Family.DURATION))
-        used = np.zeros(n, bool)
-        used[note_idx] = used[note_idx + 1] = used[note_idx + 2] = True
-        note_family = (fam >= Family.PITCH) & (fam <= Family.DURATION)
-        return note_idx, int((note_family & ~used).sum())
-
-    def _tables(self, tpb: int) -> None:
-        """Duration and rest ticks at `tpb` ticks per beat, and each segment's longest note, on first use."""
-        if tpb not in self.dur_tables:
-            self.dur_tables[tpb] = self.tok.duration_ticks(tpb)
-            self.rest_tables[tpb] = self.tok.rest_ticks(tpb).tolist()
-            m = np.full(len(self.time_events) + 1, -1, dtype=np.int64)
-            np.maximum.at(m, self.seg, self.dur_tables[tpb][self.dur_idx])
-            self.seg_max[tpb] = m.tolist()  # the longest note of each segment, at this tpb
-
-    def _first_meter(self) -> tuple[int, int]:
-        """The first TimeSig if it comes before any note-family token, else 4/4."""
-        first_ts = np.flatnonzero(self.fam == Family.TIME_SIG)
-        note_family = np.flatnonzero((self.fam >= Family.PITCH) & (self.fam <= Family.DURATION))
-        if len(first_ts) and (not len(note_family) or first_ts[0] < note_family[0]):
-            return self._meter(int(self.ids[first_ts[0]]))
-        return 4, 4
-
-    def _walk_clock(self):
-        """The tick of each segment (notes between two time tokens) and the meter and tempo changes."""
-        tok = self.tok
-        clock = BarClock(self.tpq, tok.max_res, self._first_meter())
-        self._tables(clock.tpb)
-        time_sigs, tempos, bad_positions = [(0, clock.num, clock.den)], [], 0
-        seg_tick = [0] * (len(self.time_events) + 1)
-        seg_tpb = [clock.tpb] * (len(self.time_events) + 1)
-        events = zip(self.fam[self.time_events].tolist(), self.ids[self.time_events].tolist())
-        for k, (f, tid) in enumerate(events):
-            longest = self.seg_max[clock.tpb][k]
-            if longest >= 0:  # the notes just before this token end by then
-                clock.note(longest)
-            if f == Family.BAR:
-                clock.bar()
-            elif f == Family.REST:
-                clock.rest(self.rest_tables[clock.tpb][tid - tok.rest0])
-            elif f == Family.POSITION:
-                bad_positions += not clock.position(tid - tok.pos0)
-            elif f == Family.TEMPO:
-                tempos.append((clock.cur_tick, float(tok.id_to_token[tid].split("_")[1])))
-                clock.tempo()
-            elif clock.meter(*self._meter(tid)):  # TimeSig: a change of meter (a recall changes nothing)
-                time_sigs.append((clock.tick_bar, clock.num, clock.den))
-                self._tables(clock.tpb)
-            seg_tick[k + 1], seg_tpb[k + 1] = clock.cur_tick, clock.tpb
-        return seg_tick, seg_tpb, time_sigs, tempos, bad_positions
-
-    def _score(self, start, dur, time_sigs, tempos) -> symusic.Score:
-        tok, c, ids, note_idx = self.tok, self.tok.config, self.ids, self.note_idx
-        is_drum_tok = self.fam[note_idx] == Family.PITCH_DRUM
-        pitch = np.where(is_drum_tok, ids[note_idx] - tok.drum0 + c.drums_pitch_range[0],
-                         ids[note_idx] - tok.pitch0 + c.pitch_range[0])
-        vel = tok.velocities[ids[note_idx + 1] - tok.vel0]
-        prog_pos = np.flatnonzero(self.fam == Family.PROGRAM)
-        prog_val = np.array([tok.program_of[i] for i in ids[prog_pos].tolist()], dtype=np.int64)
-        k = np.searchsorted(prog_pos, note_idx) - 1
-        program = np.where(k >= 0, prog_val[np.maximum(k, 0)] if len(prog_val) else 0, 0)
-
-        # track order: the order programs take within each tick (the encoder's track order)
-        _, first = np.unique(program, return_index=True)
-        first_seen = program[np.sort(first)].tolist()
-        same = (start[1:] == start[:-1]) & (program[1:] != program[:-1])
-        prec = set(zip(program[:-1][same].tolist(), program[1:][same].tolist()))
-
-        scale = 24 / self.tpq
-        score = symusic.Score(24)
-        merged_ts = {int(round(t * scale)): (nn, dd) for t, nn, dd in time_sigs}  # the later of one tick wins
-        for t, (nn, dd) in sorted(merged_ts.items()):
-            score.time_signatures.append(symusic.TimeSignature(t, nn, dd))
-        if not tempos or tempos[0][0] != 0:
-            tempos.insert(0, (0, float(tok.tempos[tok.default_tempo_idx])))
-        for t, q in tempos:
-            score.tempos.append(symusic.Tempo(int(round(t * scale)), q))
-        for p in _track_order(first_seen, prec):
-            m = program == p
-            tr = symusic.Track(name=program_name(p), program=0 if p == -1 else p, is_drum=p == -1)
-            tr.notes = symusic.Note.from_numpy(
-                np.round(start[m] * scale).astype(np.int32), np.round(dur[m] * scale).astype(np.int32),
-                pitch[m].astype(np.int8), vel[m].astype(np.int8), "tick")
-            score.tracks.append(tr)
-        return score
-
-
-def _track_order(first_seen: list[int], prec: set[tuple[int, int]]) -> list[int]:
-    """Programs ordered so that, at every tick, they come in the order the stream lists them
-    (a topological order of `prec`), ties broken by first appearance; a cycle falls back to it."""
-    remaining = list(first_seen)
-    out = []
-    while remaining:
-        for p in remaining:
-            if not any((q, p) in prec for q in remaining if q != p):
-                out.append(p)
-                remaining.remove(p)
-                break
-        else:
-            return out + remaining
-    return out
