@@ -31,6 +31,7 @@ from midistral.model.config import ModelConfig
 from midistral.model.model import check_tensors
 from midistral.model.precision import check_precision, convert_part, decode_layers, finish_decode
 from midistral.tokenizer_file import load_tokenizer
+from midistral.config_files import command_line
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -52,7 +53,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder, or a run folder's best/ (else last/) checkpoint."""
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"{p}: no such checkpoint or run folder (train one first: python train.py --config ...)")
+        raise CheckpointError(f"{p}: no such checkpoint or run folder "
+                              f"(train one first: {command_line('train')} --config ...)")
     if not p.is_dir():
         raise CheckpointError(f"{p}: is a file; --ckpt takes a checkpoint folder or a run folder")
     if is_checkpoint_dir(p):

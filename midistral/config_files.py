@@ -8,6 +8,8 @@ every command line calls it before loading torch.
 from __future__ import annotations
 
 import importlib.resources
+import os
+import sys
 from pathlib import Path
 
 from midistral.errors import ConfigError
@@ -44,3 +46,9 @@ def resolve_config(name_or_path, folder=None) -> Path:
     names = shipped_configs(folder)
     listed = f"shipped configs: {', '.join(names)}" if names else "this install ships no configs"
     raise ConfigError(f"{name_or_path}: no such config file, nor a shipped config of that name ({listed})")
+
+
+def command_line(name: str) -> str:
+    """How the user calls the command `name` ("train", "sample") in hints: `midistral train` when they run the
+    installed `midistral` command, else the checkout's `python train.py`."""
+    return f"midistral {name}" if os.path.basename(sys.argv[0]) == "midistral" else f"python {name}.py"

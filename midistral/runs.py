@@ -33,6 +33,7 @@ from midistral.errors import CheckpointError
 from midistral.io import atomic_write_bytes, atomic_write_text
 from midistral.plots import loss_curves_png
 from midistral.tokenizer_file import load_tokenizer
+from midistral.config_files import command_line
 
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "state.pt"
@@ -314,5 +315,5 @@ def resume_command(argv: list[str], world: int) -> str:
     import shlex
 
     args = [a for a in argv if a not in ("--resume", "--overwrite")] + ["--resume"]
-    launcher = f"torchrun --nproc_per_node {world} train.py" if world > 1 else "python train.py"
+    launcher = f"torchrun --nproc_per_node {world} train.py" if world > 1 else command_line("train")
     return " ".join([launcher, *map(shlex.quote, args)])

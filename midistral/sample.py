@@ -23,6 +23,7 @@ from midistral.model.precision import PRECISIONS
 from midistral.sampler import Sampler, sample_paths, write_sample_files
 from midistral.sampling import RejectionLimits, SamplingConfig, check_call
 from midistral.tokenize import load_score
+from midistral.config_files import command_line
 
 
 def build_parser() -> ArgumentParser:
@@ -182,7 +183,7 @@ def train_command(ckpt: str) -> str:
     shipped = Path(__file__).resolve().parent / "configs" / f"{name}.toml"
     config = f"configs/{name}.toml" if shipped.is_file() else "configs/chorales.toml"
     same_place = shipped.is_file() and Path(ckpt) == Path("runs", name)
-    return f"python train.py --config {config}" + ("" if same_place else f" out_dir={ckpt}")
+    return f"{command_line('train')} --config {config}" + ("" if same_place else f" out_dir={ckpt}")
 
 
 def free_stem(out_dir: Path, stem: str, n: int) -> str:

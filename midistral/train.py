@@ -38,6 +38,7 @@ from midistral.runs import (Guard, Interrupted, agree, append_metrics, check_sam
                             truncate_metrics)
 from midistral.sampler import Sampler, write_sample_files
 from midistral.tokenize import REMI
+from midistral.config_files import command_line
 
 
 @dataclass
@@ -311,7 +312,8 @@ def main(argv=None) -> int:
                 torch.distributed.barrier()
                 torch.distributed.destroy_process_group()
         if job.master:
-            print(f"done: {run} (best val loss {job.state.best_val:.4f}); sample with: python sample.py --ckpt {run}")
+            print(f"done: {run} (best val loss {job.state.best_val:.4f}); "
+                  f"sample with: {command_line('sample')} --ckpt {run}")
             if cfg.train.sample_after and cfg.sample.num_samples > 0:
                 write_samples(run, cfg.sample)
     except MidistralError as e:

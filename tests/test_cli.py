@@ -123,3 +123,12 @@ def test_wheel_trains_and_samples_help(installed, command):
     exe, _, env, elsewhere = installed
     r = run(str(exe), command, "--help", cwd=elsewhere, env=env)
     assert r.returncode == 0 and "usage" in r.stdout, r.stderr
+
+
+def test_hints_name_the_command_the_user_ran(monkeypatch):
+    from midistral.config_files import command_line
+
+    monkeypatch.setattr(sys, "argv", ["/somewhere/bin/midistral", "train"])
+    assert command_line("train") == "midistral train" and command_line("sample") == "midistral sample"
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    assert command_line("train") == "python train.py"
