@@ -1,4 +1,4 @@
-"""Infilling at sampling (midistral/infill.py) on real files with a tiny randomly initialised model: the
+"""Infilling at sampling (midistral/controls/infill.py) on real files with a tiny randomly initialised model: the
 structure, not the quality. Notes outside the span are compared with the original file's own notes."""
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from midistral.errors import MidistralError
-from midistral.infill import infill, infill_prompt
+from midistral.controls.infill import infill, infill_prompt
 from midistral.model import ModelConfig, Transformer
 from midistral.tokenize import REMI
 from midistral.tokenize.extra import ExtraVocab
@@ -81,7 +81,7 @@ def test_infill_of_some_tracks_keeps_the_others(tok, model, dev_midi_files):
 
 def test_the_middle_has_the_bars_asked_for(tok, model, dev_midi_files):
     from midistral.generate import generate
-    from midistral.infill import BarCount
+    from midistral.controls.infill import BarCount
     from midistral.tokenize.extra import BarStats
     from midistral.tokenize.grammar import GrammarConstraint
 

@@ -96,7 +96,7 @@ def _programs(score: symusic.Score) -> list[int]:
     return sorted({-1 if t.is_drum else int(t.program) for t in score.tracks if len(t.notes)})
 
 
-def _context(tok, prefix: np.ndarray, suffix: np.ndarray, context: int | None) -> tuple[np.ndarray, np.ndarray]:
+def context_bars(tok, prefix: np.ndarray, suffix: np.ndarray, context: int | None) -> tuple[np.ndarray, np.ndarray]:
     """The prefix's last and the suffix's first whole bars, each at most context // 2 ids."""
     if context is None:
         return prefix, suffix
@@ -127,7 +127,7 @@ def infill_prompt(tok, score: symusic.Score, first: int, last: int, style: str |
     if style and style not in e.style_ids:
         raise MidistralError(f"style {style!r}: the model knows {', '.join(e.styles) or 'no style'}")
     head = [tok.bos_id] + ([e.style_ids[style]] if style else [])
-    near_prefix, near_suffix = _context(tok, np.asarray(prefix, np.int64), np.asarray(suffix, np.int64), context)
+    near_prefix, near_suffix = context_bars(tok, np.asarray(prefix, np.int64), np.asarray(suffix, np.int64), context)
     prompt = np.r_[head, near_prefix, [e.hole_id] * (last - first + 1), near_suffix, e.fill_start_id].astype(np.int64)
     enc_tpq = timed.tpq
     ends = np.r_[bar_ticks, bar_ticks[-1] + (bar_ticks[-1] - bar_ticks[-2] if len(bar_ticks) > 1 else 4 * enc_tpq)]
