@@ -18,10 +18,12 @@
 
 from midistral.controls.accompany import accompany, parse_bar_range
 from midistral.controls.constraints import BarsConstraint, ProgramsConstraint, bars_token_budget, id_expansions
-from midistral.controls.infill import BarCount, InfillResult, infill, infill_prompt, splice
+from midistral.controls.infill import (BarCount, InfillResult, check_infill_model, infill, infill_budget, infill_prompt,
+                                       infill_report, splice)
 from midistral.controls.instruments import (GM_NAMES, SHORT_NAMES, known_programs, parse_program, parse_programs,
                                             program_name, unknown_instruments_note)
 
 __all__ = ["BarCount", "BarsConstraint", "GM_NAMES", "InfillResult", "ProgramsConstraint", "SHORT_NAMES", "accompany",
-           "bars_token_budget", "id_expansions", "infill", "infill_prompt", "known_programs", "parse_bar_range",
+           "bars_token_budget", "check_infill_model", "id_expansions", "infill", "infill_budget",
+           "infill_prompt", "infill_report", "known_programs", "parse_bar_range",
            "parse_program", "parse_programs", "program_name", "splice", "unknown_instruments_note"]
