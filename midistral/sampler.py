@@ -317,7 +317,7 @@ class Sampler:
         for r in results:
             score = music.keep_prompt_meta(music.name_tracks(r.score), source)
             programs = chosen or [music.track_program(t) for t in score.tracks]
-            metrics = failure_modes(score.clip(*r.span), r.span[0], programs)
+            metrics = failure_modes(score.clip(0, r.span[1]), r.span[0], programs)  # the span after its prefix
             out.append(Sample(score, r.span[0], r.tokens, r.skipped, metrics,
                               summary_line(score, r.tokens, r.ended, r.skipped, metrics),
                               controls.infill_report(score, r.span, (first, last), programs), ended=r.ended))

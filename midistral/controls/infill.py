@@ -232,13 +232,16 @@ def splice(score: symusic.Score, decoded: symusic.Score, span24: tuple[int, int]
 
 def infill_report(score: symusic.Score, span: tuple[int, int], bars: tuple[int, int], programs) -> str:
     """One line: per instrument, the notes kept outside the span and the new notes in it (regenerated
-    instruments, `programs`) or that it was kept exactly (the others). Tracks named (music.name_tracks)."""
+    instruments, `programs`) or that it was kept exactly (the others), and the regenerated instruments
+    that got no note in the span. Tracks named (music.name_tracks)."""
     lo, hi = span
-    parts = []
+    parts, silent = [], []
     for tr in score.tracks:
         t = tr.notes.numpy()["time"]
         inside = int(((t >= lo) & (t < hi)).sum())
         prog = -1 if tr.is_drum else int(tr.program)
         parts.append(f"{tr.name} kept {len(t) - inside}, new {inside}" if prog in programs
                      else f"{tr.name} kept {len(t)} (not regenerated)")
-    return f"infill bars {bars[0]}-{bars[1]}: " + ("; ".join(parts) or "no tracks")
+        silent += [tr.name] if prog in programs and not inside else []
+    line = f"infill bars {bars[0]}-{bars[1]}: " + ("; ".join(parts) or "no tracks")
+    return line + (f"  [{', '.join(silent)} silent in the span]" if silent else "")
