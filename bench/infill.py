@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from midistral.checkpoint import load_model_and_tokenizer, resolve_checkpoint  # noqa: E402
 from midistral.data.dataset import _read_shard, read_manifest  # noqa: E402
-from midistral.infill import _context  # noqa: E402
+from midistral.controls.infill import context_bars  # noqa: E402
 from midistral.tokenize.extra import BarStats  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def run(args) -> None:
     for p in range(len(offsets) - 1):
         ids = np.asarray(tokens[offsets[p]:offsets[p + 1]], dtype=np.int64)
         for a, b in spans(stats, ids, args.bars, args.spans, rng):
-            prefix, suffix = _context(tok, ids[:a], ids[b:], args.context)
+            prefix, suffix = context_bars(tok, ids[:a], ids[b:], args.context)
             middle = ids[a:b]
             fim = np.r_[tok.bos_id, prefix, [e.hole_id] * args.bars, suffix, e.fill_start_id, middle]
             left = np.r_[tok.bos_id, prefix, middle]

@@ -1,6 +1,7 @@
 """Continue a MIDI prompt (or start from nothing) with a trained midistral model.
 
     python sample.py prompt.mid --ckpt runs/chorales --num-samples 4 --max-new-tokens 1024
+    python sample.py song.mid --ckpt runs/chorales --infill 5-8 [--tracks bass]   # rewrite bars 5-8
 
 Writes, per sample, OUT/<name>_<i>.mid (prompt + continuation, one track per program named by General MIDI
 instrument, tempo and time signatures kept) and OUT/<name>_<i>.png (piano roll), and prints one line per file.
@@ -57,6 +58,13 @@ def build_parser() -> ArgumentParser:
                    help="add a track for this instrument to the prompt, keeping its notes exactly")
     c.add_argument("--replace-track", type=program_value, default=None, metavar="PROGRAM",
                    help="write this instrument's track anew, keeping the other tracks")
+    f = p.add_argument_group("infilling (a model trained with data.infill > 0; docs/infilling.md)")
+    f.add_argument("--infill", type=infill_value, default=None, metavar="A-B",
+                   help="regenerate bars A to B of the piece (counted from 1, both included), keeping every "
+                        "note outside them")
+    f.add_argument("--tracks", type=programs_value, default=None, metavar="NAMES",
+                   help="with --infill: regenerate only these instruments in the span (GM numbers or names, "
+                        "-1 = drums), keeping the others exactly")
     g = p.add_argument_group("rejection of failure modes")
     g.add_argument("--reject", action="store_true",
                    help="generate a sample again (other seed) while a failure mode is over its threshold")
@@ -113,8 +121,38 @@ def bars_value(text: str) -> int | str:
     return int(text)
 
 
+def infill_value(text: str) -> tuple[int, int]:
+    """"A-B" (or "A") -> (A, B): bars counted from 1, both included."""
+    first, _, last = text.partition("-")
+    last = last or first
+    if not (first.isdigit() and last.isdigit()) or int(first) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected bars A-B, counted from 1 (e.g. 5-8)")
+    if int(first) > int(last):
+        raise argparse.ArgumentTypeError(f"{text!r}: the first bar is after the last")
+    return int(first), int(last)
+
+
+def check_infill_combinations(p, args) -> None:
+    """One-line errors for --infill / --tracks with flags they do not go with."""
+    if args.infill is None:
+        if args.tracks is not None:
+            p.error("--tracks chooses the instruments --infill regenerates: give --infill A-B too")
+        return
+    if args.prompt is None:
+        p.error("--infill needs a piece: the MIDI file whose bars to regenerate")
+    for flag, given in [("--add-track", args.add_track is not None), ("--replace-track", args.replace_track is not None),
+                        ("--bars", args.bars is not None), ("--prompt-bars", args.prompt_bars is not None),
+                        ("--min-new-tokens", bool(args.min_new_tokens)), ("--reject", args.reject)]:
+        if given:
+            p.error(f"--infill regenerates bars of the piece: {flag} does not apply")
+    if args.programs is not None:
+        p.error("--infill regenerates bars of the piece: --programs does not apply (--tracks chooses the "
+                "instruments to regenerate)")
+
+
 def check_combinations(p, args) -> None:
     """One-line errors (exit 1) for flags that do not go together."""
+    check_infill_combinations(p, args)
     track = "--add-track" if args.add_track is not None else "--replace-track" if args.replace_track is not None else None
     if args.add_track is not None and args.replace_track is not None:
         p.error("--add-track and --replace-track do not go together: choose one")
@@ -163,7 +201,10 @@ def run(args) -> int:
                   prompt_name=args.prompt, bars=args.bars)
     progress = ProgressBar(args.bars if isinstance(args.bars, int) else None)
     try:
-        if args.add_track is not None or args.replace_track is not None:
+        if args.infill is not None:
+            samples = sampler.infill(prompt, args.infill, args.tracks, args.sampling, num_samples=args.num_samples,
+                                     seed=args.seed, prompt_name=args.prompt, on_progress=progress)
+        elif args.add_track is not None or args.replace_track is not None:
             program = args.add_track if args.add_track is not None else args.replace_track
             samples = sampler.accompany(prompt, program, args.sampling, replace=args.replace_track is not None,
                                         on_progress=progress, **common)

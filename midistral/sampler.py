@@ -35,25 +35,15 @@ from midistral.checkpoint import load_model_and_tokenizer, read_model_config, re
 from midistral.errors import ConfigError, MidistralError
 from midistral.generate import generate
 from midistral.evaluate import copy_index_for
-from midistral.metrics import copying_reasons, failure_modes
+from midistral.metrics import failure_modes
 from midistral.model.cache import model_config
 from midistral.model.precision import check_precision, default_precision
 from midistral.model.static import compile_pays_off
+from midistral.reports import (accompaniment_report, continuation_report, rejection_reasons,  # noqa: F401 (API)
+                               summary_line)
 from midistral.sampling import RejectionLimits, SamplingConfig, check_call
 from midistral.tokenize import load_score
 from midistral.tokenize.grammar import Grammar, GrammarConstraint
-
-
-THRESHOLDS = {"silent_share": "max_silent_share", "loop_score": "max_loop_score", "out_of_key": "max_out_of_key"}
-LABELS = {"silent_share": "silent", "loop_score": "loops", "out_of_key": "out-of-key"}
-
-
-def rejection_reasons(metrics: dict[str, float], limits: RejectionLimits | None = None) -> list[str]:
-    """Why a sample with these failure-mode metrics is rejected ([] = kept), e.g. ['loops 83% > 50%']."""
-    limits = limits or RejectionLimits()
-    return [f"{LABELS[key]} {metrics[key]:.0%} > {getattr(limits, limit):.0%}"
-            for key, limit in THRESHOLDS.items() if metrics[key] > getattr(limits, limit)
-            ] + copying_reasons(metrics, limits.max_copied_run)
 
 
 @dataclass
@@ -113,7 +103,7 @@ def check_device(device: str) -> None:
 
 
 class Sampler:
-    """A model and its tokenizer, loaded once; `sample` and `accompany` return `Sample`s."""
+    """A model and its tokenizer, loaded once; `sample`, `accompany` and `infill` return `Sample`s."""
 
     def __init__(self, model, tok, ckpt: Path | None = None, device: str = "cpu", precision: str | None = None,
                  log: Callable[[str], None] | None = None, compile: bool | None = None):
@@ -298,6 +288,41 @@ class Sampler:
         return _noted(self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: accompaniment_report(
             s.score, s.new_track, s.metrics, lim, s.rejected)), note)
 
+    def infill(self, piece, bars, tracks=None, config: SamplingConfig | None = None, *, num_samples: int = 1,
+               seed: int | None = None, style: str | None = None, prompt_name: str | None = None,
+               on_progress: Callable[[int, int], None] | None = None, **settings) -> list[Sample]:
+        """Regenerate bars A..B (`bars` = (A, B), counted from 1, both included) of `piece`, of every
+        instrument or only of `tracks` (names or GM numbers); every note outside the span is kept exactly
+        (one fill-in-the-middle prompt: midistral/controls/infill.py). Of `config` (and `settings`),
+        temperature, top_k, top_p, no_repeat_ngram_size and max_new_tokens (the middle's ids) apply.
+        Sample.metrics describe the span; Sample.report gives notes kept and new per instrument."""
+        config = self._config(config, settings)
+        check_call(num_samples=num_samples, seed=seed)
+        controls.check_infill_model(self.tok)
+        first, last = (int(b) for b in bars)
+        label = prompt_name or (str(piece) if isinstance(piece, (str, os.PathLike)) else "the piece")
+        source = load_score(piece, prompt_name)
+        chosen = None if tracks is None else self.parse_programs(tracks)
+        extra = [] if on_progress is None else [
+            _ProgressReport(on_progress, controls.infill_budget(last - first + 1, config.max_new_tokens))]
+        try:
+            results = controls.infill(
+                self.model, self.tok, source, (first, last), chosen, num_samples=num_samples, style=style,
+                temperature=config.temperature, top_k=config.top_k or None, top_p=config.top_p,
+                no_repeat_ngram_size=config.no_repeat_ngram_size or None, max_new_tokens=config.max_new_tokens,
+                seed=seed, constraints=extra, **self._precision_option())
+        except MidistralError as e:
+            raise MidistralError(f"{label}: {e}") from None
+        out = []
+        for r in results:
+            score = music.keep_prompt_meta(music.name_tracks(r.score), source)
+            programs = chosen or [music.track_program(t) for t in score.tracks]
+            metrics = failure_modes(score.clip(0, r.span[1]), r.span[0], programs)  # the span after its prefix
+            out.append(Sample(score, r.span[0], r.tokens, r.skipped, metrics,
+                              summary_line(score, r.tokens, r.ended, r.skipped, metrics),
+                              controls.infill_report(score, r.span, (first, last), programs), ended=r.ended))
+        return out
+
     @staticmethod
     def parse_programs(programs) -> list[int]:
         """GM program numbers (-1 = drums) from "0,33,-1", "piano,bass,drums" or a list of them."""
@@ -413,43 +438,6 @@ def _bar_span(score: symusic.Score, bars) -> tuple[int, int]:
     start = int(downbeats[first - 1]) if first - 1 < len(downbeats) else end
     stop = int(downbeats[last]) if last is not None and last < len(downbeats) else end
     return start, max(stop, start)
-
-
-def continuation_report(score: symusic.Score, start_tick: int, metrics: dict, limits: dict | None = None,
-                        rejected=()) -> str:
-    """New notes per instrument, the failure modes over their thresholds and the rejected tries, one line."""
-    counts = music.new_notes_per_track(score, start_tick)
-    warn = [f"{name} silent" for name, n in counts if n == 0]
-    warn += [r for r in rejection_reasons(metrics, limits) if not r.startswith("silent")]
-    if rejected:
-        gave_up = "; no try passed, kept the last" if rejection_reasons(metrics, limits) else ""
-        warn.append(f"rejected {' | '.join(rejected)}{gave_up}")
-    line = "continuation: " + (", ".join(f"{name} {n}" for name, n in counts) or "no tracks")
-    return line + (f"  [{'; '.join(warn)}]" if warn else "")
-
-
-def accompaniment_report(score: symusic.Score, new_track: int, metrics: dict, limits: dict | None = None,
-                         rejected=()) -> str:
-    """The new track's notes, its failure modes over their thresholds and the rejected tries, one line."""
-    track = score.tracks[new_track]
-    warn = rejection_reasons(metrics, limits)
-    if rejected:
-        gave_up = "; no try passed, kept the last" if warn else ""
-        warn.append(f"rejected {' | '.join(rejected)}{gave_up}")
-    line = f"new track: {track.name} {len(track.notes)} notes"
-    if not track.notes:  # the usual cause: the model never saw this instrument in its training data
-        warn.append("the model wrote no note for this instrument: was it in its training data? "
-                    "--replace-track with one of the piece's instruments works with any model")
-    return line + (f"  [{'; '.join(warn)}]" if warn else "")
-
-
-def summary_line(score: symusic.Score, n_tokens: int, ended: bool, skipped: int, metrics: dict) -> str:
-    """bars, notes, instruments, length, tokens, skipped tokens and the failure modes, on one line."""
-    instruments = ", ".join(t.name for t in score.tracks) or "none"
-    modes = "  ".join(f"{LABELS[k]} {metrics[k]:.0%}" for k in THRESHOLDS)
-    return (f"bars {music.n_bars(score)}  notes {score.note_num()}  instruments [{instruments}]  "
-            f"{score.to('second').end():.1f}s  tokens {n_tokens}{' (ended with EOS)' if ended else ''}  "
-            f"skipped {skipped}  {modes}")
 
 
 class _ProgressReport:

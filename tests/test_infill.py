@@ -1,4 +1,4 @@
-"""Infilling at sampling (midistral/infill.py) on real files with a tiny randomly initialised model: the
+"""Infilling at sampling (midistral/controls/infill.py) on real files with a tiny randomly initialised model: the
 structure, not the quality. Notes outside the span are compared with the original file's own notes."""
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from midistral.errors import MidistralError
-from midistral.infill import infill, infill_prompt
+from midistral.controls.infill import infill, infill_prompt
 from midistral.model import ModelConfig, Transformer
 from midistral.tokenize import REMI
 from midistral.tokenize.extra import ExtraVocab
@@ -81,7 +81,7 @@ def test_infill_of_some_tracks_keeps_the_others(tok, model, dev_midi_files):
 
 def test_the_middle_has_the_bars_asked_for(tok, model, dev_midi_files):
     from midistral.generate import generate
-    from midistral.infill import BarCount
+    from midistral.controls.infill import BarCount
     from midistral.tokenize.extra import BarStats
     from midistral.tokenize.grammar import GrammarConstraint
 
@@ -107,3 +107,59 @@ def test_errors(tok, model, dev_midi_files):
     plain = REMI()
     with pytest.raises(MidistralError, match="not trained for infilling"):
         infill(model, plain, f, bars=(1, 2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampler.infill: the library call the CLI and the studio use
+
+def test_sampler_infill_keeps_the_outside_and_writes_inside(tok, model, dev_midi_files):
+    from midistral.sampler import Sampler
+
+    f = next(p for p in dev_midi_files if p.name == "lmd__Predictable.mid")
+    score = load_score(f)
+    lo, hi = _span(tok, score, 2, 3)
+    seen = []
+    samples = Sampler(model, tok).infill(f, (2, 3), num_samples=2, seed=0, temperature=1.0, top_k=0,
+                                         max_new_tokens=150, on_progress=lambda i, n: seen.append(i))
+    outside = lambda n: not lo <= n[1] < hi  # noqa: E731
+    want = [n for n in _notes(score) if outside(n)]
+    assert len(samples) == 2 and seen
+    assert sum(len([n for n in _notes(s.score) if not outside(n)]) for s in samples) > 0  # the span got notes
+    for s in samples:
+        got = _notes(s.score)
+        assert [n for n in got if outside(n)] == want
+        new = [n for n in got if not outside(n)]
+        assert all(lo <= n[1] < hi and n[1] + n[2] <= hi for n in new)
+        assert s.skipped == 0 and s.start_tick == lo and set(s.metrics) >= {"silent_share", "loop_score"}
+        assert s.report.startswith("infill bars 2-3: ") and "kept" in s.report and "new" in s.report
+        kept = sum(int(x.split("kept ")[1].split(",")[0]) for x in s.report.split(": ", 1)[1].split("; "))
+        assert kept == len(want)
+        assert "bars" in s.line and "skipped 0" in s.line
+
+
+def test_sampler_infill_of_one_track_keeps_the_others(tok, model, dev_midi_files):
+    from midistral.general_midi import program_name
+    from midistral.sampler import Sampler
+
+    f = next(p for p in dev_midi_files if p.name == "lmd__Predictable.mid")
+    score = load_score(f)
+    progs = sorted({-1 if t.is_drum else t.program for t in score.tracks if len(t.notes)})
+    s = Sampler(model, tok).infill(f, (2, 3), tracks=[progs[0]], seed=1, max_new_tokens=150)[0]
+    other = lambda tr: (-1 if tr.is_drum else tr.program) != progs[0]  # noqa: E731
+    assert _notes(s.score, other) == _notes(score, other)
+    assert "(not regenerated)" in s.report and f"{program_name(progs[0])} kept" in s.report
+
+
+def test_sampler_infill_errors_are_one_line(tok, model, dev_midi_files):
+    from midistral.sampler import Sampler
+
+    f = next(p for p in dev_midi_files if p.name == "music21__cs1-1pre.mid")
+    sampler = Sampler(model, tok)
+    for bars, tracks, match in [((3, 999), None, "the piece has bars 1-"), ((3, 2), None, "first bar is after"),
+                                ((1, 2), "bass", "not in the piece")]:
+        with pytest.raises(MidistralError, match=match) as e:
+            sampler.infill(f, bars, tracks=tracks)
+        assert "\n" not in str(e.value) and str(e.value).startswith(str(f))
+    with pytest.raises(MidistralError, match="data.infill = 0.3") as e:
+        Sampler(model, REMI()).infill(f, (1, 2))
+    assert "\n" not in str(e.value) and "not trained for infilling" in str(e.value)

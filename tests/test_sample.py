@@ -240,6 +240,17 @@ def test_corrupt_checkpoint_one_line(ckpt, tmp_path, capsys, what):
     (["--programs", "piano,banjoo"], "unknown instrument 'banjoo'"),
     (["--reject-tries", "0"], "--reject-tries=0: expected an integer >= 1"),
     (["--max-loop-score", "1.5"], "--max-loop-score=1.5: expected a number in [0, 1]"),
+    (["--infill", "2-3"], "--infill needs a piece"),
+    (["--infill", "3-2", "p.mid"], "argument --infill: '3-2': the first bar is after the last"),
+    (["--infill", "0-2", "p.mid"], "argument --infill: '0-2': expected bars A-B, counted from 1"),
+    (["--infill", "x", "p.mid"], "argument --infill: 'x': expected bars A-B"),
+    (["--infill", "2-3", "--add-track", "33", "p.mid"], "--add-track does not apply"),
+    (["--infill", "2-3", "--replace-track", "0", "p.mid"], "--replace-track does not apply"),
+    (["--infill", "2-3", "--bars", "4", "p.mid"], "--bars does not apply"),
+    (["--infill", "2-3", "--bars", "2:3", "p.mid"], "--bars does not apply"),
+    (["--infill", "2-3", "--programs", "0", "p.mid"], "--programs does not apply (--tracks chooses"),
+    (["--tracks", "piano", "p.mid"], "--tracks chooses the instruments --infill regenerates"),
+    (["--infill", "2-3", "--tracks", "banjoo", "p.mid"], "unknown instrument 'banjoo'"),
 ])
 def test_bad_flags_one_line_exit_1(args, message, capsys):
     from midistral import sample
@@ -283,3 +294,76 @@ def test_bars_progress_and_messages_say_what_happens(ckpt, prompt, tmp_path, cap
     assert sample.main([str(prompt), "--ckpt", str(ckpt), "--out", str(tmp_path), "--bars", "1", "--seed", "0"]) == 0
     err = capsys.readouterr().err
     assert "generating 1 bar (at most" in err and "generating at most" not in err and "must fit" not in err
+
+
+# ----------------------------------------------------------------------------------------------------
+# --infill A-B [--tracks NAMES]
+
+@pytest.fixture(scope="module")
+def fim_ckpt(tmp_path_factory):
+    """A random tiny model whose tokenizer has the fill-in-the-middle tokens (as data.infill > 0 makes it)."""
+    import torch
+
+    from midistral.checkpoint import save_checkpoint
+    from midistral.model import ModelConfig, Transformer
+    from midistral.tokenize import REMI
+    from midistral.tokenize.extra import ExtraVocab
+
+    torch.manual_seed(0)
+    tok = REMI()
+    tok.extra = ExtraVocab(len(tok))
+    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, sliding_window=64, max_position_embeddings=1024)
+    d = tmp_path_factory.mktemp("fim")
+    save_checkpoint(d / "best", Transformer(cfg), tok)
+    return d
+
+
+def seconds_notes(path):
+    """(program, drum, onset, duration, pitch, velocity) of every note, times in seconds (rounded to 1 us)."""
+    s = symusic.Score(str(path)).to("second")
+    return sorted((t.program, t.is_drum, round(n.time, 6), round(n.duration, 6), n.pitch, n.velocity)
+                  for t in s.tracks for n in t.notes)
+
+
+BAR = 3 * 0.6  # the prompt's bars: 3/4 at 100 bpm
+SPAN = (BAR, 3 * BAR)  # bars 2-3
+
+
+@pytest.mark.parametrize("tracks", [None, "drums"])
+def test_infill_keeps_the_notes_outside_the_span(fim_ckpt, prompt, tmp_path, capsys, tracks):
+    from midistral import sample
+
+    out = tmp_path / "o"
+    args = [str(prompt), "--ckpt", str(fim_ckpt), "--out", str(out), "--infill", "2-3", "--num-samples", "2",
+            "--seed", "0", "--temperature", "1.0", "--top-k", "0", "--max-new-tokens", "200"]
+    assert sample.main(args + (["--tracks", tracks] if tracks else [])) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("infill bars 2-3: ") == 2
+    outside = lambda n: not SPAN[0] - 1e-6 <= n[2] < SPAN[1] - 1e-6  # noqa: E731
+    before = seconds_notes(prompt)
+    new_total = 0
+    for i in range(2):
+        after = seconds_notes(out / f"tune_{i}.mid")
+        assert [n for n in after if outside(n)] == [n for n in before if outside(n)]  # kept exactly, in seconds
+        new = [n for n in after if not outside(n) and n not in before]
+        assert all(SPAN[0] - 1e-6 <= n[2] < SPAN[1] - 1e-6 for n in new)  # every new note starts in the span
+        if tracks:  # the piano is kept exactly, its span's notes included
+            assert [n for n in after if not n[1]] == [n for n in before if not n[1]]
+        new_total += len([n for n in after if not outside(n)])
+    assert new_total > 0
+
+
+def test_infill_one_line_errors(fim_ckpt, ckpt, prompt, tmp_path, capsys):
+    from midistral import sample
+
+    base = [str(prompt), "--out", str(tmp_path / "o")]
+    assert sample.main(base + ["--ckpt", str(fim_ckpt), "--infill", "3-9"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {prompt}: bars 3-9: the piece has bars 1-4"
+    assert sample.main(base + ["--ckpt", str(fim_ckpt), "--infill", "2-3", "--tracks", "bass"]) == 1
+    assert "tracks Electric Bass (finger): not in the piece" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert sample.main(base + ["--ckpt", str(ckpt), "--infill", "2-3"]) == 1  # trained without data.infill
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: this model was not trained for infilling") and "data.infill = 0.3" in err[-1]
+    assert not list((tmp_path / "o").glob("*.mid"))

@@ -32,6 +32,7 @@ import numpy as np
 import symusic
 import torch
 
+from midistral.controls.instruments import program_name
 from midistral.errors import MidistralError
 from midistral.generate import generate
 from midistral.tokenize.extra import BarStats
@@ -47,6 +48,22 @@ class InfillResult:
     tokens: int  # ids the model wrote
     ended: bool  # it wrote FillBar_End (else the token budget closed the middle)
     skipped: int  # ids the decoder skipped (0 under the grammar)
+    span: tuple[int, int] = (0, 0)  # the span's [start, end) in the score's ticks
+
+
+NOT_TRAINED = ("this model was not trained for infilling: its tokenizer has no fill-in-the-middle tokens; "
+               "train one with data.infill = 0.3 in its config (as configs/chorales.toml does)")
+
+
+def check_infill_model(tok) -> None:
+    """A one-line MidistralError unless the tokenizer has the fill-in-the-middle tokens."""
+    if tok.extra is None or getattr(tok.extra, "fill_start_id", None) is None:
+        raise MidistralError(NOT_TRAINED)
+
+
+def infill_budget(k: int, max_new_tokens: int | None = None) -> int:
+    """Ids the model may write for a middle of `k` bars (`max_new_tokens` if given)."""
+    return max_new_tokens or 96 * k + 64
 
 
 class BarCount:
@@ -96,7 +113,7 @@ def _programs(score: symusic.Score) -> list[int]:
     return sorted({-1 if t.is_drum else int(t.program) for t in score.tracks if len(t.notes)})
 
 
-def _context(tok, prefix: np.ndarray, suffix: np.ndarray, context: int | None) -> tuple[np.ndarray, np.ndarray]:
+def context_bars(tok, prefix: np.ndarray, suffix: np.ndarray, context: int | None) -> tuple[np.ndarray, np.ndarray]:
     """The prefix's last and the suffix's first whole bars, each at most context // 2 ids."""
     if context is None:
         return prefix, suffix
@@ -112,12 +129,13 @@ def infill_prompt(tok, score: symusic.Score, first: int, last: int, style: str |
     """(prompt ids, the span's [start, end) in the decoded timeline (tpq 24), in the score's ticks, and
     the prefix ids). Bars are counted from 1, both included. `context`: at most that many ids of prefix
     and suffix in the prompt (half each, whole bars nearest the span)."""
-    if tok.extra is None:
-        raise MidistralError("this model was not trained for infilling (its tokenizer has no infilling tokens)")
+    check_infill_model(tok)
     bars = tok.base_ids_by_bar(score)
     timed = tok.encode_with_times(score)
     bar_ticks = timed.bar_ticks
     n = len(bars)
+    if first > last:
+        raise MidistralError(f"bars {first}-{last}: the first bar is after the last")
     if not 1 <= first <= last <= n:
         raise MidistralError(f"bars {first}-{last}: the piece has bars 1-{n}")
     e = tok.extra
@@ -127,7 +145,7 @@ def infill_prompt(tok, score: symusic.Score, first: int, last: int, style: str |
     if style and style not in e.style_ids:
         raise MidistralError(f"style {style!r}: the model knows {', '.join(e.styles) or 'no style'}")
     head = [tok.bos_id] + ([e.style_ids[style]] if style else [])
-    near_prefix, near_suffix = _context(tok, np.asarray(prefix, np.int64), np.asarray(suffix, np.int64), context)
+    near_prefix, near_suffix = context_bars(tok, np.asarray(prefix, np.int64), np.asarray(suffix, np.int64), context)
     prompt = np.r_[head, near_prefix, [e.hole_id] * (last - first + 1), near_suffix, e.fill_start_id].astype(np.int64)
     enc_tpq = timed.tpq
     ends = np.r_[bar_ticks, bar_ticks[-1] + (bar_ticks[-1] - bar_ticks[-2] if len(bar_ticks) > 1 else 4 * enc_tpq)]
@@ -138,26 +156,31 @@ def infill_prompt(tok, score: symusic.Score, first: int, last: int, style: str |
 
 
 def infill(model, tok, score, bars: tuple[int, int], tracks=None, *, num_samples: int = 1, style: str | None = None,
-           temperature: float = 0.7, top_k: int | None = 12, no_repeat_ngram_size: int | None = None,
-           max_new_tokens: int | None = None, context: int | None = None, seed: int | None = None,
-           precision: str = "fp32") -> list[InfillResult]:
+           temperature: float = 0.7, top_k: int | None = 12, top_p: float | None = None,
+           no_repeat_ngram_size: int | None = None, max_new_tokens: int | None = None, context: int | None = None,
+           seed: int | None = None, precision: str = "fp32", constraints=()) -> list[InfillResult]:
     """Regenerate bars A..B (1-based, inclusive) of every track, or of `tracks` (programs); see the module
     docstring for what is kept, removed and cut. One result per sample. `context`: ids of prefix and
-    suffix the model sees (half each; default twice the attention window, within its positions)."""
+    suffix the model sees (half each; default twice the attention window, within its positions);
+    `constraints`: more `generate` constraints (e.g. a progress report)."""
     score = load_score(score)
     first, last = int(bars[0]), int(bars[1])
     k = last - first + 1
-    budget = max_new_tokens or 96 * k + 64
+    budget = infill_budget(k, max_new_tokens)
     cfg = model.config
     room = cfg.max_position_embeddings - budget - k - 4
     context = min(context or 2 * (cfg.sliding_window or room), room)
     prompt, span24, span, prefix = infill_prompt(tok, score, first, last, style, context)
     programs = _programs(score)
     chosen = programs if tracks is None else [int(p) for p in tracks]
+    missing = [p for p in chosen if p not in programs]
+    if missing:
+        raise MidistralError(f"tracks {', '.join(map(program_name, missing))}: not in the piece (it has "
+                             f"{', '.join(map(program_name, programs)) or 'no notes'})")
     device = next(model.parameters()).device
-    constraints = [GrammarConstraint(tok, budget), BarCount(tok, k, programs)]
+    constraints = [GrammarConstraint(tok, budget), BarCount(tok, k, programs), *constraints]
     out = generate(model, torch.tensor(prompt, device=device)[None].repeat(num_samples, 1), budget,
-                   temperature=temperature, top_k=top_k, no_repeat_ngram_size=no_repeat_ngram_size,
+                   temperature=temperature, top_k=top_k, top_p=top_p, no_repeat_ngram_size=no_repeat_ngram_size,
                    eos_id=tok.extra.fill_end_id, pad_id=tok.pad_id, seed=seed, constraints=constraints,
                    precision=precision)
     results = []
@@ -166,7 +189,7 @@ def infill(model, tok, score, bars: tuple[int, int], tracks=None, *, num_samples
         middle = row[:row.index(tok.extra.fill_end_id)] if ended else row
         decoded, skipped = tok.decode_with_report(np.r_[prefix, np.asarray(middle, dtype=np.int64)])
         new, added, removed = splice(score, decoded, span24, span, chosen)
-        results.append(InfillResult(new, added, removed, len(middle), ended, skipped))
+        results.append(InfillResult(new, added, removed, len(middle), ended, skipped, span))
     return results
 
 
@@ -205,3 +228,20 @@ def splice(score: symusic.Score, decoded: symusic.Score, span24: tuple[int, int]
     for tr in out.tracks:
         tr.notes.sort()
     return out, added, removed
+
+
+def infill_report(score: symusic.Score, span: tuple[int, int], bars: tuple[int, int], programs) -> str:
+    """One line: per instrument, the notes kept outside the span and the new notes in it (regenerated
+    instruments, `programs`) or that it was kept exactly (the others), and the regenerated instruments
+    that got no note in the span. Tracks named (music.name_tracks)."""
+    lo, hi = span
+    parts, silent = [], []
+    for tr in score.tracks:
+        t = tr.notes.numpy()["time"]
+        inside = int(((t >= lo) & (t < hi)).sum())
+        prog = -1 if tr.is_drum else int(tr.program)
+        parts.append(f"{tr.name} kept {len(t) - inside}, new {inside}" if prog in programs
+                     else f"{tr.name} kept {len(t)} (not regenerated)")
+        silent += [tr.name] if prog in programs and not inside else []
+    line = f"infill bars {bars[0]}-{bars[1]}: " + ("; ".join(parts) or "no tracks")
+    return line + (f"  [{', '.join(silent)} silent in the span]" if silent else "")
