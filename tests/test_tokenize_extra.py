@@ -131,3 +131,13 @@ def test_bpe_never_crosses_a_bar(bpe_tok, dev_midi_files):
         cut = [bpe_tok.bpe.decode(ids[a:b]) for a, b in zip(starts, np.r_[starts[1:], len(ids)])]
         assert all(bpe_tok.family[c[0]] == Family.BAR for c in cut)
         assert (np.concatenate([bpe_tok.bpe.decode(ids[:starts[0]])] + cut) == base).all()
+
+
+def test_track_tokens_of_a_chunk_without_onsets_are_in_the_vocabulary():
+    from midistral.tokenize import REMI
+    from midistral.tokenize.extra import ExtraVocab
+
+    tok = REMI()
+    extra = ExtraVocab(len(tok.vocab))
+    ids = extra.track_ids(np.zeros(3, dtype=np.int64), 1, 0)  # three silent bars: no onset at all
+    assert len(ids) == 4 and all(extra.start <= i < extra.stop for i in ids)

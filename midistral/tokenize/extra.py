@@ -129,7 +129,9 @@ def track_values(densities, poly_min: int, poly_max: int, p: dict | None = None)
     dmin, dmax = (int(np.min(densities)), int(np.max(densities))) if len(densities) else (0, 0)
     dens = (f"{cap}+", f"{cap}+") if dmin >= cap else (str(dmin), density_value(dmax, cap))
     pmin = max(min(poly_min, p["polyphony_min"]), p["polyphony_min"])
-    return (*dens, str(pmin), str(min(poly_max, p["polyphony_max"])))
+    # a chunk whose whole bars are silent has no onset: its maximum is clipped up to the vocabulary's lowest
+    # value, as a bar's is (MidiTok never sees it: a track there always has notes)
+    return (*dens, str(pmin), str(_clip(poly_max, p)))
 
 
 def _default_params() -> dict:
