@@ -5,7 +5,7 @@
     python bench/generate.py --precision fp32 fp16 bf16 int8 --ckpt runs/chorales   # per-precision table + guard
     python bench/generate.py --memory-only    # peak RSS per precision and loader at batch 8 (a few minutes)
 
-The reference model of the report (24M parameters: vocab 5000, hidden 512, intermediate 1024, 8 layers,
+The reference model (24M parameters: vocab 5000, hidden 512, intermediate 1024, 8 layers,
 4 heads, 2 KV heads, sliding window 512, 8192 positions) with random weights, built once as a transformers
 MistralForCausalLM, saved with save_pretrained and loaded into ours with `checkpoint.load_model`, so both run the same
 weights. Sampling: top-k 6, temperature 0.5, no-repeat-6-gram, EOS never stops a row (min new tokens =
@@ -345,7 +345,7 @@ def main():
     ap.add_argument("--memory-only", action="store_true",
                     help="only the memory table: per precision and loader, peak RSS at batch 8 (fresh processes)")
     ap.add_argument("--compile", action="store_true",
-                    help="the report's sampling, eager and compiled vs transformers, first call cold/warm "
+                    help="the reference setup's sampling, eager and compiled vs transformers, first call cold/warm "
                          "(precisions: --precision, default the machine's default)")
     ap.add_argument("--busy", action="store_true", help="sampling beside a competing CPU-bound process, slowdown vs idle")
     ap.add_argument("--first-call-child", nargs=3, metavar=("FOLDER", "PRECISION", "BATCH"), help=argparse.SUPPRESS)

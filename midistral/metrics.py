@@ -1,4 +1,4 @@
-"""Objective per-piece music metrics on symusic scores, the report's failure modes, and copying, as numbers.
+"""Objective per-piece music metrics on symusic scores, the reference setup's failure modes, and copying, as numbers.
 
 Every metric is computed at a fixed resolution of 12 ticks per quarter note (a "beat" below), as muspy 0.5
 does after `adjust_resolution(12)`: onsets and ends are rounded separately (half to even). The definitions

@@ -1,4 +1,4 @@
-"""`python -m midistral.data stats --config CFG`: histograms of the prepared corpus (the report's figure 30)."""
+"""`python -m midistral.data stats --config CFG`: histograms of the prepared corpus (as the reference study's corpus figure)."""
 
 from __future__ import annotations
 

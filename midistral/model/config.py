@@ -1,4 +1,4 @@
-"""Model configuration with transformers' `MistralConfig` field names, so the report's dict works as is."""
+"""Model configuration with transformers' `MistralConfig` field names, so the reference setup's dict works as is."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class ModelConfig:
     @property
     def decode_weights(self) -> int:
         """How many weights one decode step reads through matrix products: every block's linear layers and
-        the LM head (the report's model: 21.4M; the embedded default: 0.9M)."""
+        the LM head (the reference model: 21.4M; the embedded default: 0.9M)."""
         q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
         C, inter = self.hidden_size, self.intermediate_size
         return self.num_hidden_layers * (C * (q + 2 * kv) + q * C + 3 * C * inter) + self.vocab_size * C

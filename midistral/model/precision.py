@@ -79,7 +79,8 @@ class OneDNNLinear(Prepacked):
     """fp32 y = x W^T with W prepacked once for oneDNN (the op torch.compile emits for CPU linears): for the
     report's model at batch 8 about 1.9x faster than MKL on the plain weight, at batch 1 about 1.1x. A
     oneDNN call costs ~10 us more than MKL's, so a weight under MIN_WEIGHTS elements (the embedded default's,
-    128 wide) keeps the plain product: 2-5x faster there at 1 row, as fast at 8 (bench/RESULTS.md, session 10)."""
+    128 wide) keeps the plain product: 2-5x faster there at 1 row, as fast at 8 (bench/RESULTS.md, "A machine
+    with AVX512-BF16")."""
 
     MIN_WEIGHTS = 1 << 17
 
@@ -163,7 +164,7 @@ class Int8Linear(nn.Module):
 
 class Int8Embedding(nn.Module):
     """The token embedding as int8 rows with one scale per row (as Int8Linear's channels): a lookup reads B
-    rows, so it costs nothing, and the table holds a quarter of fp32's bytes (the report's model: 10 MB ->
+    rows, so it costs nothing, and the table holds a quarter of fp32's bytes (the reference model: 10 MB ->
     2.6 MB). Rows come out in fp32, the residual stream's dtype."""
 
     def __init__(self, embedding: nn.Embedding):
@@ -179,7 +180,7 @@ class Int8Embedding(nn.Module):
 # fp32 uses the oneDNN-prepacked layer where the build has oneDNN (OneDNNLinear falls back to the plain product).
 # The LM head keeps fp16's weights and gives fp32 logits in every narrow precision: logits rounded to bf16 (a
 # bf16 or int8 head) changed the argmax on 1.3-1.8% of positions, an fp16 head on 0.3% (bench/RESULTS.md,
-# session 10), for 2.5 MB more than an int8 head.
+# "A machine with AVX512-BF16"), for 2.5 MB more than an int8 head.
 BUILD = {"fp32": (OneDNNLinear, OneDNNLinear, torch.float32), "fp16": (FP16Linear, FP16Linear, torch.bfloat16),
          "bf16": (BF16Linear, FP16Linear, torch.bfloat16), "int8": (Int8Linear, FP16Linear, torch.bfloat16)}
 BUILD_CUDA = {"fp32": (None, None, torch.float32), "fp16": (FP16Linear, FP16Linear, torch.float16),
@@ -192,11 +193,10 @@ EMBEDDING = {"int8": Int8Embedding}
 # bench/generate.py --precision (bench/RESULTS.md): a precision is offered where it is faster than fp32 and
 # passes the quality guard (teacher-forced NLL within 0.5% (bf16, fp16) / 1.5% (int8) of fp32, argmax
 # agreement >= 99% / 97%).
-# - AVX2 (sessions 5-9): batch 1 int8 and fp16 tie within run-to-run noise, batch 8 fp16 is faster: fp16.
-#   bf16 has no fast product there (oneDNN takes bf16 weights only with AVX512-BF16): not offered.
-# - AVX512_BF16 (session 10, two runs): batch 1 int8 3.1 ms/step, fp16 3.5-3.8, bf16 5.3, fp32 6.7-8.6;
-#   batch 8 fp16 8.3-8.8, int8 8.9-9.8, bf16 9.2, fp32 11.9-13.9: int8 (the fastest at batch 1, where a
-#   laptop samples one piece; a quarter of the bytes), then fp16 (the fastest at batch 8).
+# - AVX2: batch 1 int8 and fp16 tie within run-to-run noise, batch 8 fp16 is faster: fp16. bf16 has no fast
+#   product there (oneDNN takes bf16 weights only with AVX512-BF16): not offered.
+# - AVX512_BF16: int8 (the fastest at batch 1, where a laptop samples one piece; a quarter of the bytes),
+#   then fp16 (the fastest at batch 8). The figures per machine are in docs/precision.md and bench/RESULTS.md.
 # - AVX512 without BF16: unmeasured (no such machine here), AVX2's row. CUDA: unmeasured (no GPU here), fp32
 #   first (the model's own path with the Triton kernel).
 OFFERED = {"AVX2": ("fp16", "int8", "fp32"), "AVX512": ("fp16", "int8", "fp32"),
@@ -222,8 +222,8 @@ def available_precisions(device: torch.device | str = "cpu") -> list[str]:
 
 # A model under this many decode weights (16 MB in fp32, half this machine's L3) samples in fp32 on CPU: its
 # weights stay in cache, so narrow weights save no memory traffic, and what a step costs is per-op overhead.
-# The embedded default (0.9M) samples as fast in fp32 as in int8 at batch 1 (0.79 vs 0.80 ms/step) and faster
-# than in fp16 (1.05) or bf16 (1.33) on AVX512-BF16 (bench/RESULTS.md, session 10).
+# The embedded default (0.9M) samples as fast in fp32 as in int8 at batch 1 and faster than in fp16 or bf16
+# (bench/RESULTS.md, "A machine with AVX512-BF16").
 SMALL_MODEL_WEIGHTS = 4 << 20
 
 
