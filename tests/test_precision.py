@@ -92,7 +92,7 @@ def test_bf16_linear_equals_product_of_bf16_rounded_operands():
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "int8"])
 def test_narrow_precisions_give_fp32_logits_from_an_fp16_head(precision):
-    """Logits rounded to bf16 flip near-tied argmaxes (bench/RESULTS.md, session 10): every narrow precision keeps
+    """Logits rounded to bf16 flip near-tied argmaxes (bench/RESULTS.md, "A machine with AVX512-BF16"): every narrow precision keeps
     the LM head in fp16 weights with fp32 logits, equal to the product with the fp16-rounded head."""
     model = small_model()
     runner = convert(model, precision)
