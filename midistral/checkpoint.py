@@ -38,6 +38,9 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 INDEX_FILE = "model.safetensors.index.json"  # a transformers folder's shards
 RUN_CHECKPOINTS = ("best", "last")  # a run folder's checkpoints, in the order `--ckpt RUN` picks them
+# the model that ships with the package (models/default in the repository; midistral/release.py writes it):
+# what sample.py, Sampler.load() and the studio use when no checkpoint is given
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
 
 
 def _has_weights(d: Path) -> bool:
@@ -49,8 +52,13 @@ def is_checkpoint_dir(d: str | os.PathLike) -> bool:
     return d.is_dir() and (d / CONFIG_FILE).is_file() and _has_weights(d)
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, or a run folder's best/ (else last/) checkpoint."""
+def resolve_checkpoint(path: str | os.PathLike | None) -> Path:
+    """A checkpoint folder, or a run folder's best/ (else last/) checkpoint; None: the shipped default model."""
+    if path is None:
+        if not is_checkpoint_dir(DEFAULT_MODEL):
+            raise CheckpointError(f"{DEFAULT_MODEL}: the shipped default model is missing from this install; "
+                                  f"give a trained run (--ckpt RUN; {command_line('train')} --config ... makes one)")
+        return DEFAULT_MODEL
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint or run folder "

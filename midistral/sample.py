@@ -1,7 +1,9 @@
 """Continue a MIDI prompt (or start from nothing) with a trained midistral model.
 
+    python sample.py prompt.mid                          # the shipped default model (models/default)
+    python sample.py --style folk --bars 16              # from nothing, in a style (--list-styles)
     python sample.py prompt.mid --ckpt runs/chorales --num-samples 4 --max-new-tokens 1024
-    python sample.py song.mid --ckpt runs/chorales --infill 5-8 [--tracks bass]   # rewrite bars 5-8
+    python sample.py song.mid --infill 5-8 [--tracks bass]                        # rewrite bars 5-8
 
 Writes, per sample, OUT/<name>_<i>.mid (prompt + continuation, one track per program named by General MIDI
 instrument, tempo and time signatures kept) and OUT/<name>_<i>.png (piano roll), and prints one line per file.
@@ -30,7 +32,12 @@ from midistral.config_files import command_line
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("prompt", nargs="?", help="MIDI file to continue (omit to start from nothing)")
-    p.add_argument("--ckpt", required=True, help="run folder (best/, else last/) or checkpoint folder")
+    p.add_argument("--ckpt", default=None,
+                   help="run folder (best/, else last/) or checkpoint folder (default: the shipped model, "
+                        "models/default)")
+    p.add_argument("--style", default=None,
+                   help="the style to write in, for a model trained with style tokens (--list-styles)")
+    p.add_argument("--list-styles", action="store_true", help="print the model's styles, one per line, and exit")
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
     p.add_argument("--force", action="store_true", help="overwrite files of an earlier run with the same names")
     p.add_argument("--num-samples", type=int, default=1, metavar="N",
@@ -160,6 +167,8 @@ def check_combinations(p, args) -> None:
         p.error(f"{track} needs a prompt: the MIDI file to add the track to")
     if track and args.programs is not None:
         p.error(f"{track} writes one instrument: --programs does not apply")
+    if track and args.style is not None:
+        p.error(f"{track} follows the piece's own style: --style does not apply")
     if track and (args.prompt_bars is not None or args.min_new_tokens or args.max_new_tokens is not None
                   or args.top_p is not None):
         p.error(f"{track} walks the whole piece: --prompt-bars, --min-new-tokens, --max-new-tokens and --top-p "
@@ -183,7 +192,23 @@ def main(argv=None) -> int:
         return 1
 
 
+def list_styles(ckpt) -> int:
+    """Print the styles of the model at `ckpt` (None: the default), one per line, reading only its tokenizer."""
+    from midistral.checkpoint import find_tokenizer_file, resolve_checkpoint
+    from midistral.tokenizer_file import load_tokenizer
+
+    tok = load_tokenizer(find_tokenizer_file(resolve_checkpoint(ckpt)))
+    styles = tok.extra.styles if tok.extra is not None else []
+    if not styles:
+        log(f"note: {resolve_checkpoint(ckpt)} was trained without style tokens")
+    for s in styles:
+        print(s)
+    return 0
+
+
 def run(args) -> int:
+    if args.list_styles:
+        return list_styles(args.ckpt)
     # a bad prompt or output folder is reported before any work on the model
     if args.prompt is not None and not Path(args.prompt).exists():
         raise MidistralError(f"{args.prompt}: no such prompt file")
@@ -193,7 +218,7 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MidistralError(f"{out}: cannot be the output folder (--out): {e.strerror}") from None
-    if not Path(args.ckpt).exists():
+    if args.ckpt is not None and not Path(args.ckpt).exists():
         raise MidistralError(f"{args.ckpt}: no such checkpoint or run folder; train first: {train_command(args.ckpt)}")
     sampler = Sampler.load(args.ckpt, device=args.device, precision=args.precision, log=log, compile=args.compile)
     log(f"checkpoint {sampler.ckpt}; {args.num_samples} sample(s); precision {sampler.precision}")
@@ -203,14 +228,14 @@ def run(args) -> int:
     try:
         if args.infill is not None:
             samples = sampler.infill(prompt, args.infill, args.tracks, args.sampling, num_samples=args.num_samples,
-                                     seed=args.seed, prompt_name=args.prompt, on_progress=progress)
+                                     seed=args.seed, style=args.style, prompt_name=args.prompt, on_progress=progress)
         elif args.add_track is not None or args.replace_track is not None:
             program = args.add_track if args.add_track is not None else args.replace_track
             samples = sampler.accompany(prompt, program, args.sampling, replace=args.replace_track is not None,
                                         on_progress=progress, **common)
         else:
             samples = sampler.sample(prompt, args.sampling, prompt_bars=args.prompt_bars, programs=args.programs,
-                                     on_progress=progress, **common)
+                                     style=args.style, on_progress=progress, **common)
     finally:
         progress.close()
     stem = Path(args.prompt).stem if args.prompt else "sample"

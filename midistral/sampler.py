@@ -122,10 +122,25 @@ class Sampler:
         """The programs (-1 = drums) the model's training split plays; None when its data cannot be found."""
         return controls.known_programs(self.ckpt, self.tok)
 
+    @property
+    def styles(self) -> list[str]:
+        """The styles the model was trained with (`style=` of sample and infill); [] for a model without."""
+        return list(self.tok.extra.styles) if self.tok.extra is not None else []
+
+    def style_id(self, style: str | None) -> int | None:
+        """The id of `style` (None: no style); a one-line MidistralError naming the styles the model knows."""
+        if style is None:
+            return None
+        if style not in self.styles:
+            known = ", ".join(self.styles) or "none (it was trained without style tokens)"
+            raise MidistralError(f"style {style!r}: the model does not know it; its styles: {known}")
+        return self.tok.extra.style_ids[style]
+
     @classmethod
-    def load(cls, ckpt: str | os.PathLike, device: str = "cpu", precision: str | None = None,
+    def load(cls, ckpt: str | os.PathLike | None = None, device: str = "cpu", precision: str | None = None,
              log: Callable[[str], None] | None = None, compile: bool | None = None) -> "Sampler":
-        """From a run folder (best/, else last/) or a checkpoint folder; CheckpointError if unusable."""
+        """From a run folder (best/, else last/) or a checkpoint folder (None: the shipped default model,
+        models/default); CheckpointError if unusable."""
         path = resolve_checkpoint(ckpt)
         check_device(device)
         if precision is None:
@@ -156,17 +171,19 @@ class Sampler:
             self.log(f"note: {label or 'the prompt'} has no notes; generating from BOS")
         return score
 
-    def _encode_prompt(self, score: symusic.Score | None, max_new: int) -> _Prompt:
-        bos = [self.tok.bos_id] if self.tok.bos_id is not None else []
+    def _encode_prompt(self, score: symusic.Score | None, max_new: int, style: str | None = None) -> _Prompt:
+        # the style token right after BOS, where training puts it (data/mixes.py)
+        head = [self.tok.bos_id] if self.tok.bos_id is not None else []
+        head += [self.style_id(style)] if style is not None else []
         if score is None or score.note_num() == 0:
-            return _Prompt(np.array(bos or [0], dtype=np.int64), score, 0, [])
-        ids = np.concatenate([np.array(bos, dtype=np.int64), np.asarray(self.tok.encode(score), dtype=np.int64)])
+            return _Prompt(np.array(head or [0], dtype=np.int64), score, 0, [])
+        ids = np.concatenate([np.array(head, dtype=np.int64), np.asarray(self.tok.encode(score), dtype=np.int64)])
         # keep room for the continuation inside the model's context: drop the start of a long prompt
         room = max(self.context - max_new, self.context // 2)
         if len(ids) > room:
             self.log(f"note: the prompt is {len(ids)} tokens, longer than the {room} the model's context "
                      f"({self.context}) leaves beside {max_new} new tokens; keeping its last {room} tokens")
-            ids = ids[-room:]
+            ids = np.r_[ids[:len(head)], ids[len(ids) - room + len(head):]]  # BOS and style stay
         decoded, _ = self.tok.decode_with_report(ids.tolist())
         programs = [music.track_program(t) for t in decoded.tracks if len(t.notes)]
         return _Prompt(ids, score, decoded.end() if decoded.note_num() else 0, programs)
@@ -194,22 +211,25 @@ class Sampler:
     def sample(self, prompt=None, config: SamplingConfig | None = None, *, num_samples: int = 1,
                seed: int | None = None, bars: int | None = None, programs=None, prompt_bars: int | None = None,
                reject: bool = False, limits: RejectionLimits | None = None, prompt_name: str | None = None,
-               on_progress: Callable[[int, int], None] | None = None, **settings) -> list[Sample]:
+               style: str | None = None, on_progress: Callable[[int, int], None] | None = None,
+               **settings) -> list[Sample]:
         """Continue `prompt` (path, MIDI bytes, Score or None) `num_samples` times, as one batch.
 
         `config` says how tokens are drawn; keyword `settings` (temperature=, top_k=, max_new_tokens=, ...)
         override its fields. `bars`: continue for exactly that many bars; `programs`: only these instruments
         ("0,33,-1", "piano,bass,drums" or a list of GM numbers, -1 = drums); `prompt_bars`: keep only the
-        prompt's first bars. `reject`: generate a sample again while it is over `limits`;
+        prompt's first bars. `style`: one of `self.styles` (the music to write, for a model trained with
+        style tokens). `reject`: generate a sample again while it is over `limits`;
         `on_progress(step, total)` is called after every generated token."""
         config = self._config(config, settings)
         check_call(num_samples=num_samples, seed=seed, bars=bars, prompt_bars=prompt_bars)
         if programs is not None:
             programs = self.parse_programs(programs)
         note = controls.unknown_instruments_note(programs, self.known_programs)
+        self.style_id(style)  # an unknown style fails before the prompt is read
         source = self.read_prompt(prompt, prompt_bars, prompt_name)
         max_new = self._token_budget(config, bars)
-        p = self._encode_prompt(source, max_new)
+        p = self._encode_prompt(source, max_new, style)
         if len(p.ids) + max_new > self.context:
             max_new = self.context - len(p.ids)
             if bars is None:
@@ -299,6 +319,7 @@ class Sampler:
         config = self._config(config, settings)
         check_call(num_samples=num_samples, seed=seed)
         controls.check_infill_model(self.tok)
+        self.style_id(style)
         first, last = (int(b) for b in bars)
         label = prompt_name or (str(piece) if isinstance(piece, (str, os.PathLike)) else "the piece")
         source = load_score(piece, prompt_name)

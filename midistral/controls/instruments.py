@@ -26,7 +26,7 @@ __all__ = ["DRUMS", "GM_FAMILIES", "GM_NAMES", "SHORT_NAMES", "known_programs", 
 MAX_NAMED = 12  # instruments a note lists by name; the rest are counted
 
 
-def _data_folder(path: Path) -> Path | None:
+def data_folder(path: Path) -> Path | None:
     """The prepared data folder of a run folder, of a checkpoint folder in one (best/, last/), or the
     prepared data folder itself: the one with a manifest.json."""
     runs = [path.parent, path] if path.name in ("best", "last") else [path]
@@ -49,7 +49,7 @@ def known_programs(run_dir, tok=None) -> frozenset[int] | None:
     tokenizer, else the data folder's). None when the run's training data cannot be found."""
     if run_dir is None:
         return None
-    folder = _data_folder(Path(run_dir))
+    folder = data_folder(Path(run_dir))
     if folder is None:
         return None
     try:

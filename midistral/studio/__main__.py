@@ -1,6 +1,7 @@
 """Start the studio: a local web page to generate, hear, look at and download music.
 
-    python -m midistral.studio --ckpt runs/chorales            # then open the printed address
+    python -m midistral.studio                                 # the shipped default model; open the printed address
+    python -m midistral.studio --ckpt runs/chorales            # a model of your own
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from midistral.studio.jobs import Studio
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m midistral.studio", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run folder (best/, else last/) or checkpoint folder")
+    p.add_argument("--ckpt", default=None, help="run folder (best/, else last/) or checkpoint folder "
+                                                "(default: the shipped model, models/default)")
     p.add_argument("--port", type=int, default=8765, help="0 = any free port")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; other than 127.0.0.1 lets other machines use the studio")
@@ -66,10 +68,11 @@ def main(argv=None) -> int:
     try:
         sock = listen(args.host, args.port)
         sampler = Sampler.load(args.ckpt, device=args.device, log=lambda msg: print(msg, file=sys.stderr))
-        studio = Studio(sampler, args.soundfont, name=args.ckpt)  # the page names the model as the user did
+        # the page names the model as the user did
+        studio = Studio(sampler, args.soundfont, name=args.ckpt or "the shipped default (models/default)")
     except MidistralError as e:
         print(f"error: {e}", file=sys.stderr)
-        if not Path(args.ckpt).exists():
+        if args.ckpt is not None and not Path(args.ckpt).exists():
             print("note: the studio needs a trained model; `python train.py --config configs/chorales.toml` "
                   "makes runs/chorales in about 10 minutes", file=sys.stderr)
         return 1

@@ -115,7 +115,8 @@ def create_app(studio: Studio, bind_host: str = "127.0.0.1") -> FastAPI:
     async def generate(request: Request):
         form, data, name = await read_form(request)
         # reading the prompt takes a moment for a large file: off the event loop
-        req = await run_in_threadpool(parse_request, form, data, name, studio.modes, studio.length_in_bars)
+        req = await run_in_threadpool(parse_request, form, data, name, studio.modes, studio.length_in_bars,
+                                      studio.sampler.styles)
         return JSONResponse(job_status(studio, studio.submit(req)), status_code=202)
 
     @app.get("/api/jobs/{job_id}")

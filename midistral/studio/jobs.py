@@ -149,7 +149,7 @@ class Studio:
                 "audio": self.soundfont.name if self.soundfont else None, "audio_problem": self.audio_problem,
                 "defaults": {"temperature": SAMPLING.temperature, "top_k": SAMPLING.top_k,
                              "no_repeat_ngram": SAMPLING.no_repeat_ngram_size},
-                "context": self.sampler.context}
+                "context": self.sampler.context, "styles": self.sampler.styles}
 
     def close(self, wait: bool = True) -> None:
         """Stop: queued jobs are dropped, the running one ends at its next token (an added track at its next
@@ -239,7 +239,8 @@ class Studio:
             return self.sampler.accompany(r.prompt, r.track_program, r.sampling, replace=r.mode == "replace",
                                           prompt_name=r.prompt_name, **common)
         steer = dict(bars=r.bars, programs=r.programs) if self.has_controls else {}
-        return self.sampler.sample(r.prompt, r.sampling, prompt_name=r.prompt_name or None, **steer, **common)
+        return self.sampler.sample(r.prompt, r.sampling, prompt_name=r.prompt_name or None, style=r.style, **steer,
+                                   **common)
 
     def _save_midi(self, folder: Path, k: int, sample) -> Variation:
         v = Variation(folder, k, quality(sample), sample.score)

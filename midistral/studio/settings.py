@@ -63,6 +63,7 @@ class Request:
     sampling: SamplingConfig    # how tokens are drawn; its max_new_tokens: the length when not in bars
     variations: int
     seed: int
+    style: str | None = None    # the style to write in (None: the model chooses)
 
     @property
     def stem(self) -> str:
@@ -127,8 +128,10 @@ def describe_prompt(score: symusic.Score, name: str) -> dict:
             "notes": score.note_num(), "seconds": round(score.to("second").end(), 1)}
 
 
-def parse_request(form, prompt: bytes | None, prompt_name: str, modes: list[str], length_in_bars: bool) -> Request:
-    """A Request from the page's form fields (strings) and the uploaded file, or a MidistralError."""
+def parse_request(form, prompt: bytes | None, prompt_name: str, modes: list[str], length_in_bars: bool,
+                  styles=()) -> Request:
+    """A Request from the page's form fields (strings) and the uploaded file, or a MidistralError.
+    `styles`: those the model knows (the style menu's choices)."""
     mode = str(form.get("mode") or "generate")
     if mode not in modes:
         raise MidistralError(f"mode {mode!r} is not available here (available: {', '.join(modes)})")
@@ -143,6 +146,9 @@ def parse_request(form, prompt: bytes | None, prompt_name: str, modes: list[str]
     if mode in ("add", "replace") and not str(track or "").strip():
         raise MidistralError(f"{MODES[mode]}: choose the instrument of the track")
     seed = number(form, "seed")
+    style = str(form.get("style") or "").strip() or None
+    if style is not None and style not in styles:
+        raise MidistralError(f"Style: {style[:40]!r} is not one the model knows ({', '.join(styles) or 'none'})")
     return Request(
         mode=mode, prompt=prompt, prompt_name=prompt_name,
         programs=[program(p, "Instruments") for p in raw_programs] or None,
@@ -151,4 +157,5 @@ def parse_request(form, prompt: bytes | None, prompt_name: str, modes: list[str]
         sampling=SamplingConfig(temperature=number(form, "temperature", float), top_k=number(form, "top_k"),
                                 no_repeat_ngram_size=number(form, "no_repeat_ngram"),
                                 max_new_tokens=None if length_in_bars else number(form, "tokens")),
-        variations=number(form, "variations"), seed=secrets.randbelow(2**31) if seed is None else seed)
+        variations=number(form, "variations"), seed=secrets.randbelow(2**31) if seed is None else seed,
+        style=style if mode not in ("add", "replace") else None)

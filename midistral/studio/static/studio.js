@@ -83,6 +83,7 @@ function setMode(mode) {
   $("track-box").hidden = !track;
   $("instruments-box").hidden = track || !state.info.instruments_steer;
   $("length-row").hidden = track;
+  $("style-box").hidden = track || !state.info.styles.length;
   $("generate").textContent = BUTTON[mode];
   $("track-legend").textContent = mode === "replace" ? "Track to replace" : "Instrument of the new track";
   // a track to replace is one the piece has
@@ -145,6 +146,7 @@ function formData() {
   if (NEEDS_PROMPT.includes(state.mode) && state.prompt) form.append("prompt", state.prompt);
   if (state.mode === "add" || state.mode === "replace") form.append("track_program", $("track-program").value);
   else form.append("programs", state.programs.join(","));
+  if (!(state.mode === "add" || state.mode === "replace")) form.append("style", $("style").value);
   for (const id of ["length", "temperature", "variations", "top_k", "no_repeat_ngram", "seed"]) {
     form.append($(id).name, $(id).value);
   }
@@ -290,6 +292,7 @@ async function init() {
   setupNumber("seed", b.seed, null);
   fillInstrumentSelect($("instrument-select"), info.instruments);
   $("instrument-select").value = "0";
+  for (const style of info.styles) $("style").append(new Option(style, style));
   $("add-instrument").addEventListener("click", () => {
     const program = Number($("instrument-select").value);
     if (!state.programs.includes(program)) state.programs.push(program);
