@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -51,6 +51,7 @@ TUNES_ARE_VOICES = {"josquin"}  # folders whose ABC tunes are the parts of one p
 # Bumped when the conversion changes: a cached source of another version is converted again, unless none of its
 # tunes failed (the changes so far only touch tunes that failed).
 CONVERTER_VERSION = 2
+TASKS_PER_WORKER = 50  # source files a conversion process takes before a fresh one replaces it
 FORMAT_RANK = {".mxl": 0, ".musicxml": 1, ".xml": 2, ".krn": 3, ".abc": 4}
 
 
@@ -200,11 +201,18 @@ def music21_midis(cache_dir: str | Path | None = None, max_files: int = 0, worke
         w = workers or os.cpu_count() or 1
         jobs = [(r, str(root), str(cache)) for r in todo]
         if w > 1:
+            # music21 keeps caches: a fresh pool of workers every TASKS_PER_WORKER files each (not the pool's
+            # own max_tasks_per_child: on Python 3.11 the pool hangs for good once it replaces a worker)
+            batch = w * TASKS_PER_WORKER
             try:
-                with ProcessPoolExecutor(w, max_tasks_per_child=50) as ex:  # music21 keeps caches: fresh workers
-                    done = ex.map(convert_source, jobs)
-                    for rec in tqdm(done, total=len(jobs), desc="music21 -> MIDI", disable=not progress):
-                        records[rec["source"]] = rec
+                with tqdm(total=len(jobs), desc="music21 -> MIDI", disable=not progress) as bar:
+                    for start in range(0, len(jobs), batch):
+                        with ProcessPoolExecutor(w) as ex:
+                            futures = [ex.submit(convert_source, job) for job in jobs[start:start + batch]]
+                            for future in as_completed(futures):
+                                rec = future.result()
+                                records[rec["source"]] = rec
+                                bar.update()
             except BrokenProcessPool:
                 raise DataError("music21 corpus: a conversion process died (out of memory?); run again with fewer "
                                 "data.workers: what was converted is cached") from None
