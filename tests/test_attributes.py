@@ -1,0 +1,141 @@
+"""Attribute controls at sampling (midistral/controls/key.py, attributes.py): the key mask, the per-bar attribute
+tokens for density and polyphony, and their requested-vs-achieved report. Tiny randomly initialised models: the
+mechanism, not the music. Oracles: the tokenizer's decoder (the notes a sample really has), the grammar (every
+sample decodes with nothing skipped) and the attribute values BarStats computes (tested against MidiTok in
+test_tokenize_extra.py)."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from midistral.controls import KeyConstraint, accompany, parse_key
+from midistral.errors import MidistralError
+from midistral.generate import generate
+from midistral.model import ModelConfig, Transformer
+from midistral.sampler import Sampler
+from midistral.tokenize import REMI, load_score
+from midistral.tokenize.extra import ExtraVocab
+from midistral.tokenize.grammar import GrammarConstraint
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tok(dev_midi_files):
+    """BPE and the extra tokens (fill-in-the-middle, style, attribute controls), as a trained default has."""
+    t = REMI()
+    t.train_bpe(dev_midi_files[:16], 1000, workers=1)
+    t.extra = ExtraVocab(len(t), styles=["bach"])
+    return t
+
+
+@pytest.fixture(scope="module")
+def plain_tok():
+    return REMI()
+
+
+def tiny(vocab, seed=0, max_pos=4096):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, sliding_window=64, max_position_embeddings=max_pos)
+    return Transformer(cfg, attn_backend="torch").eval()
+
+
+def pitched_notes(score):
+    return Counter((int(n.time), int(n.pitch), int(n.duration)) for t in score.tracks if not t.is_drum
+                   for n in t.notes)
+
+
+def new_pitched(tok, prompt_ids, row):
+    """The pitched notes the continuation added: the decoded piece's minus the decoded prompt's (a multiset)."""
+    before = pitched_notes(tok.decode(prompt_ids)) if len(prompt_ids) > 1 else Counter()
+    return list((pitched_notes(tok.decode(row)) - before).elements())
+
+
+# ----------------------------------------------------------------------------------------------------
+# key
+
+
+@pytest.mark.parametrize("text, root, minor", [("E major", 4, False), ("D minor", 2, True), ("F# minor", 6, True),
+                                               ("Bb", 10, False), ("bb major", 10, False), ("b minor", 11, True),
+                                               ("c#m", 1, True), ("Ebm", 3, True), ("  a  MINOR ", 9, True)])
+def test_parse_key(text, root, minor):
+    k = parse_key(text)
+    assert (k.root, k.minor) == (root, minor)
+
+
+def test_minor_allows_the_raised_sixth_and_seventh():
+    assert parse_key("D minor").pitch_classes == {2, 4, 5, 7, 9, 10, 0, 11, 1}  # B and C# beside Bb and C
+    assert parse_key("C major").pitch_classes == {0, 2, 4, 5, 7, 9, 11}
+
+
+@pytest.mark.parametrize("text", ["H major", "E dorian", "", "E# #", "major"])
+def test_key_errors_name_the_flag_and_value(text):
+    with pytest.raises(MidistralError) as e:
+        parse_key(text)
+    assert str(e.value).startswith(f"--key {text!r}: expected a key") and "\n" not in str(e.value)
+
+
+def test_cli_key_error_is_one_line(capsys):
+    from midistral import sample
+
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--ckpt", "x", "--key", "H dur"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: argument --key: 'H dur': expected a key")
+
+
+@pytest.mark.parametrize("which", ["plain", "bpe"])
+def test_key_mask_leaves_no_new_note_outside_the_key(which, tok, plain_tok, dev_midi_files):
+    """A random model at temperature 1.5 over a real prompt: every new pitched note is in the key; the
+    prompt's own notes are not touched; nothing is skipped."""
+    t = tok if which == "bpe" else plain_tok
+    model = tiny(len(t), seed=3)
+    prompt_ids = np.r_[t.bos_id, t.encode(load_score(dev_midi_files[0]).clip(0, 480 * 8))]
+    key = parse_key("E major")
+    new = []
+    for seed in range(3):
+        prompt = torch.from_numpy(np.stack([prompt_ids] * 4))
+        out = generate(model, prompt, 300, temperature=1.5, top_k=None, eos_id=t.eos_id, seed=seed,
+                       constraints=[GrammarConstraint(t, 300), KeyConstraint(t, key)])
+        for row in out.numpy():
+            decoded, skipped = t.decode_with_report(row)
+            assert skipped == 0
+            new += new_pitched(t, prompt_ids, row)
+    assert len(new) > 100
+    assert all(p % 12 in key.pitch_classes for _, p, _ in new)
+
+
+def test_sampler_key_reports_requested_and_achieved(tiny_run):
+    smp = Sampler.load(tiny_run)
+    samples = smp.sample(None, num_samples=3, seed=0, key="D minor", temperature=1.5, top_k=0, max_new_tokens=200)
+    key = parse_key("D minor")
+    total = 0
+    for s in samples:
+        pitches = [int(n.pitch) for t in s.score.tracks if not t.is_drum for n in t.notes]
+        assert all(p % 12 in key.pitch_classes for p in pitches)
+        total += len(pitches)
+        assert f"controls: key D minor: 0 of {len(pitches)} new notes out of key (0%)" in s.report
+    assert total > 20
+    plain = smp.sample(None, seed=0, temperature=1.5, top_k=0, max_new_tokens=200)[0]
+    assert "controls:" not in plain.report
+
+
+def test_infill_and_accompany_keep_the_key(tok, dev_midi_files):
+    f = next(p for p in dev_midi_files if p.name == "lmd__Predictable.mid")
+    score = load_score(f)
+    model = tiny(len(tok), seed=5, max_pos=8192)
+    key = parse_key("A minor")
+    smp = Sampler(model, tok)
+    for s in smp.infill(f, (2, 3), num_samples=2, seed=0, temperature=1.5, top_k=0, max_new_tokens=150, key=key):
+        new = list((pitched_notes(s.score) - pitched_notes(score)).elements())
+        assert all(p % 12 in key.pitch_classes for _, p, _ in new)
+        assert s.skipped == 0 and "controls: key A minor: 0 of" in s.report
+    piece = score.clip(0, score.tpq * 8)
+    out = accompany(model, tok, piece, "bass", seed=0, temperature=1.5, key="A minor")
+    bass = out.tracks[-1].notes.numpy()["pitch"]
+    assert len(bass) > 0 and all(int(p) % 12 in key.pitch_classes for p in bass)
+    (s,) = smp.accompany(piece, "bass", seed=0, temperature=1.5, key="A minor")
+    assert f"controls: key A minor: 0 of {len(s.score.tracks[s.new_track].notes)} new notes" in s.report
