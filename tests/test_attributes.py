@@ -139,3 +139,57 @@ def test_infill_and_accompany_keep_the_key(tok, dev_midi_files):
     assert len(bass) > 0 and all(int(p) % 12 in key.pitch_classes for p in bass)
     (s,) = smp.accompany(piece, "bass", seed=0, temperature=1.5, key="A minor")
     assert f"controls: key A minor: 0 of {len(s.score.tracks[s.new_track].notes)} new notes" in s.report
+
+
+# ----------------------------------------------------------------------------------------------------
+# --bars N never ends on a silent bar
+
+
+class EagerForBars(torch.nn.Module):
+    """Seeded random logits with a strong pull to the bar attribute ACBarNoteDensity (what a model trained with
+    attribute tokens may write before a bar): every bar line is a chance to walk into the dead end."""
+
+    def __init__(self, tok, seed=0):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.cfg = SimpleNamespace(num_hidden_layers=1, num_key_value_heads=1, head_dim=1, hidden_size=1,
+                                   num_attention_heads=1, sliding_window=4, max_position_embeddings=1 << 20)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.g = torch.Generator().manual_seed(seed)
+        self.bias = torch.zeros(len(tok))
+        self.bias[[i for t, i in tok.extra.id.items() if t.startswith("ACBarNoteDensity")]] = 6.0
+
+    def forward(self, ids, cache=None, start_pos=0, last_only=False):
+        return torch.randn(ids.shape[0], ids.shape[1], len(self.bias), generator=self.g) * 2 + self.bias
+
+
+def onset_bars(score):
+    downbeats = score.get_downbeats()
+    ons = np.concatenate([t.notes.numpy()["time"] for t in score.tracks])
+    return np.searchsorted(downbeats, ons, side="right") - 1
+
+
+@pytest.mark.parametrize("with_prompt", [False, True])
+def test_bars_end_on_a_bar_with_an_onset_when_the_model_writes_bar_attributes(tok, dev_midi_files, with_prompt):
+    """The bug: with bar n still empty, the model wrote a bar attribute; the grammar then asks for a Bar, which
+    the length forbids (bar n would stay empty): only the lone "▁" was left, written until the token budget ran
+    out, and the piece ended on bar n without an onset. Now a bar attribute (and "▁") is masked wherever no
+    bar may start: every row completes its n bars and the n-th holds an onset."""
+    from midistral.controls import BarsConstraint
+
+    if with_prompt:
+        prompt_ids = np.r_[tok.bos_id, tok.encode(load_score(dev_midi_files[0]).clip(0, 480 * 8))]
+    else:
+        prompt_ids = np.array([tok.bos_id])
+    prompt_bar = onset_bars(tok.decode(prompt_ids)).max() if with_prompt else -1
+    for n in (1, 3, 8):
+        model = EagerForBars(tok, seed=n)
+        con = BarsConstraint(tok, n)
+        out = generate(model, torch.from_numpy(np.stack([prompt_ids] * 4)), 600, temperature=1.0, top_k=None,
+                       eos_id=tok.eos_id, seed=n, constraints=[GrammarConstraint(tok), con])
+        assert all(con.complete), n
+        for row in out.numpy():
+            score, skipped = tok.decode_with_report(row)
+            assert skipped == 0
+            assert onset_bars(score).max() - prompt_bar == n
