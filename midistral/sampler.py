@@ -196,7 +196,8 @@ class Sampler:
     def sample(self, prompt=None, config: SamplingConfig | None = None, *, num_samples: int = 1,
                seed: int | None = None, bars: int | None = None, programs=None, prompt_bars: int | None = None,
                reject: bool = False, limits: RejectionLimits | None = None, prompt_name: str | None = None,
-               on_progress: Callable[[int, int], None] | None = None, key=None, **settings) -> list[Sample]:
+               on_progress: Callable[[int, int], None] | None = None, key=None, density=None, polyphony=None,
+               **settings) -> list[Sample]:
         """Continue `prompt` (path, MIDI bytes, Score or None) `num_samples` times, as one batch.
 
         `config` says how tokens are drawn; keyword `settings` (temperature=, top_k=, max_new_tokens=, ...)
@@ -204,16 +205,19 @@ class Sampler:
         ("0,33,-1", "piano,bass,drums" or a list of GM numbers, -1 = drums); `prompt_bars`: keep only the
         prompt's first bars. `reject`: generate a sample again while it is over `limits`;
         `on_progress(step, total)` is called after every generated token. `key` ("E major"): new pitched
-        notes only in that key; Sample.report then gives the requested and achieved values."""
+        notes only in that key; `density` ("low" | "medium" | "high" | notes per bar) and `polyphony` (most
+        notes starting together) steer each bar through its attribute tokens; Sample.report then gives the
+        requested and achieved values (midistral/controls/attributes.py)."""
         config = self._config(config, settings)
         check_call(num_samples=num_samples, seed=seed, bars=bars, prompt_bars=prompt_bars)
-        steering = controls.Steering(self.tok, key=key)
+        steering = controls.Steering(self.tok, key=key, density=density, polyphony=polyphony)
         if programs is not None:
             programs = self.parse_programs(programs)
         note = controls.unknown_instruments_note(programs, self.known_programs)
         source = self.read_prompt(prompt, prompt_bars, prompt_name)
         max_new = self._token_budget(config, bars)
         p = self._encode_prompt(source, max_new)
+        p.ids = steering.prompt(p.ids)
         if len(p.ids) + max_new > self.context:
             max_new = self.context - len(p.ids)
             if bars is None:
@@ -231,7 +235,7 @@ class Sampler:
 
         samples = self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: continuation_report(
             s.score, s.start_tick, s.metrics, lim, s.rejected))
-        return _steered(_noted(samples, note), steering)
+        return steering.annotate(_noted(samples, note))
 
     def _rejecting(self, make, num_samples: int, seed: int | None, reject: bool, limits: RejectionLimits | None,
                    describe) -> list[Sample]:
@@ -294,7 +298,7 @@ class Sampler:
 
         samples = self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: accompaniment_report(
             s.score, s.new_track, s.metrics, lim, s.rejected))
-        return _steered(_noted(samples, note), steering)
+        return steering.annotate(_noted(samples, note))
 
     def infill(self, piece, bars, tracks=None, config: SamplingConfig | None = None, *, num_samples: int = 1,
                seed: int | None = None, style: str | None = None, prompt_name: str | None = None,
@@ -332,7 +336,7 @@ class Sampler:
                               summary_line(score, r.tokens, r.ended, r.skipped, metrics),
                               controls.infill_report(score, r.span, (first, last), programs), ended=r.ended,
                               new_ids=r.ids))
-        return _steered(out, steering)
+        return steering.annotate(out)
 
     @staticmethod
     def parse_programs(programs) -> list[int]:
@@ -438,13 +442,6 @@ def _noted(samples: list[Sample], note: str | None) -> list[Sample]:
     if note:
         for s in samples:
             s.report = s.report[:-1] + f"; {note}]" if s.report.endswith("]") else f"{s.report}  [{note}]"
-    return samples
-
-
-def _steered(samples: list[Sample], steering) -> list[Sample]:
-    """The samples with the requested and achieved value of each control at the end of their report."""
-    for s in samples if steering is not None and steering.active else ():
-        s.report += f"  controls: {steering.report(s.new_ids) if s.new_track is None else steering.report_track(s)}"
     return samples
 
 

@@ -193,3 +193,151 @@ def test_bars_end_on_a_bar_with_an_onset_when_the_model_writes_bar_attributes(to
             score, skipped = tok.decode_with_report(row)
             assert skipped == 0
             assert onset_bars(score).max() - prompt_bar == n
+
+
+# ----------------------------------------------------------------------------------------------------
+# density and polyphony: the attribute tokens
+
+
+def extra_names(tok, ids):
+    return [tok.extra.tokens[i - tok.extra.start] for i in ids if i >= tok.extra.start]
+
+
+def bar_triples(tok, ids):
+    """The three ids before every bar start of `ids` (BarStats: a Bar id, or the lone "▁" before it)."""
+    from midistral.tokenize.extra import BarStats
+
+    ids = np.asarray(ids, np.int64)
+    return [ids[s - 3:s].tolist() for s in BarStats(tok).bar_starts(ids)]
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny(len(tok), seed=11)
+
+
+@pytest.mark.parametrize("bars", [None, 6])
+def test_every_new_bar_gets_the_requested_attribute_tokens(tok, model, dev_midi_files, bars):
+    """From BOS and after a real prompt, free length and --bars: before every bar the model starts come the three
+    requested tokens, there are no other attribute tokens in the continuation, nothing is skipped, and with
+    --bars the piece has its bars, with an onset in the last."""
+    from midistral.controls import Steering
+
+    want = Steering(tok, density="high", polyphony=3)
+    for prompt in (None, dev_midi_files[0]):
+        samples = Sampler(model, tok).sample(prompt, num_samples=3, seed=1, bars=bars, density="high", polyphony=3,
+                                             prompt_bars=2, temperature=1.0, max_new_tokens=None if bars else 300)
+        for s in samples:
+            assert s.skipped == 0
+            want.prompt(np.array([tok.bos_id]))
+            triple = tok.extra.bar_ids(*want.bar_values)
+            assert extra_names(tok, triple) == ["ACBarNoteDensity_16", "ACBarOnsetPolyphonyMin_1",
+                                                "ACBarOnsetPolyphonyMax_3"]
+            triples = bar_triples(tok, s.new_ids)
+            assert len(triples) >= 1 and all(t == triple for t in triples)  # (a rest may cross a bar line)
+            assert len(extra_names(tok, s.new_ids)) == 3 * len(triples)
+            if bars and prompt is None:
+                assert onset_bars(s.score).max() + 1 == bars
+            if bars:
+                assert "controls: density high (16/bar): " in s.report
+                assert f"over {bars} new bars" in s.report and "polyphony 3: mean bar maximum" in s.report
+
+
+def test_the_prompt_gets_the_attribute_tokens_of_training(tok, dev_midi_files):
+    """Track tokens after BOS and the style, each prompt bar's own three values before it (BarStats' values, as
+    data/mixes.py writes them); without the extra tokens the prompt is unchanged."""
+    from midistral.controls import Steering
+    from midistral.tokenize.extra import BarStats
+
+    body = tok.encode(load_score(dev_midi_files[0]).clip(0, 480 * 12))
+    ids = np.r_[tok.bos_id, tok.extra.style_ids["bach"], body]
+    steer = Steering(tok, density=6)
+    out = steer.prompt(ids)
+    assert out[:2].tolist() == ids[:2].tolist()
+    assert [n.split("_")[0] for n in extra_names(tok, out[2:6])] == ["ACTrackNoteDensityMin", "ACTrackNoteDensityMax",
+                                                                     "ACTrackOnsetPolyphonyMin",
+                                                                     "ACTrackOnsetPolyphonyMax"]
+    assert out[~tok.extra.is_extra(out) | (out == tok.extra.style_ids["bach"])].tolist() == ids.tolist()
+    stats = BarStats(tok)
+    starts = stats.bar_starts(body)
+    want = [tok.extra.bar_ids(*v) for v in zip(*stats.per_bar(body, starts))]
+    assert bar_triples(tok, out[6:]) == want
+    assert steer.bar_values[0] == 6 and 1 <= steer.bar_values[2] <= 6
+
+
+def test_defaults_for_what_is_not_asked():
+    from midistral.controls.attributes import DENSITY_LEVELS, parse_density
+
+    assert DENSITY_LEVELS == {"low": 4, "medium": 8, "high": 16}
+    assert [parse_density(x) for x in ("low", "Medium", " high ", "7", 0)] == [4, 8, 16, 7, 0]
+
+
+def test_defaults_from_the_other_control_without_a_prompt(tok):
+    from midistral.controls import Steering
+
+    for asked, values in [(dict(density=8), (8, 1, 2)), (dict(density="high"), (16, 1, 4)),
+                          (dict(polyphony=1), (4, 1, 1)), (dict(polyphony=6), (18, 1, 6)), (dict(density=0), (0, 1, 1))]:
+        steer = Steering(tok, **asked)
+        steer.prompt(np.array([tok.bos_id]))
+        assert steer.bar_values == values, asked
+
+
+def test_the_ngram_ban_never_takes_the_attribute_tokens(tok, model):
+    """no_repeat_ngram_size 2 would ban the density token after any id it followed once: exempt, every bar still
+    gets its three tokens."""
+    s = Sampler(model, tok).sample(None, seed=2, bars=5, density=5, temperature=1.0, no_repeat_ngram_size=2)[0]
+    triples = bar_triples(tok, s.new_ids)
+    assert len(triples) >= 5 and all(extra_names(tok, t)[0] == "ACBarNoteDensity_5" for t in triples)
+    assert s.skipped == 0
+
+
+def test_report_states_requested_and_achieved(tok, model):
+    """The report's numbers against the decoded piece, counted here with symusic's own bar lines: notes starting
+    per bar over the N bars, and the most notes starting together per bar."""
+    from midistral.controls import Steering
+
+    (s,) = Sampler(model, tok).sample(None, seed=3, bars=4, density="low", polyphony=2, key="G major",
+                                      temperature=1.0)
+    ons = np.concatenate([t.notes.numpy()["time"] for t in s.score.tracks])
+    bar = onset_bars(s.score)
+    dens = np.bincount(bar, minlength=4)
+    most = [max(Counter(ons[bar == b].tolist()).values(), default=0) for b in range(4)]
+    controls = s.report.split("  controls: ")[1]
+    assert controls.startswith("key G major: 0 of ")
+    assert f"density low (4/bar): {dens.mean():.1f} notes per bar over 4 new bars" in controls
+    sounding = [m for m, d in zip(most, dens) if d]
+    assert f"polyphony 2: mean bar maximum {np.mean(sounding):.1f} (highest {max(most)}) over 4 new bars" in controls
+    assert Steering(tok, key="E major").key_report(0, 0) == "key E major: 0 of 0 new notes out of key (0%)"
+
+
+def test_errors_are_one_line(tok, tiny_run):
+    from midistral.controls import Steering
+    from midistral.controls.attributes import parse_polyphony
+
+    plain = Sampler.load(tiny_run)  # a tokenizer without attribute tokens
+    for asked in (dict(density="low"), dict(polyphony=2), dict(density=3, polyphony=2)):
+        with pytest.raises(MidistralError, match="has no attribute-control tokens") as e:
+            plain.sample(None, seed=0, bars=1, **asked)
+        assert str(e.value).startswith(" and ".join(f"--{k}" for k in asked)) and "\n" not in str(e.value)
+    with pytest.raises(MidistralError, match="count up to 18 notes per bar"):
+        Steering(tok, density=19)
+    with pytest.raises(MidistralError, match="go up to 6"):
+        Steering(tok, polyphony=7)
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(MidistralError, match=f"--polyphony {bad!r}: expected"):
+            parse_polyphony(bad)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--density", "loud"], "argument --density: 'loud': expected low, medium, high or a number"),
+    (["--polyphony", "0"], "argument --polyphony: '0': expected the most notes"),
+    (["p.mid", "--add-track", "bass", "--density", "low"], "--density steers a continuation (its bars' attribute "
+                                                            "tokens): it does not apply to --add-track"),
+    (["p.mid", "--infill", "2-3", "--polyphony", "2"], "--polyphony steers a continuation"),
+])
+def test_cli_errors(argv, match, capsys):
+    from midistral import sample
+
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--ckpt", "x", *argv])
+    assert match in capsys.readouterr().err.strip().splitlines()[-1]
