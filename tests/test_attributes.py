@@ -341,3 +341,25 @@ def test_cli_errors(argv, match, capsys):
     with pytest.raises(SystemExit):
         sample.parse_args(["--ckpt", "x", *argv])
     assert match in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_studio_form_carries_the_controls(dev_midi_files):
+    """The studio's form fields key / density / polyphony reach the sampler as its keywords; bad values and
+    density with an added track are one-line errors the page shows."""
+    from midistral.studio.settings import parse_request
+
+    modes = ["generate", "continue", "add", "replace"]
+    r = parse_request({"mode": "generate", "key": " D minor ", "density": "low", "polyphony": "2"}, None, "", modes,
+                      True)
+    assert r.attributes == {"key": "D minor", "density": "low", "polyphony": "2"}
+    assert parse_request({"mode": "generate", "key": "", "density": ""}, None, "", modes, True).attributes == {}
+    for form, match in [({"key": "H major"}, "Key 'H major': expected a key"),
+                        ({"density": "loud"}, "Density 'loud': expected low, medium, high"),
+                        ({"polyphony": "0"}, "Polyphony '0': expected")]:
+        with pytest.raises(MidistralError, match=match):
+            parse_request({"mode": "generate", **form}, None, "", modes, True)
+    prompt = dev_midi_files[0].read_bytes()
+    form = {"mode": "add", "track_program": "33", "density": "high"}
+    with pytest.raises(MidistralError, match="density and polyphony steer new music"):
+        parse_request(form, prompt, "a.mid", modes, True)
+    assert parse_request({**form, "density": "", "key": "E"}, prompt, "a.mid", modes, True).attributes == {"key": "E"}

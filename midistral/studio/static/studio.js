@@ -145,7 +145,8 @@ function formData() {
   if (NEEDS_PROMPT.includes(state.mode) && state.prompt) form.append("prompt", state.prompt);
   if (state.mode === "add" || state.mode === "replace") form.append("track_program", $("track-program").value);
   else form.append("programs", state.programs.join(","));
-  for (const id of ["length", "temperature", "variations", "top_k", "no_repeat_ngram", "seed"]) {
+  for (const id of ["length", "temperature", "variations", "top_k", "no_repeat_ngram", "seed", "key", "density",
+                    "polyphony"]) {
     form.append($(id).name, $(id).value);
   }
   return form;
