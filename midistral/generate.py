@@ -57,6 +57,7 @@ class NoRepeatNGram:
             self.tables.append(table)
             self.tails.append(deque(row[len(row) - (n - 1):] if n > 1 else [], maxlen=n - 1))
         self.length = prompt_ids.shape[1]
+        self.exempt: set[int] = set()  # never banned: tokens a constraint gives rather than the model draws
 
     def push(self, tokens: list[int]) -> None:
         """Append one token per row."""
@@ -75,6 +76,8 @@ class NoRepeatNGram:
             return rows, toks
         for r, (table, tail) in enumerate(zip(self.tables, self.tails)):
             ban = table.get(tuple(tail))
+            if ban and self.exempt:
+                ban = ban - self.exempt
             if ban:
                 rows.extend([r] * len(ban))
                 toks.extend(ban)
@@ -144,6 +147,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
       controls). Each has `start(prompt_ids)`, `mask(logits)` (sets forbidden ids of (B, V) logits to
       -inf, in place) and `push(tokens)` (the ids just chosen, one per row). They apply after the n-gram
       ban and before temperature/top-k; where the n-gram ban leaves a row no allowed id, the ban yields.
+      A constraint's `ngram_exempt` ids (optional) are never banned by it.
     - `precision`: "fp32" (exact), "fp16", "bf16" or "int8" weights and KV ring, among
       `midistral.model.available_precisions()`; the converted weights are built once per model.
     - `compile`: decode steps through the compiled static-shape step (midistral/model/static.py), built once
@@ -217,6 +221,8 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
     step_fn = StaticDecoder(runner, cache, device) if compile and hasattr(runner, "rope") else (
         lambda tok, pos: runner(tok, cache=cache, start_pos=pos)[:, -1])
     ngram = NoRepeatNGram(no_repeat_ngram_size, prompt_ids) if no_repeat_ngram_size else None
+    if ngram is not None:  # e.g. the attribute tokens controls.attributes writes before every bar
+        ngram.exempt = {int(i) for c in constraints for i in getattr(c, "ngram_exempt", ())}
     for c in constraints:
         c.start(prompt_ids)
     threads = torch.get_num_threads()

@@ -27,6 +27,7 @@ from midistral.sampler import Sampler, sample_paths, write_sample_files
 from midistral.sampling import RejectionLimits, SamplingConfig, check_call
 from midistral.tokenize import load_score
 from midistral.config_files import command_line
+from midistral.controls.flags import add_control_arguments, check_control_combinations, control_kwargs
 
 
 def build_parser() -> ArgumentParser:
@@ -72,6 +73,7 @@ def build_parser() -> ArgumentParser:
     f.add_argument("--tracks", type=programs_value, default=None, metavar="NAMES",
                    help="with --infill: regenerate only these instruments in the span (GM numbers or names, "
                         "-1 = drums), keeping the others exactly")
+    add_control_arguments(p)
     g = p.add_argument_group("rejection of failure modes")
     g.add_argument("--reject", action="store_true",
                    help="generate a sample again (other seed) while a failure mode is over its threshold")
@@ -160,6 +162,7 @@ def check_infill_combinations(p, args) -> None:
 def check_combinations(p, args) -> None:
     """One-line errors (exit 1) for flags that do not go together."""
     check_infill_combinations(p, args)
+    check_control_combinations(p, args)
     track = "--add-track" if args.add_track is not None else "--replace-track" if args.replace_track is not None else None
     if args.add_track is not None and args.replace_track is not None:
         p.error("--add-track and --replace-track do not go together: choose one")
@@ -228,14 +231,15 @@ def run(args) -> int:
     try:
         if args.infill is not None:
             samples = sampler.infill(prompt, args.infill, args.tracks, args.sampling, num_samples=args.num_samples,
-                                     seed=args.seed, style=args.style, prompt_name=args.prompt, on_progress=progress)
+                                     seed=args.seed, style=args.style, prompt_name=args.prompt, on_progress=progress,
+                                     **control_kwargs(args))
         elif args.add_track is not None or args.replace_track is not None:
             program = args.add_track if args.add_track is not None else args.replace_track
             samples = sampler.accompany(prompt, program, args.sampling, replace=args.replace_track is not None,
-                                        on_progress=progress, **common)
+                                        on_progress=progress, **common, **control_kwargs(args))
         else:
             samples = sampler.sample(prompt, args.sampling, prompt_bars=args.prompt_bars, programs=args.programs,
-                                     style=args.style, on_progress=progress, **common)
+                                     style=args.style, on_progress=progress, **common, **control_kwargs(args))
     finally:
         progress.close()
     stem = Path(args.prompt).stem if args.prompt else "sample"

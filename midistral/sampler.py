@@ -32,12 +32,12 @@ import torch
 
 from midistral import controls, music
 from midistral.checkpoint import load_model_and_tokenizer, read_model_config, resolve_checkpoint
-from midistral.errors import ConfigError, MidistralError
+from midistral.errors import MidistralError
 from midistral.generate import generate
 from midistral.evaluate import copy_index_for
 from midistral.metrics import failure_modes
 from midistral.model.cache import model_config
-from midistral.model.precision import check_precision, default_precision
+from midistral.model.precision import check_device, check_precision, default_precision
 from midistral.model.static import compile_pays_off
 from midistral.reports import (accompaniment_report, continuation_report, rejection_reasons,  # noqa: F401 (API)
                                summary_line)
@@ -60,6 +60,7 @@ class Sample:
     ended: bool = False         # the model emitted EOS
     rejected: list[str] = field(default_factory=list)  # earlier tries thrown away, with the reason
     new_track: int | None = None  # index of the added track (accompaniment)
+    new_ids: list[int] = field(default_factory=list)  # the ids the model wrote (continuation or middle)
 
     def midi_bytes(self) -> bytes:
         return music.midi_bytes(self.score)
@@ -78,6 +79,7 @@ class _Plan:
     bars: int | None
     programs: list[int] | None
     on_progress: Callable[[int, int], None] | None
+    steering: controls.Steering | None = None  # key, density, polyphony (controls/attributes.py)
 
 
 @dataclass
@@ -86,20 +88,6 @@ class _Prompt:
     source: symusic.Score | None  # the prompt as given (for its tempo / meter)
     start_tick: int
     programs: list[int]         # instruments of the (decoded) prompt
-
-
-def check_device(device: str) -> None:
-    """A device this torch can run on, or a one-line ConfigError naming it."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device={device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r}: this torch has no CUDA device; use --device cpu")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device={device!r}: expected cpu or cuda")
 
 
 class Sampler:
@@ -211,18 +199,23 @@ class Sampler:
     def sample(self, prompt=None, config: SamplingConfig | None = None, *, num_samples: int = 1,
                seed: int | None = None, bars: int | None = None, programs=None, prompt_bars: int | None = None,
                reject: bool = False, limits: RejectionLimits | None = None, prompt_name: str | None = None,
-               style: str | None = None, on_progress: Callable[[int, int], None] | None = None,
+               style: str | None = None, on_progress: Callable[[int, int], None] | None = None, key=None,
+               density=None, polyphony=None,
                **settings) -> list[Sample]:
         """Continue `prompt` (path, MIDI bytes, Score or None) `num_samples` times, as one batch.
 
         `config` says how tokens are drawn; keyword `settings` (temperature=, top_k=, max_new_tokens=, ...)
         override its fields. `bars`: continue for exactly that many bars; `programs`: only these instruments
         ("0,33,-1", "piano,bass,drums" or a list of GM numbers, -1 = drums); `prompt_bars`: keep only the
-        prompt's first bars. `style`: one of `self.styles` (the music to write, for a model trained with
-        style tokens). `reject`: generate a sample again while it is over `limits`;
-        `on_progress(step, total)` is called after every generated token."""
+        prompt's first bars. `style`: one of `self.styles` (for a model trained with style tokens).
+        `reject`: generate a sample again while it is over `limits`;
+        `on_progress(step, total)` is called after every generated token. `key` ("E major"): new pitched
+        notes only in that key; `density` ("low" | "medium" | "high" | notes per bar) and `polyphony` (most
+        notes starting together) steer each bar through its attribute tokens; Sample.report then gives the
+        requested and achieved values (midistral/controls/attributes.py)."""
         config = self._config(config, settings)
         check_call(num_samples=num_samples, seed=seed, bars=bars, prompt_bars=prompt_bars)
+        steering = controls.Steering(self.tok, key=key, density=density, polyphony=polyphony)
         if programs is not None:
             programs = self.parse_programs(programs)
         note = controls.unknown_instruments_note(programs, self.known_programs)
@@ -230,6 +223,7 @@ class Sampler:
         source = self.read_prompt(prompt, prompt_bars, prompt_name)
         max_new = self._token_budget(config, bars)
         p = self._encode_prompt(source, max_new, style)
+        p.ids = steering.prompt(p.ids)
         if len(p.ids) + max_new > self.context:
             max_new = self.context - len(p.ids)
             if bars is None:
@@ -239,14 +233,15 @@ class Sampler:
             self.log(f"generating {bars} bar{'s' * (bars != 1)} (at most {max_new} tokens: what the model's "
                      "context leaves)")
         plan = _Plan(config, max_new, config.min_new(from_scratch=source is None and bars is None), bars, programs,
-                     on_progress)
+                     on_progress, steering)
 
         def make(n: int, seed_: int | None) -> list[Sample]:
             out = [self._finish(row, p) for row in self._generate(p.ids, n, seed_, plan)]
             return self._check_copying(out) if reject else out
 
-        return _noted(self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: continuation_report(
-            s.score, s.start_tick, s.metrics, lim, s.rejected)), note)
+        samples = self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: continuation_report(
+            s.score, s.start_tick, s.metrics, lim, s.rejected))
+        return steering.annotate(_noted(samples, note))
 
     def _rejecting(self, make, num_samples: int, seed: int | None, reject: bool, limits: RejectionLimits | None,
                    describe) -> list[Sample]:
@@ -274,10 +269,11 @@ class Sampler:
     def accompany(self, prompt, program, config: SamplingConfig | None = None, *, bars=None, replace: bool = False,
                   num_samples: int = 1, seed: int | None = None, reject: bool = False,
                   limits: RejectionLimits | None = None, prompt_name: str | None = None,
-                  on_progress: Callable[[int, int], None] | None = None, **settings) -> list[Sample]:
+                  on_progress: Callable[[int, int], None] | None = None, key=None, **settings) -> list[Sample]:
         """Add a track for `program` (GM number, -1 = drums, or a name such as "bass") to the piece
         `prompt`, keeping its notes exactly; `replace=True` first drops that instrument's notes. `bars`:
-        the span to write, "A:B" (counted from 1, both included), "A:" or ":B"; None: the whole piece.
+        the span to write, "A:B" (counted from 1, both included), "A:" or ":B"; None: the whole piece. `key`:
+        the new notes only in that key.
         Of `config` (and keyword `settings`), temperature, top_k and no_repeat_ngram_size apply: the walk
         covers the piece, so the lengths do not, and every id it offers keeps the grammar.
 
@@ -285,7 +281,7 @@ class Sampler:
         bars of the piece in which it plays nothing)."""
         config = self._config(config, settings)
         check_call(num_samples=num_samples, seed=seed)
-        program = self.parse_program(program)
+        program, steering = self.parse_program(program), controls.Steering(self.tok, key=key)
         note = controls.unknown_instruments_note([program], self.known_programs)
         source = load_score(prompt, prompt_name)
         if source.note_num() == 0:
@@ -299,27 +295,31 @@ class Sampler:
                 score = controls.accompany(self.model, self.tok, piece, program, bars=bars, replace=replace,
                                            temperature=config.temperature, top_k=config.top_k,
                                            no_repeat_ngram_size=config.no_repeat_ngram_size, grammar=config.grammar,
-                                           seed=None if seed_ is None else seed_ + i, **self._precision_option())
+                                           seed=None if seed_ is None else seed_ + i, key=steering.key,
+                                           **self._precision_option())
                 out.append(self._finish_accompaniment(score, source, program, bars))
                 if on_progress is not None:
                     on_progress(i + 1, n)
             return out
 
-        return _noted(self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: accompaniment_report(
-            s.score, s.new_track, s.metrics, lim, s.rejected)), note)
+        samples = self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: accompaniment_report(
+            s.score, s.new_track, s.metrics, lim, s.rejected))
+        return steering.annotate(_noted(samples, note))
 
     def infill(self, piece, bars, tracks=None, config: SamplingConfig | None = None, *, num_samples: int = 1,
                seed: int | None = None, style: str | None = None, prompt_name: str | None = None,
-               on_progress: Callable[[int, int], None] | None = None, **settings) -> list[Sample]:
+               on_progress: Callable[[int, int], None] | None = None, key=None, **settings) -> list[Sample]:
         """Regenerate bars A..B (`bars` = (A, B), counted from 1, both included) of `piece`, of every
         instrument or only of `tracks` (names or GM numbers); every note outside the span is kept exactly
         (one fill-in-the-middle prompt: midistral/controls/infill.py). Of `config` (and `settings`),
         temperature, top_k, top_p, no_repeat_ngram_size and max_new_tokens (the middle's ids) apply.
-        Sample.metrics describe the span; Sample.report gives notes kept and new per instrument."""
+        Sample.metrics describe the span; Sample.report gives notes kept and new per instrument. `key`: the
+        new notes only in that key (as `sample`)."""
         config = self._config(config, settings)
         check_call(num_samples=num_samples, seed=seed)
         controls.check_infill_model(self.tok)
         self.style_id(style)
+        steering = controls.Steering(self.tok, key=key)
         first, last = (int(b) for b in bars)
         label = prompt_name or (str(piece) if isinstance(piece, (str, os.PathLike)) else "the piece")
         source = load_score(piece, prompt_name)
@@ -331,7 +331,7 @@ class Sampler:
                 self.model, self.tok, source, (first, last), chosen, num_samples=num_samples, style=style,
                 temperature=config.temperature, top_k=config.top_k or None, top_p=config.top_p,
                 no_repeat_ngram_size=config.no_repeat_ngram_size or None, max_new_tokens=config.max_new_tokens,
-                seed=seed, constraints=extra, **self._precision_option())
+                seed=seed, constraints=steering.constraints() + extra, **self._precision_option())
         except MidistralError as e:
             raise MidistralError(f"{label}: {e}") from None
         out = []
@@ -341,8 +341,9 @@ class Sampler:
             metrics = failure_modes(score.clip(0, r.span[1]), r.span[0], programs)  # the span after its prefix
             out.append(Sample(score, r.span[0], r.tokens, r.skipped, metrics,
                               summary_line(score, r.tokens, r.ended, r.skipped, metrics),
-                              controls.infill_report(score, r.span, (first, last), programs), ended=r.ended))
-        return out
+                              controls.infill_report(score, r.span, (first, last), programs), ended=r.ended,
+                              new_ids=r.ids))
+        return steering.annotate(out)
 
     @staticmethod
     def parse_programs(programs) -> list[int]:
@@ -411,6 +412,8 @@ class Sampler:
             constraints.append(controls.ProgramsConstraint(self.tok, plan.programs))
         if plan.bars is not None:
             constraints.append(controls.BarsConstraint(self.tok, plan.bars))
+        if plan.steering is not None:  # last of the masks: the attribute tokens read what the others leave
+            constraints += plan.steering.constraints()
         if plan.on_progress is not None:
             constraints.append(_ProgressReport(plan.on_progress, plan.max_new))
         return constraints
@@ -438,7 +441,7 @@ class Sampler:
         score = music.keep_prompt_meta(music.name_tracks(score), p.source)
         metrics = failure_modes(score, p.start_tick, p.programs)
         return Sample(score, p.start_tick, n_tokens, skipped, metrics,
-                      summary_line(score, n_tokens, ended, skipped, metrics), ended=ended)
+                      summary_line(score, n_tokens, ended, skipped, metrics), ended=ended, new_ids=new[:n_tokens])
 
 
 def _noted(samples: list[Sample], note: str | None) -> list[Sample]:

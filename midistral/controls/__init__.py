@@ -12,18 +12,22 @@
   mask / push) on BPE ids, on the tokenizer's bar clock (midistral.tokenize.clock);
 - accompany.py: `accompany`, the walk that writes a new track between a piece's own notes, reading the
   model through feeder.py (one rolling KV cache, speculative drafts rolled back with its snapshots);
+- key.py, attributes.py: `KeyConstraint` (new notes only in a key) and `Steering` (key, note density and
+  onset polyphony for one call, with the requested-vs-achieved report);
 - infill.py: `infill`, which regenerates bars A..B of a piece from one fill-in-the-middle prompt (prefix,
   suffix, then the middle), spliced back so every note outside the span is kept exactly.
 """
 
 from midistral.controls.accompany import accompany, parse_bar_range
+from midistral.controls.attributes import Steering
 from midistral.controls.constraints import BarsConstraint, ProgramsConstraint, bars_token_budget, id_expansions
 from midistral.controls.infill import (BarCount, InfillResult, check_infill_model, infill, infill_budget, infill_prompt,
                                        infill_report, splice)
+from midistral.controls.key import Key, KeyConstraint, parse_key
 from midistral.controls.instruments import (GM_NAMES, SHORT_NAMES, known_programs, parse_program, parse_programs,
                                             program_name, unknown_instruments_note)
 
-__all__ = ["BarCount", "BarsConstraint", "GM_NAMES", "InfillResult", "ProgramsConstraint", "SHORT_NAMES", "accompany",
-           "bars_token_budget", "check_infill_model", "id_expansions", "infill", "infill_budget",
-           "infill_prompt", "infill_report", "known_programs", "parse_bar_range",
+__all__ = ["BarCount", "BarsConstraint", "GM_NAMES", "InfillResult", "Key", "KeyConstraint", "ProgramsConstraint",
+           "SHORT_NAMES", "Steering", "accompany", "bars_token_budget", "check_infill_model", "id_expansions", "infill",
+           "infill_budget", "infill_prompt", "infill_report", "known_programs", "parse_bar_range", "parse_key",
            "parse_program", "parse_programs", "program_name", "splice", "unknown_instruments_note"]

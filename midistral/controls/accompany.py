@@ -21,6 +21,7 @@ from midistral.controls.constraints import (BAR, DRUM, DURATION, PITCH, POSITION
                                             VELOCITY, id_expansions)
 from midistral.controls.feeder import Feeder
 from midistral.controls.instruments import unknown_instruments_note
+from midistral.controls.key import out_of_key_ids, parse_key
 from midistral.errors import MidiError, MidistralError
 from midistral.general_midi import parse_program, program_name
 from midistral.generate import NoRepeatNGram, sample_next
@@ -48,7 +49,7 @@ def parse_bar_range(spec) -> tuple[int, int | None]:
 def accompany(model, tok, score_or_path, program, *, bars=None, replace=False, temperature=SAMPLING.temperature,
               top_k=SAMPLING.top_k, no_repeat_ngram_size=SAMPLING.no_repeat_ngram_size, seed=None,
               grammar=SAMPLING.grammar, precision="fp32",
-              max_notes_per_tick=6, known=None, log: Callable[[str], None] | None = None) -> symusic.Score:
+              max_notes_per_tick=6, known=None, log: Callable[[str], None] | None = None, key=None) -> symusic.Score:
     """The piece with its notes unchanged plus one new track for `program` (a number or a name), written by
     the model over the whole piece or over `bars` (a:b, counted from 1). replace=True first drops the
     notes of that program and writes new ones in their place.
@@ -64,7 +65,7 @@ def accompany(model, tok, score_or_path, program, *, bars=None, replace=False, t
     common signature and changes nothing. At most `max_notes_per_tick` new notes start together.
     `precision` is the decode path's, as in generate() (midistral.model.precision). `known`: the programs
     the model learned (controls.known_programs); asked for another, a one-line note goes to `log` (else
-    warnings.warn) naming those it knows.
+    warnings.warn) naming those it knows. `key` ("E major", controls/key.py): the new notes only in that key.
     """
     score = load_score(score_or_path)
     label = str(score_or_path) if not isinstance(score_or_path, symusic.Score) else "the piece"
@@ -87,6 +88,8 @@ def accompany(model, tok, score_or_path, program, *, bars=None, replace=False, t
         (log or (lambda msg: warnings.warn(msg, stacklevel=3)))(f"note: {note}")
     walk = Walk(model, tok, context, program, parse_bar_range(bars) if bars is not None else None,
                 temperature, top_k, no_repeat_ngram_size, seed, max_notes_per_tick, precision)
+    if key is not None:
+        walk.banned = set(np.flatnonzero(out_of_key_ids(tok, parse_key(key)).numpy()).tolist())
     new = walk.run()
     out = score.copy()
     if replace:
@@ -153,6 +156,7 @@ class Walk:
         self.generator = torch.Generator()
         self.generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, (1,)).item()))
         self.ngram_size = ngram
+        self.banned: set[int] = set()  # ids never sampled (a key's out-of-key notes)
 
     def _groups(self, ids, ticks, onsets, note_ends):
         """(tick, TimeSig change id or None, item ids, max end) per tick of the encoded piece, in order."""
@@ -348,6 +352,8 @@ class Walk:
         ban applies unless it would leave none), with the walk's temperature and top-k."""
         logits = self._logits(node, k)
         allowed = self._allowed(node, k)
+        if self.banned:  # no fallback: an in-key pitch is always among the choices
+            allowed = [i for i in allowed if i not in self.banned]
         if self.ngram is not None:
             banned = set(self.ngram.banned()[1])
             allowed = [i for i in allowed if i not in banned] or allowed

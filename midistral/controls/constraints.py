@@ -229,8 +229,11 @@ class BarsConstraint:
     starts in the n-th. A piece must open with [Bar] TimeSig and a TimeSig must follow a Bar (as in
     every encoded piece: a meter change mid-bar would move notes already written). Meters with a
     larger denominator than the prompt's (a /8 after /4 only) are masked: they would change the decoder's
-    time resolution for the whole piece. Pass it after the grammar constraint: when it forces EOS it
-    overrides the other masks.
+    time resolution for the whole piece. Where no bar may start (the n-th bar has no note yet), what only
+    leads to a bar is masked too: the bar attribute ACBarNoteDensity (the grammar wants a Bar after the
+    three attributes) and a lone BPE "▁"; else the row could only write "▁" until the token budget ran out,
+    and end on an empty n-th bar. Pass it after the grammar constraint (it reads the mask the grammar left):
+    when it forces EOS it overrides the other masks.
     """
 
     def __init__(self, tok, n_bars: int):
@@ -254,6 +257,15 @@ class BarsConstraint:
                                             for f in fams])
         self._ts_first = torch.tensor([len(f) > 0 and f[0] == TIMESIG for f in fams])
         self._eos = tok.eos_id
+        # ids that only lead to a bar: the bar attributes before it and a lone BPE word start "▁" (expansion
+        # empty); the bar must be allowed once they are written, else nothing is (grammar: attributes -> Bar)
+        self._starts_bar = torch.tensor([len(f) > 0 and f[0] == BAR for f in fams])
+        extra = tok.extra
+        leads = [len(e) == 0 and i < tok.music_size for i, e in enumerate(self.exp)]
+        if extra is not None:
+            for t, i in extra.id.items():
+                leads[i] = t.startswith("ACBarNoteDensity")
+        self._leads_to_bar = torch.tensor(leads)
 
     def start(self, prompt_ids: torch.Tensor) -> None:
         self.rows = []
@@ -324,6 +336,9 @@ class BarsConstraint:
             logits[r].masked_fill_(bad.to(logits.device), float("-inf"))
             if self._eos is not None and not (clock.cur_bar - row["start"] == self.n and clock.note_in_bar):
                 logits[r, self._eos] = float("-inf")
+            starts = self._starts_bar.to(logits.device)
+            if bool(torch.isinf(logits[r, :len(starts)][starts]).all()):  # no bar may start: nor what leads to one
+                logits[r, :len(starts)].masked_fill_(self._leads_to_bar.to(logits.device), float("-inf"))
 
     def push(self, tokens: torch.Tensor) -> None:
         for row, t in zip(self.rows, tokens.tolist()):

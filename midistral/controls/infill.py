@@ -49,6 +49,7 @@ class InfillResult:
     ended: bool  # it wrote FillBar_End (else the token budget closed the middle)
     skipped: int  # ids the decoder skipped (0 under the grammar)
     span: tuple[int, int] = (0, 0)  # the span's [start, end) in the score's ticks
+    ids: list[int] | None = None  # the middle's ids, as the model wrote them
 
 
 NOT_TRAINED = ("this model was not trained for infilling: its tokenizer has no fill-in-the-middle tokens; "
@@ -189,7 +190,7 @@ def infill(model, tok, score, bars: tuple[int, int], tracks=None, *, num_samples
         middle = row[:row.index(tok.extra.fill_end_id)] if ended else row
         decoded, skipped = tok.decode_with_report(np.r_[prefix, np.asarray(middle, dtype=np.int64)])
         new, added, removed = splice(score, decoded, span24, span, chosen)
-        results.append(InfillResult(new, added, removed, len(middle), ended, skipped, span))
+        results.append(InfillResult(new, added, removed, len(middle), ended, skipped, span, middle))
     return results
 
 

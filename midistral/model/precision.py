@@ -29,6 +29,20 @@ from midistral.errors import ConfigError
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
+def check_device(device: str) -> None:
+    """A device this torch can run on, or a one-line ConfigError naming it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}: this torch has no CUDA device; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r}: expected cpu or cuda")
+
+
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (out, in) -> (int8 (out, in), bf16 scales (out,)) with w ~ q * scale, |w - q * scale| <= scale / 2.
     The scale is rounded up to bf16 (the dtype the int8 kernel takes) before rounding w, so the bound holds

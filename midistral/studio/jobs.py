@@ -237,8 +237,8 @@ class Studio:
             check_new_track(r)
         if r.mode in ("add", "replace"):
             return self.sampler.accompany(r.prompt, r.track_program, r.sampling, replace=r.mode == "replace",
-                                          prompt_name=r.prompt_name, **common)
-        steer = dict(bars=r.bars, programs=r.programs) if self.has_controls else {}
+                                          prompt_name=r.prompt_name, **r.attributes, **common)
+        steer = dict(bars=r.bars, programs=r.programs, **r.attributes) if self.has_controls else {}
         return self.sampler.sample(r.prompt, r.sampling, prompt_name=r.prompt_name or None, style=r.style, **steer,
                                    **common)
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePath
 
 import symusic
 
+from midistral.controls.attributes import parse_density, parse_polyphony
+from midistral.controls.key import parse_key
 from midistral.errors import MidiError, MidistralError
 from midistral.limits import check_timeline
 from midistral.general_midi import DRUMS, program_family, program_name
@@ -64,6 +66,7 @@ class Request:
     variations: int
     seed: int
     style: str | None = None    # the style to write in (None: the model chooses)
+    attributes: dict = field(default_factory=dict)  # key, density, polyphony as given (Sampler keywords)
 
     @property
     def stem(self) -> str:
@@ -158,4 +161,18 @@ def parse_request(form, prompt: bytes | None, prompt_name: str, modes: list[str]
                                 no_repeat_ngram_size=number(form, "no_repeat_ngram"),
                                 max_new_tokens=None if length_in_bars else number(form, "tokens")),
         variations=number(form, "variations"), seed=secrets.randbelow(2**31) if seed is None else seed,
-        style=style if mode not in ("add", "replace") else None)
+        style=style if mode not in ("add", "replace") else None, attributes=attributes(form, mode))
+
+
+def attributes(form, mode: str) -> dict:
+    """Key, density and polyphony from the form (empty: not asked), checked; the last two steer a new piece."""
+    out = {}
+    for name, parse in (("key", parse_key), ("density", parse_density), ("polyphony", parse_polyphony)):
+        raw = str(form.get(name) or "").strip()
+        if raw:
+            parse(raw, flag=name.capitalize())
+            out[name] = raw
+    if mode in ("add", "replace") and (set(out) - {"key"}):
+        raise MidistralError(f"{MODES[mode]}: density and polyphony steer new music, not an added track "
+                             "(the key applies)")
+    return out

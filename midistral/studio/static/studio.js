@@ -147,7 +147,8 @@ function formData() {
   if (state.mode === "add" || state.mode === "replace") form.append("track_program", $("track-program").value);
   else form.append("programs", state.programs.join(","));
   if (!(state.mode === "add" || state.mode === "replace")) form.append("style", $("style").value);
-  for (const id of ["length", "temperature", "variations", "top_k", "no_repeat_ngram", "seed"]) {
+  for (const id of ["length", "temperature", "variations", "top_k", "no_repeat_ngram", "seed", "key", "density",
+                    "polyphony"]) {
     form.append($(id).name, $(id).value);
   }
   return form;
