@@ -105,6 +105,8 @@ class TrainConfig:
     grad_clip: float = setting(1.0, Float(0), "gradient norm clip; 0: off")
     epochs: int = setting(1, Int(1), "passes over the training data (the lr schedule spans them)")
     max_steps: int = setting(0, Int(0), "0: epochs * steps per epoch; else stop (and checkpoint) there")
+    group_by_length: int = setting(0, Int(0), "batches of like-length chunks, sorted within windows of this "
+                                              "many batches (less padding); 0: random batches")
     eval_every: int = setting(100, Int(0), "steps between validations; 0: at epoch ends only")
     eval_batches: int = setting(50, Int(1), "validation batches per evaluation")
     patience: int = setting(2, Int(0), "epochs without an improved evaluation before stopping; 0: never")

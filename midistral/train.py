@@ -106,7 +106,7 @@ def batch_at(job: Job, step: int, micro: int):
     """This process's share of micro-batch `micro` of `step`: a pure function of (seed, epoch, position)."""
     tc, global_batch = job.cfg.train, job.cfg.train.batch_size
     epoch, i = divmod(step, job.steps_per_epoch)
-    order = epoch_order(len(job.train_set), tc.seed, epoch)
+    order = epoch_order(len(job.train_set), tc.seed, epoch, job.train_set.chunk_len, global_batch, tc.group_by_length)
     start = (i * tc.grad_accum + micro) * global_batch
     idx = order[np.arange(start, start + global_batch) % len(order)]
     return job.train_set.batch(idx[job.rank::job.world])

@@ -534,3 +534,21 @@ def test_music21_tune_with_a_shared_time_signature_is_converted(tmp_path):
     s = symusic.Score(str(tmp_path / "t.mid"))
     assert [n.pitch for t in s.tracks for n in t.notes] == [60, 61, 62]
     assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left
+
+
+def test_epoch_order_grouped_by_length_is_a_seeded_permutation_with_less_padding():
+    from midistral.data import epoch_order
+
+    rng = np.random.default_rng(0)
+    lengths = np.where(rng.random(1000) < 0.6, rng.integers(100, 300, 1000), 512)  # folk tunes beside motets
+    plain = epoch_order(1000, 3, 1)
+    grouped = epoch_order(1000, 3, 1, lengths, batch=16, group=8)
+    assert sorted(grouped.tolist()) == list(range(1000))
+    assert np.array_equal(grouped, epoch_order(1000, 3, 1, lengths, batch=16, group=8))  # resume sees the same
+    assert not np.array_equal(grouped, epoch_order(1000, 3, 2, lengths, batch=16, group=8))
+
+    def padded(order):
+        return sum(lengths[order[i:i + 16]].max() * len(order[i:i + 16]) for i in range(0, 1000, 16))
+
+    assert padded(grouped) < 0.8 * padded(plain)
+    assert np.array_equal(epoch_order(1000, 3, 1, lengths, batch=16, group=0), plain)

@@ -140,9 +140,24 @@ class TokenChunks:
         return torch.from_numpy(out[:, :-1].copy()), torch.from_numpy(np.where(target, out[:, 1:], -100))
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of chunks in an epoch: a pure function of (seed, epoch), so a resumed run sees the same data."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def epoch_order(n: int, seed: int, epoch: int, lengths: np.ndarray | None = None, batch: int = 1,
+                group: int = 0) -> np.ndarray:
+    """The order of chunks in an epoch: a pure function of (seed, epoch), so a resumed run sees the same data.
+
+    `group` > 0 (with the chunks' `lengths` and the `batch` size): the shuffled chunks are sorted by length
+    within windows of `group` batches, cut into batches, and the batches shuffled (the last, short one kept
+    last). A batch pads to its longest chunk, so batches of like lengths waste less compute on padding: on
+    music21's corpus (short folk tunes beside 512-token motet chunks) most of a random batch is padding."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    if not group or lengths is None or n <= batch:
+        return order
+    window = batch * group
+    order = np.concatenate([w[np.argsort(-np.asarray(lengths)[w], kind="stable")]
+                            for w in np.split(order, range(window, n, window))])
+    whole = n // batch
+    blocks = order[:whole * batch].reshape(whole, batch)[rng.permutation(whole)]
+    return np.concatenate([blocks.reshape(-1), order[whole * batch:]])
 
 
 def load_splits(folder: Path, min_seq: int, max_seq: int, mixes: Mixes | None = None, seed: int = 0):
