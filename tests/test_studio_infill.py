@@ -189,12 +189,13 @@ def test_infill_route_refuses_bad_requests_in_one_line(server, continued):
     absent = next(p for p in range(128) if p not in {t["program"] for t in roll["tracks"]})
     for fields, code, words in (({"first": "5", "last": "2"}, 400, "the first bar is after the last"),
                                 ({"first": "1", "last": "99"}, 400, "the last bar must be between 1 and"),
-                                ({"first": "1", "last": "2", "tracks": str(absent)}, 400, "does not play in variation 1"),
+                                ({"first": "1", "last": "2", "tracks": str(absent)}, 400,
+                                 "does not play in variation 1"),
                                 ({}, 400, "select the bars first")):
         status, _, body = post(server, v["infill"], fields)
         assert status == code and words in body["error"], (fields, body)
     assert post(server, "/api/jobs/0000/0/infill", {"first": "1", "last": "1"})[0] == 404
-    assert post(server, continued["variations"][0]["infill"].replace("/0/", "/7/"), {"first": "1", "last": "1"})[0] == 404
+    assert post(server, v["infill"].replace("/0/", "/7/"), {"first": "1", "last": "1"})[0] == 404
 
 
 def test_a_model_without_infill_tokens_hides_and_refuses_it(tiny_run):
@@ -238,7 +239,7 @@ def test_select_bars_on_the_roll_and_regenerate(page, prompt):
     page.mouse.move(mid(3), box["y"] + box["height"] / 2, steps=5)
     page.mouse.up()
     assert card.query_selector(".regenerate").text_content() == "Regenerate bars 2-3"
-    assert card.eval_on_selector(".first", "e => e.value") == "2" and card.eval_on_selector(".last", "e => e.value") == "3"
+    assert [card.eval_on_selector(f, "e => e.value") for f in (".first", ".last")] == ["2", "3"]
     card.query_selector(".regenerate").click()
     wait_for_variations(page, 2)
     new = page.query_selector_all("#results .variation")[1]

@@ -456,12 +456,13 @@ class Roll {
     // bar lines and numbers
     g.font = "11px system-ui, sans-serif";
     g.textBaseline = "middle";
-    const every = Math.max(1, Math.ceil(26 / (w / this.bars())));  // a number every few bars when bars are narrow
+    let free = -Infinity;  // where the last number ends: a number that would overlap it is left out
     for (let i = 0; i < bars.length; i++) {
       const bx = Math.round(x(bars[i])) + 0.5;
       g.strokeStyle = "#dcd9d2";
       g.beginPath(); g.moveTo(bx, RULER); g.lineTo(bx, h); g.stroke();
-      if (i < bars.length - 1 && i % every === 0) {
+      if (i < bars.length - 1 && bx + 3 >= free) {
+        free = bx + 3 + g.measureText(String(i + 1)).width + 4;
         g.fillStyle = this.selection && i + 1 >= this.selection[0] && i + 1 <= this.selection[1] ? "#1d4ed8" : "#667085";
         g.fillText(String(i + 1), bx + 3, RULER / 2);
       }
