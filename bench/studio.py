@@ -7,7 +7,7 @@ Runs alternate (sample.py, studio, sample.py, ...) so that both see the same mac
 is timed twice: its wall-clock time (what a user waits for: start, load, generate, write MIDI and
 PNG), and its own "generated ... in X s" line (the generation alone). The studio's time is measured in
 the browser from the click: to the variations shown (quality line, audio player, download), and to
-their piano rolls loaded (drawn right after). Needs /usr/bin/chromium and Playwright.
+their piano rolls drawn (in the page, from each variation's notes). Needs /usr/bin/chromium and Playwright.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def press_generate(page, args) -> tuple[float, float]:
     page.wait_for_function(f"() => document.querySelectorAll('#results .variation').length === {args.variations}",
                            polling=20)
     shown = time.perf_counter() - t0
-    page.wait_for_function("() => [...document.querySelectorAll('#results img.roll')].every(i => i.complete && "
-                           "i.naturalWidth)", polling=20)
+    page.wait_for_function("() => [...document.querySelectorAll('#results canvas.roll')].every(c => "
+                           "c.dataset.drawn === '1')", polling=20)
     return shown, time.perf_counter() - t0
 
 

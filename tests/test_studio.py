@@ -164,7 +164,7 @@ def test_continue_two_variations_play_and_download(page, info, prompt, ckpt, tmp
     wait_for_variations(page, 2)
     cards = page.query_selector_all("#results .variation")
     for card in cards:
-        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=card.query_selector("img.roll"))
+        page.wait_for_function("c => c.dataset.drawn === '1' && c.width > 0", arg=card.query_selector("canvas.roll"))
         assert "loops" in card.text_content() and "out-of-key" in card.text_content()
         if audio_missing() is None:  # the audio element loads the server's rendering and plays it
             card.eval_on_selector("audio", "a => a.play()")

@@ -5,7 +5,10 @@
     POST /api/inspect                   an uploaded MIDI file's instruments and bars, or why it is unusable
     POST /api/generate                  form fields + optional MIDI file -> {"job": id}; queued
     GET  /api/jobs/{id}                 state, place in the queue, progress, the variations once done
-    GET  /api/jobs/{id}/{k}/roll.png    piano roll of variation k
+    POST /api/jobs/{id}/{k}/infill      form fields first, last, tracks + settings -> {"job": id}: regenerate
+                                        bars first..last of variation k (Sampler.infill); queued
+    GET  /api/jobs/{id}/{k}/roll        variation k's notes, bars and new notes as JSON (the page draws the roll)
+    GET  /api/jobs/{id}/{k}/roll.png    piano roll of variation k as a picture (a download)
     GET  /api/jobs/{id}/{k}/audio.wav   variation k played with a General MIDI SoundFont (rendered once)
     GET  /api/jobs/{id}/{k}/midi        variation k as a MIDI file (a download)
 
@@ -51,11 +54,13 @@ async def read_form(request: Request):
 
 def job_status(studio: Studio, job: Job) -> dict:
     base = f"/api/jobs/{job.id}"
-    variations = [{**v.quality, "roll": f"{base}/{v.index}/roll.png", "audio": f"{base}/{v.index}/audio.wav",
-                   "midi": f"{base}/{v.index}/midi"} for v in job.variations]
+    variations = [{**v.quality, "roll": f"{base}/{v.index}/roll", "png": f"{base}/{v.index}/roll.png",
+                   "audio": f"{base}/{v.index}/audio.wav", "midi": f"{base}/{v.index}/midi",
+                   "infill": f"{base}/{v.index}/infill"} for v in job.variations]
+    r = job.request
     return {"id": job.id, "state": job.state, "queue": studio.place_in_queue(job), "step": job.step,
-            "total": job.total, "seconds": job.seconds, "error": job.error, "seed": job.request.seed,
-            "mode": job.request.mode, "variations": variations}
+            "total": job.total, "seconds": job.seconds, "error": job.error, "seed": r.seed,
+            "mode": r.mode, "span": r.span, "tracks": r.tracks, "source": r.source, "variations": variations}
 
 
 def find_job(studio: Studio, job_id: str) -> Job:
@@ -122,6 +127,17 @@ def create_app(studio: Studio, bind_host: str = "127.0.0.1") -> FastAPI:
     @app.get("/api/jobs/{job_id}")
     def status(job_id: str):
         return job_status(studio, find_job(studio, job_id))
+
+    @app.post("/api/jobs/{job_id}/{k}/infill")
+    async def infill(job_id: str, k: int, request: Request):
+        form, _, _ = await read_form(request)
+        job, v = find_job(studio, job_id), find_variation(studio, job_id, k)
+        req = await run_in_threadpool(studio.infill_request, job, v, form)  # reads the variation's file
+        return JSONResponse(job_status(studio, studio.submit(req)), status_code=202)
+
+    @app.get("/api/jobs/{job_id}/{k}/roll")
+    def roll_json(job_id: str, k: int):
+        return find_variation(studio, job_id, k).roll
 
     @app.get("/api/jobs/{job_id}/{k}/roll.png")
     def roll(job_id: str, k: int):

@@ -29,7 +29,8 @@ from midistral.io import atomic_write_bytes
 from midistral.sampler import Sampler, controls, rejection_reasons
 from midistral.sampling import SAMPLING
 from midistral.studio.edge import one_line
-from midistral.studio.settings import MODES, Request, shown_name
+from midistral.studio.roll import Fresh, continuation, roll_data, span_ticks
+from midistral.studio.settings import MODES, Request, parse_infill, shown_name
 from midistral.tokenize import load_score
 
 log = logging.getLogger("midistral.studio")
@@ -37,6 +38,7 @@ KEEP_JOBS = 12      # finished jobs whose files stay available
 MAX_WAITING = 4     # jobs waiting behind the running one before Generate is refused
 AUDIO_RATE = 32000  # Hz: enough for a General MIDI preview, a third less to render than 44.1 kHz
 ROLL_WAIT = 300     # seconds a request for a piano roll waits for it to be drawn
+INFILL_CONTEXT = 64  # ids of the piece the model sees around the bars it regenerates, at least
 
 
 class Missing(MidistralError):
@@ -63,6 +65,7 @@ class Variation:
     index: int
     quality: dict
     score: symusic.Score                # kept to render its audio on demand
+    roll: dict                          # the page's piano roll (roll.py): notes in beats, bars, new notes
     audio_lock: threading.Lock = field(default_factory=threading.Lock)
     roll_ready: threading.Event = field(default_factory=threading.Event)
 
@@ -118,6 +121,18 @@ def check_new_track(r: Request) -> None:
                              "to write new notes for it, or another instrument")
 
 
+def fresh_notes(sample, r: Request) -> Fresh:
+    """Which notes of `sample` the model wrote, for the page's roll."""
+    if r.mode == "infill":
+        start, end = span_ticks(sample.score, *r.span)
+        return Fresh(start, end, programs=tuple(r.tracks) if r.tracks else None, bars=r.span)
+    if sample.new_track is not None:
+        return Fresh(track=sample.new_track)
+    if r.prompt and sample.start_tick:
+        return continuation(load_score(r.prompt, r.prompt_name), sample.score.ticks_per_quarter, sample.start_tick)
+    return Fresh(sample.start_tick)
+
+
 class Studio:
     """A Sampler behind a one-thread queue, with the jobs' files in a temporary folder."""
 
@@ -135,6 +150,14 @@ class Studio:
         self.has_controls = controls is not None
         self.length_in_bars = self.has_controls
         self.modes = ["generate", "continue"] + (["add", "replace"] if hasattr(controls, "accompany") else [])
+        try:  # Regenerate bars needs a model trained with the fill-in-the-middle tokens
+            controls.check_infill_model(sampler.tok)
+            self.infill_problem = None
+        except MidistralError as e:
+            self.infill_problem = str(e)
+        # the most bars one Regenerate writes: their token budget and some of the piece must fit the context
+        self.infill_max_bars = max((k for k in range(1, 65) if controls.infill_budget(k) + k + 4 + INFILL_CONTEXT
+                                    <= sampler.context), default=0)
         self.folder = Path(tempfile.mkdtemp(prefix="midistral-studio-"))
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.jobs_lock = threading.Lock()
@@ -149,7 +172,26 @@ class Studio:
                 "audio": self.soundfont.name if self.soundfont else None, "audio_problem": self.audio_problem,
                 "defaults": {"temperature": SAMPLING.temperature, "top_k": SAMPLING.top_k,
                              "no_repeat_ngram": SAMPLING.no_repeat_ngram_size},
-                "context": self.sampler.context, "styles": self.sampler.styles}
+                "context": self.sampler.context, "styles": self.sampler.styles,
+                "infill": self.infill_problem is None and self.infill_max_bars > 0,
+                "infill_max_bars": self.infill_max_bars}
+
+    def infill_request(self, job: Job, v: Variation, form) -> Request:
+        """Regenerate bars of variation `v` of `job`: the form checked against the variation's bars and
+        instruments (settings.parse_infill); the variation's MIDI file is the piece."""
+        if self.infill_problem is not None:
+            raise MidistralError(f"Regenerate bars: {self.infill_problem}")
+        if self.infill_max_bars == 0:
+            raise MidistralError(f"Regenerate bars: this model's context ({self.sampler.context} tokens) is too "
+                                 "short to regenerate a bar")
+        try:
+            data = v.path(".mid").read_bytes()
+        except FileNotFoundError:
+            raise Missing("this generation is no longer kept; press Generate again") from None
+        r = job.request
+        source = f"variation {v.index + 1}" + (f" of {shown_name(r.prompt_name)}" if r.prompt_name else "")
+        return parse_infill(form, load_score(data, source), data, r.prompt_name, source, self.infill_max_bars,
+                            self.sampler.styles)
 
     def close(self, wait: bool = True) -> None:
         """Stop: queued jobs are dropped, the running one ends at its next token (an added track at its next
@@ -206,7 +248,7 @@ class Studio:
             samples = self._sample(job)
             folder = self.folder / job.id
             folder.mkdir()
-            job.variations = [self._save_midi(folder, k, s) for k, s in enumerate(samples)]
+            job.variations = [self._save_midi(folder, k, s, job.request) for k, s in enumerate(samples)]
             job.state = "done"
         except MidistralError as e:
             job.error, job.state = page_text(str(e)), "failed"
@@ -233,6 +275,9 @@ class Studio:
             job.step, job.total = step, total
 
         common = dict(num_samples=r.variations, seed=r.seed, on_progress=progress)
+        if r.mode == "infill":
+            return self.sampler.infill(r.prompt, r.span, r.tracks, r.sampling, style=r.style, prompt_name=r.source,
+                                       **r.attributes, **common)
         if r.mode == "add":
             check_new_track(r)
         if r.mode in ("add", "replace"):
@@ -242,8 +287,8 @@ class Studio:
         return self.sampler.sample(r.prompt, r.sampling, prompt_name=r.prompt_name or None, style=r.style, **steer,
                                    **common)
 
-    def _save_midi(self, folder: Path, k: int, sample) -> Variation:
-        v = Variation(folder, k, quality(sample), sample.score)
+    def _save_midi(self, folder: Path, k: int, sample, r: Request) -> Variation:
+        v = Variation(folder, k, quality(sample), sample.score, roll_data(sample.score, fresh_notes(sample, r)))
         atomic_write_bytes(v.path(".mid"), sample.midi_bytes())
         return v
 

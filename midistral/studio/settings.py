@@ -27,6 +27,7 @@ MODES = {
     "continue": "Continue a MIDI file",
     "add": "Add a track",
     "replace": "Replace a track",
+    "infill": "Regenerate bars",  # of a variation, from its piano roll (not a mode button)
 }
 NEEDS_PROMPT = ("continue", "add", "replace")
 MAX_UPLOAD_BYTES = 5 * 2**20
@@ -67,6 +68,9 @@ class Request:
     seed: int
     style: str | None = None    # the style to write in (None: the model chooses)
     attributes: dict = field(default_factory=dict)  # key, density, polyphony as given (Sampler keywords)
+    span: tuple[int, int] | None = None  # Regenerate bars: the bars, 1-based, both included
+    tracks: list[int] | None = None     # Regenerate bars: only these instruments (None: all)
+    source: str = ""                    # Regenerate bars: the variation's title, for messages
 
     @property
     def stem(self) -> str:
@@ -176,3 +180,52 @@ def attributes(form, mode: str) -> dict:
         raise MidistralError(f"{MODES[mode]}: density and polyphony steer new music, not an added track "
                              "(the key applies)")
     return out
+
+
+def parse_infill(form, piece: symusic.Score, piece_bytes: bytes, prompt_name: str, source: str, max_bars: int,
+                 styles=()) -> Request:
+    """A Regenerate bars request for the variation `piece` (its MIDI bytes, its title `source`) from the form
+    fields first, last (bars, 1-based), tracks (programs, comma-separated; empty: all), variations, seed,
+    temperature, top_k, no_repeat_ngram, key and style. `max_bars`: the most bars the model can write at once."""
+    n = n_bars(piece, source)
+    first, last = (bar_number(form, name, n) for name in ("first", "last"))
+    if first > last:
+        raise MidistralError(f"Regenerate bars {first}-{last}: the first bar is after the last")
+    if last - first + 1 > max_bars:
+        raise MidistralError(f"Regenerate bars {first}-{last}: at most {max_bars} bars at once with this model's "
+                             "context; select fewer")
+    playing = sorted({track_program(t) for t in piece.tracks if len(t.notes)})
+    tracks = [program(p, "Tracks") for p in str(form.get("tracks") or "").split(",") if p.strip()] or None
+    for p in tracks or ():
+        if p not in playing:
+            raise MidistralError(f"Tracks: {program_name(p)} does not play in {source} (it has "
+                                 f"{', '.join(map(program_name, playing)) or 'no notes'})")
+    style = str(form.get("style") or "").strip() or None
+    if style is not None and style not in styles:
+        raise MidistralError(f"Style: {style[:40]!r} is not one the model knows ({', '.join(styles) or 'none'})")
+    seed = number(form, "seed")
+    key = str(form.get("key") or "").strip()
+    if key:
+        parse_key(key, flag="Key")
+    return Request(
+        mode="infill", prompt=piece_bytes, prompt_name=prompt_name, programs=None, track_program=None, bars=None,
+        sampling=SamplingConfig(temperature=number(form, "temperature", float), top_k=number(form, "top_k"),
+                                no_repeat_ngram_size=number(form, "no_repeat_ngram")),
+        variations=number(form, "variations"), seed=secrets.randbelow(2**31) if seed is None else seed,
+        style=style, attributes={"key": key} if key else {}, span=(first, last),
+        tracks=tracks and sorted(set(tracks)), source=source)
+
+
+def bar_number(form, name: str, n: int) -> int:
+    """The form's bar `name` (first or last): a whole number in 1..n, the variation's bars."""
+    raw = str(form.get(name) or "").strip()
+    if raw == "":
+        raise MidistralError(f"Regenerate bars: select the bars first (the {name} bar is missing)")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise MidistralError(f"Regenerate bars: the {name} bar {raw[:20]!r} is not a whole number") from None
+    if not 1 <= value <= n:
+        raise MidistralError(f"Regenerate bars: the {name} bar must be between 1 and {n} (the variation's bars), "
+                             f"got {value}")
+    return value
