@@ -178,12 +178,10 @@ class Sampler:
 
     def _token_budget(self, config: SamplingConfig, bars: int | None) -> int:
         """New tokens at most: as asked (or the default) within the context; with `bars` and no length asked,
-        the whole context (a bound, not a length: the bars end the piece)."""
-        want = config.max_new(bars is not None)
-        if want is None:
-            return self.context - 1
+        a bound per bar (sampling.TOKENS_PER_BAR), not a length: the bars end the piece."""
+        want = config.max_new(bars)
         max_new = min(want, self.context - 1)
-        if max_new < want:
+        if max_new < want and (bars is None or config.max_new_tokens is not None):
             self.log(f"note: max_new_tokens {want} exceeds the model's context; using {max_new}")
         return max_new
 
@@ -230,8 +228,7 @@ class Sampler:
                 self.log(f"note: prompt + continuation must fit the model's context ({self.context}); "
                          f"generating at most {max_new} tokens")
         if bars is not None:  # the bars end the piece; the context is only a bound
-            self.log(f"generating {bars} bar{'s' * (bars != 1)} (at most {max_new} tokens: what the model's "
-                     "context leaves)")
+            self.log(f"generating {bars} bar{'s' * (bars != 1)} (at most {max_new} tokens)")
         plan = _Plan(config, max_new, config.min_new(from_scratch=source is None and bars is None), bars, programs,
                      on_progress, steering)
 
@@ -396,7 +393,7 @@ class Sampler:
         if plan.bars is not None:
             complete = next(c.complete for c in constraints if isinstance(c, controls.BarsConstraint))
             if not all(complete):
-                self.log(f"note: the model's context ran out before {plan.bars} bars in "
+                self.log(f"note: {plan.max_new} tokens ran out before {plan.bars} bars in "
                          f"{complete.count(False)} sample(s)")
         return [row[len(ids):] for row in out.tolist()]
 

@@ -22,6 +22,9 @@ from midistral.errors import ConfigError
 from midistral.fields import Bool, FieldError, Float, Int, check_fields, from_dict, refuse_unknown, setting
 
 DEFAULT_MAX_NEW_TOKENS = 1024
+# with a length in bars, new tokens at most per bar: a bound far above real music's (about 40 a bar for four
+# voices, 100-200 for a quartet or piano texture), so only a model that never closes a bar meets it
+TOKENS_PER_BAR = 256
 # EOS masked before this many tokens without a prompt and a length in bars: no 2-5-bar pieces (the shortest
 # chorale is 134 tokens); mean OA 0.82 against 0.80 without.
 MIN_NEW_FROM_SCRATCH = 128
@@ -65,10 +68,11 @@ class SamplingConfig:
         refuse_unknown(type(self), changes, "sampling settings")
         return dataclasses.replace(self, **changes)
 
-    def max_new(self, with_bars: bool) -> int | None:
-        """New tokens asked for: as set, else the default (None with a length in bars: the context decides)."""
+    def max_new(self, bars: int | None = None) -> int:
+        """New tokens asked for: as set, else the default; with a length in bars, a bound of TOKENS_PER_BAR a bar
+        (the bars end the piece; the bound stops a model that never closes a bar from filling its context)."""
         if self.max_new_tokens is None:
-            return None if with_bars else DEFAULT_MAX_NEW_TOKENS
+            return DEFAULT_MAX_NEW_TOKENS if bars is None else TOKENS_PER_BAR * int(bars) + 64
         return self.max_new_tokens
 
     def min_new(self, from_scratch: bool) -> int:

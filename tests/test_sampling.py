@@ -13,16 +13,16 @@ import pytest
 from conftest import ROOT
 from midistral.errors import ConfigError
 from midistral.fields import FieldError, add_arguments, from_args
-from midistral.sampling import (DEFAULT_MAX_NEW_TOKENS, MIN_NEW_FROM_SCRATCH, SAMPLING, RejectionLimits, SamplingConfig,
-                                check_call)
+from midistral.sampling import (DEFAULT_MAX_NEW_TOKENS, MIN_NEW_FROM_SCRATCH, SAMPLING, TOKENS_PER_BAR, RejectionLimits,
+                                SamplingConfig, check_call)
 
 
 def test_defaults():
     c = SamplingConfig()
     assert (c.temperature, c.top_k, c.top_p, c.no_repeat_ngram_size, c.grammar) == (0.7, 12, None, 6, True)
-    assert c.max_new(with_bars=False) == DEFAULT_MAX_NEW_TOKENS and c.max_new(with_bars=True) is None
+    assert c.max_new() == DEFAULT_MAX_NEW_TOKENS and c.max_new(bars=4) == 4 * TOKENS_PER_BAR + 64
     assert c.min_new(from_scratch=True) == MIN_NEW_FROM_SCRATCH and c.min_new(from_scratch=False) == 0
-    assert SamplingConfig(max_new_tokens=50, min_new_tokens=3).max_new(True) == 50
+    assert SamplingConfig(max_new_tokens=50, min_new_tokens=3).max_new(bars=4) == 50
     assert SamplingConfig(min_new_tokens=3).min_new(True) == 3
 
 
