@@ -155,7 +155,7 @@ CASES = [
     ("sample-ckpt-file", "sample", lambda w, t: ["--ckpt", str(w / "a_file")], "is a file"),
     ("sample-ckpt-not-a-run", "sample", lambda w, t: ["--ckpt", str(w / "nomidi")], "not a checkpoint"),
     ("sample-ckpt-weights-corrupt", "sample", lambda w, t: ["--ckpt", str(damaged_run(w, t, "weights") / "last")], "model.safetensors"),
-    ("sample-no-ckpt", "sample", lambda w, t: [], "--ckpt"),
+    ("sample-style-unknown", "sample", lambda w, t: ["--style", "jazz"], "style 'jazz'"),  # the shipped model
     ("sample-num-samples-0", "sample", lambda w, t: ["--ckpt", str(w / "run"), "--num-samples", "0"], "--num-samples"),
     ("sample-temperature-word", "sample", lambda w, t: ["--ckpt", str(w / "run"), "--temperature", "abc"], "abc"),
     ("sample-top-p-2", "sample", lambda w, t: ["--ckpt", str(w / "run"), "--top-p", "2"], "--top-p"),
