@@ -90,3 +90,16 @@ def score_of(tracks, ts=(4, 4), tpq=480):
             t.notes.append(symusic.Note(time, dur, pitch, 80))
         s.tracks.append(t)
     return s
+
+
+@pytest.fixture(scope="session")
+def extra_tok(dev_midi_files):
+    """BPE (1000, on 16 real files) and the extra tokens (fill-in-the-middle, style, attribute controls), as a
+    trained default has; shared, so never change it in a test."""
+    from midistral.tokenize import REMI
+    from midistral.tokenize.extra import ExtraVocab
+
+    t = REMI()
+    t.train_bpe(dev_midi_files[:16], 1000, workers=1)
+    t.extra = ExtraVocab(len(t), styles=["bach"])
+    return t

@@ -16,19 +16,14 @@ from midistral.generate import generate
 from midistral.model import ModelConfig, Transformer
 from midistral.sampler import Sampler
 from midistral.tokenize import REMI, load_score
-from midistral.tokenize.extra import ExtraVocab
 from midistral.tokenize.grammar import GrammarConstraint
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def tok(dev_midi_files):
-    """BPE and the extra tokens (fill-in-the-middle, style, attribute controls), as a trained default has."""
-    t = REMI()
-    t.train_bpe(dev_midi_files[:16], 1000, workers=1)
-    t.extra = ExtraVocab(len(t), styles=["bach"])
-    return t
+def tok(extra_tok):
+    return extra_tok
 
 
 @pytest.fixture(scope="module")

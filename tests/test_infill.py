@@ -9,7 +9,6 @@ from midistral.errors import MidistralError
 from midistral.controls.infill import infill, infill_prompt
 from midistral.model import ModelConfig, Transformer
 from midistral.tokenize import REMI
-from midistral.tokenize.extra import ExtraVocab
 from midistral.tokenize.grammar import Grammar, Mode, mode_of
 from midistral.tokenize.remi import load_score
 
@@ -17,11 +16,8 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
-def tok(dev_midi_files):
-    t = REMI()
-    t.train_bpe(dev_midi_files[:16], 1000, workers=1)
-    t.extra = ExtraVocab(len(t), styles=["bach"])
-    return t
+def tok(extra_tok):
+    return extra_tok
 
 
 @pytest.fixture(scope="module")
