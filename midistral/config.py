@@ -116,6 +116,9 @@ class TrainConfig:
     precision: str = setting("auto", Choice("auto", "fp32", "bf16"),
                              "fp32, bf16 (autocast, fp32 master weights; CUDA or AVX512-BF16 / AMX); auto: bf16 on CUDA")
     restart: bool = setting(False, Bool(), "with --resume: weights only, a fresh schedule without warm-up")
+    init_from: str = setting("", Rule(lambda v: isinstance(v, str), "a path"),
+                             "a checkpoint folder (a run's best/, a released model such as midistral/models/default) "
+                             "whose weights start a new run; its tokenizer must be the prepared data's")
     checkpoint_minutes: float = setting(5.0, Float(0), "also write RUN/last this often; 0: only at epoch ends and max_steps")
     log_every: int = setting(1, Int(1), "steps between metric rows")
     sample_after: bool = setting(True, Bool(), "write a few samples when training ends ([sample])")

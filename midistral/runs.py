@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from midistral.checkpoint import TOKENIZER_FILE, is_checkpoint_dir, load_weights, save_checkpoint
+from midistral.checkpoint import TOKENIZER_FILE, find_tokenizer_file, is_checkpoint_dir, load_weights, save_checkpoint
 from midistral.errors import CheckpointError
 from midistral.io import atomic_write_bytes, atomic_write_text
 from midistral.plots import loss_curves_png
@@ -102,13 +102,19 @@ def check_same_data(last: Path, saved: dict, fingerprint: str, data_dir: Path) -
                               "would be: resume with the run's settings (or train.restart=true)")
 
 
+def load_start_weights(ckpt: Path, model, tokenizer, data_dir: Path) -> None:
+    """A checkpoint's weights into `model`; refused when its tokenizer is not the prepared data's (the ids
+    would mean other tokens)."""
+    if load_tokenizer(find_tokenizer_file(ckpt)).to_dict() != tokenizer.to_dict():
+        raise CheckpointError(f"{ckpt}: the checkpoint's tokenizer differs from the one in the prepared data "
+                              f"({data_dir}): use the checkpoint's [data] and [tokenizer] settings")
+    load_weights(model, ckpt)
+
+
 def load_last(last: Path, saved: dict, model, optimizer, tokenizer, data_dir: Path, weights_only: bool) -> None:
     """Load RUN/last (`saved`: its read_train_state) into `model` and, unless `weights_only` (a restart
     cycle), into `optimizer` and the torch RNG. Refused when its tokenizer is not the prepared data's."""
-    if load_tokenizer(last / TOKENIZER_FILE).to_dict() != tokenizer.to_dict():
-        raise CheckpointError(f"{last}: the checkpoint's tokenizer differs from the one in the prepared data "
-                              f"({data_dir}): resume with the run's [data] and [tokenizer] settings")
-    load_weights(model, last)
+    load_start_weights(last, model, tokenizer, data_dir)
     if weights_only:
         return
     try:

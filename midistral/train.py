@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from midistral.checkpoint import resolve_checkpoint
 from midistral.config import RunConfig, SampleConfig, TrainConfig, load_config
 from midistral.data import TokenChunks, epoch_order, load_splits, made_with, prepare, prepared_dir
 from midistral.data.mixes import Mixes
@@ -34,8 +35,8 @@ from midistral.errors import ArgumentParser, MidistralError
 from midistral.io import RunLock
 from midistral.model import Transformer, training
 from midistral.runs import (Guard, Interrupted, agree, append_metrics, check_same_data, claim_run, load_last,
-                            plot_metrics, read_train_state, resume_command, resume_dir, save_best, save_last,
-                            truncate_metrics)
+                            load_start_weights, plot_metrics, read_train_state, resume_command, resume_dir,
+                            save_best, save_last, truncate_metrics)
 from midistral.sampler import Sampler, write_sample_files
 from midistral.tokenize import REMI
 from midistral.config_files import command_line
@@ -204,6 +205,8 @@ def setup(cfg: RunConfig, args: argparse.Namespace) -> Job:
               TrainState(warmup_ratio=tc.warmup_ratio))
     if last is not None:
         restore(job, last, saved)
+    elif tc.init_from:  # a new run starting from trained weights (the default model's second cycle: MODEL_CARD.md)
+        load_start_weights(resolve_checkpoint(tc.init_from), raw_model, tok, prepared_dir(cfg))
     job.total = tc.max_steps or job.state.schedule_start + job.schedule_len
     if job.state.step >= job.total:
         raise MidistralError(f"{run}: already at step {job.state.step} of {job.total}, nothing to train "
@@ -215,6 +218,8 @@ def setup(cfg: RunConfig, args: argparse.Namespace) -> Job:
                   + (f"; dropped {dropped} metric rows logged after that checkpoint" if dropped else ""))
         elif (run / "metrics.jsonl").exists():
             (run / "metrics.jsonl").unlink()  # a fresh run in an old folder starts a fresh log
+        if last is None and tc.init_from:
+            print(f"weights from {tc.init_from}")
         print(f"run {run}: {raw_model.num_params():,} parameters, {len(train_set)} train chunks, {len(val_set)} val "
               f"chunks, {steps_per_epoch} steps/epoch, {job.total} steps, device {device}, {world} process(es)")
     if tc.compile:

@@ -141,6 +141,28 @@ def test_two_gloo_processes_equal_one(first_run, tmp_path):
     assert all(abs(one[s] - two[s]) <= 1e-5 for s in one)
 
 
+@pytest.mark.slow
+def test_init_from_starts_a_new_run_from_trained_weights(first_run, tmp_path):
+    """train.init_from: a new run whose weights start as the checkpoint's (lr 0 keeps them, so its best/ equals
+    the source); a checkpoint with another tokenizer is a one-line error naming it."""
+    from safetensors.torch import load_file
+
+    src = first_run / "best"
+    run_train(tmp_path / "warm", "train.max_steps=2", "train.eval_every=1", "train.lr=0",
+              f"train.init_from={json.dumps(str(src))}", data=first_run / "data")
+    a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "warm" / "best" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    other = shutil.copytree(src, tmp_path / "other_tokens")
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["config"]["num_velocities"] += 1
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    r = subprocess.run(train_cmd(tmp_path / "other", "train.max_steps=1",
+                                 f"train.init_from={json.dumps(str(other))}", data=first_run / "data"),
+                       capture_output=True, text=True, cwd=ROOT, env=ENV)
+    assert r.returncode == 1 and "tokenizer differs" in r.stderr and str(other) in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+
+
 def test_resume_without_checkpoint_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.toml"),
                         f"out_dir={json.dumps(str(tmp_path))}", f"data.dir={json.dumps(str(shared_midi_dir('dev')))}",
