@@ -26,24 +26,25 @@ import numpy as np
 import torch
 
 from midistral.evaluate import compare, compare_copying, copy_index_for, measure_set, opening, reference_files
-from midistral.music import track_program
+from midistral.music import downbeats, track_program
 from midistral.sampler import Sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def bar_onsets(score, start_tick: int, programs=None) -> np.ndarray:
-    """(instruments, bars) onset counts of the new music, bars of 4 quarters from `start_tick`."""
-    tpq = score.ticks_per_quarter
-    bar = 4 * tpq
-    n = max(1, int(np.ceil((score.end() - start_tick) / bar)))
+    """(instruments, bars) onset counts of the new music, in the score's own bars (its meters) from the first
+    bar line at or after `start_tick`."""
+    lines = downbeats(score)
+    lines = lines[lines >= start_tick] if len(lines) else lines
+    n = max(1, len(lines))
     tracks = [t for t in score.tracks if programs is None or track_program(t) in programs]
     out = np.zeros((len(programs) if programs else len(tracks), n), int)
     for t in tracks:
         row = programs.index(track_program(t)) if programs else tracks.index(t)
         starts = t.notes.numpy()["time"]
-        k = ((starts[starts >= start_tick] - start_tick) // bar).astype(int)
-        np.add.at(out[row], k[k < n], 1)
+        k = np.searchsorted(lines, starts[starts >= start_tick], side="right") - 1
+        np.add.at(out[row], k[(k >= 0) & (k < n)], 1)
     return out
 
 

@@ -57,8 +57,8 @@ def build_parser() -> ArgumentParser:
     add_arguments(p.add_argument_group("sampling"), SamplingConfig)
     c = p.add_argument_group("instruments and length")
     c.add_argument("--programs", type=programs_value, default=None,
-                   help="continue with only these instruments: GM numbers or names, -1 = drums "
-                        "(e.g. 0,33,-1 or piano,bass,drums)")
+                   help="continue with only these instruments, each playing in every new bar: GM numbers or "
+                        "names, -1 = drums (e.g. 0,33,-1 or piano,bass,drums)")
     c.add_argument("--bars", type=bars_value, default=None,
                    help="continue for exactly N bars; with --add-track/--replace-track, the bars A:B to write "
                         "(counted from 1, both included; A: or :B)")

@@ -409,6 +409,10 @@ class Sampler:
             constraints.append(controls.ProgramsConstraint(self.tok, plan.programs))
         if plan.bars is not None:
             constraints.append(controls.BarsConstraint(self.tok, plan.bars))
+        if plan.programs is not None:  # each asked-for instrument it knows plays in every bar
+            known = self.known_programs
+            constraints.append(controls.EveryBarConstraint(self.tok, [p for p in plan.programs
+                                                                      if known is None or p in known]))
         if plan.steering is not None:  # last of the masks: the attribute tokens read what the others leave
             constraints += plan.steering.constraints()
         if plan.on_progress is not None:

@@ -16,7 +16,7 @@ import symusic
 import torch
 import torch.nn as nn
 
-from midistral.controls import (BarsConstraint, ProgramsConstraint, accompany, bars_token_budget, known_programs,
+from midistral.controls import (BarsConstraint, EveryBarConstraint, ProgramsConstraint, accompany, bars_token_budget, known_programs,
                                 parse_bar_range, parse_programs, program_name, unknown_instruments_note)
 from midistral.controls.accompany import Walk
 from midistral.controls.feeder import Feeder
@@ -287,6 +287,40 @@ def test_bars_from_nothing_with_grammar_and_programs(tok):
             assert done
             assert decoded_bar_of_notes(tok.decode(row)).max() + 1 == 3
             assert set(_programs_of_new_notes(tok, bos[:1], row)) <= {-1, 33}
+
+
+def _bars_of_program(score, program):
+    downbeats = score.get_downbeats()
+    ons = [t.notes.numpy()["time"] for t in score.tracks if (-1 if t.is_drum else t.program) == program]
+    return set((np.searchsorted(downbeats, np.concatenate(ons), side="right") - 1).tolist()) if ons else set()
+
+
+@pytest.mark.parametrize("use_bpe", [False, True])
+def test_every_bar_has_each_asked_for_instrument(tok, bpe_tok, dev_midi_files, use_bpe):
+    """--programs piano,bass --bars N: each of the two starts a note in every new bar (from nothing and after
+    a real piano prompt), the grammar holds, and the bars are still exactly N."""
+    t = bpe_tok if use_bpe else tok
+    model = tiny_transformer(len(t), seed=4)
+    path = pick(dev_midi_files, lambda r: r["programs"] == "0" and int(r["nonempty_tracks"]) == 1)
+    score = load_score(path)
+    piano = np.concatenate([[t.bos_id], t.encode(score.clip(0, score.tpq * 8, clip_end=True))])
+    checked = 0
+    for prompt_ids in (np.array([t.bos_id]), piano):
+        first = decoded_bar_of_notes(t.decode(prompt_ids)).max() + 1 if len(prompt_ids) > 1 else 0
+        for seed in range(3):
+            bars = BarsConstraint(t, 4)
+            out = generate(model, torch.from_numpy(np.stack([prompt_ids] * 2)), 2000, temperature=0.8, top_k=20,
+                           no_repeat_ngram_size=4, eos_id=t.eos_id, seed=seed,
+                           constraints=[GrammarConstraint(t), ProgramsConstraint(t, [0, 33]), bars,
+                                        EveryBarConstraint(t, [0, 33])])
+            for row, done in zip(out.numpy(), bars.complete):
+                decoded, skipped = t.decode_with_report(row)
+                assert done and skipped == 0
+                new_bars = set(range(first, first + 4))
+                assert decoded_bar_of_notes(decoded).max() + 1 == first + 4
+                assert new_bars <= _bars_of_program(decoded, 0) and new_bars <= _bars_of_program(decoded, 33), seed
+                checked += 1
+    assert checked == 12
 
 
 def test_bars_refuses_zero(tok):

@@ -20,14 +20,14 @@
 
 from midistral.controls.accompany import accompany, parse_bar_range
 from midistral.controls.attributes import Steering
-from midistral.controls.constraints import BarsConstraint, ProgramsConstraint, bars_token_budget, id_expansions
+from midistral.controls.constraints import BarsConstraint, EveryBarConstraint, ProgramsConstraint, bars_token_budget, id_expansions
 from midistral.controls.infill import (BarCount, InfillResult, check_infill_model, infill, infill_budget, infill_prompt,
                                        infill_report, splice)
 from midistral.controls.key import Key, KeyConstraint, parse_key
 from midistral.controls.instruments import (GM_NAMES, SHORT_NAMES, known_programs, parse_program, parse_programs,
                                             program_name, unknown_instruments_note)
 
-__all__ = ["BarCount", "BarsConstraint", "GM_NAMES", "InfillResult", "Key", "KeyConstraint", "ProgramsConstraint",
+__all__ = ["BarCount", "BarsConstraint", "EveryBarConstraint", "GM_NAMES", "InfillResult", "Key", "KeyConstraint", "ProgramsConstraint",
            "SHORT_NAMES", "Steering", "accompany", "bars_token_budget", "check_infill_model", "id_expansions", "infill",
            "infill_budget", "infill_prompt", "infill_report", "known_programs", "parse_bar_range", "parse_key",
            "parse_program", "parse_programs", "program_name", "splice", "unknown_instruments_note"]

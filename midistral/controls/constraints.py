@@ -1,5 +1,5 @@
-"""Constraints for generate(): which instruments play (`ProgramsConstraint`) and how many bars
-(`BarsConstraint`).
+"""Constraints for generate(): which instruments play (`ProgramsConstraint`), that each of them plays in
+every bar (`EveryBarConstraint`) and how many bars (`BarsConstraint`).
 
     cons = [GrammarConstraint(tok), ProgramsConstraint(tok, [0, 33, -1]), BarsConstraint(tok, 8)]
     ids = generate(model, prompt, max_new_tokens=bars_token_budget(model, prompt.shape[1]),
@@ -270,13 +270,8 @@ class BarsConstraint:
     def start(self, prompt_ids: torch.Tensor) -> None:
         self.rows = []
         for row in prompt_ids.tolist():
-            base = self.tok.base_ids(row).tolist()
-            present = set(base)
-            max_den = max([d for (_, d), i in self.tok.ts_id.items() if i in present] or [4])
-            tables = _Tables(self.tok, self.tok.max_res * max_den // 4)
-            clock = _StreamClock(tables)
-            for x in base:
-                clock.feed(x)
+            clock, max_den = _stream_clock(self.tok, self.tok.base_ids(row).tolist())
+            tables = clock.t
             min_bar = min(n * (tables.tpq * 4 // d) for n, d in self.tok.time_sigs if d <= max_den)
             banned = torch.from_numpy(self._den > max_den)
             self.rows.append(dict(clock=clock, start=clock.cur_bar, banned=banned, done=False, finished=False,
@@ -349,6 +344,121 @@ class BarsConstraint:
                 for x in self.exp[t]:
                     row["clock"].feed(x)
             row["done"] = row["clock"].cur_bar - row["start"] > self.n
+
+
+def _stream_clock(tok, base: list[int]) -> tuple[_StreamClock, int]:
+    """The clock after the base ids `base` (at the resolution of their largest meter denominator), and that
+    denominator."""
+    present = set(base)
+    max_den = max([d for (_, d), i in tok.ts_id.items() if i in present] or [4])
+    clock = _StreamClock(_Tables(tok, tok.max_res * max_den // 4))
+    for x in base:
+        clock.feed(x)
+    return clock, max_den
+
+
+class EveryBarConstraint:
+    """Each of `programs` plays in every new bar: while one has not started a note in the current bar, the
+    bar may not close (ids holding a Bar token, the bar attributes that lead to one, EOS are masked), and
+    when the model would close it anyway (its best id closes the bar) it may only start a note of a missing
+    instrument or move on to a later Position. Rests are masked with the bar lines (one
+    may cross a line: the decoder then writes no Bar token); Positions still move on, so the bar fills in
+    time order. Ids that would skip a whole bar (cross two bar lines) are masked throughout. Bars are read
+    on the decoder's clock, from the first bar line of the continuation (the
+    bar the prompt ends in is the prompt's, unless it holds no note yet). Where these masks would leave a row nothing (another constraint forces the bar
+    line), the row keeps the others' mask: the count is then reported, not forced.
+
+    Pass it after ProgramsConstraint and BarsConstraint: it only narrows what they allow.
+    """
+
+    def __init__(self, tok, programs):
+        self.required = frozenset(parse_program(p, "programs") for p in programs)
+        mat, _ = _expansion_matrix(tok)
+        fam = _family_matrix(tok, mat)
+        closes = ((fam == BAR) | (fam == REST)).any(1)  # a bar ends at a Bar token or a rest across its line
+        if tok.extra is not None:
+            for t, i in tok.extra.id.items():
+                closes[i] |= t.startswith("ACBar")
+        if tok.eos_id is not None:
+            closes[tok.eos_id] = True
+        self._closes = torch.from_numpy(closes)
+        self._moving = np.flatnonzero(((fam == BAR) | (fam == REST)).any(1)).tolist()
+        self._skip_cache: dict = {}
+        prog_of = np.full(len(tok.vocab), -99, dtype=np.int64)
+        for i, p in tok.program_of.items():
+            prog_of[i] = p
+        self._prog = np.where(fam == PROGRAM, prog_of[np.maximum(mat, 0)], -99)  # program per slot, -99 none
+        self._prog_of = prog_of.tolist()
+        self._first_fam = fam[:, 0]
+        self.exp = [e.tolist() for e in id_expansions(tok)]
+        self._other_programs: dict[frozenset, torch.Tensor] = {}
+        self.tok = tok
+
+    def _not_missing(self, missing: frozenset) -> torch.Tensor:
+        """Ids that neither start a note of a missing instrument nor only move on to a later Position (then
+        free of other instruments' notes): what a bar that the model would close may not write."""
+        if missing not in self._other_programs:
+            other = ((self._prog != -99) & ~np.isin(self._prog, list(missing))).any(1)
+            ok = (self._first_fam == POSITION) & ~other | np.isin(self._prog[:, 0], list(missing))
+            self._other_programs[missing] = torch.from_numpy(~ok)
+        return self._other_programs[missing]
+
+    def start(self, prompt_ids: torch.Tensor) -> None:
+        self.clocks, self.armed, self.played, self.done, self.program = [], [], [], [], []
+        for row in prompt_ids.tolist():
+            base = self.tok.base_ids(row).tolist()
+            clock = _stream_clock(self.tok, base)[0]
+            self.program.append(next((self._prog_of[x] for x in reversed(base) if self._prog_of[x] != -99), 0))
+            self.clocks.append(clock)
+            self.armed.append(clock.cur_bar >= 0 and not clock.note_in_bar)  # a bar the prompt opened, empty
+            self.played.append(set())
+            self.done.append(False)
+
+    def missing(self, r: int) -> frozenset:
+        return self.required - self.played[r] if self.armed[r] and not self.done[r] else frozenset()
+
+    def _skips_a_bar(self, clock: _StreamClock) -> torch.Tensor:
+        """Ids that would cross two bar lines from here (a long rest, or a note's end and a rest): the
+        bar between would be empty."""
+        key = clock.key()
+        if key not in self._skip_cache:
+            bad = torch.zeros(len(self.exp), dtype=torch.bool)
+            for i in self._moving:
+                c = clock.copy()
+                for x in self.exp[i]:
+                    c.feed(x)
+                    if c.cur_bar - clock.cur_bar >= 2:
+                        bad[i] = True
+                        break
+            self._skip_cache[key] = bad
+        return self._skip_cache[key]
+
+    def mask(self, logits: torch.Tensor) -> None:
+        for r in range(logits.shape[0]):
+            if self.done[r] or not self.required:
+                continue
+            row, missing = logits[r], self.missing(r)
+            ban = self._skips_a_bar(self.clocks[r]).to(row.device)
+            if missing:
+                ban = ban | self._closes.to(row.device)
+                if bool(self._closes[int(row.argmax())]):  # the model would close the bar: a missing one next
+                    ban = ban | self._not_missing(missing).to(row.device)
+            if bool(torch.isfinite(row.masked_fill(ban, float("-inf"))).any()):
+                row.masked_fill_(ban, float("-inf"))
+
+    def push(self, tokens: torch.Tensor) -> None:
+        for r, t in enumerate(tokens.tolist()):
+            if t == self.tok.eos_id:
+                self.done[r] = True
+            clock = self.clocks[r]
+            for x in self.exp[t] if 0 <= t < len(self.exp) else ():
+                bar = clock.cur_bar
+                if clock.feed(x):  # a note completed: its program played (a Program token alone is no note)
+                    self.played[r].add(self.program[r])
+                if clock.cur_bar != bar:
+                    self.armed[r], self.played[r] = True, set()
+                if self._prog_of[x] != -99:
+                    self.program[r] = self._prog_of[x]
 
 
 def _early_ok(fams: list[int], had_bar: bool) -> bool:
