@@ -23,7 +23,7 @@ Constraints restrict what may come next, for example the token grammar (every to
 from __future__ import annotations
 
 from collections import deque
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -262,3 +262,20 @@ def _decode(out, logits, step_fn, ngram, constraints, N, max_new_tokens, min_new
     if progress:
         steps.close()
     return out[:, :N + n_new]
+
+
+class ProgressReport:
+    """A constraint that masks nothing: it calls on_progress(step, total) after every generated token."""
+
+    def __init__(self, on_progress: Callable[[int, int], None], total: int):
+        self.on_progress, self.total, self.step = on_progress, total, 0
+
+    def start(self, prompt_ids) -> None:
+        self.step = 0
+
+    def mask(self, logits) -> None:
+        pass
+
+    def push(self, tokens) -> None:
+        self.step += 1
+        self.on_progress(self.step, self.total)

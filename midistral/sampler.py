@@ -33,7 +33,7 @@ import torch
 from midistral import controls, music
 from midistral.checkpoint import load_model_and_tokenizer, read_model_config, resolve_checkpoint
 from midistral.errors import MidistralError
-from midistral.generate import generate
+from midistral.generate import ProgressReport, generate
 from midistral.evaluate import copy_index_for
 from midistral.metrics import failure_modes
 from midistral.model.cache import model_config
@@ -61,6 +61,7 @@ class Sample:
     rejected: list[str] = field(default_factory=list)  # earlier tries thrown away, with the reason
     new_track: int | None = None  # index of the added track (accompaniment)
     new_ids: list[int] = field(default_factory=list)  # the ids the model wrote (continuation or middle)
+    end_tick: int | None = None  # where the new music ends (an infilled span's end; None: the piece's end)
 
     def midi_bytes(self) -> bytes:
         return music.midi_bytes(self.score)
@@ -305,30 +306,31 @@ class Sampler:
 
     def infill(self, piece, bars, tracks=None, config: SamplingConfig | None = None, *, num_samples: int = 1,
                seed: int | None = None, style: str | None = None, prompt_name: str | None = None,
-               on_progress: Callable[[int, int], None] | None = None, key=None, **settings) -> list[Sample]:
+               on_progress: Callable[[int, int], None] | None = None, key=None, density=None, polyphony=None,
+               **settings) -> list[Sample]:
         """Regenerate bars A..B (`bars` = (A, B), counted from 1, both included) of `piece`, of every
         instrument or only of `tracks` (names or GM numbers); every note outside the span is kept exactly
         (one fill-in-the-middle prompt: midistral/controls/infill.py). Of `config` (and `settings`),
         temperature, top_k, top_p, no_repeat_ngram_size and max_new_tokens (the middle's ids) apply.
         Sample.metrics describe the span; Sample.report gives notes kept and new per instrument. `key`: the
-        new notes only in that key (as `sample`)."""
+        new notes only in that key, `density` and `polyphony` for the span's bars (as `sample`)."""
         config = self._config(config, settings)
         check_call(num_samples=num_samples, seed=seed)
         controls.check_infill_model(self.tok)
         self.style_id(style)
-        steering = controls.Steering(self.tok, key=key)
+        steering = controls.Steering(self.tok, key=key, density=density, polyphony=polyphony)
         first, last = (int(b) for b in bars)
         label = prompt_name or (str(piece) if isinstance(piece, (str, os.PathLike)) else "the piece")
         source = load_score(piece, prompt_name)
         chosen = None if tracks is None else self.parse_programs(tracks)
         extra = [] if on_progress is None else [
-            _ProgressReport(on_progress, controls.infill_budget(last - first + 1, config.max_new_tokens))]
+            ProgressReport(on_progress, controls.infill_budget(last - first + 1, config.max_new_tokens))]
         try:
             results = controls.infill(
                 self.model, self.tok, source, (first, last), chosen, num_samples=num_samples, style=style,
                 temperature=config.temperature, top_k=config.top_k or None, top_p=config.top_p,
                 no_repeat_ngram_size=config.no_repeat_ngram_size or None, max_new_tokens=config.max_new_tokens,
-                seed=seed, constraints=steering.constraints() + extra, **self._precision_option())
+                seed=seed, constraints=extra, steering=steering, **self._precision_option())
         except MidistralError as e:
             raise MidistralError(f"{label}: {e}") from None
         out = []
@@ -339,7 +341,7 @@ class Sampler:
             out.append(Sample(score, r.span[0], r.tokens, r.skipped, metrics,
                               summary_line(score, r.tokens, r.ended, r.skipped, metrics),
                               controls.infill_report(score, r.span, (first, last), programs), ended=r.ended,
-                              new_ids=r.ids))
+                              new_ids=r.ids, end_tick=r.span[1]))
         return steering.annotate(out)
 
     @staticmethod
@@ -416,7 +418,7 @@ class Sampler:
         if plan.steering is not None:  # last of the masks: the attribute tokens read what the others leave
             constraints += plan.steering.constraints()
         if plan.on_progress is not None:
-            constraints.append(_ProgressReport(plan.on_progress, plan.max_new))
+            constraints.append(ProgressReport(plan.on_progress, plan.max_new))
         return constraints
 
     @cached_property
@@ -463,23 +465,6 @@ def _bar_span(score: symusic.Score, bars) -> tuple[int, int]:
     start = int(downbeats[first - 1]) if first - 1 < len(downbeats) else end
     stop = int(downbeats[last]) if last is not None and last < len(downbeats) else end
     return start, max(stop, start)
-
-
-class _ProgressReport:
-    """A constraint that masks nothing: it calls on_progress(step, total) after every generated token."""
-
-    def __init__(self, on_progress: Callable[[int, int], None], total: int):
-        self.on_progress, self.total, self.step = on_progress, total, 0
-
-    def start(self, prompt_ids) -> None:
-        self.step = 0
-
-    def mask(self, logits) -> None:
-        pass
-
-    def push(self, tokens) -> None:
-        self.step += 1
-        self.on_progress(self.step, self.total)
 
 
 def sample_paths(out_dir: Path, stem: str, n: int) -> list[Path]:

@@ -238,6 +238,29 @@ def test_every_new_bar_gets_the_requested_attribute_tokens(tok, model, dev_midi_
                 assert f"over {bars} new bars" in s.report and "polyphony 3: mean bar maximum" in s.report
 
 
+def test_infill_with_density_writes_the_attribute_tokens_in_the_span(tok, model, dev_midi_files):
+    """--infill 2-3 --density low --polyphony 2: the prompt holds the track tokens and each context bar's own
+    three values (as training's mix), every middle bar gets the asked-for three, the notes outside the span
+    stay, and the report counts the span's two bars only."""
+    from midistral.controls import Steering, infill_prompt
+
+    f = next(p for p in dev_midi_files if p.name == "lmd__Predictable.mid")
+    score = load_score(f).clip(0, 480 * 4 * 6)
+    steer = Steering(tok, density="low", polyphony=2)
+    prompt = infill_prompt(tok, score, 2, 3, steering=steer)[0]
+    names = extra_names(tok, prompt)
+    assert [n.split("_")[0] for n in names[:4]] == ["ACTrackNoteDensityMin", "ACTrackNoteDensityMax",
+                                                    "ACTrackOnsetPolyphonyMin", "ACTrackOnsetPolyphonyMax"]
+    assert names.count("Infill_Bar") == 2 and sum(n.startswith("ACBarNoteDensity") for n in names) == 4  # 1 + 3
+    smp = Sampler(model, tok)
+    for s in smp.infill(score, (2, 3), num_samples=2, seed=0, temperature=1.0, density="low", polyphony=2):
+        triples = bar_triples(tok, s.new_ids)
+        assert len(triples) == 2 and all(extra_names(tok, t) == ["ACBarNoteDensity_4", "ACBarOnsetPolyphonyMin_1",
+                                                                 "ACBarOnsetPolyphonyMax_2"] for t in triples)
+        assert s.skipped == 0 and s.end_tick is not None
+        assert "density low (4/bar): " in s.report and "over 2 new bars" in s.report
+
+
 def test_the_prompt_gets_the_attribute_tokens_of_training(tok, dev_midi_files):
     """Track tokens after BOS and the style, each prompt bar's own three values before it (BarStats' values, as
     data/mixes.py writes them); without the extra tokens the prompt is unchanged."""
@@ -326,9 +349,9 @@ def test_errors_are_one_line(tok, tiny_run):
 @pytest.mark.parametrize("argv, match", [
     (["--density", "loud"], "argument --density: 'loud': expected low, medium, high or a number"),
     (["--polyphony", "0"], "argument --polyphony: '0': expected the most notes"),
-    (["p.mid", "--add-track", "bass", "--density", "low"], "--density steers a continuation (its bars' attribute "
+    (["p.mid", "--add-track", "bass", "--density", "low"], "--density steers new bars (their attribute "
                                                             "tokens): it does not apply to --add-track"),
-    (["p.mid", "--infill", "2-3", "--polyphony", "2"], "--polyphony steers a continuation"),
+    (["p.mid", "--replace-track", "piano", "--polyphony", "2"], "--polyphony steers new bars"),
 ])
 def test_cli_errors(argv, match, capsys):
     from midistral import sample

@@ -130,19 +130,23 @@ class AttributeConstraint:
                 self.phase[r] = self.FREE
 
 
-def bar_attributes(score, start_tick: int) -> tuple[np.ndarray, np.ndarray]:
+def bar_attributes(score, start_tick: int, end_tick: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per new bar of a decoded piece: the notes starting in it and the most starting together (all tracks).
     New bars are those from the first bar line at or after `start_tick` (the prompt's end) to the last bar
-    with an onset, as the listener counts them (bar lines crossed by a rest included)."""
+    with an onset, as the listener counts them (bar lines crossed by a rest included); with `end_tick` (an
+    infilled span's end), every bar before it, empty ones too."""
     lines = music.downbeats(score)
     notes = [t.notes.numpy()["time"] for t in score.tracks]
     onsets = np.sort(np.concatenate(notes)) if notes else np.zeros(0, np.int64)
+    if end_tick is not None:
+        onsets = onsets[onsets < end_tick]
     first = int(np.searchsorted(lines, start_tick, side="left"))
     bar = np.searchsorted(lines, onsets, side="right") - 1
     onsets, bar = onsets[bar >= first], bar[bar >= first] - first
-    if not len(bar):
+    n = 0 if end_tick is None else int(np.searchsorted(lines, end_tick, side="left")) - first
+    if not len(bar) and not n:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    dens = np.bincount(bar)
+    dens = np.bincount(bar, minlength=n)
     _, where, together = np.unique(onsets, return_index=True, return_counts=True)
     pmax = np.zeros(len(dens), np.int64)
     np.maximum.at(pmax, bar[where], together)
@@ -189,8 +193,10 @@ class Steering:
         return " and ".join(f for f, v in (("--density", self.density), ("--polyphony", self.polyphony))
                             if v is not None)
 
-    def prompt(self, ids: np.ndarray) -> np.ndarray:
-        """`ids` (BOS, a style, then the prompt's ids) with the attribute tokens density and polyphony need."""
+    def prompt(self, ids: np.ndarray, suffix: np.ndarray | None = None) -> np.ndarray:
+        """`ids` (BOS, a style, then the prompt's ids) with the attribute tokens density and polyphony need.
+        `suffix`: infilling's bars after the span, which the track-level tokens describe too (mark them with
+        `mark_bars`)."""
         ids = np.asarray(ids, np.int64)
         if not self.steers_bars:
             return ids
@@ -202,15 +208,27 @@ class Steering:
         head, body = ids[:n_head], ids[n_head:]
         starts = self.stats.bar_starts(body)
         dens, pmin, pmax = self.stats.per_bar(body, starts)
+        if suffix is not None:  # infilling: the bars after the span describe the piece too
+            s_starts = self.stats.bar_starts(suffix)
+            dens, pmin, pmax = (np.r_[a, b] for a, b in zip((dens, pmin, pmax),
+                                                             self.stats.per_bar(suffix, s_starts)))
         sounding = dens > 0
         p_max = self.polyphony or _median(pmax[sounding], min(max(round((self.density or 0) / 4), 1), 6))
         d = self.density if self.density is not None else _median(dens, min(4 * p_max, e.params["density_bar_max"]))
         p_min = min(_median(pmin[sounding], 1), p_max)
         self.bar_values = (d, p_min, p_max)
         track = e.track_ids(np.r_[dens, d], int(min([*pmin[sounding], p_min])), int(max([*pmax, p_max])))
-        out, last = [*head, *track], 0
-        for s, values in zip(starts.tolist(), zip(dens, pmin, pmax)):
-            out += [*body[last:s], *e.bar_ids(*values)]
+        return np.r_[head, track, self.mark_bars(body)].astype(np.int64)
+
+    def mark_bars(self, body: np.ndarray) -> np.ndarray:
+        """`body` (whole bars of ids) with each bar's attribute tokens (its own values) before it."""
+        body = np.asarray(body, np.int64)
+        if not self.steers_bars:
+            return body
+        starts = self.stats.bar_starts(body)
+        out, last = [], 0
+        for s, values in zip(starts.tolist(), zip(*self.stats.per_bar(body, starts))):
+            out += [*body[last:s], *self.tok.extra.bar_ids(*values)]
             last = s
         return np.asarray([*out, *body[last:]], np.int64)
 
@@ -232,8 +250,8 @@ class Steering:
         parts = []
         if self.key is not None:
             parts.append(self.key_report(*out_of_key_share(self.tok, np.asarray(sample.new_ids, np.int64), self.key)))
-        if self.steers_bars:
-            dens, pmax = bar_attributes(sample.score, sample.start_tick)
+        if self.steers_bars:  # the new bars: to the end, or to the end of an infilled span
+            dens, pmax = bar_attributes(sample.score, sample.start_tick, sample.end_tick)
             n = f"over {len(dens)} new bar{'s' * (len(dens) != 1)}"
             if self.density is not None:
                 mean = f"{dens.mean():.1f}" if len(dens) else "-"

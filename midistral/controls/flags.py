@@ -47,5 +47,5 @@ def check_control_combinations(p, args) -> None:
     mode = ("--infill" if args.infill is not None else "--add-track" if args.add_track is not None
             else "--replace-track" if args.replace_track is not None else None)
     for flag in ("--density", "--polyphony"):
-        if mode and getattr(args, flag[2:]) is not None:
-            p.error(f"{flag} steers a continuation (its bars' attribute tokens): it does not apply to {mode}")
+        if mode not in (None, "--infill") and getattr(args, flag[2:]) is not None:
+            p.error(f"{flag} steers new bars (their attribute tokens): it does not apply to {mode}")

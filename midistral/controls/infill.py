@@ -126,10 +126,12 @@ def context_bars(tok, prefix: np.ndarray, suffix: np.ndarray, context: int | Non
 
 
 def infill_prompt(tok, score: symusic.Score, first: int, last: int, style: str | None = None,
-                  context: int | None = None):
+                  context: int | None = None, steering=None):
     """(prompt ids, the span's [start, end) in the decoded timeline (tpq 24), in the score's ticks, and
     the prefix ids). Bars are counted from 1, both included. `context`: at most that many ids of prefix
-    and suffix in the prompt (half each, whole bars nearest the span)."""
+    and suffix in the prompt (half each, whole bars nearest the span). `steering` (controls.Steering with
+    a density or polyphony): the attribute tokens, as in training (track-level after the head, each
+    context bar's own before it; the middle's are the asked-for values, written by its constraint)."""
     check_infill_model(tok)
     bars = tok.base_ids_by_bar(score)
     timed = tok.encode_with_times(score)
@@ -147,6 +149,9 @@ def infill_prompt(tok, score: symusic.Score, first: int, last: int, style: str |
         raise MidistralError(f"style {style!r}: the model knows {', '.join(e.styles) or 'no style'}")
     head = [tok.bos_id] + ([e.style_ids[style]] if style else [])
     near_prefix, near_suffix = context_bars(tok, np.asarray(prefix, np.int64), np.asarray(suffix, np.int64), context)
+    if steering is not None and steering.steers_bars:
+        head = steering.prompt(np.r_[head, near_prefix], suffix=near_suffix)
+        near_prefix, near_suffix = np.zeros(0, np.int64), steering.mark_bars(near_suffix)
     prompt = np.r_[head, near_prefix, [e.hole_id] * (last - first + 1), near_suffix, e.fill_start_id].astype(np.int64)
     enc_tpq = timed.tpq
     ends = np.r_[bar_ticks, bar_ticks[-1] + (bar_ticks[-1] - bar_ticks[-2] if len(bar_ticks) > 1 else 4 * enc_tpq)]
@@ -159,11 +164,12 @@ def infill_prompt(tok, score: symusic.Score, first: int, last: int, style: str |
 def infill(model, tok, score, bars: tuple[int, int], tracks=None, *, num_samples: int = 1, style: str | None = None,
            temperature: float = 0.7, top_k: int | None = 12, top_p: float | None = None,
            no_repeat_ngram_size: int | None = None, max_new_tokens: int | None = None, context: int | None = None,
-           seed: int | None = None, precision: str = "fp32", constraints=()) -> list[InfillResult]:
+           seed: int | None = None, precision: str = "fp32", constraints=(), steering=None) -> list[InfillResult]:
     """Regenerate bars A..B (1-based, inclusive) of every track, or of `tracks` (programs); see the module
     docstring for what is kept, removed and cut. One result per sample. `context`: ids of prefix and
     suffix the model sees (half each; default twice the attention window, within its positions);
-    `constraints`: more `generate` constraints (e.g. a progress report)."""
+    `constraints`: more `generate` constraints (e.g. a progress report); `steering` (controls.Steering):
+    key, density and polyphony (the attribute tokens in the prompt: infill_prompt), with its constraints."""
     score = load_score(score)
     first, last = int(bars[0]), int(bars[1])
     k = last - first + 1
@@ -171,7 +177,7 @@ def infill(model, tok, score, bars: tuple[int, int], tracks=None, *, num_samples
     cfg = model.config
     room = cfg.max_position_embeddings - budget - k - 4
     context = min(context or 2 * (cfg.sliding_window or room), room)
-    prompt, span24, span, prefix = infill_prompt(tok, score, first, last, style, context)
+    prompt, span24, span, prefix = infill_prompt(tok, score, first, last, style, context, steering)
     programs = _programs(score)
     chosen = programs if tracks is None else [int(p) for p in tracks]
     missing = [p for p in chosen if p not in programs]
@@ -179,7 +185,8 @@ def infill(model, tok, score, bars: tuple[int, int], tracks=None, *, num_samples
         raise MidistralError(f"tracks {', '.join(map(program_name, missing))}: not in the piece (it has "
                              f"{', '.join(map(program_name, programs)) or 'no notes'})")
     device = next(model.parameters()).device
-    constraints = [GrammarConstraint(tok, budget), BarCount(tok, k, programs), *constraints]
+    steer = steering.constraints() if steering is not None else []  # after its prompt(): the bar values
+    constraints = [GrammarConstraint(tok, budget), BarCount(tok, k, programs), *steer, *constraints]
     out = generate(model, torch.tensor(prompt, device=device)[None].repeat(num_samples, 1), budget,
                    temperature=temperature, top_k=top_k, top_p=top_p, no_repeat_ngram_size=no_repeat_ngram_size,
                    eos_id=tok.extra.fill_end_id, pad_id=tok.pad_id, seed=seed, constraints=constraints,
