@@ -114,7 +114,7 @@ class TrainConfig:
     device: str = setting("auto", Rule(_device, "'auto', 'cpu', 'cuda' or 'cuda:N'"), "where to train")
     compile: bool = setting(False, Bool(), "torch.compile the model")
     precision: str = setting("auto", Choice("auto", "fp32", "bf16"),
-                             "fp32, bf16 (autocast, fp32 master weights; CUDA or AVX512-BF16 / AMX); auto: bf16 on CUDA")
+                             "fp32, bf16 (autocast, fp32 master weights; CUDA or AVX512-BF16 / AMX); auto: bf16 where it runs")
     restart: bool = setting(False, Bool(), "with --resume: weights only, a fresh schedule without warm-up")
     init_from: str = setting("", Rule(lambda v: isinstance(v, str), "a path"),
                              "a checkpoint folder (a run's best/, a released model such as midistral/models/default) "

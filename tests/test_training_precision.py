@@ -46,3 +46,5 @@ def test_bf16_refused_without_bf16_products(monkeypatch):
         training.train_precision("bf16", torch.device("cpu"))
     assert training.train_precision("auto", torch.device("cpu")) == "fp32"
     assert training.train_precision("fp32", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(training, "bf16_products", lambda device: True)  # AVX512-BF16, AMX or CUDA
+    assert training.train_precision("auto", torch.device("cpu")) == "bf16"
