@@ -8,9 +8,11 @@ span) and suffix (up to context/2 after it):
 
     with suffix:   BOS prefix Infill_Bar x k suffix FillBar_Start middle
     prefix alone:  BOS prefix middle
+    wrong suffix:  BOS prefix Infill_Bar x k suffix' FillBar_Start middle   (suffix' from the previous piece)
 
 the mean negative log-likelihood per id of the real middle's ids. Prints both, and how much lower the
-first is (goal: at least 10% with a model trained with the fill-in-the-middle mix).
+first is (goal: at least 10% with a model trained with the fill-in-the-middle mix). The wrong suffix is the
+control: a model that reads the right side does worse with another piece's suffix than with its own.
 """
 
 from __future__ import annotations
@@ -60,30 +62,37 @@ def run(args) -> None:
     data = Path(args.data) if args.data else Path(args.run) / "data"
     tokens, offsets = _read_shard(data, args.split, read_manifest(data))
     stats, e, rng = BarStats(tok), tok.extra, np.random.default_rng(args.seed)
-    totals = {"with suffix": [0.0, 0], "prefix alone": [0.0, 0]}
+    totals = {"with suffix": [0.0, 0], "prefix alone": [0.0, 0], "wrong suffix": [0.0, 0]}
+    other = None  # the previous piece's suffix (the control)
     half = args.context // 2
     n_spans = 0
     for p in range(len(offsets) - 1):
         ids = np.asarray(tokens[offsets[p]:offsets[p + 1]], dtype=np.int64)
+        suffix = None
         for a, b in spans(stats, ids, args.bars, args.spans, rng):
             prefix, suffix = context_bars(tok, ids[:a], ids[b:], args.context)
             middle = ids[a:b]
             fim = np.r_[tok.bos_id, prefix, [e.hole_id] * args.bars, suffix, e.fill_start_id, middle]
             left = np.r_[tok.bos_id, prefix, middle]
-            if len(fim) > model.config.max_position_embeddings:
+            wrong = None if other is None else np.r_[tok.bos_id, prefix, [e.hole_id] * args.bars, other,
+                                                     e.fill_start_id, middle]
+            if max(len(fim), len(wrong if wrong is not None else fim)) > model.config.max_position_embeddings:
                 continue  # a middle longer than the model's positions
-            for name, seq in (("with suffix", fim), ("prefix alone", left)):
+            for name, seq in (("with suffix", fim), ("prefix alone", left), ("wrong suffix", wrong)):
+                if seq is None:
+                    continue
                 s, c = middle_nll(model, seq, len(middle))
                 totals[name][0] += s
                 totals[name][1] += c
             n_spans += 1
+        other = suffix if suffix is not None else other
     if not n_spans:
         sys.exit(f"error: no piece of the {args.split} split has {args.bars + 2} bars or more")
-    fim, left = (totals[k][0] / totals[k][1] for k in ("with suffix", "prefix alone"))
+    fim, left, wrong = (totals[k][0] / totals[k][1] for k in ("with suffix", "prefix alone", "wrong suffix"))
     print(f"{ckpt}: {args.split} split, {n_spans} spans of {args.bars} bars, {totals['with suffix'][1]} middle ids, "
           f"context {half} + {half} ids")
     print(f"mean NLL of the middle  with suffix {fim:.4f}   prefix alone {left:.4f}   "
-          f"{100 * (1 - fim / left):.1f}% lower with the suffix")
+          f"{100 * (1 - fim / left):.1f}% lower with the suffix   (another piece's suffix: {wrong:.4f})")
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
     python bench/train_step.py                 # seq 2048 and 8192, batch 1 (several minutes on 2 cores)
     python bench/train_step.py --seqs 2048 --rounds 1
     python bench/train_step.py --seqs 2048 --ours eager compile bf16 compile+bf16   # train.compile / train.precision
+    python bench/train_step.py --seqs 2048 --ours trainpy trainpy+bf16 trainpy+compile+bf16   # train.py's own step
 
 One training step = forward + cross-entropy + backward + AdamW step, fp32, on the reference model of the
 report (24M parameters: vocab 5000, hidden 512, intermediate 1024, 8 layers, 4 heads, 2 KV heads,
@@ -73,14 +74,38 @@ def matmul_gflops(size: int = 2048, repeat: int = 5) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def trainpy_step(model, n: int, ids: torch.Tensor, targets: torch.Tensor, variants: list[str]):
+    """The step train.py runs (midistral.train.train_step: its optimiser groups, autocast from
+    train.precision, gradient clipping), on a Job around `model` whose train set is the one chunk."""
+    from midistral.config import RunConfig, TrainConfig
+    from midistral.train import Job, TrainState, make_optimizer, train_step
+
+    class OneChunk:
+        chunk_len = None
+
+        def __len__(self):
+            return 1
+
+        def batch(self, idx):
+            return ids, targets
+
+    tc = TrainConfig(batch_size=1, precision="bf16" if "bf16" in variants else "fp32", compile="compile" in variants)
+    cfg = RunConfig(train=tc)
+    device = torch.device("cpu")
+    net = torch.compile(model) if tc.compile else model
+    job = Job(cfg, Path("."), 0, 1, device, net, model, make_optimizer(model, tc, device), None, OneChunk(),
+              OneChunk(), 1, 1, 1, "", TrainState())
+    return lambda: train_step(job, 0)[0]
+
+
 def worker(which: str, folder: str, n: int, steps: int) -> dict:
-    """which: "hf", or "ours" with variants joined by "+": compile (torch.compile, as train.compile), bf16
-    (autocast, as train.precision=bf16)."""
+    """which: "hf", or "ours"/"trainpy" with variants joined by "+": compile (torch.compile, as train.compile),
+    bf16 (autocast, as train.precision=bf16). "trainpy" runs train.py's own step function."""
     from contextlib import nullcontext
 
     torch.manual_seed(0)
     variants = which.split("+")
-    if variants[0] == "ours":
+    if variants[0] in ("ours", "trainpy"):
         from midistral.checkpoint import load_model
 
         model = load_model(folder)
@@ -107,6 +132,8 @@ def worker(which: str, folder: str, n: int, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
+    if variants[0] == "trainpy":
+        step = trainpy_step(model, n, ids, targets, variants)  # noqa: F811
     base = rss_mib()
     times, losses = [], []
     for i in range(steps + 1):
@@ -125,7 +152,8 @@ def main():
     ap.add_argument("--steps", type=int, default=2, help="timed steps per measurement (after one warm-up)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating fresh-subprocess runs of each model")
     ap.add_argument("--ours", nargs="+", default=["eager"],
-                    help="our variants: eager, compile, bf16, compile+bf16 (each against the same transformers run)")
+                    help="our variants: eager, compile, bf16, compile+bf16, and trainpy[+compile][+bf16] (train.py's "
+                         "step function; each against the same transformers run)")
     ap.add_argument("--worker", nargs=3, metavar=("WHICH", "FOLDER", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -144,7 +172,8 @@ def main():
         for n in args.seqs:
             res = {}
             for _ in range(args.rounds):
-                for which in ["ours" if v == "eager" else "ours+" + v for v in args.ours] + ["hf"]:
+                for which in [v if v.startswith("trainpy") else "ours" if v == "eager" else "ours+" + v
+                              for v in args.ours] + ["hf"]:
                     out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", which, tmp, str(n)],
                                          capture_output=True, text=True)
                     if out.returncode:

@@ -74,29 +74,29 @@ def _manifest_of(run: Path) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def reference_files(ref: str | Path, style: str | None = None) -> tuple[list[Path], str]:
-    """The reference pieces and a label: a run's test split (of one `style`) if `ref` is a run folder, else
-    its MIDI files."""
+def reference_files(ref: str | Path, style: str | None = None, split: str = "test") -> tuple[list[Path], str]:
+    """The reference pieces and a label: a run's test split (or `split`; of one `style`) if `ref` is a run
+    folder, else its MIDI files."""
     ref = Path(ref).expanduser()
     manifest = _manifest_of(ref) if ref.is_dir() else None
     if manifest is None:
         if style:
             raise MidistralError(f"--style {style}: needs a run folder as --reference (its manifest has the styles)")
         return midi_files(ref, "--reference"), str(ref)
-    test = json.loads(manifest.read_text()).get("counts", {}).get("test", {})
+    test = json.loads(manifest.read_text()).get("counts", {}).get(split, {})
     files = test.get("files_list", [])
     if style:
         styles = test.get("styles_list", [])
         if style not in styles:
             known = ", ".join(sorted(set(styles))) or "none: the data has no styles"
-            raise MidistralError(f"--style {style}: no test piece of that style (styles: {known})")
+            raise MidistralError(f"--style {style}: no {split} piece of that style (styles: {known})")
         files = [f for f, s in zip(files, styles) if s == style]
     if not files:
-        raise MidistralError(f"{manifest}: the run has no test split (data.split gives the test split no files)")
+        raise MidistralError(f"{manifest}: the run has no {split} split (data.split gives it no files)")
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
-        raise MidistralError(f"{manifest}: test file {missing[0]!r} is missing ({len(missing)} of {len(files)} missing)")
-    return [Path(f) for f in files], f"test split of {ref}" + (f", style {style}" if style else "")
+        raise MidistralError(f"{manifest}: {split} file {missing[0]!r} is missing ({len(missing)} of {len(files)} missing)")
+    return [Path(f) for f in files], f"{split} split of {ref}" + (f", style {style}" if style else "")
 
 
 def opening(source, bars: int):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from midistral import music
+from midistral.controls.constraints import EveryBarConstraint
 from midistral.controls.key import Key, KeyConstraint, out_of_key_share, parse_key
 from midistral.errors import MidistralError
 from midistral.tokenize.extra import BarStats
@@ -157,6 +158,37 @@ def _median(values, default: int) -> int:
     return int(np.round(np.median(values))) if len(values) else default
 
 
+def density_bounds(density: int, cap: int) -> tuple[int, int | None]:
+    """The notes a steered bar may hold: at least 3/4 of the request, at most 5/4 (and one more than asked);
+    `cap` (the density tokens' "or more") has no upper bound."""
+    if density <= 0:
+        return 0, 0
+    return max(1, round(0.75 * density)), None if density >= cap else max(density + 1, round(1.25 * density))
+
+
+class DensityConstraint(EveryBarConstraint):
+    """Every new bar holds a number of notes near the request: it may not close (Bar, bar attributes, a
+    rest across its line, EOS) before `low` notes have started in it, and takes no id that would start more
+    than `high` (an id's notes count, and one for an id ending on a Position or Program). The attribute tokens say what the bar should be; these bounds hold
+    the model to it where it strays (a 10M model follows a density token only roughly). Bars are counted as
+    EveryBarConstraint counts them, from the continuation's first bar line. Pass it before
+    AttributeConstraint, which reads the bar starts it leaves."""
+
+    def __init__(self, tok, density: int, cap: int):
+        super().__init__(tok, programs=())
+        self.low, self.high = density_bounds(density, cap)
+
+    @property
+    def active(self) -> bool:
+        return True
+
+    def unfinished(self, r: int) -> bool:
+        return self.armed[r] and not self.done[r] and self.notes[r] < self.low
+
+    def room(self, r: int) -> int | None:
+        return None if not self.armed[r] or self.high is None else self.high - self.notes[r]
+
+
 class Steering:
     """The attribute controls of one call: `key` (a Key or "E major"), `density` ("low" | "medium" | "high" |
     notes per bar), `polyphony` (the most notes starting together); None = not asked."""
@@ -238,6 +270,8 @@ class Steering:
         if self.steers_bars:
             if self.bar_values is None:
                 raise MidistralError("Steering.prompt() must add the attribute tokens before generating")
+            if self.density is not None:
+                out.append(DensityConstraint(self.tok, self.density, self.tok.extra.params["density_bar_max"]))
             out.append(AttributeConstraint(self.tok, self.tok.extra.bar_ids(*self.bar_values)))
         return out
 

@@ -373,15 +373,20 @@ class EveryBarConstraint:
 
     def __init__(self, tok, programs):
         self.required = frozenset(parse_program(p, "programs") for p in programs)
-        mat, _ = _expansion_matrix(tok)
+        mat, lens = _expansion_matrix(tok)
         fam = _family_matrix(tok, mat)
         closes = ((fam == BAR) | (fam == REST)).any(1)  # a bar ends at a Bar token or a rest across its line
         if tok.extra is not None:
             for t, i in tok.extra.id.items():
                 closes[i] |= t.startswith("ACBar")
-        if tok.eos_id is not None:
-            closes[tok.eos_id] = True
+        ends = [tok.eos_id] + ([tok.extra.fill_end_id] if tok.extra is not None else [])
+        self._ends = {i for i in ends if i is not None}  # EOS, and the end of an infilled middle
+        for i in self._ends:
+            closes[i] = True
         self._closes = torch.from_numpy(closes)
+        # the notes an id starts, plus one if it ends on a Position or Program (a note must follow)
+        last = fam[np.arange(len(fam)), np.maximum(lens - 1, 0)]
+        self._note_load = torch.from_numpy(((fam == PITCH) | (fam == DRUM)).sum(1) + np.isin(last, [POSITION, PROGRAM]))
         self._moving = np.flatnonzero(((fam == BAR) | (fam == REST)).any(1)).tolist()
         self._skip_cache: dict = {}
         prog_of = np.full(len(tok.vocab), -99, dtype=np.int64)
@@ -413,9 +418,22 @@ class EveryBarConstraint:
             self.armed.append(clock.cur_bar >= 0 and not clock.note_in_bar)  # a bar the prompt opened, empty
             self.played.append(set())
             self.done.append(False)
+        self.notes = [0] * len(self.clocks)  # pitches written in each row's current bar
 
     def missing(self, r: int) -> frozenset:
         return self.required - self.played[r] if self.armed[r] and not self.done[r] else frozenset()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.required)
+
+    def unfinished(self, r: int) -> bool:
+        """The current bar may not close yet (subclasses add conditions)."""
+        return bool(self.missing(r))
+
+    def room(self, r: int) -> int | None:
+        """The notes the current bar may still start (DensityConstraint); None: no limit."""
+        return None
 
     def _skips_a_bar(self, clock: _StreamClock) -> torch.Tensor:
         """Ids that would cross two bar lines from here (a long rest, or a note's end and a rest): the
@@ -435,20 +453,23 @@ class EveryBarConstraint:
 
     def mask(self, logits: torch.Tensor) -> None:
         for r in range(logits.shape[0]):
-            if self.done[r] or not self.required:
+            if self.done[r] or not self.active:
                 continue
             row, missing = logits[r], self.missing(r)
             ban = self._skips_a_bar(self.clocks[r]).to(row.device)
-            if missing:
+            if self.unfinished(r):
                 ban = ban | self._closes.to(row.device)
-                if bool(self._closes[int(row.argmax())]):  # the model would close the bar: a missing one next
+                if missing and bool(self._closes[int(row.argmax())]):  # it would close the bar: a missing one next
                     ban = ban | self._not_missing(missing).to(row.device)
+            room = self.room(r)
+            if room is not None:
+                ban = ban | (self._note_load > room).to(row.device)
             if bool(torch.isfinite(row.masked_fill(ban, float("-inf"))).any()):
                 row.masked_fill_(ban, float("-inf"))
 
     def push(self, tokens: torch.Tensor) -> None:
         for r, t in enumerate(tokens.tolist()):
-            if t == self.tok.eos_id:
+            if t in self._ends:
                 self.done[r] = True
             clock = self.clocks[r]
             for x in self.exp[t] if 0 <= t < len(self.exp) else ():
@@ -456,7 +477,8 @@ class EveryBarConstraint:
                 if clock.feed(x):  # a note completed: its program played (a Program token alone is no note)
                     self.played[r].add(self.program[r])
                 if clock.cur_bar != bar:
-                    self.armed[r], self.played[r] = True, set()
+                    self.armed[r], self.played[r], self.notes[r] = True, set(), 0
+                self.notes[r] += clock.fam1 in (PITCH, DRUM)
                 if self._prog_of[x] != -99:
                     self.program[r] = self._prog_of[x]
 
