@@ -9,10 +9,12 @@ span) and suffix (up to context/2 after it):
     with suffix:   BOS prefix Infill_Bar x k suffix FillBar_Start middle
     prefix alone:  BOS prefix middle
     wrong suffix:  BOS prefix Infill_Bar x k suffix' FillBar_Start middle   (suffix' from the previous piece)
+    suffix alone:  BOS Infill_Bar x k suffix FillBar_Start middle           (training's FIM chunks with no prefix)
 
 the mean negative log-likelihood per id of the real middle's ids. Prints both, and how much lower the
 first is (goal: at least 10% with a model trained with the fill-in-the-middle mix). The wrong suffix is the
-control: a model that reads the right side does worse with another piece's suffix than with its own.
+control: a model that reads the right side does worse with another piece's suffix than with its own. The suffix
+alone says how much of what the prefix tells the model the suffix tells it too.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def run(args) -> None:
     data = Path(args.data) if args.data else Path(args.run) / "data"
     tokens, offsets = _read_shard(data, args.split, read_manifest(data))
     stats, e, rng = BarStats(tok), tok.extra, np.random.default_rng(args.seed)
-    totals = {"with suffix": [0.0, 0], "prefix alone": [0.0, 0], "wrong suffix": [0.0, 0]}
+    totals = {k: [0.0, 0] for k in ("with suffix", "prefix alone", "wrong suffix", "suffix alone")}
     other = None  # the previous piece's suffix (the control)
     half = args.context // 2
     n_spans = 0
@@ -74,11 +76,13 @@ def run(args) -> None:
             middle = ids[a:b]
             fim = np.r_[tok.bos_id, prefix, [e.hole_id] * args.bars, suffix, e.fill_start_id, middle]
             left = np.r_[tok.bos_id, prefix, middle]
+            right = np.r_[tok.bos_id, [e.hole_id] * args.bars, suffix, e.fill_start_id, middle]
             wrong = None if other is None else np.r_[tok.bos_id, prefix, [e.hole_id] * args.bars, other,
                                                      e.fill_start_id, middle]
             if max(len(fim), len(wrong if wrong is not None else fim)) > model.config.max_position_embeddings:
                 continue  # a middle longer than the model's positions
-            for name, seq in (("with suffix", fim), ("prefix alone", left), ("wrong suffix", wrong)):
+            for name, seq in (("with suffix", fim), ("prefix alone", left), ("wrong suffix", wrong),
+                              ("suffix alone", right)):
                 if seq is None:
                     continue
                 s, c = middle_nll(model, seq, len(middle))
@@ -88,11 +92,13 @@ def run(args) -> None:
         other = suffix if suffix is not None else other
     if not n_spans:
         sys.exit(f"error: no piece of the {args.split} split has {args.bars + 2} bars or more")
-    fim, left, wrong = (totals[k][0] / totals[k][1] for k in ("with suffix", "prefix alone", "wrong suffix"))
+    fim, left, wrong, right = (totals[k][0] / totals[k][1]
+                               for k in ("with suffix", "prefix alone", "wrong suffix", "suffix alone"))
     print(f"{ckpt}: {args.split} split, {n_spans} spans of {args.bars} bars, {totals['with suffix'][1]} middle ids, "
           f"context {half} + {half} ids")
     print(f"mean NLL of the middle  with suffix {fim:.4f}   prefix alone {left:.4f}   "
-          f"{100 * (1 - fim / left):.1f}% lower with the suffix   (another piece's suffix: {wrong:.4f})")
+          f"{100 * (1 - fim / left):.1f}% lower with the suffix   (another piece's suffix: {wrong:.4f}; "
+          f"the suffix alone: {right:.4f})")
 
 
 def main() -> None:

@@ -77,8 +77,7 @@ class ProgramsConstraint:
         mat, _ = _expansion_matrix(tok)
         fam = _family_matrix(tok, mat)
         prog_of = np.full(len(tok.vocab), -99, dtype=np.int64)
-        for i, p in tok.program_of.items():
-            prog_of[i] = p
+        prog_of[list(tok.program_of)] = list(tok.program_of.values())
         self._prog = np.where(fam == PROGRAM, prog_of[np.maximum(mat, 0)], -99)  # program per slot, -99 none
         has_prog = fam == PROGRAM
         # a Pitch/PitchDrum before any Program token in the id: it falls under the current program
@@ -379,10 +378,8 @@ class EveryBarConstraint:
         if tok.extra is not None:
             for t, i in tok.extra.id.items():
                 closes[i] |= t.startswith("ACBar")
-        ends = [tok.eos_id] + ([tok.extra.fill_end_id] if tok.extra is not None else [])
-        self._ends = {i for i in ends if i is not None}  # EOS, and the end of an infilled middle
-        for i in self._ends:
-            closes[i] = True
+        self._ends = {i for i in (tok.eos_id, tok.extra and tok.extra.fill_end_id) if i is not None}  # EOS, infill end
+        closes[list(self._ends)] = True
         self._closes = torch.from_numpy(closes)
         # the notes an id starts, plus one if it ends on a Position or Program (a note must follow)
         last = fam[np.arange(len(fam)), np.maximum(lens - 1, 0)]
@@ -390,8 +387,7 @@ class EveryBarConstraint:
         self._moving = np.flatnonzero(((fam == BAR) | (fam == REST)).any(1)).tolist()
         self._skip_cache: dict = {}
         prog_of = np.full(len(tok.vocab), -99, dtype=np.int64)
-        for i, p in tok.program_of.items():
-            prog_of[i] = p
+        prog_of[list(tok.program_of)] = list(tok.program_of.values())
         self._prog = np.where(fam == PROGRAM, prog_of[np.maximum(mat, 0)], -99)  # program per slot, -99 none
         self._prog_of = prog_of.tolist()
         self._first_fam = fam[:, 0]
