@@ -169,10 +169,10 @@ def density_bounds(density: int, cap: int) -> tuple[int, int | None]:
 class DensityConstraint(EveryBarConstraint):
     """Every new bar holds a number of notes near the request: it may not close (Bar, bar attributes, a
     rest across its line, EOS) before `low` notes have started in it, and takes no id that would start more
-    than `high` (an id's notes count, and one for an id ending on a Position or Program). The attribute tokens say what the bar should be; these bounds hold
-    the model to it where it strays (a 10M model follows a density token only roughly). Bars are counted as
-    EveryBarConstraint counts them, from the continuation's first bar line. Pass it before
-    AttributeConstraint, which reads the bar starts it leaves."""
+    than `high` (an id's notes count, and one for an id ending on a Position or Program). The attribute
+    tokens say what the bar should be; these bounds hold the model to it where it strays (a 10M model
+    follows a density token only roughly). Bars are counted as EveryBarConstraint counts them, from the
+    continuation's first bar line. Pass it before AttributeConstraint, which reads the bar starts it leaves."""
 
     def __init__(self, tok, density: int, cap: int):
         super().__init__(tok, programs=())
