@@ -74,7 +74,7 @@ def matmul_gflops(size: int = 2048, repeat: int = 5) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def trainpy_step(model, n: int, ids: torch.Tensor, targets: torch.Tensor, variants: list[str]):
+def trainpy_step(model, ids: torch.Tensor, targets: torch.Tensor, variants: list[str]):
     """The step train.py runs (midistral.train.train_step: its optimiser groups, autocast from
     train.precision, gradient clipping), on a Job around `model` whose train set is the one chunk."""
     from midistral.config import RunConfig, TrainConfig
@@ -133,7 +133,7 @@ def worker(which: str, folder: str, n: int, steps: int) -> dict:
         return float(loss)
 
     if variants[0] == "trainpy":
-        step = trainpy_step(model, n, ids, targets, variants)  # noqa: F811
+        step = trainpy_step(model, ids, targets, variants)  # noqa: F811
     base = rss_mib()
     times, losses = [], []
     for i in range(steps + 1):
