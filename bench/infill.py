@@ -6,9 +6,10 @@ For each piece of the run's split (RUN/data, as prepared for training) and `--sp
 whole bars drawn per piece (seeded), with the same prefix (up to context/2 ids of whole bars before the
 span) and suffix (up to context/2 after it):
 
-    with suffix:   BOS prefix Infill_Bar x k suffix FillBar_Start middle
+    with suffix:   BOS prefix Infill_Bar x k suffix FillBar_Start middle    (the run's layout: psm; spm has
+                   BOS Infill_Bar x k suffix FillBar_Start prefix middle)
     prefix alone:  BOS prefix middle
-    wrong suffix:  BOS prefix Infill_Bar x k suffix' FillBar_Start middle   (suffix' from the previous piece)
+    wrong suffix:  as with suffix, with suffix' (the previous piece's)
     suffix alone:  BOS Infill_Bar x k suffix FillBar_Start middle           (training's FIM chunks with no prefix)
 
 the mean negative log-likelihood per id of the real middle's ids. Prints both, and how much lower the
@@ -74,11 +75,10 @@ def run(args) -> None:
         for a, b in spans(stats, ids, args.bars, args.spans, rng):
             prefix, suffix = context_bars(tok, ids[:a], ids[b:], args.context)
             middle = ids[a:b]
-            fim = np.r_[tok.bos_id, prefix, [e.hole_id] * args.bars, suffix, e.fill_start_id, middle]
+            fim = np.r_[tok.bos_id, e.fim(prefix, args.bars, suffix, middle)]
             left = np.r_[tok.bos_id, prefix, middle]
-            right = np.r_[tok.bos_id, [e.hole_id] * args.bars, suffix, e.fill_start_id, middle]
-            wrong = None if other is None else np.r_[tok.bos_id, prefix, [e.hole_id] * args.bars, other,
-                                                     e.fill_start_id, middle]
+            right = np.r_[tok.bos_id, e.fim([], args.bars, suffix, middle)]
+            wrong = None if other is None else np.r_[tok.bos_id, e.fim(prefix, args.bars, other, middle)]
             if max(len(fim), len(wrong if wrong is not None else fim)) > model.config.max_position_embeddings:
                 continue  # a middle longer than the model's positions
             for name, seq in (("with suffix", fim), ("prefix alone", left), ("wrong suffix", wrong),
@@ -94,7 +94,7 @@ def run(args) -> None:
         sys.exit(f"error: no piece of the {args.split} split has {args.bars + 2} bars or more")
     fim, left, wrong, right = (totals[k][0] / totals[k][1]
                                for k in ("with suffix", "prefix alone", "wrong suffix", "suffix alone"))
-    print(f"{ckpt}: {args.split} split, {n_spans} spans of {args.bars} bars, {totals['with suffix'][1]} middle ids, "
+    print(f"{ckpt}: {e.fim_layout} layout, {args.split} split, {n_spans} spans of {args.bars} bars, {totals['with suffix'][1]} middle ids, "
           f"context {half} + {half} ids")
     print(f"mean NLL of the middle  with suffix {fim:.4f}   prefix alone {left:.4f}   "
           f"{100 * (1 - fim / left):.1f}% lower with the suffix   (another piece's suffix: {wrong:.4f}; "

@@ -81,6 +81,8 @@ class DataConfig:
     ensemble_copies: int = setting(0, Int(0, 16), "with ensembles: more copies of each piece, each another ensemble")
     infill: float = setting(0.0, Float(0, 1), "share of training chunks rearranged for fill-in-the-middle (data/mixes.py)")
     infill_max_bars: int = setting(8, Int(1, 1024), "the most bars a fill-in-the-middle middle holds")
+    fim_layout: str = setting("spm", Choice("spm", "psm"), "fill-in-the-middle order: suffix-prefix-middle or "
+                              "prefix-suffix-middle (docs/infilling.md)")
     attributes: float = setting(0.0, Float(0, 1), "share of training chunks with attribute-control tokens")
     style: float = setting(0.0, Float(0, 1), "share of training chunks that open with their piece's style token")
     min_seq: int = setting(256, Int(1), "chunks shorter are dropped (a shorter piece is kept whole)")

@@ -102,10 +102,19 @@ def check_same_data(last: Path, saved: dict, fingerprint: str, data_dir: Path) -
                               "would be: resume with the run's settings (or train.restart=true)")
 
 
+def _vocabulary(tokenizer) -> dict:
+    """What the ids mean: the tokenizer's dict without the fill-in-the-middle layout (a run may fine-tune
+    a model trained in one layout into the other)."""
+    d = tokenizer.to_dict()
+    if d.get("extra"):
+        d["extra"] = {k: v for k, v in d["extra"].items() if k != "fim_layout"}
+    return d
+
+
 def load_start_weights(ckpt: Path, model, tokenizer, data_dir: Path) -> None:
     """A checkpoint's weights into `model`; refused when its tokenizer is not the prepared data's (the ids
     would mean other tokens)."""
-    if load_tokenizer(find_tokenizer_file(ckpt)).to_dict() != tokenizer.to_dict():
+    if _vocabulary(load_tokenizer(find_tokenizer_file(ckpt))) != _vocabulary(tokenizer):
         raise CheckpointError(f"{ckpt}: the checkpoint's tokenizer differs from the one in the prepared data "
                               f"({data_dir}): use the checkpoint's [data] and [tokenizer] settings")
     load_weights(model, ckpt)

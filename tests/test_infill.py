@@ -159,3 +159,22 @@ def test_sampler_infill_errors_are_one_line(tok, model, dev_midi_files):
     with pytest.raises(MidistralError, match="data.infill = 0.3") as e:
         Sampler(model, REMI()).infill(f, (1, 2))
     assert "\n" not in str(e.value) and "not trained for infilling" in str(e.value)
+
+
+@pytest.mark.parametrize("layout", ["spm", "psm"])
+def test_the_prompt_follows_the_layout_the_model_learnt(tok, dev_midi_files, layout, monkeypatch):
+    from midistral.tokenize import REMI
+
+    monkeypatch.setattr(tok.extra, "fim_layout", layout)
+    e, score = tok.extra, load_score(next(p for p in dev_midi_files if p.name == "music21__cs1-1pre.mid"))
+    prompt, _, _, prefix = infill_prompt(tok, score, 3, 4)
+    bars = tok.base_ids_by_bar(score)
+    suffix = tok.bpe.encode_bars(bars[4:])
+    holes = [e.hole_id] * 2
+    want = ([*prefix, *holes, *suffix, e.fill_start_id] if layout == "psm"
+            else [*holes, *suffix, e.fill_start_id, *prefix])
+    assert prompt.tolist() == [tok.bos_id, *want] and len(prefix) > 0
+    assert mode_of(Grammar(tok).run(prompt)) == Mode.MIDDLE
+    # a tokenizer saved before the layout was recorded was trained prefix-suffix-middle
+    old = {**tok.to_dict(), "extra": {k: v for k, v in tok.extra.to_dict().items() if k != "fim_layout"}}
+    assert REMI.from_dict(old).extra.fim_layout == "psm"

@@ -40,15 +40,23 @@ def _framed(tok, ids, n):
 
 
 def _split_fim(tok, out):
+    """(head + prefix, k, suffix, middle) of a mixed chunk in the tokenizer's layout."""
     e = tok.extra
     holes = np.flatnonzero(out == e.hole_id)
     fs = int(np.flatnonzero(out == e.fill_start_id)[0])
     assert out[-1] == e.fill_end_id and (np.diff(holes) == 1).all()
-    return out[:holes[0]], len(holes), out[holes[-1] + 1:fs], out[fs + 1:-1]
+    k, suffix = len(holes), out[holes[-1] + 1:fs]
+    if e.fim_layout == "psm":
+        return out[:holes[0]], k, suffix, out[fs + 1:-1]
+    after = out[fs + 1:-1]  # the prefix, then the middle's k whole bars
+    cut = BarStats(tok).bar_starts(after)[-k]
+    return np.r_[out[:holes[0]], after[:cut]], k, suffix, after[cut:]
 
 
-def test_infill_rearranges_whole_bars(tok, pieces):
-    mixer = ChunkMixer(tok, Mixes(infill=1.0, infill_max_bars=4))
+@pytest.mark.parametrize("layout", ["spm", "psm"])
+def test_infill_rearranges_whole_bars(tok, pieces, layout, monkeypatch):
+    monkeypatch.setattr(tok.extra, "fim_layout", layout)
+    mixer = ChunkMixer(tok, Mixes(infill=1.0, infill_max_bars=4, fim_layout=layout))
     stats = BarStats(tok)
     rng = np.random.default_rng(0)
     done = 0
@@ -139,3 +147,18 @@ def test_token_chunks_mix_training_only_and_deterministically(tmp_path, tok, pie
     assert int(xv.max()) < t.music_size  # validation stays plain
     _, plain_train, _ = load_splits(tmp_path, 16, 128)
     assert plain_train.mixer is None
+
+
+def test_the_layout_is_saved_with_the_tokens_and_a_run_may_change_it(tok):
+    """data.fim_layout goes into the tokenizer (sampling builds its prompt from it); a run may start from a
+    checkpoint trained in the other layout (train.init_from compares what the ids mean, not the layout)."""
+    from midistral.runs import _vocabulary
+
+    a = REMI.from_dict(tok.to_dict())
+    b = REMI.from_dict(tok.to_dict())
+    add_extra_vocab(a, fim_layout="spm")
+    add_extra_vocab(b, fim_layout="psm")
+    assert REMI.from_dict(a.to_dict()).extra.fim_layout == "spm" and REMI.from_dict(b.to_dict()).extra.fim_layout == "psm"
+    assert _vocabulary(a) == _vocabulary(b) and a.to_dict() != b.to_dict()
+    b.extra.params["polyphony_max"] += 1
+    assert _vocabulary(a) != _vocabulary(b)

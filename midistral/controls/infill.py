@@ -4,9 +4,10 @@
     results = infill(model, tok, score, bars=(3, 4), tracks=[0, 33])     # only piano and bass there
     results[0].score                                                      # the piece with the new bars
 
-How: one FIM prompt, as the model learnt it in training (data/mixes.py, docs/infilling.md):
+How: one FIM prompt, in the layout the model learnt in training (data/mixes.py, docs/infilling.md):
 
-    BOS [Style_s]  bars 1..A-1  Infill_Bar x (B-A+1)  bars B+1..end  FillBar_Start
+    spm  BOS [Style_s]  Infill_Bar x (B-A+1)  bars B+1..end  FillBar_Start  bars 1..A-1
+    psm  BOS [Style_s]  bars 1..A-1  Infill_Bar x (B-A+1)  bars B+1..end  FillBar_Start
 
 then the model writes the middle until FillBar_End, under the grammar (tokenize/grammar.py: a middle
 starts with a bar and ends with FillBar_End once every note is closed) and a constraint that makes it
@@ -149,10 +150,10 @@ def infill_prompt(tok, score: symusic.Score, first: int, last: int, style: str |
         raise MidistralError(f"style {style!r}: the model knows {', '.join(e.styles) or 'no style'}")
     head = [tok.bos_id] + ([e.style_ids[style]] if style else [])
     near_prefix, near_suffix = context_bars(tok, np.asarray(prefix, np.int64), np.asarray(suffix, np.int64), context)
-    if steering is not None and steering.steers_bars:
-        head = steering.prompt(np.r_[head, near_prefix], suffix=near_suffix)
-        near_prefix, near_suffix = np.zeros(0, np.int64), steering.mark_bars(near_suffix)
-    prompt = np.r_[head, near_prefix, [e.hole_id] * (last - first + 1), near_suffix, e.fill_start_id].astype(np.int64)
+    if steering is not None and steering.steers_bars:  # head + track attributes + the marked prefix
+        steered, near_prefix = steering.prompt(np.r_[head, near_prefix], suffix=near_suffix), steering.mark_bars(near_prefix)
+        head, near_suffix = steered[:len(steered) - len(near_prefix)], steering.mark_bars(near_suffix)
+    prompt = np.r_[head, e.fim(near_prefix, last - first + 1, near_suffix)].astype(np.int64)
     enc_tpq = timed.tpq
     ends = np.r_[bar_ticks, bar_ticks[-1] + (bar_ticks[-1] - bar_ticks[-2] if len(bar_ticks) > 1 else 4 * enc_tpq)]
     span_enc = (int(ends[first - 1]), int(ends[last]))

@@ -168,7 +168,7 @@ def load_splits(folder: Path, min_seq: int, max_seq: int, mixes: Mixes | None = 
     tok = load_tokenizer(Path(folder) / "tokenizer.json")
     mixer = None
     if mixes is not None and mixes.any:
-        add_extra_vocab(tok, manifest_styles(read_manifest(Path(folder))))
+        add_extra_vocab(tok, manifest_styles(read_manifest(Path(folder))), mixes.fim_layout)
         mixer = ChunkMixer(tok, mixes)
     splits = [TokenChunks(folder, s, min_seq, max_seq, tok.bos_id, tok.eos_id, tok.pad_id,
                           mixer=mixer if s == "train" else None, seed=seed) for s in ("train", "val")]

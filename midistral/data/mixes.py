@@ -2,7 +2,8 @@
 
 A share of training chunks is rearranged (docs/infilling.md has the layout):
 
-    [BOS] [Style_s] [ACTrack x4] prefix  Infill_Bar x k  suffix  FillBar_Start  middle  FillBar_End
+    spm  [BOS] [Style_s] [ACTrack x4] Infill_Bar x k  suffix  FillBar_Start  prefix  middle  FillBar_End
+    psm  [BOS] [Style_s] [ACTrack x4] prefix  Infill_Bar x k  suffix  FillBar_Start  middle  FillBar_End
 
 with the middle k whole bars of the chunk (1..`infill_max_bars`), cut where a bar starts: BPE never merges
 across a bar, so a bar's ids begin at an id boundary (tokenize/extra.py `BarStats`). With attributes on,
@@ -23,25 +24,27 @@ from midistral.tokenize.extra import BarStats, ExtraVocab
 
 @dataclass
 class Mixes:
-    infill: float = 0.0  # share of training chunks rearranged as prefix, holes, suffix, middle
+    infill: float = 0.0  # share of training chunks rearranged for fill-in-the-middle
     infill_max_bars: int = 8  # the most bars a middle holds
+    fim_layout: str = "spm"  # "spm": holes, suffix, FillBar_Start, prefix, middle; "psm": prefix first
     attributes: float = 0.0  # share of training chunks with attribute-control tokens
     style: float = 0.0  # share of training chunks (of pieces with a known style) that open with it
 
     @classmethod
     def from_data_config(cls, d) -> "Mixes":
         """From the run's DataConfig."""
-        return cls(**{k: getattr(d, k) for k in ("infill", "infill_max_bars", "attributes", "style")})
+        return cls(**{k: getattr(d, k) for k in ("infill", "infill_max_bars", "fim_layout", "attributes", "style")})
 
     @property
     def any(self) -> bool:
         return self.infill > 0 or self.attributes > 0 or self.style > 0
 
 
-def add_extra_vocab(tok, styles=()) -> ExtraVocab:
-    """Give `tok` the extra tokens (after its vocabulary) if it has none; returns them."""
+def add_extra_vocab(tok, styles=(), fim_layout: str = "spm") -> ExtraVocab:
+    """Give `tok` the extra tokens (after its vocabulary) if it has none, in `fim_layout`; returns them."""
     if tok.extra is None:
         tok.extra = ExtraVocab(tok.music_size, styles=sorted({s for s in styles if s}))
+    tok.extra.fim_layout = fim_layout
     return tok.extra
 
 
@@ -97,8 +100,8 @@ class ChunkMixer:
                 suffix = suffix[:-1]  # too long: whole bars off the suffix's end, then the prefix's start
             room = max_len - fixed - sum(map(len, suffix)) if max_len else len(prefix)
             if room >= 0:
-                return cat([head, prefix[len(prefix) - room:] if room < len(prefix) else prefix, [e.hole_id] * k,
-                            *suffix, [e.fill_start_id], mid, [e.fill_end_id]])
+                prefix = prefix[len(prefix) - room:] if room < len(prefix) else prefix
+                return cat([head, e.fim(prefix, k, cat([[], *suffix]), mid), [e.fill_end_id]])
         out = cat([head, pre, *bars, [tok.eos_id] if eos else []])
         excess = len(out) - max_len if max_len else 0
         if excess > 0:  # too long: ids off the start of what follows the head

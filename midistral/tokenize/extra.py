@@ -5,8 +5,10 @@ holds them as `tok.extra` (None for tokenizers saved without them) and saves the
 
 - Fill-in-the-middle at bar boundaries (the names of MMM / MIDI-GPT):
   `Infill_Bar` stands for one bar taken out, `FillBar_Start` opens the bars that fill the hole,
-  `FillBar_End` closes them. Layout (docs/infilling.md):
-      [BOS] [Style] [track attributes] prefix  Infill_Bar x k  suffix  FillBar_Start  middle  FillBar_End
+  `FillBar_End` closes them. Two layouts (`fim_layout`, recorded with the tokens; docs/infilling.md):
+      psm  [BOS] [Style] [track attributes] prefix  Infill_Bar x k  suffix  FillBar_Start  middle  FillBar_End
+      spm  [BOS] [Style] [track attributes] Infill_Bar x k  suffix  FillBar_Start  prefix  middle  FillBar_End
+  In spm the middle goes on from the prefix as a plain continuation does, with the suffix read before.
 - `Style_<name>`: one per style the prepared data's manifest records (bach, renaissance, folk, ...).
 - Attribute controls, with MidiTok 3.1's names and values (its defaults: density up to 18, polyphony 1..6),
   computed here from token ids over the whole stream (all tracks together, as REMI+ writes them):
@@ -25,6 +27,7 @@ from midistral.errors import CheckpointError
 from midistral.tokenize.family import Family
 
 FIM_TOKENS = ("Infill_Bar", "FillBar_Start", "FillBar_End")
+FIM_LAYOUTS = ("psm", "spm")  # prefix-suffix-middle, suffix-prefix-middle
 # MidiTok 3.1's defaults (TokenizerConfig: ac_note_density_bar_max, ac_note_density_track_min/max,
 # ac_polyphony_min/max)
 DENSITY_BAR_MAX, DENSITY_TRACK_MIN, DENSITY_TRACK_MAX, POLY_MIN, POLY_MAX = 18, 0, 18, 1, 6
@@ -54,8 +57,11 @@ class ExtraVocab:
 
     def __init__(self, start: int, styles=(), density_bar_max: int = DENSITY_BAR_MAX,
                  density_track_min: int = DENSITY_TRACK_MIN, density_track_max: int = DENSITY_TRACK_MAX,
-                 polyphony_min: int = POLY_MIN, polyphony_max: int = POLY_MAX):
+                 polyphony_min: int = POLY_MIN, polyphony_max: int = POLY_MAX, fim_layout: str = "psm"):
+        if fim_layout not in FIM_LAYOUTS:
+            raise ValueError(f"fim_layout {fim_layout!r}: expected one of {', '.join(FIM_LAYOUTS)}")
         self.start = int(start)
+        self.fim_layout = fim_layout  # how the model was trained to fill a middle (tokenizers saved before: psm)
         self.styles = [str(s) for s in styles]
         self.params = dict(density_bar_max=int(density_bar_max), density_track_min=int(density_track_min),
                            density_track_max=int(density_track_max), polyphony_min=int(polyphony_min),
@@ -98,7 +104,16 @@ class ExtraVocab:
         return [self.id[f"{t}_{v}"] for t, v in zip(TRACK_GROUP, vals)]
 
     def to_dict(self) -> dict:
-        return {"start": self.start, "styles": list(self.styles), **self.params}
+        return {"start": self.start, "styles": list(self.styles), **self.params, "fim_layout": self.fim_layout}
+
+    def fim(self, prefix, k: int, suffix, middle=()) -> np.ndarray:
+        """The ids of a fill-in-the-middle sequence after its head (BOS, style, track attributes), in this
+        vocabulary's layout: prefix, `k` holes, suffix, FillBar_Start, middle (psm) or holes, suffix,
+        FillBar_Start, prefix, middle (spm)."""
+        holes, start = [self.hole_id] * k, [self.fill_start_id]
+        parts = ([prefix, holes, suffix, start, middle] if self.fim_layout == "psm"
+                 else [holes, suffix, start, prefix, middle])
+        return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "tokenizer") -> "ExtraVocab":
