@@ -94,7 +94,7 @@ def trainpy_step(model, ids: torch.Tensor, targets: torch.Tensor, variants: list
     device = torch.device("cpu")
     net = torch.compile(model) if tc.compile else model
     job = Job(cfg, Path("."), 0, 1, device, net, model, make_optimizer(model, tc, device), None, OneChunk(),
-              OneChunk(), 1, 1, 1, "", TrainState())
+              OneChunk(), 1, 0, 1, 1, "", TrainState())  # one 2048-token chunk: nothing to pack
     return lambda: train_step(job, 0)[0]
 
 

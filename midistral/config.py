@@ -109,6 +109,10 @@ class TrainConfig:
     max_steps: int = setting(0, Int(0), "0: epochs * steps per epoch; else stop (and checkpoint) there")
     group_by_length: int = setting(0, Int(0), "batches of like-length chunks, sorted within windows of this "
                                               "many batches (less padding); 0: random batches")
+    pack: str = setting("auto", Choice("auto", "on", "off"),
+                        "pack a batch's chunks end to end into rows of data.max_seq tokens, each chunk attending "
+                        "only to itself (the same loss, no padding); auto: on where attention runs in PyTorch "
+                        "(CPU), off where the Triton kernel does (CUDA: it does not read segments)")
     eval_every: int = setting(100, Int(0), "steps between validations; 0: at epoch ends only")
     eval_batches: int = setting(50, Int(1), "validation batches per evaluation")
     patience: int = setting(2, Int(0), "epochs without an improved evaluation before stopping; 0: never")

@@ -70,6 +70,7 @@ class Job:
     train_set: TokenChunks
     val_set: TokenChunks
     steps_per_epoch: int
+    pack_len: int               # rows of a packed batch (train.pack); 0: one padded row per chunk
     schedule_len: int           # the lr schedule spans train.epochs (max_steps only says where to stop)
     total: int                  # the step this run stops at
     data_fingerprint: str
@@ -110,7 +111,18 @@ def batch_at(job: Job, step: int, micro: int):
     order = epoch_order(len(job.train_set), tc.seed, epoch, job.train_set.chunk_len, global_batch, tc.group_by_length)
     start = (i * tc.grad_accum + micro) * global_batch
     idx = order[np.arange(start, start + global_batch) % len(order)]
-    return job.train_set.batch(idx[job.rank::job.world])
+    return chunks_batch(job.train_set, idx[job.rank::job.world], job.pack_len)
+
+
+def chunks_batch(chunks: TokenChunks, idx, pack_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs, targets, segments): packed into rows of pack_len tokens, or padded (segments None) at 0."""
+    return chunks.packed_batch(idx, pack_len) if pack_len else (*chunks.batch(idx), None)
+
+
+def pack_len(cfg: RunConfig, device: torch.device) -> int:
+    """train.pack: the row length of packed batches (data.max_seq - 1, a padded batch's longest row), or 0."""
+    on = cfg.train.pack == "on" or (cfg.train.pack == "auto" and device.type != "cuda")
+    return cfg.data.max_seq - 1 if on else 0
 
 
 def train_step(job: Job, step: int) -> tuple[float, int]:
@@ -118,7 +130,7 @@ def train_step(job: Job, step: int) -> tuple[float, int]:
     tc, accum = job.cfg.train, job.cfg.train.grad_accum
     loss_sum, tokens = torch.zeros((), device=job.device), 0
     for micro in range(accum):
-        x, y = (t.to(job.device) for t in batch_at(job, step, micro))
+        x, y, seg = (t if t is None else t.to(job.device) for t in batch_at(job, step, micro))
         n_local = (y != -100).sum()
         scale = 1.0
         if job.ddp:  # weight each rank by its share of the batch's tokens, so N processes = 1 process
@@ -127,7 +139,7 @@ def train_step(job: Job, step: int) -> tuple[float, int]:
             scale = float(n_local) * job.world / max(float(n_global), 1.0)
         sync = not job.ddp or micro == accum - 1
         with (nullcontext() if sync else job.model.no_sync()), job.autocast():
-            _, loss = job.model(x, y)
+            _, loss = job.model(x, y, segments=seg)
             (loss * scale / accum).backward()
         loss_sum += loss.detach() * scale
         tokens += int(n_local) * job.world
@@ -150,9 +162,9 @@ def evaluate(job: Job) -> float:
     n = min(len(job.val_set), job.cfg.train.eval_batches * global_batch)
     total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     for s in range(job.rank * global_batch // job.world, n, global_batch):
-        x, y = job.val_set.batch(np.arange(s, min(s + global_batch // job.world, n)))
+        x, y, seg = chunks_batch(job.val_set, np.arange(s, min(s + global_batch // job.world, n)), job.pack_len)
         with job.autocast():
-            _, loss = job.raw_model(x.to(job.device), y.to(job.device))
+            _, loss = job.raw_model(x.to(job.device), y.to(job.device), segments=seg if seg is None else seg.to(job.device))
         k = (y != -100).sum()
         total += loss.double().cpu() * k
         count += k
@@ -201,7 +213,7 @@ def setup(cfg: RunConfig, args: argparse.Namespace) -> Job:
     raw_model = Transformer(mcfg).to(device)
     steps_per_epoch = max(1, len(train_set) // (tc.batch_size * tc.grad_accum))
     job = Job(cfg, run, rank, world, device, raw_model, raw_model, make_optimizer(raw_model, tc, device), tok,
-              train_set, val_set, steps_per_epoch, tc.epochs * steps_per_epoch, 0, train_set.fingerprint,
+              train_set, val_set, steps_per_epoch, pack_len(cfg, device), tc.epochs * steps_per_epoch, 0, train_set.fingerprint,
               TrainState(warmup_ratio=tc.warmup_ratio))
     if last is not None:
         restore(job, last, saved)

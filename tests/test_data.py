@@ -122,6 +122,30 @@ def test_chunks_and_padding_exact(tmp_path):
         assert y[row].tolist() == [t if k + 1 < len(ref[i]) else -100 for k, t in enumerate(seq[1:])]
 
 
+def test_packed_batch_holds_the_padded_batch(tmp_path):
+    """packed_batch(idx) holds exactly batch(idx)'s chunks, each a run of its own segment, in rows of at most
+    row_len; the rest is padding (segment -1, target -100)."""
+    rng = np.random.default_rng(1)
+    pieces = [rng.integers(4, 600, n) for n in (3, 10, 25, 7, 40, 12, 5)]
+    offs = np.r_[0, np.cumsum([len(p) for p in pieces])]
+    np.concatenate(pieces).astype(np.uint16).tofile(tmp_path / "train.bin")
+    np.save(tmp_path / "train.idx.npy", offs)
+    write_manifest(tmp_path, {"train": pieces})
+    ds = TokenChunks(tmp_path, "train", 4, 16, 1, 2, 0)
+    idx = rng.permutation(len(ds))
+    x, y = ds.batch(idx)
+    px, py, seg = ds.packed_batch(idx, 15)
+    assert px.shape[1] <= 15 and px.shape[0] < len(idx) and px.shape == py.shape == seg.shape
+    for c in range(len(idx)):
+        n = int((y[c] != -100).sum())  # a chunk's inputs: its length - 1; all are targets here
+        at = (seg == c).nonzero()
+        assert len(at) == n and (at[:, 0] == at[0, 0]).all() and (at[:, 1].diff() == 1).all()
+        r, s = int(at[0, 0]), int(at[0, 1])
+        assert px[r, s:s + n].tolist() == x[c, :n].tolist() and py[r, s:s + n].tolist() == y[c, :n].tolist()
+    assert (py[seg == -1] == -100).all() and (px[seg == -1] == 0).all()
+    assert int((seg >= 0).sum()) == int((y != -100).sum())
+
+
 @pytest.mark.slow
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'train.lrr'"):

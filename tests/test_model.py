@@ -93,6 +93,63 @@ def test_plain_attention_equals_naive(N, W):
         torch.testing.assert_close(x, y)
 
 
+@pytest.mark.parametrize("N,W,lens", [(40, 8, (10, 17, 13)), (600, 64, (300, 150, 100, 50)), (600, 200, (599, 1)),
+                                      (700, 512, (100, 450, 140, 10))])  # the band path and the blocked one
+def test_packed_attention_equals_each_segment_alone(N, W, lens):
+    """A packed row (segments end to end, a padding tail of -1) attends as if each segment had a row of its own."""
+    g = torch.Generator().manual_seed(N)
+    q = torch.randn(2, 4, N, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, N, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, N, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    row = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)] + [torch.full((N - sum(lens),), -1)])
+    segments = torch.stack([row, row.flip(0)])  # the second row: padding first, segments in another order
+    out = sliding_window_attention_torch(q, k, v, W, segments)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    for b in range(2):
+        for s in segments[b].unique().tolist():
+            at = (segments[b] == s).nonzero()[:, 0]
+            if s == -1 and b == 1:
+                continue  # the flipped padding run is not a causal segment of its own (its output is unused)
+            assert (at.diff() == 1).all()
+            sl = slice(int(at[0]), int(at[-1]) + 1)
+            qs, ks, vs = (t[b:b + 1, :, sl].detach().requires_grad_() for t in (q, k, v))
+            want = naive_attention(qs, ks, vs, W)
+            torch.testing.assert_close(out[b:b + 1, :, sl], want)
+            for got, ref in zip(grads, torch.autograd.grad(want, (qs, ks, vs), go[b:b + 1, :, sl])):
+                torch.testing.assert_close(got[b:b + 1, :, sl], ref)
+
+
+def test_packed_batch_loss_and_gradients_equal_padded(hf_pair):
+    """The model on a packed batch (positions restart per segment) gives the padded batch's loss and gradients."""
+    _, ours, _ = hf_pair
+    g = torch.Generator().manual_seed(3)
+    lens = (30, 7, 19, 12)
+    seqs = [torch.randint(3, SMALL["vocab_size"], (n,), generator=g) for n in lens]
+    L = max(lens)
+    ids = torch.stack([torch.cat([s, torch.zeros(L - len(s), dtype=torch.long)]) for s in seqs])
+    targets = torch.stack([torch.cat([s[1:], torch.full((L - len(s) + 1,), -100)]) for s in seqs])
+    packed_ids = torch.stack([torch.cat([seqs[0], seqs[3]]), torch.cat([seqs[1], seqs[2], torch.zeros(16, dtype=torch.long)])])
+    packed_t = torch.stack([torch.cat([targets[0, :30], targets[3, :12]]),
+                            torch.cat([targets[1, :7], targets[2, :19], torch.full((16,), -100)])])
+    segments = torch.tensor([[0] * 30 + [3] * 12, [1] * 7 + [2] * 19 + [-1] * 16])
+    ours.zero_grad()
+    _, loss = ours(ids, targets)
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    ours.zero_grad()
+    logits, packed_loss = ours(packed_ids, packed_t, segments=segments)
+    packed_loss.backward()
+    torch.testing.assert_close(packed_loss, loss, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(logits[0, 30:], ours(ids[3:4, :12])[0], atol=1e-5, rtol=0)
+    for n, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], atol=1e-6, rtol=1e-4, msg=n)
+    ours.zero_grad()
+    with pytest.raises(ValueError, match="segments"):
+        ours(packed_ids, segments=segments, start_pos=3)
+
+
 def test_attention_at_positions_ring_order():
     """Keys in ring order with empty slots give the same output as the contiguous computation."""
     g = torch.Generator().manual_seed(0)

@@ -108,7 +108,38 @@ class TokenChunks:
 
     def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (B, L - 1) with L the longest chunk in the batch; targets -100 on padding."""
-        idx = np.asarray(idx)
+        x, y, _ = self._padded(np.asarray(idx))
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def packed_batch(self, idx, row_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same chunks as `batch(idx)`, packed end to end into as few rows of at most `row_len` tokens as
+        first-fit decreasing finds: (inputs, targets, segments), each (R, L). A chunk's segment id is its place
+        in idx; the tail of a row is padding (-1, target -100). The model keeps each segment to itself
+        (Transformer.forward), so the loss is `batch`'s without its padding: on the chorales a random batch
+        is 29% padding."""
+        x, y, n = self._padded(np.asarray(idx))
+        order = np.argsort(-n, kind="stable")
+        rows, fill = [], []  # chunk numbers per row, tokens used per row
+        for c in order.tolist():
+            r = next((r for r, used in enumerate(fill) if used + n[c] <= row_len), None)
+            if r is None:
+                rows.append([]), fill.append(0)
+                r = len(rows) - 1
+            rows[r].append(c)
+            fill[r] += int(n[c])
+        L = max(fill)
+        xs = np.full((len(rows), L), self.pad, np.int64)
+        ys = np.full((len(rows), L), -100, np.int64)
+        seg = np.full((len(rows), L), -1, np.int64)
+        for r, chunks in enumerate(rows):
+            at = 0
+            for c in sorted(chunks):  # in batch order within the row
+                xs[r, at:at + n[c]], ys[r, at:at + n[c]], seg[r, at:at + n[c]] = x[c, :n[c]], y[c, :n[c]], c
+                at += int(n[c])
+        return torch.from_numpy(xs), torch.from_numpy(ys), torch.from_numpy(seg)
+
+    def _padded(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(inputs, targets, input lengths): each chunk's row, padded to the longest."""
         lens, start, piece = self.chunk_len[idx], self.chunk_start[idx], self.chunk_piece[idx]
         L = int(lens.max())
         pos = start[:, None] + np.arange(L)[None, :]  # position in the framed piece BOS + ids + EOS
@@ -120,24 +151,22 @@ class TokenChunks:
         seq = np.where(valid, seq, self.pad)
         if self.mixer is not None:
             return self._mixed(idx, seq, lens, piece)
-        x = torch.from_numpy(seq[:, :-1].copy())
-        y = torch.from_numpy(np.where(valid[:, 1:], seq[:, 1:], -100))
-        return x, y
+        return seq[:, :-1].copy(), np.where(valid[:, 1:], seq[:, 1:], -100), lens - 1
 
-    def _mixed(self, idx, seq, lens, piece) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mixed(self, idx, seq, lens, piece) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The batch with each chunk mixed (data/mixes.py); no loss on padding or on input-only ids."""
         rows = []
         for r, c in enumerate(idx.tolist()):
             rng = np.random.default_rng([self.seed, c, int(self.draws[c])])
             self.draws[c] += 1
             rows.append(self.mixer.mix(seq[r, :lens[r]], self.styles[piece[r]], rng, self.max_seq))
-        L = max(len(r) for r in rows)
-        out = np.full((len(rows), L), self.pad, dtype=np.int64)
+        n = np.array([len(r) for r in rows])
+        out = np.full((len(rows), int(n.max())), self.pad, dtype=np.int64)
         for r, row in enumerate(rows):
             out[r, :len(row)] = row
-        valid = np.arange(L)[None, :] < np.array([len(r) for r in rows])[:, None]
+        valid = np.arange(out.shape[1])[None, :] < n[:, None]
         target = valid[:, 1:] & ~self.mixer.input_only[out[:, 1:]]
-        return torch.from_numpy(out[:, :-1].copy()), torch.from_numpy(np.where(target, out[:, 1:], -100))
+        return out[:, :-1].copy(), np.where(target, out[:, 1:], -100), n - 1
 
 
 def epoch_order(n: int, seed: int, epoch: int, lengths: np.ndarray | None = None, batch: int = 1,

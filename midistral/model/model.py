@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from midistral.errors import CheckpointError, ConfigError
-from midistral.model.attention import attention_at_positions, sliding_window_attention
+from midistral.model.attention import Segments, attention_at_positions, sliding_window_attention
 from midistral.model.config import ModelConfig
 
 
@@ -117,14 +117,14 @@ class Attention(nn.Module):
         self.register_state_dict_post_hook(_split_on_save(names, "qkv_proj", lambda m: (
             m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim, m.n_kv_heads * m.head_dim)))
 
-    def forward(self, x, cos, sin, batch: int, cache=None, start_pos: int = 0):
+    def forward(self, x, cos, sin, batch: int, cache=None, start_pos: int = 0, segments=None):
         """x (batch * n, C): the tokens of every row as rows of one matrix, so the products see 2-D inputs."""
         hq, hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv_proj(x).view(batch, -1, hq + 2 * hkv, D)
         qk = rotate(qkv[:, :, :hq + hkv], cos, sin).transpose(1, 2)  # q and k rotated in one pass
         q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, :, hq + hkv:].transpose(1, 2)  # (B, heads, n, D) views
         if cache is None:
-            y = sliding_window_attention(q, k, v, self.window, backend=self.backend)
+            y = sliding_window_attention(q, k, v, self.window, backend=self.backend, segments=segments)
         else:
             k_all, v_all, k_pos = cache.update(self.layer_idx, k, v, start_pos)
             y = attention_at_positions(q, k_all, v_all, start_pos, k_pos, self.window)
@@ -153,8 +153,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, batch: int, cache=None, start_pos: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache, start_pos)
+    def forward(self, x, cos, sin, batch: int, cache=None, start_pos: int = 0, segments=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache, start_pos, segments)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -200,10 +200,13 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None, start_pos: int = 0,
-                last_only: bool = False):
+                last_only: bool = False, segments: torch.Tensor | None = None):
         """ids (B, N) -> logits (B, N, V); with targets (B, N) (-100 ignored) -> (logits, mean cross-entropy).
         With a KV cache (model/cache.py), ids are positions start_pos .. start_pos + N - 1 of the sequence;
-        last_only: logits (B, 1, V) of the last position only, all a prefill needs."""
+        last_only: logits (B, 1, V) of the last position only, all a prefill needs.
+        segments (B, N), training only: a packed batch (data/dataset.py), several sequences end to end in each
+        row, each numbered by its segment id; positions restart at every segment and attention stays inside it,
+        so the loss is the one of the same sequences padded into rows of their own, without the padding."""
         B, N = ids.shape
         cfg = self.config
         if isinstance(start_pos, torch.Tensor):  # a static decode step (model/static.py): checked by its caller
@@ -220,15 +223,21 @@ class Transformer(nn.Module):
                 raise ValueError(f"token id {lo if lo < 0 else hi} is out of range for vocab_size={cfg.vocab_size}")
         x = self.embed_tokens(ids.reshape(B * N))  # (B * N, C): the residual stream is one matrix of rows
         cos, sin = self.rope(start_pos, N, x.device, x.dtype)
-        logits = self._blocks_and_head(x, cos, sin, B, N, cache, start_pos, last_only)
+        if segments is not None:
+            if cache is not None or start_pos:
+                raise ValueError("segments (a packed batch) are for training: no cache, start_pos 0")
+            pos = segment_positions(segments)
+            cos, sin = cos[pos], sin[pos]  # (B, N, 1, D): each segment's positions from 0
+            segments = Segments(segments)  # its masks built by the first layer, reused by the others
+        logits = self._blocks_and_head(x, cos, sin, B, N, cache, start_pos, last_only, segments)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    def _blocks_and_head(self, x, cos, sin, B, N, cache, start_pos, last_only):
+    def _blocks_and_head(self, x, cos, sin, B, N, cache, start_pos, last_only, segments=None):
         for block in self.layers:
-            x = block(x, cos, sin, B, cache, start_pos)
+            x = block(x, cos, sin, B, cache, start_pos, segments)
         x, N = (x.view(B, N, -1)[:, -1], 1) if last_only else (x, N)
         return self.lm_head(self.norm(x)).view(B, N, -1)
 
@@ -248,6 +257,14 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             own.pop("lm_head.weight", None)
         return own
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """(B, N) segment ids, each segment one run -> each token's position within its segment."""
+    i = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    new = torch.ones_like(segments, dtype=torch.bool)
+    new[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return i - torch.where(new, i, 0).cummax(1).values
 
 
 def check_tensors(own: dict, state: dict, source) -> None:
