@@ -88,6 +88,9 @@ class Job:
         return training.autocast(training.train_precision(self.cfg.train.precision, self.device), self.device)
 
 
+PLOT_EVERY_S = 30.0  # RUN/loss.png at an epoch end at most this often (a chorale epoch is ~15 s), and at the end
+
+
 def lr_at(step: int, total: int, peak: float, warmup_ratio: float, min_ratio: float) -> float:
     """Linear warm-up over warmup_ratio * total steps, then cosine decay to peak * min_ratio."""
     warm = int(warmup_ratio * total)
@@ -250,7 +253,7 @@ def train(job: Job, guard: Guard) -> None:
         save_last(job.run, job.raw_model, job.tok, asdict(state), job.opt, job.data_fingerprint, job.cfg.to_dict())
 
     bar = tqdm(total=job.total, initial=state.step, disable=not job.master, desc="train", dynamic_ncols=True)
-    t_last = time.perf_counter()
+    t_last = t_plot = time.perf_counter()
     job.model.train()
     while state.step < job.total:
         lr = lr_at(state.step - state.schedule_start, job.schedule_len, tc.lr, state.warmup_ratio, tc.min_lr_ratio)
@@ -282,9 +285,12 @@ def train(job: Job, guard: Guard) -> None:
             if epoch_end:
                 state.bad_evals = 0 if state.improved else state.bad_evals + 1
                 state.improved = False
+            stopping = step == job.total or (tc.patience and state.bad_evals >= tc.patience)
             if job.master:
                 save()
-                plot_metrics(job.run)
+                if stopping or time.perf_counter() - t_plot >= PLOT_EVERY_S:
+                    plot_metrics(job.run)
+                    t_plot = time.perf_counter()
             guard.saved(step)
             if tc.patience and state.bad_evals >= tc.patience:
                 if job.master:

@@ -51,6 +51,32 @@ def test_compiled_fp32_gives_eager_tokens():
     assert torch.equal(compiled, eager)
 
 
+def test_ahead_of_time_file_loads_in_a_new_process_and_replaces_a_damaged_one(tmp_path, monkeypatch):
+    """The first compiled call saves the step to CACHE_DIR/aot; with the process's memory of it cleared (a new
+    process), the file is loaded, not traced again, and gives eager's tokens for other weights of the same shape;
+    a damaged file is compiled again and replaced."""
+    if static.compile_unavailable() is not None:
+        pytest.skip(static.compile_unavailable())
+    monkeypatch.setattr(static, "CACHE_DIR", tmp_path)
+    monkeypatch.setitem(static._state, "aot", {})
+    prompt = torch.randint(3, 61, (1, 6), generator=torch.Generator().manual_seed(3))
+    model = small_model(seed=0)
+    assert torch.equal(generate(model, prompt, 12, seed=5, compile=True), generate(model, prompt, 12, seed=5))
+    files = list((tmp_path / "aot").glob("*.bin"))
+    assert len(files) == 1
+    static._state["aot"].clear()
+    loaded = []
+    real_load = torch.compiler.load_compiled_function
+    monkeypatch.setattr(torch.compiler, "load_compiled_function", lambda f: loaded.append(1) or real_load(f))
+    other = small_model(seed=1)  # other weights: inputs of the graph, not constants in it
+    assert torch.equal(generate(other, prompt, 12, seed=5, compile=True), generate(other, prompt, 12, seed=5))
+    assert loaded == [1]
+    static._state["aot"].clear()
+    files[0].write_bytes(b"not a compiled function")
+    assert torch.equal(generate(other, prompt, 12, seed=5, compile=True), generate(other, prompt, 12, seed=5))
+    assert files[0].stat().st_size > 1000  # compiled again and saved over the damaged file
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", [p for p in available_precisions() if p != "fp32"])
 def test_compiled_narrow_precisions_keep_the_argmax(precision):

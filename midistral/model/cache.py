@@ -64,7 +64,8 @@ class RollingKVCache:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         window = cfg.sliding_window or cfg.max_position_embeddings
         p = next(model.parameters())
-        dtype = dtype or getattr(model, "kv_cache_dtype", None) or p.dtype
+        named = getattr(model, "kv_cache_dtype", None)  # a name (model/precision.py says why)
+        dtype = dtype or (getattr(torch, named) if named else p.dtype)
         return cls(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, head_dim, window,
                    dtype=dtype, device=p.device)
 

@@ -80,7 +80,8 @@ class Prepacked(nn.Module):
     def _register(self, out_features: int) -> None:
         # the handle as a tensor: a graph input, not a constant, so the compiled graph (and its disk cache
         # entry) is the same whichever layers this process built before
-        self.out_features, self.handle = out_features, torch.tensor(next(_HANDLES))
+        self.out_features = out_features
+        self.register_buffer("handle", torch.tensor(next(_HANDLES)), persistent=False)
         _PREPACKED[int(self.handle)] = self
 
     def forward(self, x):
@@ -164,8 +165,10 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.weight, self.scale = quantize_per_channel(linear.weight)
-        self.weight, self.scale = self.weight.to(linear.weight.device), self.scale.to(linear.weight.device)
+        weight, scale = quantize_per_channel(linear.weight)
+        # buffers (not plain attributes): the ahead-of-time compiled step (model/static.py) reads them as inputs
+        self.register_buffer("weight", weight.to(linear.weight.device), persistent=False)
+        self.register_buffer("scale", scale.to(linear.weight.device), persistent=False)
 
     def forward(self, x):
         x16 = x.to(torch.bfloat16)
@@ -306,7 +309,10 @@ def finish_decode(model: nn.Module, precision: str) -> nn.Module:
     if precision in EMBEDDING:
         model.embed_tokens = EMBEDDING[precision](model.embed_tokens)
     model.eval()  # (not requires_grad_(False): a copy shares the training model's own parameters)
-    model.kv_cache_dtype = decode_layers(precision, next(model.parameters()).device)[2]
+    # the dtype's name, not the dtype: an ahead-of-time compiled step (model/static.py) pickles the module's
+    # guards, and torch's guard pickler drops a module attribute that is a shared object such as torch.bfloat16,
+    # and with it that dtype everywhere else in the file
+    model.kv_cache_dtype = str(decode_layers(precision, next(model.parameters()).device)[2]).removeprefix("torch.")
     model.decode_precision = precision
     return model
 

@@ -6,12 +6,20 @@
 Everything a step reads is a tensor of fixed shape: the position is a 0-d tensor, the KV cache is the whole
 ring of W slots (written with `index_copy_` at slot pos mod W, model/cache.py) and the attention mask comes
 from the ring's position tags, so one graph serves every position. `torch.compile` (inductor: fused C++ on
-CPU, Triton on CUDA) builds one graph per batch size and precision; its FX-graph and AOT caches on disk
-(`CACHE_DIR`) make a later process skip the code generation.
+CPU, Triton on CUDA) builds one graph per batch size and precision.
+
+Ahead of time: the first process compiles the step with `aot_compile` and saves the whole compiled function
+(graph, generated code, guards) to `CACHE_DIR/aot/KEY.bin`, KEY naming everything the graph depends on (torch,
+this code, the model's shapes, precision, batch, device); a later process loads that file and calls it, with
+no tracing at all (dynamo's tracing and guard building were most of a warm first call). The weights are
+inputs of the graph, not constants in it, so one file serves any checkpoint of the same shape. Where saving
+or loading fails, the step falls back to plain `torch.compile` (its FX-graph cache still on disk), then eager.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
@@ -22,7 +30,7 @@ import torch
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "midistral" / "inductor"
 RECOMPILE_LIMIT = 64  # graphs per step function: batch sizes x precisions x models in one process
 
-_state: dict = {"fn": None, "reason": None, "noted": False}
+_state: dict = {"fn": None, "reason": None, "noted": False, "aot": {}}
 
 
 def _step(model, cache, tok, pos):
@@ -62,9 +70,10 @@ def compile_unavailable(device: torch.device | str = "cpu") -> str | None:
 def compiled_step(device: torch.device | str = "cpu", log=None):
     """The compiled step function, or None (one line through `log`, default stderr, once per process)."""
     if _state["fn"] is None and _state["reason"] is None:
+        # before anything imports inductor, which reads its cache folder once
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
         _state["reason"] = compile_unavailable(device)
         if _state["reason"] is None:
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
             _state["fn"] = torch.compile(_step, fullgraph=True, dynamic=False)
     if _state["fn"] is None:
@@ -76,6 +85,55 @@ def note(msg: str, log=None) -> None:
     if not _state["noted"]:
         _state["noted"] = True
         (log or (lambda m: print(m, file=sys.stderr)))(msg)
+
+
+def aot_key(runner, cache, tok: torch.Tensor) -> str:
+    """What the ahead-of-time graph depends on: torch, this code, the model's shapes and precision, the ring, the
+    batch, the device and the CPU's kernels. Not the weights (graph inputs)."""
+    from midistral.model.cache import model_config
+
+    here = Path(__file__).parent
+    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in sorted(os.listdir(here)) if f.endswith(".py")))
+    cfg = model_config(runner)
+    parts = {"torch": torch.__version__, "code": code.hexdigest(), "config": {k: v for k, v in sorted(vars(cfg).items())
+             if isinstance(v, (int, float, str, bool, type(None)))}, "precision": getattr(runner, "decode_precision", None),
+             "ring": [list(cache.k.shape), str(cache.k.dtype)], "tok": list(tok.shape), "device": str(tok.device),
+             "cpu": torch.backends.cpu.get_cpu_capability(), "python": sys.version_info[:2]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def ahead_of_time(runner, cache, tok: torch.Tensor, pos: torch.Tensor, log=None):
+    """The step for this model, ring and batch: loaded from CACHE_DIR/aot (no tracing), else compiled with
+    `aot_compile` and saved there; the plain compiled step when either fails (a file that does not load is
+    compiled again and replaced). Loaded functions are kept for the process."""
+    key = aot_key(runner, cache, tok)
+    if key in _state["aot"]:
+        return _state["aot"][key]
+    path = CACHE_DIR / "aot" / f"{key}.bin"
+    fn = None
+    if path.is_file():
+        try:
+            with open(path, "rb") as f:
+                fn = torch.compiler.load_compiled_function(f)
+            if not fn.guard_check(runner, cache, tok, pos):  # the inputs' shapes, strides and dtypes
+                fn = None
+        except Exception:  # noqa: BLE001 -- a stale or damaged file: compile again below
+            fn = None
+    if fn is None:
+        try:
+            # tensor guards only: the key already pins the model's structure, and module guards do not serialise
+            compiled = torch.compile(_step, fullgraph=True, dynamic=False,
+                                     options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
+            fn = compiled.aot_compile(((runner, cache, tok, pos), {}))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fn.save_compiled_function(str(path))  # written to a temporary file and renamed (atomic)
+        except Exception as e:  # noqa: BLE001 -- not serialisable here: the plain compiled step
+            note(f"note: the compiled decode step is not saved ahead of time ({type(e).__name__}); "
+                 "compiling it in this process", log)
+            return _state["fn"]
+    fn.disable_guard_check()  # checked once above (or built for these inputs); a step costs no Python guard
+    _state["aot"][key] = fn
+    return fn
 
 
 def disable(reason: str, log=None) -> None:
@@ -98,6 +156,7 @@ class StaticDecoder:
             if self.first_call_s is None:
                 t0 = time.perf_counter()
                 try:
+                    self.fn = ahead_of_time(self.runner, self.cache, tok, p, self.log)
                     out = self.fn(self.runner, self.cache, tok, p)
                 except Exception as e:  # noqa: BLE001 -- a backend failure must not stop sampling
                     disable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", self.log)
