@@ -18,6 +18,7 @@ or loading fails, the step falls back to plain `torch.compile` (its FX-graph cac
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -87,15 +88,20 @@ def note(msg: str, log=None) -> None:
         (log or (lambda m: print(m, file=sys.stderr)))(msg)
 
 
+@functools.lru_cache(maxsize=1)
+def _code_hash() -> str:
+    """The model package's source (this file, the model, the cache, the precisions), read once per process."""
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / f).read_bytes() for f in sorted(os.listdir(here)) if f.endswith(".py"))).hexdigest()
+
+
 def aot_key(runner, cache, tok: torch.Tensor) -> str:
     """What the ahead-of-time graph depends on: torch, this code, the model's shapes and precision, the ring, the
     batch, the device and the CPU's kernels. Not the weights (graph inputs)."""
     from midistral.model.cache import model_config
 
-    here = Path(__file__).parent
-    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in sorted(os.listdir(here)) if f.endswith(".py")))
     cfg = model_config(runner)
-    parts = {"torch": torch.__version__, "code": code.hexdigest(), "config": {k: v for k, v in sorted(vars(cfg).items())
+    parts = {"torch": torch.__version__, "code": _code_hash(), "config": {k: v for k, v in sorted(vars(cfg).items())
              if isinstance(v, (int, float, str, bool, type(None)))}, "precision": getattr(runner, "decode_precision", None),
              "ring": [list(cache.k.shape), str(cache.k.dtype)], "tok": list(tok.shape), "device": str(tok.device),
              "cpu": torch.backends.cpu.get_cpu_capability(), "python": sys.version_info[:2]}
