@@ -101,16 +101,18 @@ class Segments:
         self.ids = ids
         self._masks: dict = {}
 
-    def mask(self, W: int, plain: bool, blocks: tuple[int, int, int]) -> torch.Tensor:
-        """Boolean, True = visible: (B, 1, N, N) for the plain path; (n_blocks * B, 1, block, span) blocked.
-        (An additive float mask measured no faster in the chorale quick start's step.)"""
-        key = (W, plain, blocks)
+    def mask(self, W: int, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """Boolean, True = visible: (B, 1, N, N) for the plain path (blocks None); (n_blocks * B, 1, block, span)
+        for blocks (n_blocks, block, n_prev). (An additive float mask measured no faster in the chorale quick
+        start's step.)"""
+        key = (W, blocks)
         if key not in self._masks:
-            ids, (n_blocks, block, n_prev) = self.ids, blocks
+            ids = self.ids
             B, N = ids.shape
-            if plain:
+            if blocks is None:
                 self._masks[key] = (_band_mask(N, W, ids.device, torch.float32) == 0) & (ids[:, None, :, None] == ids[:, None, None, :])
             else:
+                n_blocks, block, n_prev = blocks
                 span = (n_prev + 1) * block
                 # segment ids of each query block and of its key span (-1 beyond the row; the band hides it)
                 seg_k = F.pad(ids, (n_prev * block, n_blocks * block - N), value=-1).unfold(1, span, block).transpose(0, 1)
@@ -127,7 +129,7 @@ def _packed_attention(q, k, v, W: int, segments: Segments) -> torch.Tensor:
     B, Hq, N, D = q.shape
     gqa = Hq != k.shape[1]
     if N <= 2 * W or N <= 256:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=segments.mask(W, True, (0, 0, 0)), enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=segments.mask(W), enable_gqa=gqa)
     block = _block_size(N, W)
     n_blocks = math.ceil(N / block)
     n_prev = math.ceil((W - 1) / block)
@@ -139,7 +141,7 @@ def _packed_attention(q, k, v, W: int, segments: Segments) -> torch.Tensor:
 
     qb = F.pad(q, (0, 0, 0, n_blocks * block - N)).view(B, Hq, n_blocks, block, D)
     qb = qb.permute(2, 0, 1, 3, 4).reshape(n_blocks * B, Hq, block, D)
-    out = F.scaled_dot_product_attention(qb, blocks(k), blocks(v), attn_mask=segments.mask(W, False, (n_blocks, block, n_prev)),
+    out = F.scaled_dot_product_attention(qb, blocks(k), blocks(v), attn_mask=segments.mask(W, (n_blocks, block, n_prev)),
                                          enable_gqa=gqa)
     out = out.view(n_blocks, B, Hq, block, D).permute(1, 2, 0, 3, 4).reshape(B, Hq, n_blocks * block, D)
     return out[:, :, :N]
