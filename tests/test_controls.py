@@ -289,6 +289,34 @@ def test_bars_from_nothing_with_grammar_and_programs(tok):
             assert set(_programs_of_new_notes(tok, bos[:1], row)) <= {-1, 33}
 
 
+def test_bars_closing_id_that_goes_on_gives_its_mass_to_eos(bpe_tok, dev_midi_files):
+    """In the last bar, an id that closes it and goes on with the next bar's notes (in BPE a Bar opens an id
+    with what follows) is masked and its probability goes to EOS: the model asked to end the bar. Masking it
+    alone had left that mass to more notes of the last bar (hundreds, with a pop model)."""
+    t = bpe_tok
+    exp = _exp(t)
+    opens_bar = [i for i, e in enumerate(exp) if len(e) and t.family[e[0]] == Family.BAR]
+    goes_on = [i for i in opens_bar if any(t.family[x] in (Family.PITCH, Family.PITCH_DRUM) for x in exp[i])]
+    assert goes_on, "the BPE vocabulary should merge a Bar with the notes after it"
+    path = pick(dev_midi_files, lambda r: int(r["nonempty_tracks"]) >= 2 and int(r["notes"]) >= 100)
+    ids = t.encode(load_score(path)).tolist()
+    starts = [k for k, i in enumerate(ids) if i in set(opens_bar)]
+    has_note = lambda span: any(t.family[x] == Family.PITCH for i in span for x in exp[i])  # noqa: E731
+    k = next(k for k in range(1, len(starts) - 1) if has_note(ids[starts[k]:starts[k + 1]]))
+    con = BarsConstraint(t, 1)  # the prompt ends in bar k - 1; bar k, with notes, is the one new bar
+    con.start(torch.tensor([[t.bos_id] + ids[:starts[k]]]))
+    for i in ids[starts[k]:starts[k + 1]]:
+        con.push(torch.tensor([i]))
+    logits = torch.zeros(2, len(exp))
+    logits[:, goes_on[0]] = 20.0
+    logits[1, t.eos_id] = float("-inf")  # EOS banned before (min_new_tokens): it stays banned
+    con.rows.append(dict(con.rows[0], cache={}))
+    con.mask(logits)
+    assert torch.isinf(logits[:, goes_on]).all()
+    assert logits[0, t.eos_id] == pytest.approx(float(torch.logsumexp(torch.tensor([0.0, 20.0]), 0)), abs=1e-4)
+    assert torch.isinf(logits[1, t.eos_id])
+
+
 def _bars_of_program(score, program):
     downbeats = score.get_downbeats()
     ons = [t.notes.numpy()["time"] for t in score.tracks if (-1 if t.is_drum else t.program) == program]

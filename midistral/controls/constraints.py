@@ -214,7 +214,7 @@ class _StreamClock(BarClock):
                 self.den, self.fam1, self.fam2, self.note_in_bar)
 
 
-OK, CLOSES, FORBIDDEN = 0, 1, 2
+OK, CLOSES, FORBIDDEN, ENDS = 0, 1, 2, 3  # ENDS: closes the last bar, then writes past it (BarsConstraint.mask)
 
 
 class BarsConstraint:
@@ -225,7 +225,10 @@ class BarsConstraint:
     no Bar token), through meter changes, inside BPE ids. A new bar is one the clock enters after the
     prompt (the bar the prompt ends in is not new). An id that would skip the last bar, leave it empty,
     or put a note past it is masked, so the decoded continuation spans exactly n_bars bars: its last note
-    starts in the n-th. A piece must open with [Bar] TimeSig and a TimeSig must follow a Bar (as in
+    starts in the n-th. An id that closes the n-th bar and goes on past it (in BPE a Bar usually opens an
+    id with the next bar's first notes) gives its probability to EOS: the model asked to close the bar, so
+    the piece ends there (masking it alone left that mass to more notes of the last bar: with a pop model
+    half of `--bars 8` samples from scratch grew a last bar of up to hundreds of notes). A piece must open with [Bar] TimeSig and a TimeSig must follow a Bar (as in
     every encoded piece: a meter change mid-bar would move notes already written). Meters with a
     larger denominator than the prompt's (a /8 after /4 only) are masked: they would change the decoder's
     time resolution for the whole piece. Where no bar may start (the n-th bar has no note yet), what only
@@ -303,15 +306,15 @@ class BarsConstraint:
         return status
 
     def _simulate(self, clock: _StreamClock, expansion: list[int], start: int) -> int:
-        c = clock.copy()
+        c, closed = clock.copy(), False
         for x in expansion:
             before, had_note = c.cur_bar - start, c.note_in_bar
             note = c.feed(x)
             after = c.cur_bar - start
-            if after > self.n + 1 or (after == self.n + 1 and (before != self.n or not had_note)):
-                return FORBIDDEN
-            if note and (after > self.n or c.cur_bar == -1):
-                return FORBIDDEN
+            closed |= after == self.n + 1 and before == self.n and had_note
+            if after > self.n + 1 or (after == self.n + 1 and (before != self.n or not had_note)) or \
+                    (note and (after > self.n or c.cur_bar == -1)):
+                return ENDS if closed else FORBIDDEN
         return CLOSES if c.cur_bar - start == self.n + 1 else OK
 
     def mask(self, logits: torch.Tensor) -> None:
@@ -323,8 +326,14 @@ class BarsConstraint:
                 if self._eos is not None:
                     logits[r, self._eos] = 0.0
                 continue
-            clock = row["clock"]
-            bad = row["banned"] | torch.from_numpy(self._status(row) == FORBIDDEN)
+            clock, status = row["clock"], self._status(row)
+            ends = torch.from_numpy(status == ENDS).to(logits.device)
+            if self._eos is not None and bool(ends.any()) and not bool(torch.isinf(logits[r, self._eos])):
+                # the model closing the last bar with an id that goes on past it: that mass ends the piece
+                # (else it lands on the next notes of the last bar, which can then run to hundreds of notes)
+                logits[r, self._eos] = torch.logsumexp(torch.cat([logits[r, self._eos:self._eos + 1],
+                                                                  logits[r, :len(ends)][ends]]), 0)
+            bad = row["banned"] | torch.from_numpy(status >= FORBIDDEN)
             if clock.seen_ts or clock.seen_note:
                 bad |= self._ts_inside_bad | (self._ts_first if clock.fam1 != BAR else False)
             logits[r].masked_fill_(bad.to(logits.device), float("-inf"))
