@@ -2,6 +2,7 @@
 
     python bench/quality.py [--steps 392] [--samples 20] [--out /tmp/quality]
     python bench/quality.py --folder ../shared/midi/dev --steps 400 --bars 8 --samples 24   # real pop/multi-track
+           [--train-seed S] [--seed S] [--ours RUN --cpu-seconds N --reuse-reference] [--mix]
 
 `--folder DIR`: data we did not tune on. Both pipelines prepare DIR as the reference setup did (4/4 only, at
 most 200 bars, split 80/10/10 by our prepare; MidiTok tokenizes the same files), train the embedded default's
@@ -128,7 +129,7 @@ def train_report(tok, folder: Path, cfg, cpu_budget: float, schedule_steps: int,
     stop = stop or schedule_steps
     start, step, epoch = time.process_time(), 0, 0
     while step < stop and time.process_time() - start < cpu_budget:
-        order = epoch_order(len(chunks), 0, epoch)
+        order = epoch_order(len(chunks), tc.seed, epoch)  # train.py's order for the same seed
         for i in range(0, len(order) - tc.batch_size + 1, tc.batch_size):
             x, y = chunks.batch(order[i:i + tc.batch_size])
             for g in opt.param_groups:
@@ -200,6 +201,7 @@ def main():
     ap.add_argument("--reuse-reference", action="store_true", help="the reference pipeline trained by an earlier run "
                                                                    "into the same --out (saved there)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (the same for every set)")
+    ap.add_argument("--train-seed", type=int, default=0, help="train.seed of both trainings: weights and data order")
     ap.add_argument("--mix", action="store_true", help="with --folder: keep the config's fill-in-the-middle and "
                                                       "attribute mix in our training (default: plain, as the reference's)")
     args = ap.parse_args()
@@ -207,7 +209,7 @@ def main():
         ap.error("--folder needs --steps (both pipelines train exactly that many)")
     out = Path(args.out)
     ours = Path(args.ours) if args.ours else out / "ours"
-    overrides = folder_overrides(args.folder, args.mix) if args.folder else []
+    overrides = (folder_overrides(args.folder, args.mix) if args.folder else []) + [f"train.seed={args.train_seed}"]
     cfg = load_config(ROOT / "configs" / "chorales.toml", [f"out_dir={ours}", *overrides])
     cpu = args.cpu_seconds if args.ours else train_ours(ours, args.steps, overrides)
     manifest = json.loads((ours / "data" / "manifest.json").read_text())
