@@ -218,24 +218,20 @@ OK, CLOSES, FORBIDDEN, ENDS = 0, 1, 2, 3  # ENDS: closes the last bar, then writ
 
 
 class BarsConstraint:
-    """Exactly `n_bars` new bars: EOS is masked until the n-th new bar holds a note, and the token that
-    reaches the bar line after it (a Bar, or a rest crossing it) is the last one: EOS is forced next.
-
-    Bars are counted as the decoder counts them: Bar tokens and bar lines crossed by Rest tokens (which get
-    no Bar token), through meter changes, inside BPE ids. A new bar is one the clock enters after the
-    prompt (the bar the prompt ends in is not new). An id that would skip the last bar, leave it empty,
-    or put a note past it is masked, so the decoded continuation spans exactly n_bars bars: its last note
-    starts in the n-th. An id that closes the n-th bar and goes on past it (in BPE a Bar usually opens an
-    id with the next bar's first notes) gives its probability to EOS: the model asked to close the bar, so
-    the piece ends there (masking it alone left that mass to more notes of the last bar: with a pop model
-    half of `--bars 8` samples from scratch grew a last bar of up to hundreds of notes). A piece must open with [Bar] TimeSig and a TimeSig must follow a Bar (as in
-    every encoded piece: a meter change mid-bar would move notes already written). Meters with a
-    larger denominator than the prompt's (a /8 after /4 only) are masked: they would change the decoder's
-    time resolution for the whole piece. Where no bar may start (the n-th bar has no note yet), what only
-    leads to a bar is masked too: the bar attribute ACBarNoteDensity (the grammar wants a Bar after the
-    three attributes) and a lone BPE "▁"; else the row could only write "▁" until the token budget ran out,
-    and end on an empty n-th bar. Pass it after the grammar constraint (it reads the mask the grammar left):
-    when it forces EOS it overrides the other masks.
+    """Exactly `n_bars` new bars: EOS is masked until the n-th new bar holds a note, and the token that reaches the
+    bar line after it (a Bar, or a rest crossing it) is the last one: EOS is forced next. Bars are counted as the
+    decoder counts them: Bar tokens and bar lines crossed by Rest tokens (which get no Bar token), through meter
+    changes, inside BPE ids. A new bar is one the clock enters after the prompt (the bar the prompt ends in is not
+    new). An id that would skip the last bar, leave it empty, or put a note past it is masked, so the decoded
+    continuation spans exactly n_bars bars: its last note starts in the n-th; an id that closes the n-th bar and
+    goes on past it (a BPE Bar id with the next bar's notes) gives its probability to EOS, else it went to more
+    notes of the last bar (docs/controls.md). A piece must open with [Bar] TimeSig and a TimeSig must follow a Bar
+    (as in every encoded piece: a meter change mid-bar would move notes already written). Meters with a larger
+    denominator than the prompt's (a /8 after /4 only) are masked: they would change the decoder's time resolution
+    for the whole piece. Where no bar may start (the n-th bar has no note yet), what only leads to a bar is masked
+    too: the bar attribute ACBarNoteDensity (the grammar wants a Bar after the three attributes) and a lone BPE "▁";
+    else the row could only write "▁" until the token budget ran out, and end on an empty n-th bar. Pass it after
+    the grammar constraint (it reads the mask the grammar left): when it forces EOS it overrides the other masks.
     """
 
     def __init__(self, tok, n_bars: int):
@@ -311,9 +307,9 @@ class BarsConstraint:
             before, had_note = c.cur_bar - start, c.note_in_bar
             note = c.feed(x)
             after = c.cur_bar - start
-            closed |= after == self.n + 1 and before == self.n and had_note
-            if after > self.n + 1 or (after == self.n + 1 and (before != self.n or not had_note)) or \
-                    (note and (after > self.n or c.cur_bar == -1)):
+            closed |= after == self.n + 1 and before == self.n and had_note  # the last bar closed properly
+            bad = after > self.n + 1 or (after == self.n + 1 and (before != self.n or not had_note))
+            if bad or (note and (after > self.n or c.cur_bar == -1)):
                 return ENDS if closed else FORBIDDEN
         return CLOSES if c.cur_bar - start == self.n + 1 else OK
 
@@ -327,12 +323,9 @@ class BarsConstraint:
                     logits[r, self._eos] = 0.0
                 continue
             clock, status = row["clock"], self._status(row)
-            ends = torch.from_numpy(status == ENDS).to(logits.device)
-            if self._eos is not None and bool(ends.any()) and not bool(torch.isinf(logits[r, self._eos])):
-                # the model closing the last bar with an id that goes on past it: that mass ends the piece
-                # (else it lands on the next notes of the last bar, which can then run to hundreds of notes)
-                logits[r, self._eos] = torch.logsumexp(torch.cat([logits[r, self._eos:self._eos + 1],
-                                                                  logits[r, :len(ends)][ends]]), 0)
+            ends, e = torch.from_numpy(status == ENDS).to(logits.device), self._eos
+            if e is not None and bool(ends.any()) and not bool(torch.isinf(logits[r, e])):  # EOS not banned before
+                logits[r, e] = torch.logsumexp(torch.cat([logits[r, e, None], logits[r, :len(ends)][ends]]), 0)
             bad = row["banned"] | torch.from_numpy(status >= FORBIDDEN)
             if clock.seen_ts or clock.seen_note:
                 bad |= self._ts_inside_bad | (self._ts_first if clock.fam1 != BAR else False)
@@ -366,15 +359,15 @@ def _stream_clock(tok, base: list[int]) -> tuple[_StreamClock, int]:
 
 
 class EveryBarConstraint:
-    """Each of `programs` plays in every new bar: while one has not started a note in the current bar, the
-    bar may not close (ids holding a Bar token, the bar attributes that lead to one, EOS are masked), and
-    when the model would close it anyway (its best id closes the bar) it may only start a note of a missing
-    instrument or move on to a later Position. Rests are masked with the bar lines (one
-    may cross a line: the decoder then writes no Bar token); Positions still move on, so the bar fills in
-    time order. Ids that would skip a whole bar (cross two bar lines) are masked throughout. Bars are read
-    on the decoder's clock, from the first bar line of the continuation (the
-    bar the prompt ends in is the prompt's, unless it holds no note yet). Where these masks would leave a row nothing (another constraint forces the bar
-    line), the row keeps the others' mask: the count is then reported, not forced.
+    """Each of `programs` plays in every new bar: while one has not started a note in the current bar, the bar
+    may not close (ids holding a Bar token, the bar attributes that lead to one, EOS are masked), and when the
+    model would close it anyway (its best id closes the bar) it may only start a note of a missing instrument or
+    move on to a later Position. Rests are masked with the bar lines (one may cross a line: the decoder then
+    writes no Bar token); Positions still move on, so the bar fills in time order. Ids that would skip a whole
+    bar (cross two bar lines) are masked throughout. Bars are read on the decoder's clock, from the first bar
+    line of the continuation (the bar the prompt ends in is the prompt's, unless it holds no note yet). Where
+    these masks would leave a row nothing (another constraint forces the bar line), the row keeps the others'
+    mask: the count is then reported, not forced.
 
     Pass it after ProgramsConstraint and BarsConstraint: it only narrows what they allow.
     """
