@@ -50,6 +50,7 @@ from midistral.evaluate import SUMMARY_METRICS, compare, measure_set  # noqa: E4
 from midistral.generate import generate  # noqa: E402
 from midistral.music import first_bars  # noqa: E402
 from midistral.sampler import Sampler  # noqa: E402
+from midistral.sampling import SamplingConfig  # noqa: E402
 from midistral.tokenize import DEFAULT_PARAMS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def children_cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-DEFAULT_SAMPLING = dict(temperature=0.7, top_k=12, no_repeat_ngram_size=6)  # sample.py's (SamplingConfig())
+DEFAULT_SAMPLING = {k: getattr(SamplingConfig(), k) for k in ("temperature", "top_k", "no_repeat_ngram_size")}  # sample.py's
 
 
 def folder_overrides(folder: Path, mix: bool = False) -> list[str]:
