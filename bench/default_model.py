@@ -1,11 +1,12 @@
 """The shipped model's goals, measured: per-style quality, instruments on request, density steering, speed.
 
     python bench/default_model.py [--ckpt models/default] --reference runs/music21 [--samples 16] [--seed 3]
-                                  [--only style,programs,density,speed]
+                                  [--only style,programs,density,speed] [--no-style-defaults]
 
 style     per style: `--samples` pieces of 16 bars from scratch (sample.py's defaults), scored with
           midistral.evaluate against the 16-bar openings of that style's test pieces (mean OA, lowest metric,
-          copying: share of bars found in the training split, longest copied run).
+          copying: share of bars found in the training split, longest copied run), with the styles' default
+          controls of the model folder (`--no-style-defaults`: without).
 programs  `--programs piano,bass --bars 8`, 8 samples: the share of bars in which both instruments sound.
 density   `--density low|medium|high --bars 8`, 8 samples each: mean notes per bar; and a numeric sweep
           (2, 4, 6, ..., 16) with the Spearman correlation of requested and achieved.
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from midistral.evaluate import compare, compare_copying, copy_index_for, measure_set, opening, reference_files
+from midistral.evaluate import SUMMARY_METRICS, compare, compare_copying, copy_index_for, measure_set, opening, reference_files
 from midistral.music import downbeats, track_program
 from midistral.sampler import Sampler
 
@@ -48,13 +49,14 @@ def bar_onsets(score, start_tick: int, programs=None) -> np.ndarray:
     return out
 
 
-def styles_part(sampler, reference, samples, seed, out):
+def styles_part(sampler, reference, samples, seed, out, style_defaults=True):
+    print(f"\nstyle defaults {'on: ' + str(sampler.style_defaults) if style_defaults else 'off'}")
     print("\n| style | real pieces | mean OA | lowest metric | copied bars | longest copied run |")
     print("|---|---|---|---|---|---|")
     index = copy_index_for(reference)
     for style in sampler.styles:
         t = time.perf_counter()
-        gen = sampler.sample(None, style=style, bars=16, num_samples=samples, seed=seed)
+        gen = sampler.sample(None, style=style, bars=16, num_samples=samples, seed=seed, style_defaults=style_defaults)
         folder = out / style
         folder.mkdir(parents=True, exist_ok=True)
         files = []
@@ -62,8 +64,8 @@ def styles_part(sampler, reference, samples, seed, out):
             files.append(folder / f"{style}_{i}.mid")
             files[-1].write_bytes(s.midi_bytes())
         ref, _ = reference_files(reference, style)
-        result = compare(measure_set([opening(f, 16) for f in ref]), measure_set(files))
-        low = min(result["rows"], key=lambda r: r["oa"])
+        result = compare(measure_set([opening(f, 16) for f in ref]), measure_set(files), distances=False)
+        low = min((r for r in result["rows"] if r["metric"] in SUMMARY_METRICS), key=lambda r: r["oa"])
         copying = compare_copying(index, files, ref) if index is not None else None
         g, r = (copying["generated"], copying["real"]) if copying else ({}, {})
         nan = float("nan")
@@ -120,6 +122,8 @@ def main():
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--only", default="style,programs,density,speed")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-style-defaults", dest="style_defaults", action="store_false",
+                    help="sample the styles without their default controls (the model folder's manifest)")
     args = ap.parse_args()
     parts = args.only.split(",")
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
@@ -128,7 +132,7 @@ def main():
     sampler = Sampler.load(args.ckpt)
     print(f"model {sampler.ckpt}, precision {sampler.precision}, samples in {out}")
     if "style" in parts:
-        styles_part(sampler, args.reference, args.samples, args.seed, out)
+        styles_part(sampler, args.reference, args.samples, args.seed, out, args.style_defaults)
     if "programs" in parts:
         programs_part(sampler, args.seed)
     if "density" in parts:

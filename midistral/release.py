@@ -7,7 +7,8 @@ bytes, and every decode precision is made from it as from fp32, so sampling lose
 config.json, tokenizer.json, and manifest.json: the programs of the training split (the instruments the
 model knows, for the unknown-instrument note), its styles, and where the weights came from (run, step,
 validation loss, the config). MODEL_CARD.md beside them is written by hand from the measurements. The folder
-is staged and swapped in whole; a MODEL_CARD.md already there is kept.
+is staged and swapped in whole; a MODEL_CARD.md already there is kept, and so are the styles' default
+controls of the manifest there ("style_defaults", chosen by measurement for the model: docs/sampling.md).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def release(run: str | Path, out: str | Path = DEFAULT_MODEL, dtype: str = "fp16
                 "train_config": json.loads(cfg_file.read_text()) if cfg_file.is_file() else None}
     out = Path(out)
     card = (out / CARD).read_bytes() if (out / CARD).is_file() else None
+    try:  # the styles' default controls were chosen for the model by measurement: a new release keeps them
+        manifest["style_defaults"] = json.loads((out / "manifest.json").read_text())["style_defaults"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
 
     def extra(d: Path) -> None:
         atomic_write_json(d / "manifest.json", manifest)

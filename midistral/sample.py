@@ -27,7 +27,7 @@ from midistral.sampler import Sampler, sample_paths, write_sample_files
 from midistral.sampling import RejectionLimits, SamplingConfig, check_call
 from midistral.tokenize import load_score
 from midistral.config_files import command_line
-from midistral.controls.flags import add_control_arguments, check_control_combinations, control_kwargs
+from midistral.controls.flags import add_control_arguments, check_control_combinations, control_kwargs, sample_kwargs
 
 
 def build_parser() -> ArgumentParser:
@@ -239,7 +239,8 @@ def run(args) -> int:
                                         on_progress=progress, **common, **control_kwargs(args))
         else:
             samples = sampler.sample(prompt, args.sampling, prompt_bars=args.prompt_bars, programs=args.programs,
-                                     style=args.style, on_progress=progress, **common, **control_kwargs(args))
+                                     style=args.style, on_progress=progress, **common, **control_kwargs(args),
+                                     **sample_kwargs(args))
     finally:
         progress.close()
     stem = Path(args.prompt).stem if args.prompt else "sample"

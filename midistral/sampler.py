@@ -81,6 +81,7 @@ class _Plan:
     programs: list[int] | None
     on_progress: Callable[[int, int], None] | None
     steering: controls.Steering | None = None  # key, density, polyphony (controls/attributes.py)
+    gapless: bool = False       # no beat where every instrument is silent (controls/gaps.py)
 
 
 @dataclass
@@ -115,6 +116,11 @@ class Sampler:
     def styles(self) -> list[str]:
         """The styles the model was trained with (`style=` of sample and infill); [] for a model without."""
         return list(self.tok.extra.styles) if self.tok.extra is not None else []
+
+    @cached_property
+    def style_defaults(self) -> dict[str, dict]:
+        """Per style, the controls `sample` uses where the call leaves them open (controls/styles.py)."""
+        return controls.read_style_defaults(self.ckpt, self.styles)
 
     def style_id(self, style: str | None) -> int | None:
         """The id of `style` (None: no style); a one-line MidistralError naming the styles the model knows."""
@@ -199,7 +205,7 @@ class Sampler:
                seed: int | None = None, bars: int | None = None, programs=None, prompt_bars: int | None = None,
                reject: bool = False, limits: RejectionLimits | None = None, prompt_name: str | None = None,
                style: str | None = None, on_progress: Callable[[int, int], None] | None = None, key=None,
-               density=None, polyphony=None,
+               density=None, polyphony=None, gapless: bool | None = None, style_defaults: bool = True,
                **settings) -> list[Sample]:
         """Continue `prompt` (path, MIDI bytes, Score or None) `num_samples` times, as one batch.
 
@@ -211,14 +217,20 @@ class Sampler:
         `on_progress(step, total)` is called after every generated token. `key` ("E major"): new pitched
         notes only in that key; `density` ("low" | "medium" | "high" | notes per bar) and `polyphony` (most
         notes starting together) steer each bar through its attribute tokens; Sample.report then gives the
-        requested and achieved values (midistral/controls/attributes.py)."""
+        requested and achieved values (midistral/controls/attributes.py). `gapless`: no beat in which every
+        instrument is silent once the music has started (midistral/controls/gaps.py). With a `style`, what
+        the call leaves as None comes from `self.style_defaults` (`style_defaults=False`: not)."""
         config = self._config(config, settings)
+        preset = self.style_defaults.get(style, {}) if self.style_id(style) is not None and style_defaults else {}
+        density, polyphony, gapless, flags = controls.with_style_defaults(preset, prompt is None, density, polyphony,
+                                                                          gapless)
+        if flags:
+            self.log(f"style {style}: {flags} (its defaults; --no-style-defaults: without)")
         check_call(num_samples=num_samples, seed=seed, bars=bars, prompt_bars=prompt_bars)
         steering = controls.Steering(self.tok, key=key, density=density, polyphony=polyphony)
         if programs is not None:
             programs = self.parse_programs(programs)
         note = controls.unknown_instruments_note(programs, self.known_programs)
-        self.style_id(style)  # an unknown style fails before the prompt is read
         source = self.read_prompt(prompt, prompt_bars, prompt_name)
         max_new = self._token_budget(config, bars)
         p = self._encode_prompt(source, max_new, style)
@@ -231,7 +243,7 @@ class Sampler:
         if bars is not None:  # the bars end the piece; the context is only a bound
             self.log(f"generating {bars} bar{'s' * (bars != 1)} (at most {max_new} tokens)")
         plan = _Plan(config, max_new, config.min_new(from_scratch=source is None and bars is None), bars, programs,
-                     on_progress, steering)
+                     on_progress, steering, gapless)
 
         def make(n: int, seed_: int | None) -> list[Sample]:
             out = [self._finish(row, p) for row in self._generate(p.ids, n, seed_, plan)]
@@ -407,6 +419,7 @@ class Sampler:
             # is the whole context and the bars decide the end (closing early would fight their EOS mask)
             budget = None if plan.bars is not None else plan.max_new
             constraints.append(GrammarConstraint(self.tok, budget, grammar=self.grammar))
+        constraints.append(controls.OnsetConstraint(self.tok))  # no pitch twice, at most ten notes per onset
         if plan.programs is not None:
             constraints.append(controls.ProgramsConstraint(self.tok, plan.programs))
         if plan.bars is not None:
@@ -415,6 +428,8 @@ class Sampler:
             known = self.known_programs
             constraints.append(controls.EveryBarConstraint(self.tok, [p for p in plan.programs
                                                                       if known is None or p in known]))
+        if plan.gapless:
+            constraints.append(controls.GaplessConstraint(self.tok))
         if plan.steering is not None:  # last of the masks: the attribute tokens read what the others leave
             constraints += plan.steering.constraints()
         if plan.on_progress is not None:

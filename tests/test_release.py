@@ -62,6 +62,21 @@ def test_release_keeps_a_model_card(released, styled_run):
     assert (released / "MODEL_CARD.md").read_text() == "# card\n"
 
 
+def test_release_keeps_the_styles_default_controls(released, styled_run):
+    man = json.loads((released / "manifest.json").read_text())
+    man["style_defaults"] = {"bach": {"polyphony": 4, "gapless": True}}
+    (released / "manifest.json").write_text(json.dumps(man))
+    release(styled_run, released)
+    assert json.loads((released / "manifest.json").read_text())["style_defaults"] == {"bach": {"polyphony": 4,
+                                                                                               "gapless": True}}
+    s = Sampler.load(released)
+    assert s.style_defaults == {"bach": {"polyphony": 4, "gapless": True}}
+    piece = s.sample(None, style="bach", bars=2, num_samples=1, seed=0, max_new_tokens=64)[0]
+    assert "polyphony 4" in piece.report  # applied, and reported as asked for
+    man.pop("style_defaults")
+    (released / "manifest.json").write_text(json.dumps(man))
+
+
 def test_released_model_knows_its_instruments_and_styles(released):
     s = Sampler.load(released)
     assert s.known_programs == frozenset({0, 33})

@@ -127,7 +127,7 @@ class ProgramsConstraint:
 # Length in bars
 
 
-class _Tables:
+class TickTables:
     """Per tokenizer and time resolution: token families, meters of TimeSig ids, tick tables per beat length."""
 
     def __init__(self, tok, tpq: int):
@@ -146,11 +146,11 @@ class _Tables:
         return self.durs[tpb], self.rests[tpb]
 
 
-class _StreamClock(BarClock):
+class StreamClock(BarClock):
     """The bar clock fed one base token at a time as the decoder reads them, so that a constraint knows
     which bar the decoded piece is in: Bar tokens, rests that cross bar lines, meter changes."""
 
-    def __init__(self, tables: _Tables, meter=(4, 4)):
+    def __init__(self, tables: TickTables, meter=(4, 4)):
         self.t = tables
         super().__init__(tables.tpq, tables.tok.max_res, meter)
         self.fam1 = self.fam2 = 0  # families of the two previous tokens (a note is Pitch Velocity Duration)
@@ -162,8 +162,8 @@ class _StreamClock(BarClock):
         super().set_meter(num, den)
         self.durs, self.rests = self.t.at(self.tpb)
 
-    def copy(self) -> "_StreamClock":
-        c = _StreamClock.__new__(_StreamClock)
+    def copy(self) -> "StreamClock":
+        c = StreamClock.__new__(StreamClock)
         c.__dict__.update(self.__dict__)
         return c
 
@@ -198,7 +198,7 @@ class _StreamClock(BarClock):
     def _timesig(self, t: int) -> None:
         meter = self.t.meter[t]
         if not self.seen_ts and not self.seen_note:  # the decoder's initial meter: replay with it
-            fresh = _StreamClock(self.t, meter)
+            fresh = StreamClock(self.t, meter)
             for x in self.history[:-1]:
                 fresh.feed(x)
             self.__dict__.update(fresh.__dict__)
@@ -268,7 +268,7 @@ class BarsConstraint:
     def start(self, prompt_ids: torch.Tensor) -> None:
         self.rows = []
         for row in prompt_ids.tolist():
-            clock, max_den = _stream_clock(self.tok, self.tok.base_ids(row).tolist())
+            clock, max_den = stream_clock(self.tok, self.tok.base_ids(row).tolist())
             tables = clock.t
             min_bar = min(n * (tables.tpq * 4 // d) for n, d in self.tok.time_sigs if d <= max_den)
             banned = torch.from_numpy(self._den > max_den)
@@ -301,7 +301,7 @@ class BarsConstraint:
         row["cache"][key] = status
         return status
 
-    def _simulate(self, clock: _StreamClock, expansion: list[int], start: int) -> int:
+    def _simulate(self, clock: StreamClock, expansion: list[int], start: int) -> int:
         c, closed = clock.copy(), False
         for x in expansion:
             before, had_note = c.cur_bar - start, c.note_in_bar
@@ -347,12 +347,12 @@ class BarsConstraint:
             row["done"] = row["clock"].cur_bar - row["start"] > self.n
 
 
-def _stream_clock(tok, base: list[int]) -> tuple[_StreamClock, int]:
+def stream_clock(tok, base: list[int]) -> tuple[StreamClock, int]:
     """The clock after the base ids `base` (at the resolution of their largest meter denominator), and that
     denominator."""
     present = set(base)
     max_den = max([d for (_, d), i in tok.ts_id.items() if i in present] or [4])
-    clock = _StreamClock(_Tables(tok, tok.max_res * max_den // 4))
+    clock = StreamClock(TickTables(tok, tok.max_res * max_den // 4))
     for x in base:
         clock.feed(x)
     return clock, max_den
@@ -410,7 +410,7 @@ class EveryBarConstraint:
         self.clocks, self.armed, self.played, self.done, self.program = [], [], [], [], []
         for row in prompt_ids.tolist():
             base = self.tok.base_ids(row).tolist()
-            clock = _stream_clock(self.tok, base)[0]
+            clock = stream_clock(self.tok, base)[0]
             self.program.append(next((self._prog_of[x] for x in reversed(base) if self._prog_of[x] != -99), 0))
             self.clocks.append(clock)
             self.armed.append(clock.cur_bar >= 0 and not clock.note_in_bar)  # a bar the prompt opened, empty
@@ -433,7 +433,7 @@ class EveryBarConstraint:
         """The notes the current bar may still start (DensityConstraint); None: no limit."""
         return None
 
-    def _skips_a_bar(self, clock: _StreamClock) -> torch.Tensor:
+    def _skips_a_bar(self, clock: StreamClock) -> torch.Tensor:
         """Ids that would cross two bar lines from here (a long rest, or a note's end and a rest): the
         bar between would be empty."""
         key = clock.key()

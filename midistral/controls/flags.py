@@ -1,6 +1,6 @@
-"""sample.py's attribute-control flags (--key, --density, --polyphony): the argument group, its value checks
-and the keyword arguments it gives Sampler.sample / accompany / infill. Kept apart from sample.py so that
-the flags live in one place."""
+"""sample.py's attribute-control flags (--key, --density, --polyphony, --gapless, --no-style-defaults): the
+argument group, its value checks and the keyword arguments it gives Sampler.sample / accompany / infill.
+Kept apart from sample.py so that the flags live in one place."""
 
 from __future__ import annotations
 
@@ -35,11 +35,21 @@ def add_control_arguments(parser) -> None:
                         "number (the model's tokens count 0-17 and 18+); a model trained with attribute tokens")
     g.add_argument("--polyphony", type=polyphony_value, default=None, metavar="N",
                    help="the most notes starting together in a bar (1-6); a model trained with attribute tokens")
+    g.add_argument("--gapless", action=argparse.BooleanOptionalAction, default=None,
+                   help="no beat in which every instrument is silent, once the music has started "
+                        "(default: the style's default, else off)")
+    g.add_argument("--no-style-defaults", dest="style_defaults", action="store_false",
+                   help="with --style, do not apply the style's default controls (the model card lists them)")
 
 
 def control_kwargs(args) -> dict:
     """The controls given, as Sampler keyword arguments."""
     return {k: getattr(args, k) for k in ("key", "density", "polyphony") if getattr(args, k) is not None}
+
+
+def sample_kwargs(args) -> dict:
+    """The controls only Sampler.sample takes (a continuation or a piece from nothing)."""
+    return {"gapless": args.gapless, "style_defaults": args.style_defaults}
 
 
 def check_control_combinations(p, args) -> None:
@@ -49,3 +59,5 @@ def check_control_combinations(p, args) -> None:
     for flag in ("--density", "--polyphony"):
         if mode not in (None, "--infill") and getattr(args, flag[2:]) is not None:
             p.error(f"{flag} steers new bars (their attribute tokens): it does not apply to {mode}")
+    if mode is not None and args.gapless is not None:
+        p.error(f"--{'no-' * (not args.gapless)}gapless: continuations and pieces from nothing only, not {mode}")
