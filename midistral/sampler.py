@@ -419,7 +419,7 @@ class Sampler:
             # is the whole context and the bars decide the end (closing early would fight their EOS mask)
             budget = None if plan.bars is not None else plan.max_new
             constraints.append(GrammarConstraint(self.tok, budget, grammar=self.grammar))
-        constraints.append(controls.OnsetConstraint(self.tok))  # no pitch twice, at most ten notes per onset
+        constraints.append(controls.OnsetConstraint(self.tok))  # ten notes per instrument and onset at most
         if plan.programs is not None:
             constraints.append(controls.ProgramsConstraint(self.tok, plan.programs))
         if plan.bars is not None:

@@ -15,7 +15,7 @@
 - key.py, attributes.py: `KeyConstraint` (new notes only in a key) and `Steering` (key, note density and
   onset polyphony for one call, with the requested-vs-achieved report);
 - gaps.py: `GaplessConstraint` (no beat in which every instrument is silent, once the music has started);
-- onsets.py: `OnsetConstraint` (at one onset an instrument starts a pitch once, ten notes at most);
+- onsets.py: `OnsetConstraint` (at one onset an instrument starts ten notes at most, then moves on);
 - styles.py: the styles' default controls a model folder may list (`read_style_defaults`);
 - infill.py: `infill`, which regenerates bars A..B of a piece from one fill-in-the-middle prompt (prefix,
   suffix, then the middle), spliced back so every note outside the span is kept exactly.
