@@ -15,6 +15,7 @@
 - key.py, attributes.py: `KeyConstraint` (new notes only in a key) and `Steering` (key, note density and
   onset polyphony for one call, with the requested-vs-achieved report);
 - gaps.py: `GaplessConstraint` (no beat in which every instrument is silent, once the music has started);
+- masks.py: the mask that gives way where it would leave a row nothing (the soft constraints share it);
 - onsets.py: `OnsetConstraint` (at one onset an instrument starts ten notes at most, then moves on);
 - styles.py: the styles' default controls a model folder may list (`read_style_defaults`);
 - infill.py: `infill`, which regenerates bars A..B of a piece from one fill-in-the-middle prompt (prefix,

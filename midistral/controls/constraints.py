@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from midistral.errors import MidistralError
+from midistral.controls.masks import ban_unless_nothing_left
 from midistral.general_midi import parse_program
 from midistral.model.cache import model_config
 from midistral.tokenize.clock import BarClock
@@ -462,8 +463,7 @@ class EveryBarConstraint:
             room = self.room(r)
             if room is not None:
                 ban = ban | (self._note_load > room).to(row.device)
-            if bool(torch.isfinite(row.masked_fill(ban, float("-inf"))).any()):
-                row.masked_fill_(ban, float("-inf"))
+            ban_unless_nothing_left(row, ban)
 
     def push(self, tokens: torch.Tensor) -> None:
         for r, t in enumerate(tokens.tolist()):

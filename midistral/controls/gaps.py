@@ -20,6 +20,7 @@ import torch
 
 from midistral.controls.constraints import (BAR, DURATION, POSITION, REST, TIMESIG, StreamClock, TickTables,
                                             id_expansions, stream_clock)
+from midistral.controls.masks import ban_unless_nothing_left
 
 NONE = -(1 << 40)  # "no note" / "no move" in the tables: below any tick (relative ticks may be negative)
 
@@ -133,8 +134,7 @@ class GaplessConstraint:
                 continue
             row = logits[r, :len(self.exp)]
             ban = self._banned(clock).to(row.device)
-            if bool(torch.isfinite(row.masked_fill(ban, float("-inf"))).any()):
-                row.masked_fill_(ban, float("-inf"))
+            ban_unless_nothing_left(row, ban)
 
     def push(self, tokens: torch.Tensor) -> None:
         for r, t in enumerate(tokens.tolist()):

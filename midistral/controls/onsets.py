@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from midistral.controls.constraints import BAR, DRUM, PITCH, POSITION, PROGRAM, REST, id_expansions
+from midistral.controls.masks import leaves_something
 
 PER_INSTRUMENT = 10
 CURRENT = -1  # "the instrument of the stream at this point" in the tables
@@ -101,7 +102,7 @@ class OnsetConstraint:
             ban[torch.from_numpy(self._banned(r))] = True
             row = logits[r]
             ban, on = ban.to(row.device), self._moves_on.to(row.device)
-            if not bool(ban.any()) or not bool(torch.isfinite(row.masked_fill(ban, float("-inf"))).any()):
+            if not bool(ban.any()) or not leaves_something(row, ban):
                 continue
             moving = row[:len(on)].masked_fill(~on, float("-inf"))
             if bool(torch.isfinite(moving).any()):
