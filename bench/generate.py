@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 REF = dict(vocab_size=5000, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
            num_attention_heads=4, num_key_value_heads=2, sliding_window=512, max_position_embeddings=8192)
 SETTINGS = dict(temperature=0.5, top_k=6, no_repeat_ngram_size=6)
+REPEAT = 1  # sampling calls per figure, the fastest kept (--repeat): this VM's step times move by 1.5x between runs
 
 
 def hf_model(max_pos: int = 8192):
@@ -104,7 +105,7 @@ def speed(ours, hf, batch: int, prompt_len: int, new: int, precision: str = "fp3
     with torch.inference_mode():
         # warm up: converts the weights (and compiles the step for this batch size)
         generate(ours, prompt[:, :16], 8, seed=0, precision=precision, compile=compile, **SETTINGS)
-        t = timed(lambda: generate(ours, prompt, new, seed=0, precision=precision, compile=compile, **SETTINGS))
+        t = timed(lambda: generate(ours, prompt, new, seed=0, precision=precision, compile=compile, **SETTINGS), REPEAT)
         res["ours_tok_s"] = batch * new / t
         res["ours_ms_step"] = t / new * 1e3
         if not with_hf:
@@ -112,7 +113,7 @@ def speed(ours, hf, batch: int, prompt_len: int, new: int, precision: str = "fp3
         hf_kw = dict(do_sample=True, top_k=6, temperature=0.5, no_repeat_ngram_size=6, max_new_tokens=new,
                      min_new_tokens=new, pad_token_id=0, top_p=1.0)
         hf.generate(prompt[:, :16], **{**hf_kw, "max_new_tokens": 8, "min_new_tokens": 8})
-        t = timed(lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), **hf_kw))
+        t = timed(lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), **hf_kw), REPEAT)
         res["hf_tok_s"] = batch * new / t
         res["hf_ms_step"] = t / new * 1e3
     return res
@@ -317,11 +318,13 @@ BUSY = "import torch, sys\ntorch.set_num_threads(int(sys.argv[1]))\na = torch.ra
 
 def busy_table(ours, precision: str, batches=(1, 8), prompt_len: int = 256, new: int = 256) -> None:
     """Sampling beside a competing CPU-bound process (a matmul loop on every core, as a training job): ms/step
-    per torch thread count, idle and busy, and the slowdown."""
+    at a fixed thread count (1, every core) and at generate's own choice (DecodeThreads: timed per step),
+    idle and busy, and the slowdown of each against the fastest idle figure."""
     import midistral.generate as G
     from midistral.model.static import compile_pays_off
 
     cores = os.cpu_count() or 1
+    choices = [*sorted({1, cores}), None]  # None: generate's own choice
     rows = {}
     for busy in (False, True):
         spinner = subprocess.Popen([sys.executable, "-c", BUSY, str(cores)]) if busy else None
@@ -329,23 +332,25 @@ def busy_table(ours, precision: str, batches=(1, 8), prompt_len: int = 256, new:
             time.sleep(1.0 if busy else 0)
             for batch in batches:
                 comp = compile_pays_off(batch, None)
-                for threads in sorted({1, cores}):
-                    torch.set_num_threads(threads)
-                    G.FIXED_THREADS = threads  # (generate's own choice: decode_threads)
+                for threads in choices:
+                    torch.set_num_threads(cores)
+                    G.FIXED_THREADS = threads
                     r = speed(ours, None, batch, prompt_len, new, precision=precision, compile=comp, with_hf=False)
                     rows[busy, batch, threads] = r["ours_ms_step"]
         finally:
             G.FIXED_THREADS = None
+            torch.set_num_threads(cores)
             if spinner is not None:
                 spinner.kill()
                 spinner.wait()
     print(f"{precision}, a competing process with {cores} threads of matmuls (load now {os.getloadavg()[0]:.1f}):")
     for batch in batches:
-        for threads in sorted({1, cores}):
+        fastest = min(rows[False, batch, t] for t in choices)
+        for threads in choices:
             idle, busy = rows[False, batch, threads], rows[True, batch, threads]
-            chosen = " (generate's choice)" if threads == G.decode_threads(batch, ours.config.decode_weights) else ""
-            print(f"  batch {batch}, {threads} thread(s){chosen}: idle {idle:.2f} ms/step, busy {busy:.2f}, slowdown {busy / idle:.2f}x",
-                  flush=True)
+            name = "generate's choice (timed per step)" if threads is None else f"{threads} thread(s)"
+            print(f"  batch {batch}, {name}: idle {idle:.2f} ms/step, busy {busy:.2f}, slowdown {busy / idle:.2f}x, "
+                  f"against the fastest idle {busy / fastest:.2f}x", flush=True)
 
 
 def main():
@@ -364,10 +369,13 @@ def main():
     ap.add_argument("--first-call-only", action="store_true",
                     help="with --compile: only the first compiled call, cold and warm (fresh processes)")
     ap.add_argument("--busy", action="store_true", help="sampling beside a competing CPU-bound process, slowdown vs idle")
+    ap.add_argument("--repeat", type=int, default=1, help="sampling calls per speed figure, the fastest kept (both sides)")
     ap.add_argument("--first-call-child", nargs=3, metavar=("FOLDER", "PRECISION", "BATCH"), help=argparse.SUPPRESS)
     ap.add_argument("--memory-child", nargs=5, metavar=("FOLDER", "NEW", "PRECISION", "BATCH", "LOADER"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global REPEAT
+    REPEAT = max(1, args.repeat)
     if args.memory_child:
         f, n, p, b, loader = args.memory_child
         return memory_child(f, int(n), p, int(b), loader)

@@ -22,6 +22,8 @@ Constraints restrict what may come next, for example the token grammar (every to
 
 from __future__ import annotations
 
+import os
+import time
 from collections import deque
 from typing import Callable, Sequence
 
@@ -188,20 +190,82 @@ def _mask_logits(logits, banned_eos, constraints, ngram):
     return logits
 
 
-# Decode steps run on one thread unless a step's products are this large (batch x decode weights): a step at
-# 1-8 rows splits into pieces of tens of microseconds, and on a machine shared with another CPU-bound job a
-# piece waits for its thread to be scheduled again (milliseconds: SDPA took 0.9-11.9 ms at 2 threads against
-# 0.05 ms at 1 beside a training run). Measured with bench/generate.py --busy (bench/RESULTS.md).
-THREAD_GRAIN = 1 << 30
+# Decode steps use every core while they get them, and one thread while another CPU-bound job takes cores: on a
+# quiet machine the report's model steps faster on 2 cores (batch 1, compiled: 2.3-3.5 against 3.9-5.4 ms), but
+# beside a competing job a step split over cores waits for a descheduled thread (16-300 ms a step at 2 threads
+# against 5-7 ms at 1). Measured with bench/generate.py --busy (bench/RESULTS.md).
 FIXED_THREADS: int | None = None  # set by benchmarks to compare thread counts
 
 
-def decode_threads(batch: int, decode_weights: int | None) -> int:
-    """Threads for the decode steps of `batch` rows of a model of `decode_weights` (prefill keeps torch's)."""
-    if FIXED_THREADS is not None:
-        return FIXED_THREADS
-    work = batch * (decode_weights or 0)
-    return torch.get_num_threads() if work >= THREAD_GRAIN else 1
+def _idle_cores() -> tuple[float, float] | None:
+    """(idle, total) jiffies over all CPUs from /proc/stat (Linux), None elsewhere."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return float(fields[3] + fields[4]), float(sum(fields[:8]))
+
+
+class DecodeThreads:
+    """The thread count of decode steps, watched per window of WINDOW_S seconds (at least MIN_STEPS steps):
+    - at several threads, the process's CPU time over wall time says whether it gets its cores (about 2.0 on an
+      idle 2-core machine, 1.0-1.2 beside a matmul job): below `threads - 0.5`, the next steps run on one thread;
+    - at one thread, the machine's idle time (/proc/stat) says whether the other cores are free again: when at
+      least all but a quarter of one of them idle, back to every thread. Without /proc/stat every PROBE_WINDOWS
+      windows try every thread again (the first rule returns within a window if the cores are still taken).
+    Nothing is timed against anything else, so a quiet machine never runs a slower step to check."""
+
+    WINDOW_S, MIN_STEPS, PROBE_WINDOWS = 0.05, 4, 8
+
+    def __init__(self, most: int):
+        self.most = max(1, int(most))
+        self.current = self.most
+        self.cpus = os.cpu_count() or 1
+        self.windows_at_one = 0
+        self._start()
+
+    @classmethod
+    def for_decode(cls) -> "DecodeThreads":
+        chooser = cls(FIXED_THREADS or torch.get_num_threads())
+        chooser.fixed = FIXED_THREADS is not None
+        return chooser
+
+    fixed = False
+
+    def restart(self) -> None:
+        """Begin a new window (after a step that is not to be counted)."""
+        self._start()
+
+    def _start(self) -> None:
+        self.steps, self.wall, self.cpu, self.stat = 0, time.perf_counter(), time.process_time(), _idle_cores()
+
+    def next(self) -> int:
+        """Set and return the thread count of the coming step."""
+        if torch.get_num_threads() != self.current:
+            torch.set_num_threads(self.current)
+        return self.current
+
+    def record(self) -> None:
+        """After each step: at the end of a window, the rules above."""
+        self.steps += 1
+        wall = time.perf_counter() - self.wall
+        if self.fixed or self.most == 1 or self.steps < self.MIN_STEPS or wall < self.WINDOW_S:
+            return
+        if self.current > 1:
+            if (time.process_time() - self.cpu) / wall < self.current - 0.5:
+                self.current, self.windows_at_one = 1, 0
+        else:
+            self.windows_at_one += 1
+            now = _idle_cores()
+            if now is not None and self.stat is not None and now[1] > self.stat[1]:
+                idle = (now[0] - self.stat[0]) / (now[1] - self.stat[1]) * self.cpus
+                free = idle >= min(self.most, self.cpus) - 1 - 0.25
+            else:
+                free = self.windows_at_one >= self.PROBE_WINDOWS
+            if free:
+                self.current = self.most
+        self._start()
 
 
 def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_repeat_ngram_size,
@@ -226,16 +290,16 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
     for c in constraints:
         c.start(prompt_ids)
     threads = torch.get_num_threads()
-    torch.set_num_threads(decode_threads(B, getattr(getattr(runner, "config", None), "decode_weights", None)))
+    chooser = DecodeThreads.for_decode()
     try:
         return _decode(out, logits, step_fn, ngram, constraints, N, max_new_tokens, min_new_tokens, temperature,
-                       top_k, top_p, generator, eos_id, pad_id, progress)
+                       top_k, top_p, generator, eos_id, pad_id, progress, chooser)
     finally:
         torch.set_num_threads(threads)
 
 
 def _decode(out, logits, step_fn, ngram, constraints, N, max_new_tokens, min_new_tokens, temperature,
-            top_k, top_p, generator, eos_id, pad_id, progress):
+            top_k, top_p, generator, eos_id, pad_id, progress, chooser):
     B, device = out.shape[0], out.device
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     fill = eos_id if pad_id is None else pad_id
@@ -258,7 +322,9 @@ def _decode(out, logits, step_fn, ngram, constraints, N, max_new_tokens, min_new
         if eos_id is not None and bool(finished.all()):
             break
         if step + 1 < max_new_tokens:
+            chooser.next()
             logits = step_fn(next_tok[:, None], N + step)
+            chooser.record() if step else chooser.restart()  # the first step may be a compiled step's first call
     if progress:
         steps.close()
     return out[:, :N + n_new]

@@ -361,3 +361,45 @@ def test_greedy_ngram_matches_transformers(n, tmp_path):
                        no_repeat_ngram_size=n, max_new_tokens=40, min_new_tokens=40, pad_token_id=0)
     got = generate(ours, prompt, 40, temperature=0.0, no_repeat_ngram_size=n, min_new_tokens=40, eos_id=2)
     assert torch.equal(got, want)
+
+
+def test_decode_threads_leave_cores_to_a_competing_job(monkeypatch):
+    """DecodeThreads runs every thread while the process gets its cores, one thread while a competing job takes
+    them (CPU time over wall time), and every thread again once the machine's other cores idle (/proc/stat);
+    FIXED_THREADS pins one count."""
+    import midistral.generate as G
+
+    clock = {"wall": 0.0, "cpu": 0.0, "idle": 0.0, "total": 0.0}
+    monkeypatch.setattr(G.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(G.time, "process_time", lambda: clock["cpu"])
+    monkeypatch.setattr(G, "_idle_cores", lambda: (clock["idle"], clock["total"]))
+    monkeypatch.setattr(G.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(G.torch, "set_num_threads", lambda n: None)
+    chooser = G.DecodeThreads(2)
+    seen = []
+
+    def run(steps, busy):
+        for _ in range(steps):
+            n = chooser.next()
+            seen.append(n)
+            step = 0.02 if busy and n > 1 else 0.003  # a descheduled thread: slow, and the process gets ~1 core
+            clock["wall"] += step
+            clock["cpu"] += step * (1.0 if busy else n)
+            other_idle = 0.0 if busy else (2 - n)  # the cores this process leaves idle
+            clock["idle"] += step * other_idle * 100
+            clock["total"] += step * 2 * 100
+            chooser.record()
+
+    run(100, busy=False)
+    assert set(seen) == {2}
+    seen.clear()
+    run(100, busy=True)
+    assert seen[-80:] == [1] * 80  # moved to one thread within the first window
+    seen.clear()
+    run(100, busy=False)
+    assert seen[-60:] == [2] * 60  # and back once the other core idles
+    G.FIXED_THREADS = 1
+    try:
+        assert G.DecodeThreads.for_decode().most == 1
+    finally:
+        G.FIXED_THREADS = None

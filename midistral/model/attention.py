@@ -178,12 +178,37 @@ def attention_at_positions(q, k, v, start_pos: int | torch.Tensor, k_pos: torch.
     if k_pos is None:
         if n != 1 or M > window:
             raise ValueError(f"an unmasked cache read needs one query and at most {window} keys, got {n} and {M}")
+        if _products_attend(k, B):
+            return _attend_by_products(q, k, v, None).view(B, Hq, n, D)
         return F.scaled_dot_product_attention(q, k, v).view(B, Hq, n, D)
     q_pos = torch.arange(n, device=q.device) + start_pos  # start_pos: an int or a 0-d tensor (static step)
     if n > 16 and n == M and bool((k_pos == q_pos).all()):  # a fresh prefill: the chunk sees itself only
         return sliding_window_attention_torch(q.view(B, Hq, n, D), k, v, window)
     p = q_pos[:, None]
     visible = (k_pos >= 0) & (k_pos <= p) & (k_pos > p - window)  # (n, M)
+    if n == 1 and _products_attend(k, B):
+        return _attend_by_products(q, k, v, visible.repeat(G, 1)).view(B, Hq, n, D)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible.repeat(G, 1))
     return y.view(B, Hq, n, D)
+
+
+PRODUCTS_FROM_BATCH = 4
+
+
+def _products_attend(k: torch.Tensor, batch: int) -> bool:
+    # A decode step's few query rows over a bf16 ring on CPU: SDPA's flash kernel works in blocks sized for
+    # many queries and reads the ring at ~5 GB/s (the report's model at batch 8: 0.58-0.82 ms a layer with the
+    # position mask); two batched products and a softmax read it at about twice the plain-sum floor (0.28-0.31
+    # ms). Below batch 4 each product's fixed cost loses to SDPA (batch 1: 108 against 62-70 us).
+    return batch >= PRODUCTS_FROM_BATCH and k.dtype == torch.bfloat16 and k.device.type == "cpu"
+
+
+def _attend_by_products(q, k, v, visible):
+    """softmax(q k^T / sqrt(D)) v for q (B, H, r, D) and k, v (B, H, M, D) of one dtype; visible (r, M) or None.
+    The scores come out of the product in k's dtype (bf16: 8 bits of mantissa, as the ring's keys themselves);
+    scaling, the mask and the softmax run in fp32."""
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return scores.softmax(-1).to(v.dtype) @ v
 

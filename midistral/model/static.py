@@ -31,6 +31,10 @@ import torch
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "midistral" / "inductor"
 RECOMPILE_LIMIT = 64  # graphs per step function: batch sizes x precisions x models in one process
 
+# Inductor's C++ kernels read the thread count when they run, not when they were compiled: decode steps choose
+# theirs per step (generate.DecodeThreads), and one graph serves every choice.
+THREADS = {"cpp.dynamic_threads": True}
+
 _state: dict = {"fn": None, "reason": None, "noted": False, "aot": {}}
 
 
@@ -40,13 +44,13 @@ def _step(model, cache, tok, pos):
 
 def compile_pays_off(batch_size: int, decode_weights: int | None) -> bool:
     """Whether a long-lived sampler (the studio: `Sampler.load(compile=None)`) compiles its steps. Measured per
-    step against eager (bench/RESULTS.md, 1 thread): the report's model at batch 1 1.26-1.34x (int8), 1.05x
-    (fp32, fp16); at batch 8 over a 256-token prompt 0.87-0.89x (the static step reads all W ring slots, eager
-    only the filled ones); a small model 1.44x / 1.23x, but its steps save ~0.3 ms, which never repays the
-    first call (tracing even from the disk cache). So: batch 1 on a model of SMALL_MODEL_WEIGHTS or more."""
+    sampling call against eager (bench/RESULTS.md, "Decode attention by products..."): the report's model, int8,
+    256 + 256 tokens, 1.16-1.36x at batch 1 and 1.43-1.65x at batch 8 (since the decode attention at batch >= 4
+    runs as two products); a small model saves ~0.3 ms a step, which never repays the first call (tracing even
+    from the disk cache). So: batches up to 8 on a model of SMALL_MODEL_WEIGHTS or more."""
     from midistral.model.precision import SMALL_MODEL_WEIGHTS
 
-    return batch_size == 1 and decode_weights is not None and decode_weights >= SMALL_MODEL_WEIGHTS
+    return 1 <= batch_size <= 8 and decode_weights is not None and decode_weights >= SMALL_MODEL_WEIGHTS
 
 
 def compile_unavailable(device: torch.device | str = "cpu") -> str | None:
@@ -76,7 +80,7 @@ def compiled_step(device: torch.device | str = "cpu", log=None):
         _state["reason"] = compile_unavailable(device)
         if _state["reason"] is None:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-            _state["fn"] = torch.compile(_step, fullgraph=True, dynamic=False)
+            _state["fn"] = torch.compile(_step, fullgraph=True, dynamic=False, options=dict(THREADS))
     if _state["fn"] is None:
         note(f"note: compiled decoding unavailable ({_state['reason']}); decoding eagerly", log)
     return _state["fn"]
@@ -129,7 +133,7 @@ def ahead_of_time(runner, cache, tok: torch.Tensor, pos: torch.Tensor, log=None)
         try:
             # tensor guards only: the key already pins the model's structure, and module guards do not serialise
             compiled = torch.compile(_step, fullgraph=True, dynamic=False,
-                                     options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
+                                     options={**THREADS, "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
             fn = compiled.aot_compile(((runner, cache, tok, pos), {}))
             path.parent.mkdir(parents=True, exist_ok=True)
             fn.save_compiled_function(str(path))  # written to a temporary file and renamed (atomic)
