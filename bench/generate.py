@@ -348,7 +348,7 @@ def busy_table(ours, precision: str, batches=(1, 8), prompt_len: int = 256, new:
         fastest = min(rows[False, batch, t] for t in choices)
         for threads in choices:
             idle, busy = rows[False, batch, threads], rows[True, batch, threads]
-            name = "generate's choice (timed per step)" if threads is None else f"{threads} thread(s)"
+            name = "generate's choice (CPU share)" if threads is None else f"{threads} thread(s)"
             print(f"  batch {batch}, {name}: idle {idle:.2f} ms/step, busy {busy:.2f}, slowdown {busy / idle:.2f}x, "
                   f"against the fastest idle {busy / fastest:.2f}x", flush=True)
 
