@@ -209,8 +209,9 @@ def _idle_cores() -> tuple[float, float] | None:
 
 class DecodeThreads:
     """The thread count of decode steps, watched per window of WINDOW_S seconds (at least MIN_STEPS steps):
-    - at several threads, the process's CPU time over wall time says whether it gets its cores (about 2.0 on an
-      idle 2-core machine, 1.0-1.2 beside a matmul job): below `threads - 0.5`, the next steps run on one thread;
+    - at several threads, the process's CPU time over wall time within the steps says whether it gets its cores
+      (about 2.0 on an idle 2-core machine, 1.0-1.2 beside a matmul job): below `threads - 0.5`, the next steps
+      run on one thread. Only the steps count: the masks and the draw between them run on one thread anyway;
     - at one thread, the machine's idle time (/proc/stat) says whether the other cores are free again: when at
       least all but a quarter of one of them idle, back to every thread. Without /proc/stat every PROBE_WINDOWS
       windows try every thread again (the first rule returns within a window if the cores are still taken).
@@ -233,27 +234,26 @@ class DecodeThreads:
 
     fixed = False
 
-    def restart(self) -> None:
-        """Begin a new window (after a step that is not to be counted)."""
-        self._start()
-
     def _start(self) -> None:
-        self.steps, self.wall, self.cpu, self.stat = 0, time.perf_counter(), time.process_time(), _idle_cores()
+        self.steps, self.step_wall, self.step_cpu = 0, 0.0, 0.0
+        self.wall, self.stat = time.perf_counter(), _idle_cores()
 
-    def next(self) -> int:
-        """Set and return the thread count of the coming step."""
+    def next(self) -> tuple[float, float]:
+        """Set the thread count of the coming step; returns its start (give it to `record` after the step)."""
         if torch.get_num_threads() != self.current:
             torch.set_num_threads(self.current)
-        return self.current
+        return time.perf_counter(), time.process_time()
 
-    def record(self) -> None:
-        """After each step: at the end of a window, the rules above."""
+    def record(self, start: tuple[float, float]) -> None:
+        """After a step begun at `start`: at the end of a window, the rules above."""
+        wall, cpu = time.perf_counter(), time.process_time()
         self.steps += 1
-        wall = time.perf_counter() - self.wall
-        if self.fixed or self.most == 1 or self.steps < self.MIN_STEPS or wall < self.WINDOW_S:
+        self.step_wall += wall - start[0]
+        self.step_cpu += cpu - start[1]
+        if self.fixed or self.most == 1 or self.steps < self.MIN_STEPS or wall - self.wall < self.WINDOW_S:
             return
         if self.current > 1:
-            if (time.process_time() - self.cpu) / wall < self.current - 0.5:
+            if self.step_cpu / max(self.step_wall, 1e-9) < self.current - 0.5:
                 self.current, self.windows_at_one = 1, 0
         else:
             self.windows_at_one += 1
@@ -322,9 +322,10 @@ def _decode(out, logits, step_fn, ngram, constraints, N, max_new_tokens, min_new
         if eos_id is not None and bool(finished.all()):
             break
         if step + 1 < max_new_tokens:
-            chooser.next()
+            start = chooser.next()
             logits = step_fn(next_tok[:, None], N + step)
-            chooser.record() if step else chooser.restart()  # the first step may be a compiled step's first call
+            if step:  # not the first: it may be a compiled step's first call
+                chooser.record(start)
     if progress:
         steps.close()
     return out[:, :N + n_new]

@@ -380,7 +380,8 @@ def test_decode_threads_leave_cores_to_a_competing_job(monkeypatch):
 
     def run(steps, busy):
         for _ in range(steps):
-            n = chooser.next()
+            start = chooser.next()
+            n = chooser.current
             seen.append(n)
             step = 0.02 if busy and n > 1 else 0.003  # a descheduled thread: slow, and the process gets ~1 core
             clock["wall"] += step
@@ -388,7 +389,9 @@ def test_decode_threads_leave_cores_to_a_competing_job(monkeypatch):
             other_idle = 0.0 if busy else (2 - n)  # the cores this process leaves idle
             clock["idle"] += step * other_idle * 100
             clock["total"] += step * 2 * 100
-            chooser.record()
+            chooser.record(start)
+            clock["wall"] += 0.002  # the masks and the draw, on one thread: not counted
+            clock["cpu"] += 0.002
 
     run(100, busy=False)
     assert set(seen) == {2}
