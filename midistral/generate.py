@@ -215,15 +215,17 @@ class DecodeThreads:
     - at one thread, the machine's idle time (/proc/stat) says whether the other cores are free again: when at
       least all but a quarter of one of them idle, back to every thread. Without /proc/stat every PROBE_WINDOWS
       windows try every thread again (the first rule returns within a window if the cores are still taken).
+      A return that fails its first window doubles the windows the next one waits (up to MAX_WAIT): /proc/stat
+      may count CPUs this process may not use (a container's CPU quota), which would otherwise flip every window.
     Nothing is timed against anything else, so a quiet machine never runs a slower step to check."""
 
-    WINDOW_S, MIN_STEPS, PROBE_WINDOWS = 0.05, 4, 8
+    WINDOW_S, MIN_STEPS, PROBE_WINDOWS, MAX_WAIT = 0.05, 4, 8, 64
 
     def __init__(self, most: int):
         self.most = max(1, int(most))
         self.current = self.most
         self.cpus = os.cpu_count() or 1
-        self.windows_at_one = 0
+        self.windows_at_one, self.wait, self.returned = 0, 1, False
         self._start()
 
     @classmethod
@@ -254,7 +256,12 @@ class DecodeThreads:
             return
         if self.current > 1:
             if self.step_cpu / max(self.step_wall, 1e-9) < self.current - 0.5:
+                if self.returned:  # back too soon: wait longer before the next return
+                    self.wait = min(2 * self.wait, self.MAX_WAIT)
                 self.current, self.windows_at_one = 1, 0
+            else:
+                self.wait = 1
+            self.returned = False
         else:
             self.windows_at_one += 1
             now = _idle_cores()
@@ -263,8 +270,8 @@ class DecodeThreads:
                 free = idle >= min(self.most, self.cpus) - 1 - 0.25
             else:
                 free = self.windows_at_one >= self.PROBE_WINDOWS
-            if free:
-                self.current = self.most
+            if free and self.windows_at_one >= self.wait:
+                self.current, self.returned = self.most, True
         self._start()
 
 
