@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import warnings
 import weakref
 
 import torch
@@ -186,6 +187,48 @@ class Int8Linear(nn.Module):
         return F.linear(x16, self.weight.to(torch.bfloat16)) * self.scale
 
 
+class Int8Head(Prepacked):
+    """The int8 LM head with fp32 logits: int8 weights (per-channel scales) in fbgemm's packed int8 product, the
+    few rows of a decode step quantized on the fly (one scale per call, 8 bits with VNNI, 7 without: fbgemm's
+    16-bit sums saturate there). Logits stay fp32, which is what keeps the argmax: `_weight_int8pack_mm`'s bf16
+    logits changed it on 1.3-1.8% of positions. Against the fp16 head on the shipped model: argmax agreement with
+    fp32 99.4% (fp16 head 99.5-99.7%), NLL +0.01%; for the report's 5000 x 512 head 52 against 126 us at 1 row,
+    124 against 425 at 8, and half the bytes (bench/RESULTS.md). Many rows (a full forward) take the weight
+    unpacked and widened to fp32 instead. `int8_head` builds it where fbgemm exists, else the fp16 head."""
+
+    DYNAMIC_ROWS = 16
+    REDUCE_RANGE = not getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
+
+    def __init__(self, linear: nn.Linear, packed):
+        super().__init__()
+        self.packed = packed
+        self._register(linear.out_features)
+
+    def product(self, x):
+        rows = x.reshape(-1, x.shape[-1]).float()
+        if rows.shape[0] <= self.DYNAMIC_ROWS:
+            y = torch.ops.quantized.linear_dynamic(rows, self.packed, self.REDUCE_RANGE)
+        else:
+            w, _ = torch.ops.quantized.linear_unpack(self.packed)
+            y = F.linear(rows, w.int_repr().float()) * w.q_per_channel_scales().float()
+        return y.view(*x.shape[:-1], -1)
+
+
+def int8_head(linear: nn.Linear) -> nn.Module:
+    """The int8 precision's LM head: Int8Head on CPUs with fbgemm, else FP16Linear."""
+    packed = None
+    if linear.weight.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
+        weight, scale = quantize_per_channel(linear.weight)
+        try:
+            with warnings.catch_warnings():  # torch marks quantized tensors deprecated; fbgemm's packed op is what runs
+                warnings.simplefilter("ignore")
+                q = torch._make_per_channel_quantized_tensor(weight, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+                packed = torch.ops.quantized.linear_prepack(q, None)
+        except (RuntimeError, AttributeError):  # a build without the quantized engine
+            packed = None
+    return Int8Head(linear, packed) if packed is not None else FP16Linear(linear)
+
+
 class Int8Embedding(nn.Module):
     """The token embedding as int8 rows with one scale per row (as Int8Linear's channels): a lookup reads B
     rows, so it costs nothing, and the table holds a quarter of fp32's bytes (the reference model: 10 MB ->
@@ -202,11 +245,11 @@ class Int8Embedding(nn.Module):
 
 # How each precision is built: (linear layers, LM head, KV ring dtype); None = the model's own nn.Linear. On CPU
 # fp32 uses the oneDNN-prepacked layer where the build has oneDNN (OneDNNLinear falls back to the plain product).
-# The LM head keeps fp16's weights and gives fp32 logits in every narrow precision: logits rounded to bf16 (a
-# bf16 or int8 head) changed the argmax on 1.3-1.8% of positions, an fp16 head on 0.3% (bench/RESULTS.md,
-# "A machine with AVX512-BF16"), for 2.5 MB more than an int8 head.
+# The LM head gives fp32 logits in every narrow precision: logits rounded to bf16 (a bf16 head, or int8 through
+# `_weight_int8pack_mm`) changed the argmax on 1.3-1.8% of positions, an fp16 head on 0.3% (bench/RESULTS.md,
+# "A machine with AVX512-BF16"); int8's head is fbgemm's int8 product with fp32 logits where fbgemm exists.
 BUILD = {"fp32": (OneDNNLinear, OneDNNLinear, torch.float32), "fp16": (FP16Linear, FP16Linear, torch.bfloat16),
-         "bf16": (BF16Linear, FP16Linear, torch.bfloat16), "int8": (Int8Linear, FP16Linear, torch.bfloat16)}
+         "bf16": (BF16Linear, FP16Linear, torch.bfloat16), "int8": (Int8Linear, int8_head, torch.bfloat16)}
 BUILD_CUDA = {"fp32": (None, None, torch.float32), "fp16": (FP16Linear, FP16Linear, torch.float16),
               "bf16": (BF16Linear, FP16Linear, torch.bfloat16), "int8": (Int8Linear, FP16Linear, torch.bfloat16)}
 # The token embedding too, where a precision narrows it (after the linears: a tied LM head reads it in fp32).
