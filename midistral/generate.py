@@ -167,10 +167,14 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
         model.train(was_training)
 
 
-def _prefill(runner, cache, prompt_ids, chunk):
-    """Run the prompt through the model `chunk` positions at a time; the last position's logits."""
+def _prefill(runner, cache, prompt_ids, chunk, chooser=None):
+    """Run the prompt through the model `chunk` positions at a time; the last position's logits. `chooser`
+    (DecodeThreads) sets the thread count of each chunk and watches it as it watches decode steps."""
     for s in range(0, prompt_ids.shape[1], chunk):  # only the last chunk's last position matters
+        start = chooser.next() if chooser is not None else None
         logits = runner(prompt_ids[:, s:s + chunk], cache=cache, start_pos=s, last_only=True)
+        if chooser is not None:
+            chooser.record(start)
     return logits[:, -1]
 
 
@@ -219,7 +223,9 @@ class DecodeThreads:
       may count CPUs this process may not use (a container's CPU quota), which would otherwise flip every window.
     Nothing is timed against anything else, so a quiet machine never runs a slower step to check."""
 
-    WINDOW_S, MIN_STEPS, PROBE_WINDOWS, MAX_WAIT = 0.05, 4, 8, 64
+    WINDOW_S, MIN_STEPS, PROBE_WINDOWS, MAX_WAIT = 0.05, 2, 8, 64
+    CARRY_S = 10.0  # a call starts where the last one ended, if that was this recent (a busy machine stays busy)
+    _last: tuple[int, float, float] | None = None  # (most, current, when) of the last call
 
     def __init__(self, most: int):
         self.most = max(1, int(most))
@@ -232,7 +238,15 @@ class DecodeThreads:
     def for_decode(cls) -> "DecodeThreads":
         chooser = cls(FIXED_THREADS or torch.get_num_threads())
         chooser.fixed = FIXED_THREADS is not None
+        last = cls._last
+        if not chooser.fixed and last is not None and last[0] == chooser.most and time.monotonic() - last[2] < cls.CARRY_S:
+            chooser.current = last[1]
         return chooser
+
+    def close(self) -> None:
+        """The call is over: the next one within CARRY_S starts at this call's last choice."""
+        if not self.fixed:
+            DecodeThreads._last = (self.most, self.current, time.monotonic())
 
     fixed = False
 
@@ -288,20 +302,21 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, no_r
 
     runner = prepare_for_decode(model, precision)  # the model in `precision`, built once per model
     cache = RollingKVCache.for_model(runner, B)
-    logits = _prefill(runner, cache, prompt_ids, prefill_chunk or cache.window)
-    step_fn = StaticDecoder(runner, cache, device) if compile and hasattr(runner, "rope") else (
-        lambda tok, pos: runner(tok, cache=cache, start_pos=pos)[:, -1])
-    ngram = NoRepeatNGram(no_repeat_ngram_size, prompt_ids) if no_repeat_ngram_size else None
-    if ngram is not None:  # e.g. the attribute tokens controls.attributes writes before every bar
-        ngram.exempt = {int(i) for c in constraints for i in getattr(c, "ngram_exempt", ())}
-    for c in constraints:
-        c.start(prompt_ids)
     threads = torch.get_num_threads()
-    chooser = DecodeThreads.for_decode()
+    chooser = DecodeThreads.for_decode()  # the prefill too: beside a busy job it is as slow on every core
     try:
+        logits = _prefill(runner, cache, prompt_ids, prefill_chunk or cache.window, chooser)
+        step_fn = StaticDecoder(runner, cache, device) if compile and hasattr(runner, "rope") else (
+            lambda tok, pos: runner(tok, cache=cache, start_pos=pos)[:, -1])
+        ngram = NoRepeatNGram(no_repeat_ngram_size, prompt_ids) if no_repeat_ngram_size else None
+        if ngram is not None:  # e.g. the attribute tokens controls.attributes writes before every bar
+            ngram.exempt = {int(i) for c in constraints for i in getattr(c, "ngram_exempt", ())}
+        for c in constraints:
+            c.start(prompt_ids)
         return _decode(out, logits, step_fn, ngram, constraints, N, max_new_tokens, min_new_tokens, temperature,
                        top_k, top_p, generator, eos_id, pad_id, progress, chooser)
     finally:
+        chooser.close()
         torch.set_num_threads(threads)
 
 

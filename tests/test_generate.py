@@ -407,6 +407,11 @@ def test_decode_threads_leave_cores_to_a_competing_job(monkeypatch):
     monkeypatch.setattr(G, "_idle_cores", lambda: (clock["total"], clock["total"] + 1))
     run(2000, busy=True)
     assert seen[-1000:].count(2) < 100
+    # a call right after a busy one starts on one thread
+    monkeypatch.setattr(G.DecodeThreads, "_last", None)
+    monkeypatch.setattr(G.torch, "get_num_threads", lambda: 2)
+    chooser.close()
+    assert chooser.current == 1 and G.DecodeThreads.for_decode().current == 1
     G.FIXED_THREADS = 1
     try:
         assert G.DecodeThreads.for_decode().most == 1
