@@ -45,12 +45,13 @@ def _step(model, cache, tok, pos):
 def compile_pays_off(batch_size: int, decode_weights: int | None) -> bool:
     """Whether a long-lived sampler (the studio: `Sampler.load(compile=None)`) compiles its steps. Measured per
     sampling call against eager (bench/RESULTS.md, "Decode attention by products..."): the report's model, int8,
-    256 + 256 tokens, 1.16-1.36x at batch 1 and 1.43-1.65x at batch 8 (since the decode attention at batch >= 4
-    runs as two products); a small model saves ~0.3 ms a step, which never repays the first call (tracing even
-    from the disk cache). So: batches up to 8 on a model of SMALL_MODEL_WEIGHTS or more."""
+    256 + 256 tokens, 1.16-1.45x at batch 1 and 1.21-1.65x at batch 8; a small model saves ~0.3 ms a step, which
+    never repays the first call. Each batch size is its own graph, whose first call costs 19-37 s on a machine
+    that has not compiled it yet (3-7 s from the disk cache after): the studio's variations (1-8) would each pay
+    that on a user's first pieces, so only batch 1 compiles by default; `compile=True` / `--compile` for others."""
     from midistral.model.precision import SMALL_MODEL_WEIGHTS
 
-    return 1 <= batch_size <= 8 and decode_weights is not None and decode_weights >= SMALL_MODEL_WEIGHTS
+    return batch_size == 1 and decode_weights is not None and decode_weights >= SMALL_MODEL_WEIGHTS
 
 
 def compile_unavailable(device: torch.device | str = "cpu") -> str | None:
