@@ -412,6 +412,11 @@ def test_decode_threads_leave_cores_to_a_competing_job(monkeypatch):
     monkeypatch.setattr(G.torch, "get_num_threads", lambda: 2)
     chooser.close()
     assert chooser.current == 1 and G.DecodeThreads.for_decode().current == 1
+    # a first call starts on one thread if another process's thread runs as it starts (/proc/loadavg)
+    monkeypatch.setattr(G.DecodeThreads, "_last", None)
+    for others, start in ((2, 1), (0, 2), (None, 2)):
+        monkeypatch.setattr(G, "_others_running", lambda o=others: o)
+        assert G.DecodeThreads.for_decode().current == start
     G.FIXED_THREADS = 1
     try:
         assert G.DecodeThreads.for_decode().most == 1
