@@ -213,8 +213,9 @@ def _idle_cores() -> tuple[float, float] | None:
 
 def _others_running(samples: int = 3) -> float | None:
     """How many threads of other processes are running right now (Linux: /proc/loadavg's running count less this
-    process's own running threads), the median of a few reads 1 ms apart; None elsewhere. Beside a 2-thread
-    matmul job it reads 2 (1-3), on a quiet machine 0."""
+    process's own running threads), the least of a few reads 1 ms apart (the two files are not read at one
+    instant: right after a parallel op one read may count a worker of ours that is just going to sleep); None
+    elsewhere. Beside a 2-thread matmul job each read gives 1-3, on a quiet machine 0."""
     reads = []
     try:
         for i in range(samples):
@@ -232,7 +233,7 @@ def _others_running(samples: int = 3) -> float | None:
                 time.sleep(0.001)
     except (OSError, ValueError, IndexError):
         return None
-    return sorted(reads)[len(reads) // 2]
+    return min(reads)
 
 
 class DecodeThreads:
@@ -257,7 +258,7 @@ class DecodeThreads:
         self.most = max(1, int(most))
         self.current = self.most
         self.cpus = os.cpu_count() or 1
-        self.windows_at_one, self.wait, self.returned = 0, 1, False
+        self.windows_at_one, self.wait, self.returned, self.decided = 0, 1, False, False
         self._start()
 
     @classmethod
@@ -274,8 +275,9 @@ class DecodeThreads:
         return chooser
 
     def close(self) -> None:
-        """The call is over: the next one within CARRY_S starts at this call's last choice."""
-        if not self.fixed:
+        """The call is over: the next one within CARRY_S starts at this call's last choice (if a window made one:
+        a call too short for any keeps the last)."""
+        if not self.fixed and self.decided:
             DecodeThreads._last = (self.most, self.current, time.monotonic())
 
     fixed = False
@@ -298,6 +300,7 @@ class DecodeThreads:
         self.step_cpu += cpu - start[1]
         if self.fixed or self.most == 1 or self.steps < self.MIN_STEPS or wall - self.wall < self.WINDOW_S:
             return
+        self.decided = True
         if self.current > 1:
             if self.step_cpu / max(self.step_wall, 1e-9) < self.current - 0.5:
                 if self.returned:  # back too soon: wait longer before the next return
