@@ -254,8 +254,8 @@ class DecodeThreads:
     CARRY_S = 10.0  # a call starts where the last one ended, if that was this recent (a busy machine stays busy)
     _last: tuple[int, float, float] | None = None  # (most, current, when) of the last call
 
-    def __init__(self, most: int):
-        self.most = max(1, int(most))
+    def __init__(self, most: int, fixed: bool = False):
+        self.most, self.fixed = max(1, int(most)), fixed  # fixed: benchmarks pin the count (FIXED_THREADS)
         self.current = self.most
         self.cpus = os.cpu_count() or 1
         self.windows_at_one, self.wait, self.returned, self.decided = 0, 1, False, False
@@ -263,8 +263,7 @@ class DecodeThreads:
 
     @classmethod
     def for_decode(cls) -> "DecodeThreads":
-        chooser = cls(FIXED_THREADS or torch.get_num_threads())
-        chooser.fixed = FIXED_THREADS is not None
+        chooser = cls(FIXED_THREADS or torch.get_num_threads(), fixed=FIXED_THREADS is not None)
         last = cls._last
         if chooser.fixed or chooser.most == 1:
             return chooser
@@ -279,8 +278,6 @@ class DecodeThreads:
         a call too short for any keeps the last)."""
         if not self.fixed and self.decided:
             DecodeThreads._last = (self.most, self.current, time.monotonic())
-
-    fixed = False
 
     def _start(self) -> None:
         self.steps, self.step_wall, self.step_cpu = 0, 0.0, 0.0
