@@ -88,6 +88,23 @@ def first_bars(score: symusic.Score, k: int) -> symusic.Score:
     return score
 
 
+def end_at_last_bar(score: symusic.Score) -> symusic.Score:
+    """`score` with every note held past the bar line after its last onset ended at that line (in place): a piece
+    asked for N bars is N bars long in a DAW, not N + 2 for a final chord the model held over two more bars."""
+    onsets = [int(t.notes.numpy()["time"].max()) for t in score.tracks if len(t.notes)]
+    if not onsets:
+        return score
+    lines = downbeats(score)
+    after = lines[lines > max(onsets)]
+    if len(after):
+        end = int(after[0])
+        for track in score.tracks:
+            for note in track.notes:
+                if note.time + note.duration > end:
+                    note.duration = end - note.time
+    return score
+
+
 def n_bars(score: symusic.Score, label: str = "score") -> int:
     """Bars that start before the score's end (0 for a score with no notes)."""
     return int((downbeats(score, label) < score.end()).sum()) if score.note_num() else 0

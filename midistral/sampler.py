@@ -246,7 +246,7 @@ class Sampler:
                      on_progress, steering, gapless)
 
         def make(n: int, seed_: int | None) -> list[Sample]:
-            out = [self._finish(row, p) for row in self._generate(p.ids, n, seed_, plan)]
+            out = [self._finish(row, p, bars) for row in self._generate(p.ids, n, seed_, plan)]
             return self._check_copying(out) if reject else out
 
         samples = self._rejecting(make, num_samples, seed, reject, limits, lambda s, lim: continuation_report(
@@ -451,11 +451,12 @@ class Sampler:
         """The precision argument of generate / controls.accompany (None: their exact fp32 default)."""
         return {} if self.precision is None else {"precision": self.precision}
 
-    def _finish(self, new: list[int], p: _Prompt) -> Sample:
+    def _finish(self, new: list[int], p: _Prompt, bars: int | None = None) -> Sample:
         eos = self.tok.eos_id
         ended = eos is not None and eos in new
         n_tokens = new.index(eos) + 1 if ended else len(new)
         score, skipped = self.tok.decode_with_report(p.ids.tolist() + new[:n_tokens])
+        score = music.end_at_last_bar(score) if bars is not None else score  # N bars asked: no note rings past
         score = music.keep_prompt_meta(music.name_tracks(score), p.source)
         metrics = failure_modes(score, p.start_tick, p.programs)
         return Sample(score, p.start_tick, n_tokens, skipped, metrics,

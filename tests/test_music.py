@@ -88,6 +88,16 @@ def test_n_bars_counts_bars_that_start_before_the_end():
     assert music.n_bars(score_of({(0, False): [(0, BAR, 60)]})) == 1
 
 
+def test_end_at_last_bar_ends_held_notes_at_the_line_after_the_last_onset():
+    s = score_of({(0, False): [(0, 480, 60), (BAR + 480, 3 * BAR, 62)], (33, False): [(BAR, BAR + 960, 40)]})
+    music.end_at_last_bar(s)  # the last onset is in bar 2: nothing rings past its end
+    assert s.end() == 2 * BAR and music.n_bars(s) == 2
+    assert sorted((n.time, n.duration) for t in s.tracks for n in t.notes) == [(0, 480), (BAR, BAR), (BAR + 480, BAR - 480)]
+    short = score_of({(0, False): [(0, 480, 60)]})
+    assert music.end_at_last_bar(short).end() == 480  # already inside its bar
+    assert music.end_at_last_bar(symusic.Score(480)).note_num() == 0
+
+
 def test_first_bars_follows_meter_changes():
     s = score_of({(0, False): [(i * 480, 480, 60) for i in range(14)]}, ts=(3, 4))
     s.time_signatures.append(symusic.TimeSignature(3 * 480, 2, 4))  # bar 0 in 3/4, then 2/4

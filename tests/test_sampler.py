@@ -7,7 +7,7 @@ import symusic
 import torch
 
 from conftest import score_of
-from midistral import sampler as sampler_module
+from midistral import music, sampler as sampler_module
 from midistral.errors import CheckpointError, ConfigError, MidiError, MidistralError
 from midistral.metrics import failure_modes
 from midistral.sampler import Sampler, rejection_reasons
@@ -144,6 +144,7 @@ def test_programs_and_bars(smp, prompt_path):
         for s in samples:
             last_onset = max(n.time for t in s.score.tracks for n in t.notes)
             assert int((s.score.get_downbeats() <= last_onset).sum()) == 3 + n_bars
+            assert music.n_bars(s.score) == 3 + n_bars  # and no note rings on past the last bar
     with pytest.raises(MidistralError, match="unknown instrument 'banjoo'"):
         smp.sample(None, programs="piano,banjoo")
     with pytest.raises(MidistralError, match="bars=0: expected an integer >= 1"):
