@@ -77,6 +77,34 @@ def test_ahead_of_time_file_loads_in_a_new_process_and_replaces_a_damaged_one(tm
     assert files[0].stat().st_size > 1000  # compiled again and saved over the damaged file
 
 
+def test_a_step_that_cannot_be_saved_ahead_of_time_is_compiled_once(tmp_path, monkeypatch):
+    """Where aot_compile fails (bf16's oneDNN-packed weights), the plain compiled step serves every later call:
+    before, each generate call tried the ahead-of-time compile again (batch 8 in bf16: 8.5 s a call, not 2.5)."""
+    if static.compile_unavailable() is not None:
+        pytest.skip(static.compile_unavailable())
+    monkeypatch.setattr(static, "CACHE_DIR", tmp_path)
+    monkeypatch.setitem(static._state, "aot", {})
+    monkeypatch.setitem(static._state, "not_aot", set())
+    tries, real_compile = [], torch.compile
+
+    def compile_without_aot(*args, **kwargs):
+        fn = real_compile(*args, **kwargs)
+
+        def aot_compile(*_a, **_k):
+            tries.append(1)
+            raise NotImplementedError("not serialisable (test)")
+        fn.aot_compile = aot_compile
+        return fn
+
+    monkeypatch.setattr(torch, "compile", compile_without_aot)
+    model = small_model(seed=2)
+    prompt = torch.randint(3, 61, (1, 6), generator=torch.Generator().manual_seed(3))
+    want = generate(model, prompt, 10, seed=5)
+    for _ in range(3):
+        assert torch.equal(generate(model, prompt, 10, seed=5, compile=True), want)
+    assert tries == [1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", [p for p in available_precisions() if p != "fp32"])
 def test_compiled_narrow_precisions_keep_the_argmax(precision):

@@ -35,7 +35,7 @@ RECOMPILE_LIMIT = 64  # graphs per step function: batch sizes x precisions x mod
 # theirs per step (generate.DecodeThreads), and one graph serves every choice.
 THREADS = {"cpp.dynamic_threads": True}
 
-_state: dict = {"fn": None, "reason": None, "noted": False, "aot": {}}
+_state: dict = {"fn": None, "reason": None, "noted": False, "aot": {}, "not_aot": set()}
 
 
 def _step(model, cache, tok, pos):
@@ -120,6 +120,8 @@ def ahead_of_time(runner, cache, tok: torch.Tensor, pos: torch.Tensor, log=None)
     key = aot_key(runner, cache, tok)
     if key in _state["aot"]:
         return _state["aot"][key]
+    if key in _state["not_aot"]:  # tried once in this process: not again at every call (a full compile each)
+        return _state["fn"]
     path = CACHE_DIR / "aot" / f"{key}.bin"
     fn = None
     if path.is_file():
@@ -141,6 +143,7 @@ def ahead_of_time(runner, cache, tok: torch.Tensor, pos: torch.Tensor, log=None)
         except Exception as e:  # noqa: BLE001 -- not serialisable here: the plain compiled step
             note(f"note: the compiled decode step is not saved ahead of time ({type(e).__name__}); "
                  "compiling it in this process", log)
+            _state["not_aot"].add(key)
             return _state["fn"]
     fn.disable_guard_check()  # checked once above (or built for these inputs); a step costs no Python guard
     _state["aot"][key] = fn
