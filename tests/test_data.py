@@ -50,6 +50,24 @@ def with_data(cfg, **data):
 
 
 @pytest.mark.slow
+def test_chorale_midi_written_in_place_equals_music21s_own_write(tmp_path):
+    """The conversion's in-place repeat expansion (no deep copy) writes the same bytes as music21's write, with
+    repeat barlines (bwv103.6, bwv104.6) and without; and it leaves music21's expander as it was."""
+    import warnings
+
+    from music21 import corpus as m21, repeat
+    from midistral.data.chorales import write_midi_consuming
+
+    process = repeat.Expander.process
+    for name in ("bach/bwv103.6.mxl", "bach/bwv104.6.mxl", "bach/bwv1.6.mxl"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m21.parse(name).write("midi", fp=str(tmp_path / "copy.mid"))
+            write_midi_consuming(m21.parse(name), tmp_path / "in_place.mid")
+        assert (tmp_path / "copy.mid").read_bytes() == (tmp_path / "in_place.mid").read_bytes(), name
+    assert repeat.Expander.process is process
+
+
 def test_prepare_lists_skipped_files_and_reuses(corpus, tmp_path):
     cfg = cfg_for(corpus, tmp_path, bpe_vocab_size=700)
     out = prepare(cfg, progress=False)
