@@ -33,7 +33,7 @@ def write_midi_consuming(score, path) -> None:
     """`score.write("midi")` for a score that is dropped afterwards: music21's MIDI writer deep-copies the whole
     score to expand its repeats, two thirds of the write (a chorale: 109 -> 69 ms; the 410 chorales' conversion
     36 -> 25 s on 2 cores). Its repeat expander offers `process(deepcopy=False)` for exactly this case, "a source
-    stream ... discarded later"; the written files are byte-identical (tests/test_chorales.py)."""
+    stream ... discarded later"; the written files are byte-identical (tests/test_data.py)."""
     from music21 import repeat
 
     process = repeat.Expander.process
