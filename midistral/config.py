@@ -50,6 +50,10 @@ def _semitones(v) -> bool:
     return isinstance(v, list) and len(v) == 2 and all(Int(-60, 60).expected(x) is None for x in v) and v[0] <= v[1]
 
 
+def _style_repeats(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and k and Int(1, 64).expected(n) is None for k, n in v.items())
+
+
 def _betas(v) -> bool:
     return isinstance(v, list) and len(v) == 2 and all(Float(0, 1).expected(x) is None and x < 1 for x in v)
 
@@ -85,6 +89,8 @@ class DataConfig:
                               "prefix-suffix-middle (docs/infilling.md)")
     attributes: float = setting(0.0, Float(0, 1), "share of training chunks with attribute-control tokens")
     style: float = setting(0.0, Float(0, 1), "share of training chunks that open with their piece's style token")
+    style_repeats: dict = setting({}, Rule(_style_repeats, "a table of style = times (1..64), e.g. {bach = 3}"),
+                                  "times each training chunk of a style is seen per epoch (others once)")
     min_seq: int = setting(256, Int(1), "chunks shorter are dropped (a shorter piece is kept whole)")
     max_seq: int = setting(2048, Int(2), "longest training chunk in tokens")
     workers: int = setting(0, Int(0, 1024), "processes for preparation; 0: every core")

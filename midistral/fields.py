@@ -130,10 +130,13 @@ class FieldError(ConfigError):
 def setting(default, check: Check | None, help: str, *, flag: bool = True, off_help: str | None = None,
             metavar: str | None = None):
     """A dataclass field with its check and help text; `flag=False` keeps it off the command line; `off_help`:
-    the help of the `--no-NAME` flag of a boolean that defaults to true. A list default is copied per instance."""
+    the help of the `--no-NAME` flag of a boolean that defaults to true. A list or table default is copied per
+    instance."""
     meta = {"check": check, "help": help, "flag": flag, "off_help": off_help, "metavar": metavar}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 

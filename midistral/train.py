@@ -184,7 +184,8 @@ def load_data(cfg: RunConfig, master: bool, ddp: bool) -> tuple[REMI, TokenChunk
     data_dir = prepare(cfg) if master else prepared_dir(cfg)
     if ddp:
         torch.distributed.barrier()
-    return load_splits(data_dir, cfg.data.min_seq, cfg.data.max_seq, Mixes.from_data_config(cfg.data), cfg.train.seed)
+    return load_splits(data_dir, cfg.data.min_seq, cfg.data.max_seq, Mixes.from_data_config(cfg.data), cfg.train.seed,
+                       cfg.data.style_repeats)
 
 
 def restore(job: Job, last: Path, saved: dict) -> None:

@@ -4,13 +4,15 @@ BarStats gives (tested against MidiTok in test_tokenize_extra.py), and by the gr
 that opens a piece is a sentence of the grammar, token by token, in every mode."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from midistral.data.dataset import TokenChunks, load_splits
 from midistral.data.mixes import ChunkMixer, Mixes, add_extra_vocab
-from midistral.errors import MidiError
+from midistral.config import load_config
+from midistral.errors import ConfigError, MidiError
 from midistral.tokenize import REMI
 from midistral.tokenize.extra import BarStats
 from midistral.tokenize.grammar import Grammar, Mode, mode_of
@@ -121,18 +123,24 @@ def test_mixed_chunks_are_sentences_of_the_grammar(tok, pieces, mixes):
     assert (Mode.MIDDLE in modes) == (mixes.infill > 0)
 
 
-def test_token_chunks_mix_training_only_and_deterministically(tmp_path, tok, pieces):
+def _prepared(folder, tok, pieces, train_styles):
+    """A prepared folder holding `pieces` in both splits, the training pieces of `train_styles`."""
     offs = np.r_[0, np.cumsum([len(p) for p in pieces])]
     for split in ("train", "val"):
-        np.concatenate(pieces).astype(np.uint16).tofile(tmp_path / f"{split}.bin")
-        np.save(tmp_path / f"{split}.idx.npy", offs)
-    shards = {p.name: {"bytes": p.stat().st_size} for p in tmp_path.iterdir()}
+        np.concatenate(pieces).astype(np.uint16).tofile(folder / f"{split}.bin")
+        np.save(folder / f"{split}.idx.npy", offs)
+    shards = {p.name: {"bytes": p.stat().st_size} for p in folder.iterdir()}
     tok_plain = REMI.from_dict({k: v for k, v in tok.to_dict().items() if k != "extra"})
-    tok_plain.save(tmp_path / "tokenizer.json")
-    (tmp_path / "manifest.json").write_text(json.dumps({
+    tok_plain.save(folder / "tokenizer.json")
+    (folder / "manifest.json").write_text(json.dumps({
         "format": "midistral.data", "version": 2, "dtype": "uint16", "vocab_size": len(tok_plain),
         "fingerprint": "test", "shards": shards,
-        "counts": {"train": {"piece_styles": ["folk"] * len(pieces)}, "val": {"piece_styles": [None] * len(pieces)}}}))
+        "counts": {"train": {"piece_styles": train_styles}, "val": {"piece_styles": [None] * len(pieces)}}}))
+    return tok_plain
+
+
+def test_token_chunks_mix_training_only_and_deterministically(tmp_path, tok, pieces):
+    tok_plain = _prepared(tmp_path, tok, pieces, ["folk"] * len(pieces))
     t, train, val = load_splits(tmp_path, 16, 128, Mixes(infill=0.5, attributes=0.5, style=1.0), seed=3)
     assert t.extra.styles == ["folk"] and len(t) == len(tok_plain) + len(t.extra)
     idx = np.arange(len(train))
@@ -147,6 +155,28 @@ def test_token_chunks_mix_training_only_and_deterministically(tmp_path, tok, pie
     assert int(xv.max()) < t.music_size  # validation stays plain
     _, plain_train, _ = load_splits(tmp_path, 16, 128)
     assert plain_train.mixer is None
+
+
+def test_style_repeats_list_a_styles_training_chunks_more_often(tmp_path, tok, pieces):
+    styles = ["bach" if i % 3 == 0 else "folk" for i in range(len(pieces))]
+    _prepared(tmp_path, tok, pieces, styles)
+    _, once, val_once = load_splits(tmp_path, 16, 128, Mixes(infill=0.5, style=1.0), seed=3)
+    _, more, val = load_splits(tmp_path, 16, 128, Mixes(infill=0.5, style=1.0), seed=3, style_repeats={"bach": 3})
+    bach = np.array([styles[p] == "bach" for p in once.chunk_piece.tolist()])
+    assert bach.any() and len(more) == len(once) + 2 * bach.sum() and len(val) == len(val_once)
+    chunks = lambda c: list(zip(c.chunk_piece.tolist(), c.chunk_start.tolist()))  # noqa: E731
+    counts = {k: chunks(more).count(k) for k in set(chunks(once))}
+    assert all(n == (3 if styles[piece] == "bach" else 1) for (piece, _), n in counts.items())
+    x, _ = more.batch(np.flatnonzero(more.chunk_piece == more.chunk_piece[0])[:3])  # one chunk's copies
+    assert len({tuple(r.tolist()) for r in x}) > 1  # each copy mixed on its own draws
+    with pytest.raises(ConfigError, match=r"data.style_repeats: no piece of style 'bahc'.*bach, folk"):
+        load_splits(tmp_path, 16, 128, style_repeats={"bahc": 2})
+
+
+@pytest.mark.parametrize("value", ["{bach = 0}", "{bach = 1.5}", "3", '{"" = 2}'])
+def test_style_repeats_bad_values_name_the_key(value):
+    with pytest.raises(ConfigError, match="data.style_repeats"):
+        load_config(Path(__file__).resolve().parents[1] / "configs" / "music21.toml", [f"data.style_repeats={value}"])
 
 
 def test_the_layout_is_saved_with_the_tokens_and_a_run_may_change_it(tok):

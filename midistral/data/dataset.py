@@ -16,7 +16,7 @@ import torch
 
 from midistral.tokenizer_file import load_tokenizer
 from midistral.data.mixes import ChunkMixer, Mixes, add_extra_vocab
-from midistral.errors import DataError
+from midistral.errors import ConfigError, DataError
 
 DATA_FORMAT = {"format": "midistral.data", "version": 2}  # bumped when the shard layout changes
 
@@ -79,7 +79,7 @@ def manifest_styles(man: dict) -> list[str]:
 
 class TokenChunks:
     def __init__(self, folder: str | Path, split: str, min_seq: int, max_seq: int, bos_id: int, eos_id: int, pad_id: int,
-                 mixer: ChunkMixer | None = None, seed: int = 0):
+                 mixer: ChunkMixer | None = None, seed: int = 0, style_repeats: dict | None = None):
         folder = Path(folder)
         man = read_manifest(folder)
         self.tokens, self.offsets = _read_shard(folder, split, man)
@@ -101,7 +101,21 @@ class TokenChunks:
         self.chunk_piece = np.concatenate(piece) if piece else np.zeros(0, np.int64)
         self.chunk_start = np.concatenate(starts) if starts else np.zeros(0, np.int64)  # in the framed sequence
         self.chunk_len = np.concatenate(lens) if lens else np.zeros(0, np.int64)
+        if style_repeats:
+            self._repeat_styles(style_repeats, folder)
         self.draws = np.zeros(len(self.chunk_piece), np.int64)
+
+    def _repeat_styles(self, style_repeats: dict, folder: Path) -> None:
+        """Each chunk of a piece of style S listed `style_repeats[S]` times (each copy mixed on its own draws):
+        a style with few pieces is seen more often without being prepared twice."""
+        known = sorted({s for s in self.styles if s})
+        for style in style_repeats:
+            if style not in known:
+                raise ConfigError(f"data.style_repeats: no piece of style {style!r} in {folder} "
+                                  f"(its styles: {', '.join(known) or 'none'})")
+        times = np.array([style_repeats.get(self.styles[p], 1) for p in self.chunk_piece.tolist()], np.int64)
+        self.chunk_piece, self.chunk_start, self.chunk_len = (np.repeat(a, times) for a in
+                                                              (self.chunk_piece, self.chunk_start, self.chunk_len))
 
     def __len__(self) -> int:
         return len(self.chunk_piece)
@@ -189,18 +203,21 @@ def epoch_order(n: int, seed: int, epoch: int, lengths: np.ndarray | None = None
     return np.concatenate([blocks.reshape(-1), order[whole * batch:]])
 
 
-def load_splits(folder: Path, min_seq: int, max_seq: int, mixes: Mixes | None = None, seed: int = 0):
+def load_splits(folder: Path, min_seq: int, max_seq: int, mixes: Mixes | None = None, seed: int = 0,
+                style_repeats: dict | None = None):
     """(tokenizer, train chunks, val chunks) of a prepared folder; a split with no chunk is refused.
 
     With `mixes` on (data.infill, data.attributes, data.style), the tokenizer gets the extra tokens
-    (tokenize/extra.py, with the manifest's styles) and training chunks are mixed; validation stays plain."""
+    (tokenize/extra.py, with the manifest's styles) and training chunks are mixed; validation stays plain.
+    `style_repeats` ({style: times}): training chunks of those styles are listed that many times."""
     tok = load_tokenizer(Path(folder) / "tokenizer.json")
     mixer = None
     if mixes is not None and mixes.any:
         add_extra_vocab(tok, manifest_styles(read_manifest(Path(folder))), mixes.fim_layout)
         mixer = ChunkMixer(tok, mixes)
     splits = [TokenChunks(folder, s, min_seq, max_seq, tok.bos_id, tok.eos_id, tok.pad_id,
-                          mixer=mixer if s == "train" else None, seed=seed) for s in ("train", "val")]
+                          mixer=mixer if s == "train" else None, seed=seed,
+                          style_repeats=style_repeats if s == "train" else None) for s in ("train", "val")]
     for name, chunks in zip(("train", "val"), splits):
         if len(chunks) == 0:
             raise DataError(f"{folder}: the {name} split has no usable piece (none of its files passed the filters, "

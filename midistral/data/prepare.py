@@ -125,7 +125,7 @@ def _quiet_config(params: dict) -> REMIConfig:
 
 
 # data keys the loader applies on the fly (data/mixes.py): the shards do not depend on them
-LOADER_KEYS = ("infill", "infill_max_bars", "fim_layout", "attributes", "style")
+LOADER_KEYS = ("infill", "infill_max_bars", "fim_layout", "attributes", "style", "style_repeats")
 
 
 def made_with(cfg: RunConfig) -> tuple[dict, str]:
