@@ -88,6 +88,27 @@ def first_bars(score: symusic.Score, k: int) -> symusic.Score:
     return score
 
 
+def merge_doubled_notes(score: symusic.Score, start_tick: int = 0) -> symusic.Score:
+    """`score` with the notes that start at or after `start_tick` (the new music) played once per instrument,
+    onset and pitch (in place): of notes doubled there the longest is kept. To a MIDI player a doubled note is one
+    note whose first note-off cuts the others; a DAW shows them stacked. Real music has none (0 of 34,491 notes of
+    the Bach and Renaissance test openings, 1.1% of classical's), the model writes 10-21% in polyphonic styles
+    (bench/RESULTS.md). Notes before `start_tick` (a prompt) are never touched."""
+    for track in score.tracks:
+        a = track.notes.numpy()
+        new = np.flatnonzero(a["time"] >= start_tick)
+        if len(new) < 2:
+            continue
+        order = new[np.lexsort((-a["duration"][new], a["pitch"][new], a["time"][new]))]  # longest first per key
+        same = (np.diff(a["time"][order]) == 0) & (np.diff(a["pitch"][order]) == 0)
+        if not same.any():
+            continue
+        keep = np.ones(len(a["time"]), bool)
+        keep[order[1:][same]] = False
+        track.notes = symusic.Note.from_numpy(**{k: v[keep] for k, v in a.items()}, ttype=score.ttype)
+    return score
+
+
 def end_at_last_bar(score: symusic.Score) -> symusic.Score:
     """`score` with every note held past the bar line after its last onset ended at that line (in place): a piece
     asked for N bars is N bars long in a DAW, not N + 2 for a final chord the model held over two more bars."""

@@ -452,10 +452,10 @@ class Sampler:
         return {} if self.precision is None else {"precision": self.precision}
 
     def _finish(self, new: list[int], p: _Prompt, bars: int | None = None) -> Sample:
-        eos = self.tok.eos_id
-        ended = eos is not None and eos in new
-        n_tokens = new.index(eos) + 1 if ended else len(new)
+        ended = self.tok.eos_id is not None and self.tok.eos_id in new
+        n_tokens = new.index(self.tok.eos_id) + 1 if ended else len(new)
         score, skipped = self.tok.decode_with_report(p.ids.tolist() + new[:n_tokens])
+        score = music.merge_doubled_notes(score, p.start_tick)
         score = music.end_at_last_bar(score) if bars is not None else score  # N bars asked: no note rings past
         score = music.keep_prompt_meta(music.name_tracks(score), p.source)
         metrics = failure_modes(score, p.start_tick, p.programs)

@@ -55,3 +55,16 @@ def test_the_examples_continue_with_the_default(sampler):
     out = sampler.sample(ROOT / "examples" / "prompt.mid", bars=2, seed=0, programs="piano,bass")
     assert out[0].skipped == 0
     assert out[0].score.note_num() > 0
+
+
+def test_new_notes_are_played_once_per_instrument_onset_and_pitch(sampler):
+    """The model doubles notes (same instrument, onset and pitch) in polyphonic styles; the written piece does not."""
+    out = sampler.sample(None, style="classical", bars=4, num_samples=4, seed=3)
+
+    def doubled(score):
+        keys = [(i, n.time, n.pitch) for i, t in enumerate(score.tracks) for n in t.notes]
+        return len(keys) - len(set(keys))
+
+    raw = [sampler.tok.decode_with_report(s.new_ids)[0] for s in out]  # what the ids say, before the merge
+    assert sum(doubled(r) for r in raw) > 0
+    assert all(doubled(s.score) == 0 for s in out)

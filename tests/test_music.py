@@ -98,6 +98,18 @@ def test_end_at_last_bar_ends_held_notes_at_the_line_after_the_last_onset():
     assert music.end_at_last_bar(symusic.Score(480)).note_num() == 0
 
 
+def test_merge_doubled_notes_keeps_the_longest_of_the_new_music_only():
+    s = score_of({(0, False): [(0, 480, 60), (0, 240, 60),                      # a prompt's doubled note: kept
+                               (BAR, 240, 60), (BAR, 960, 60), (BAR, 480, 60),  # new: the longest stays
+                               (BAR, 480, 64), (BAR + 480, 480, 60)],           # another pitch, another onset
+                  (33, False): [(BAR, 480, 60)]})                               # another instrument
+    music.merge_doubled_notes(s, start_tick=BAR)
+    assert sorted((n.time, n.duration, n.pitch) for n in s.tracks[0].notes) == [
+        (0, 240, 60), (0, 480, 60), (BAR, 480, 64), (BAR, 960, 60), (BAR + 480, 480, 60)]
+    assert len(s.tracks[1].notes) == 1
+    assert music.merge_doubled_notes(symusic.Score(480)).note_num() == 0
+
+
 def test_first_bars_follows_meter_changes():
     s = score_of({(0, False): [(i * 480, 480, 60) for i in range(14)]}, ts=(3, 4))
     s.time_signatures.append(symusic.TimeSignature(3 * 480, 2, 4))  # bar 0 in 3/4, then 2/4

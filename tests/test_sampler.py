@@ -145,6 +145,8 @@ def test_programs_and_bars(smp, prompt_path):
             last_onset = max(n.time for t in s.score.tracks for n in t.notes)
             assert int((s.score.get_downbeats() <= last_onset).sum()) == 3 + n_bars
             assert music.n_bars(s.score) == 3 + n_bars  # and no note rings on past the last bar
+            new = [(t.program, n.time, n.pitch) for t in s.score.tracks for n in t.notes if n.time >= s.start_tick]
+            assert len(new) == len(set(new))  # one note per instrument, onset and pitch
     with pytest.raises(MidistralError, match="unknown instrument 'banjoo'"):
         smp.sample(None, programs="piano,banjoo")
     with pytest.raises(MidistralError, match="bars=0: expected an integer >= 1"):

@@ -36,6 +36,7 @@ import torch
 from midistral.controls.instruments import program_name
 from midistral.errors import MidistralError
 from midistral.generate import generate
+from midistral.music import merge_doubled_notes
 from midistral.tokenize.extra import BarStats
 from midistral.tokenize.grammar import GrammarConstraint, expansions
 from midistral.tokenize.remi import Family, load_score
@@ -197,6 +198,7 @@ def infill(model, tok, score, bars: tuple[int, int], tracks=None, *, num_samples
         ended = tok.extra.fill_end_id in row
         middle = row[:row.index(tok.extra.fill_end_id)] if ended else row
         decoded, skipped = tok.decode_with_report(np.r_[prefix, np.asarray(middle, dtype=np.int64)])
+        decoded = merge_doubled_notes(decoded, span24[0])  # the middle's notes: one per instrument, onset, pitch
         new, added, removed = splice(score, decoded, span24, span, chosen)
         results.append(InfillResult(new, added, removed, len(middle), ended, skipped, span, middle))
     return results
