@@ -415,9 +415,8 @@ class EveryBarConstraint:
             self.program.append(next((self._prog_of[x] for x in reversed(base) if self._prog_of[x] != -99), 0))
             self.clocks.append(clock)
             self.armed.append(clock.cur_bar >= 0 and not clock.note_in_bar)  # a bar the prompt opened, empty
-            self.played.append(set())
-            self.done.append(False)
-        self.notes = [0] * len(self.clocks)  # pitches written in each row's current bar
+            self.played.append(set()), self.done.append(False)
+        self.notes = [set() for _ in self.clocks]  # (tick, program, pitch) of the notes started in each row's bar
 
     def missing(self, r: int) -> frozenset:
         return self.required - self.played[r] if self.armed[r] and not self.done[r] else frozenset()
@@ -475,8 +474,9 @@ class EveryBarConstraint:
                 if clock.feed(x):  # a note completed: its program played (a Program token alone is no note)
                     self.played[r].add(self.program[r])
                 if clock.cur_bar != bar:
-                    self.armed[r], self.played[r], self.notes[r] = True, set(), 0
-                self.notes[r] += clock.fam1 in (PITCH, DRUM)
+                    self.armed[r], self.played[r], self.notes[r] = True, set(), set()
+                if clock.fam1 in (PITCH, DRUM):  # a note doubled at its onset is one note (music.merge_doubled_notes)
+                    self.notes[r].add((clock.cur_tick, self.program[r], x))
                 if self._prog_of[x] != -99:
                     self.program[r] = self._prog_of[x]
 
