@@ -51,7 +51,8 @@ def _semitones(v) -> bool:
 
 
 def _style_repeats(v) -> bool:
-    return isinstance(v, dict) and all(isinstance(k, str) and k and Int(1, 64).expected(n) is None for k, n in v.items())
+    return isinstance(v, dict) and all(isinstance(k, str) and k and Int(1, 64).expected(n) is None
+                                       for k, n in v.items())
 
 
 def _betas(v) -> bool:

@@ -172,7 +172,8 @@ class DensityConstraint(EveryBarConstraint):
     than `high` (an id's notes count, and one for an id ending on a Position or Program). The attribute
     tokens say what the bar should be; these bounds hold the model to it where it strays (a 10M model
     follows a density token only roughly). Bars are counted as EveryBarConstraint counts them, from the
-    continuation's first bar line; a note doubled at its onset counts once, as the piece is written once. Pass it before AttributeConstraint, which reads the bar starts it leaves."""
+    continuation's first bar line; a note doubled at its onset counts once, as the piece is written once. Pass
+    it before AttributeConstraint, which reads the bar starts it leaves."""
 
     def __init__(self, tok, density: int, cap: int):
         super().__init__(tok, programs=())
