@@ -51,6 +51,24 @@ def test_compiled_fp32_gives_eager_tokens():
     assert torch.equal(compiled, eager)
 
 
+def test_fused_attention_under_compile_equals_sdpa():
+    """The one-query attention a compiled CPU step takes (products and sums fused by inductor) against SDPA's, on a
+    ring with empty slots, positions older than the window and a bf16 ring."""
+    if static.compile_unavailable() is not None:
+        pytest.skip(static.compile_unavailable())
+    from midistral.model.attention import attention_at_positions
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 16, generator=g), torch.randn(3, 2, 8, 16, generator=g), torch.randn(3, 2, 8, 16, generator=g)
+    k_pos = torch.tensor([8, 9, 10, 3, 4, 5, -1, 7])  # 3 and 4 are out of a window of 6 at position 10, -1 empty
+    fn = torch.compile(attention_at_positions, fullgraph=True, dynamic=False)
+    for ring in (torch.float32, torch.bfloat16):
+        want = attention_at_positions(q, k.to(ring), v.to(ring), torch.tensor(10), k_pos, 6)
+        got = fn(q, k.to(ring), v.to(ring), torch.tensor(10), k_pos, 6)
+        assert got.dtype == want.dtype == ring
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-5 if ring == torch.float32 else 0.02, rtol=1e-4)
+
+
 def test_ahead_of_time_file_loads_in_a_new_process_and_replaces_a_damaged_one(tmp_path, monkeypatch):
     """The first compiled call saves the step to CACHE_DIR/aot; with the process's memory of it cleared (a new
     process), the file is loaded, not traced again, and gives eager's tokens for other weights of the same shape;
