@@ -35,7 +35,12 @@ RECOMPILE_LIMIT = 64  # graphs per step function: batch sizes x precisions x mod
 # decode steps choose theirs per step (generate.DecodeThreads), and one graph serves every choice. A C++ wrapper
 # without size asserts calls the kernels with less Python per step: about 0.1-0.2 ms of a 1.8 ms batch-1 step of
 # the report's model (bench/RESULTS.md, "Decode attention fused by inductor").
-STEP_OPTIONS = {"cpp.dynamic_threads": True, "cpp_wrapper": True, "size_asserts": False}
+STEP_OPTIONS = {"cpp.dynamic_threads": True}
+CPU_WRAPPER = {"cpp_wrapper": True, "size_asserts": False}  # measured on CPU only; CUDA keeps inductor's defaults
+
+
+def step_options(device) -> dict:
+    return {**STEP_OPTIONS, **(CPU_WRAPPER if torch.device(device).type == "cpu" else {})}
 
 _state: dict = {"fn": None, "reason": None, "noted": False, "aot": {}, "not_aot": set()}
 
@@ -83,7 +88,7 @@ def compiled_step(device: torch.device | str = "cpu", log=None):
         _state["reason"] = compile_unavailable(device)
         if _state["reason"] is None:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-            _state["fn"] = torch.compile(_step, fullgraph=True, dynamic=False, options=dict(STEP_OPTIONS))
+            _state["fn"] = torch.compile(_step, fullgraph=True, dynamic=False, options=step_options(device))
     if _state["fn"] is None:
         note(f"note: compiled decoding unavailable ({_state['reason']}); decoding eagerly", log)
     return _state["fn"]
@@ -138,7 +143,7 @@ def ahead_of_time(runner, cache, tok: torch.Tensor, pos: torch.Tensor, log=None)
         try:
             # tensor guards only: the key already pins the model's structure, and module guards do not serialise
             compiled = torch.compile(_step, fullgraph=True, dynamic=False,
-                                     options={**STEP_OPTIONS, "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
+                                     options={**step_options(tok.device), "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
             fn = compiled.aot_compile(((runner, cache, tok, pos), {}))
             path.parent.mkdir(parents=True, exist_ok=True)
             fn.save_compiled_function(str(path))  # written to a temporary file and renamed (atomic)
