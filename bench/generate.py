@@ -316,12 +316,15 @@ def compile_table(ours, hf, folder: Path, precisions, prompt_len: int = 256, new
 BUSY = "import torch, sys\ntorch.set_num_threads(int(sys.argv[1]))\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"
 
 
-def busy_table(ours, precision: str, batches=(1, 8), prompt_len: int = 256, new: int = 256) -> None:
+def busy_table(ours, precision: str, batches=(1, 8), prompt_len: int = 256, new: int = 256, compile: bool = False) -> None:
     """Sampling beside a competing CPU-bound process (a matmul loop on every core, as a training job): ms/step
     at a fixed thread count (1, every core) and at generate's own choice (DecodeThreads: timed per step),
-    idle and busy, and the slowdown of each against the fastest idle figure."""
+    idle and busy, and the slowdown of each against the fastest idle figure. Compiled where the studio's sampler
+    compiles (`compile_pays_off`: batch 1 for a model of this size), or at every batch with `compile`."""
     import midistral.generate as G
     from midistral.model.static import compile_pays_off
+
+    weights = ours.config.decode_weights
 
     cores = os.cpu_count() or 1
     choices = [*sorted({1, cores}), None]  # None: generate's own choice
@@ -331,7 +334,7 @@ def busy_table(ours, precision: str, batches=(1, 8), prompt_len: int = 256, new:
         try:
             time.sleep(1.0 if busy else 0)
             for batch in batches:
-                comp = compile_pays_off(batch, None)
+                comp = compile or compile_pays_off(batch, weights)
                 for threads in choices:
                     torch.set_num_threads(cores)
                     G.FIXED_THREADS = threads
@@ -345,6 +348,7 @@ def busy_table(ours, precision: str, batches=(1, 8), prompt_len: int = 256, new:
                 spinner.wait()
     print(f"{precision}, a competing process with {cores} threads of matmuls (load now {os.getloadavg()[0]:.1f}):")
     for batch in batches:
+        print(f"  batch {batch}: {'compiled' if compile or compile_pays_off(batch, weights) else 'eager'}")
         fastest = min(rows[False, batch, t] for t in choices)
         for threads in choices:
             idle, busy = rows[False, batch, threads], rows[True, batch, threads]
@@ -401,7 +405,7 @@ def main():
 
             precisions = args.precision or [default_precision()]
             if args.busy:
-                return busy_table(ours, precisions[0])
+                return busy_table(ours, precisions[0], compile=args.compile)
             if args.first_call_only:
                 return first_call_table(Path(tmp) / "ref", precisions)
             return compile_table(ours, hf, Path(tmp) / "ref", precisions)
