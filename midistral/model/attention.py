@@ -217,14 +217,13 @@ def _attend_by_products(q, k, v, visible):
     return scores.softmax(-1).to(v.dtype) @ v
 
 
-
 def _attend_fused(q, k, v, p, k_pos, window):
     """One query per row under torch.compile on CPU: q (B, Hkv, G, D), k/v (B, Hkv, M, D) -> (B, Hkv, G, D).
     Written as broadcast products and sums (no SDPA, no matmul) so inductor fuses the scores, the position mask,
-    the softmax and the weighted sum into a few C++ loops that read the ring once, with no call out to a library
-    kernel: the report's model, 8 layers at batch 1, 0.20-0.29 ms against 0.38-0.58 ms compiled SDPA; batch 8 1.0-1.6
-    against 1.6-2.2 ms by products (bench/RESULTS.md, "Decode attention fused by inductor"). Eager this would
-    materialise a (B, Hkv, G, M, D) product: only a compiled step takes it."""
+    the softmax and the weighted sum into a few C++ loops over the ring, with no call out to a library kernel: the
+    report's model, its 8 layers' attention at batch 1 0.20-0.31 ms against 0.38-0.58 ms by compiled SDPA; at batch
+    4 and 8 a whole step times as with two batched products (bench/RESULTS.md, "Decode attention fused by
+    inductor"). Eager this would materialise a (B, Hkv, G, M, D) product: only a compiled step takes it."""
     s = (q.float()[:, :, :, None, :] * k[:, :, None].float()).sum(-1) * q.shape[-1] ** -0.5  # (B, Hkv, G, M)
     if k_pos is not None:
         s = s.masked_fill(~((k_pos >= 0) & (k_pos <= p) & (k_pos > p - window)), float("-inf"))
