@@ -246,8 +246,8 @@ class DecodeThreads:
       windows try every thread again (the first rule returns within a window if the cores are still taken).
       A return that fails its first window doubles the windows the next one waits (up to MAX_WAIT): /proc/stat
       may count CPUs this process may not use (a container's CPU quota), which would otherwise flip every window.
-    A call starts where the last one ended if that was within CARRY_S, else on one thread if another process's
-    thread is running as it starts (/proc/loadavg), else on every thread.
+    A call starts where the last one ended if that was within CARRY_S, else on every thread; on one thread in
+    either case if another process's thread is running as it starts (/proc/loadavg).
     Nothing is timed against anything else, so a quiet machine never runs a slower step to check."""
 
     WINDOW_S, MIN_STEPS, PROBE_WINDOWS, MAX_WAIT = 0.05, 2, 8, 64
@@ -269,7 +269,10 @@ class DecodeThreads:
             return chooser
         if last is not None and last[0] == chooser.most and time.monotonic() - last[2] < cls.CARRY_S:
             chooser.current = last[1]
-        elif (others := _others_running()) is not None and others >= 1:  # a job holds a core now: start on one
+        # A job holds a core now: start on one, even right after a call on every core (a compiled step on two
+        # threads beside a 2-thread job took 50 ms against 3 idle: two of them before the first window closes
+        # made a 128-token call 20% slower).
+        if chooser.current > 1 and (others := _others_running()) is not None and others >= 1:
             chooser.current = 1
         return chooser
 

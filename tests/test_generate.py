@@ -8,6 +8,7 @@
 """
 
 import math
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -415,6 +416,11 @@ def test_decode_threads_leave_cores_to_a_competing_job(monkeypatch):
     # a first call starts on one thread if another process's thread runs as it starts (/proc/loadavg)
     monkeypatch.setattr(G.DecodeThreads, "_last", None)
     for others, start in ((2, 1), (0, 2), (None, 2)):
+        monkeypatch.setattr(G, "_others_running", lambda o=others: o)
+        assert G.DecodeThreads.for_decode().current == start
+    # ... and so does a call right after one that ended on every thread, if a job started meanwhile
+    monkeypatch.setattr(G.DecodeThreads, "_last", (2, 2, time.monotonic()))
+    for others, start in ((1, 1), (0, 2)):
         monkeypatch.setattr(G, "_others_running", lambda o=others: o)
         assert G.DecodeThreads.for_decode().current == start
     G.FIXED_THREADS = 1
