@@ -270,8 +270,7 @@ class DecodeThreads:
         if last is not None and last[0] == chooser.most and time.monotonic() - last[2] < cls.CARRY_S:
             chooser.current = last[1]
         # A job holds a core now: start on one, even right after a call on every core (a compiled step on two
-        # threads beside a 2-thread job took 50 ms against 3 idle: two of them before the first window closes
-        # made a 128-token call 20% slower).
+        # threads beside a 2-thread job took 17-50 ms against 1.8 idle, and the first window runs two of them).
         if chooser.current > 1 and (others := _others_running()) is not None and others >= 1:
             chooser.current = 1
         return chooser
